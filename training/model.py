@@ -1,0 +1,244 @@
+"""The Transformer of "Attention Is All You Need" (Vaswani et al., 2017).
+
+Written so the exporter can trace it: `encode()` and `decode()` are separate (they become the
+encoder and decoder ONNX graphs), cross-attention keys/values are computed once per sentence
+(`cross_kv()`), and `decode()` takes and returns the self-attention KV cache, so full decoding
+and incremental decoding run the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KV = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each (B, n_heads, len, d_head)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 8000
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 2048
+    n_encoder_layers: int = 6
+    n_decoder_layers: int = 6
+    dropout: float = 0.1
+    pre_norm: bool = False  # the paper is post-norm ("Add & Norm")
+    max_positions: int = 1024
+    pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "max_positions"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def d_head(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+PRESETS: dict[str, dict] = {
+    # 4 layers, d_model 128: the strongest published Multi30k setup for small data.
+    "tiny": dict(d_model=128, n_heads=4, d_ff=256, n_encoder_layers=4, n_decoder_layers=4, dropout=0.3),
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, n_encoder_layers=4, n_decoder_layers=4, dropout=0.3),
+    "base": dict(d_model=512, n_heads=8, d_ff=2048, n_encoder_layers=6, n_decoder_layers=6, dropout=0.1),
+    "big": dict(d_model=1024, n_heads=16, d_ff=4096, n_encoder_layers=6, n_decoder_layers=6, dropout=0.3),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    position = torch.arange(max_positions, dtype=torch.float64)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(max_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq)
+    return table.float()  # (max_positions, d_model)
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.d_head = cfg.n_heads, cfg.d_head
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.dropout = cfg.dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        return x.view(B, T, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, T, d_head)
+
+    def project_kv(self, x: torch.Tensor) -> KV:
+        return self.split_heads(self.k_proj(x)), self.split_heads(self.v_proj(x))
+
+    def forward(self, x: torch.Tensor, kv: KV, mask: torch.Tensor) -> torch.Tensor:
+        """x: (B, T, d_model) queries; kv: keys/values (B, H, S, d_head); mask: bool, True = attend."""
+        q = self.split_heads(self.q_proj(x))  # (B, H, T, d_head)
+        dropout = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask, dropout_p=dropout)
+        B, H, T, Dh = y.shape
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, H * Dh))  # (B, T, d_model)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.linear1 = nn.Linear(cfg.d_model, cfg.d_ff)
+        self.linear2 = nn.Linear(cfg.d_ff, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+
+
+class Residual(nn.Module):
+    """Add & Norm around one sublayer: post-norm as in the paper, or pre-norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.pre_norm = cfg.pre_norm
+
+    def forward(self, x: torch.Tensor, sublayer) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(sublayer(self.norm(x)))
+        return self.norm(x + self.dropout(sublayer(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg)
+        self.ffn = FeedForward(cfg)
+        self.attn_block, self.ffn_block = Residual(cfg), Residual(cfg)
+
+    def forward(self, x: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        x = self.attn_block(x, lambda h: self.self_attn(h, self.self_attn.project_kv(h), src_mask))
+        return self.ffn_block(x, self.ffn)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = MultiHeadAttention(cfg)
+        self.cross_attn = MultiHeadAttention(cfg)
+        self.ffn = FeedForward(cfg)
+        self.self_block, self.cross_block, self.ffn_block = Residual(cfg), Residual(cfg), Residual(cfg)
+
+    def forward(
+        self, x: torch.Tensor, past: KV | None, causal: torch.Tensor, cross: KV, src_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, KV]:
+        present: list[KV] = []
+
+        def self_attention(h: torch.Tensor) -> torch.Tensor:
+            k, v = self.self_attn.project_kv(h)  # (B, H, T, d_head)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            present.append((k, v))
+            return self.self_attn(h, (k, v), causal)
+
+        x = self.self_block(x, self_attention)
+        x = self.cross_block(x, lambda h: self.cross_attn(h, cross, src_mask))
+        return self.ffn_block(x, self.ffn), present[0]
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        # One joint vocabulary: source, target and output projection share this matrix.
+        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        self.embed_dropout = nn.Dropout(cfg.dropout)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
+        # Pre-norm stacks need a final norm; post-norm layers already end in one.
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for name, p in self.named_parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+        nn.init.normal_(self.embedding.weight, mean=0.0, std=self.cfg.d_model**-0.5)
+        with torch.no_grad():
+            self.embedding.weight[self.cfg.pad_id].zero_()
+
+    def embed(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        T = ids.shape[1]
+        x = self.embedding(ids) * math.sqrt(self.cfg.d_model) + self.positions[offset : offset + T]  # (B, T, d_model)
+        return self.embed_dropout(x)
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
+        """src: (B, S) ids; src_mask: (B, S) bool, True for real tokens -> memory (B, S, d_model)."""
+        attn_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self.embed(src)
+        for layer in self.encoder_layers:
+            x = layer(x, attn_mask)
+        return self.encoder_norm(x)
+
+    def cross_kv(self, memory: torch.Tensor) -> list[KV]:
+        """Cross-attention keys/values of every decoder layer, computed once per sentence."""
+        return [layer.cross_attn.project_kv(memory) for layer in self.decoder_layers]
+
+    def decode(
+        self,
+        tgt: torch.Tensor,
+        cross: list[KV],
+        src_mask: torch.Tensor,
+        past: list[KV] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """tgt: (B, T) new target ids after `past` (P cached positions) -> logits (B, T, V), present KV."""
+        T = tgt.shape[1]
+        P = 0 if past is None else past[0][0].shape[2]
+        # Query i (absolute position P+i) sees keys 0..P+i.
+        causal = torch.ones(T, P + T, dtype=torch.bool, device=tgt.device).tril(diagonal=P)
+        cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
+        x = self.embed(tgt, P)
+        present: list[KV] = []
+        for i, layer in enumerate(self.decoder_layers):
+            x, kv = layer(x, None if past is None else past[i], causal, cross[i], cross_mask)
+            present.append(kv)
+        logits = F.linear(self.decoder_norm(x), self.embedding.weight)  # (B, T, V), tied weights
+        return logits, present
+
+    def forward(self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: logits (B, T, V) for every target position."""
+        memory = self.encode(src, src_mask)
+        logits, _ = self.decode(tgt_in, self.cross_kv(memory), src_mask)
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
