@@ -4,6 +4,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Test models are tiny: one thread is as fast, and it keeps the subprocesses that some tests
+# start (torchrun workers) from fighting over the cores.
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 

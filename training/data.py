@@ -146,6 +146,9 @@ def token_batches(
     Examples are sorted by length (ties broken at random when `seed` is given), cut into
     batches so that padding stays small, and the batch order is shuffled with `seed`.
     """
+    for i, (s, t) in enumerate(zip(src_lengths, tgt_lengths)):
+        if max(s, t) > max_tokens:
+            raise DataError(f"example {i} has {max(s, t)} tokens, more than --max-tokens {max_tokens}")
     rng = random.Random(seed)
     order = list(range(len(src_lengths)))
     if seed is not None:
@@ -156,8 +159,6 @@ def token_batches(
     longest = 0
     for i in order:
         length = max(src_lengths[i], tgt_lengths[i])
-        if length > max_tokens:
-            raise DataError(f"example {i} has {length} tokens, more than --max-tokens {max_tokens}")
         if current and max(longest, length) * (len(current) + 1) > max_tokens:
             batches.append(current)
             current, longest = [], 0
