@@ -1,0 +1,185 @@
+"""The model bundle: the only contract between the exporter and the server.
+
+    manifest.json      format + version, model config, graph inputs/outputs, special ids,
+                       tokenizer, opset, versions, source checkpoint hash, parity summary,
+                       and every other file with its sha256 and size
+    encoder.onnx       portable graphs (fused attention, any ORT provider)
+    decoder.onnx
+    encoder.cpu.onnx   the same after ORT's offline optimization, for the CPU provider only
+    decoder.cpu.onnx
+    spm.model          the SentencePiece model
+
+This module must not import torch: the server reads bundles with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+BUNDLE_FORMAT = "nmt-bundle"
+BUNDLE_FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
+ENCODER_CPU, DECODER_CPU = "encoder.cpu.onnx", "decoder.cpu.onnx"
+TOKENIZER = "spm.model"
+SELF_HASH = "manifest_sha256"
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete, altered, or would be overwritten."""
+
+
+# Graph inputs and outputs, declared as data; the exporter names them, the server feeds them.
+def encoder_inputs() -> list[str]:
+    return ["src_ids", "src_mask"]
+
+
+def cross_names(n_layers: int) -> list[str]:
+    return [f"cross_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def past_names(n_layers: int) -> list[str]:
+    return [f"past_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def present_names(n_layers: int) -> list[str]:
+    return [f"present_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+
+
+def decoder_inputs(n_layers: int) -> list[str]:
+    return ["tgt_ids", "src_mask", *past_names(n_layers), *cross_names(n_layers)]
+
+
+def decoder_outputs(n_layers: int) -> list[str]:
+    return ["log_probs", *present_names(n_layers)]
+
+
+def graph_spec(n_layers: int) -> dict[str, Any]:
+    """What the manifest says about the graphs' interface (shapes use the named axes)."""
+    kv = "(batch, n_heads, {}, d_head) float32"
+    return {
+        "encoder": {
+            "inputs": {"src_ids": "(batch, src_len) int64", "src_mask": "(batch, src_len) bool, True = token"},
+            "outputs": {name: kv.format("src_len") for name in cross_names(n_layers)},
+        },
+        "decoder": {
+            "inputs": {
+                "tgt_ids": "(batch, tgt_len) int64, the new tokens after the cached past_len",
+                "src_mask": "(batch, src_len) bool, True = token",
+                **{name: kv.format("past_len") for name in past_names(n_layers)},
+                **{name: kv.format("src_len") for name in cross_names(n_layers)},
+            },
+            "outputs": {
+                "log_probs": "(batch, vocab) float32, log-softmax at the last position",
+                **{name: kv.format("past_len + tgt_len") for name in present_names(n_layers)},
+            },
+        },
+    }
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def directory_digest(directory: Path, names: list[str]) -> str:
+    """One sha256 over the named files (name and content hash), e.g. a source checkpoint."""
+    digest = hashlib.sha256()
+    for name in sorted(names):
+        digest.update(f"{name}\0{sha256_file(directory / name)}\n".encode())
+    return digest.hexdigest()
+
+
+def _bundle_files(directory: Path) -> list[str]:
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return [name for name in files if name != MANIFEST]
+
+
+def write_manifest(directory: Path, fields: dict[str, Any]) -> dict[str, Any]:
+    """Hash every file already in `directory` and write manifest.json beside them."""
+    files = {name: {"sha256": sha256_file(directory / name), "size": (directory / name).stat().st_size}
+             for name in _bundle_files(directory)}
+    manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, **fields, "files": files}
+    manifest[SELF_HASH] = _content_hash(manifest)
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    return manifest
+
+
+def _content_hash(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own hash: guards manifest.json itself."""
+    content = {k: v for k, v in manifest.items() if k != SELF_HASH}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"not a bundle: {path} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{path}: format is not {BUNDLE_FORMAT!r}")
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(this code reads version {BUNDLE_FORMAT_VERSION})"
+        )
+    if not isinstance(manifest.get("files"), dict):
+        raise BundleError(f"{path}: has no 'files' table")
+    if manifest.get(SELF_HASH) != _content_hash(manifest):
+        raise BundleError(f"{path}: content does not match its {SELF_HASH} (the manifest was altered)")
+    return manifest
+
+
+def verify_bundle(directory: str | Path) -> dict[str, Any]:
+    """Recompute every file's size and sha256; raise once, naming every file that differs."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    problems = []
+    for name, entry in sorted(manifest["files"].items()):
+        path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{name}: not a path inside the bundle")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != entry.get("size"):
+            problems.append(f"{name}: size {path.stat().st_size} bytes, manifest says {entry.get('size')}")
+        elif sha256_file(path) != entry.get("sha256"):
+            problems.append(f"{name}: sha256 {sha256_file(path)} does not match the manifest ({entry.get('sha256')})")
+    for name in sorted(set(_bundle_files(directory)) - set(manifest["files"])):
+        problems.append(f"{name}: not listed in the manifest")
+    if problems:
+        raise BundleError(f"bundle {directory} failed verification:\n  " + "\n  ".join(problems))
+    return manifest
+
+
+def staging_dir(out_dir: Path, force: bool) -> Path:
+    """A fresh directory beside `out_dir` to build the bundle in; refuses to overwrite."""
+    if out_dir.exists() and not force:
+        raise BundleError(f"{out_dir} already exists; pass force=True (--force) to replace it")
+    staging = out_dir.with_name(out_dir.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)  # left over from an interrupted export of this same bundle
+    staging.mkdir(parents=True)
+    return staging
+
+
+def swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by the finished staging directory (never a half-written bundle)."""
+    old = out_dir.with_name(out_dir.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)

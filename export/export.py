@@ -1,0 +1,225 @@
+"""torch -> ONNX: a checkpoint becomes a bundle with an encoder and a decoder graph.
+
+encoder.onnx  (src_ids, src_mask) -> cross-attention keys/values of every decoder layer,
+              computed once per sentence (model.cross_kv(model.encode(...))).
+decoder.onnx  one graph for every step, the first included (past_len 0, no If node):
+              (tgt_ids, src_mask, past keys/values, cross keys/values)
+              -> (log-probabilities at the last position, present keys/values).
+              It returns log-probs, not logits: both greedy and beam search need them.
+
+Named dynamic axes: batch, src_len, tgt_len, past_len. Attention is fused (export/fuse.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime as ort
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.checkpoint import CONFIG, WEIGHTS, LoadedCheckpoint, load_checkpoint
+from training.model import KV, Transformer
+
+from . import bundle, fuse
+from .validate import DEFAULT_SENTENCES, validate
+
+# Example sizes for tracing: all different and >= 2, so no axis is specialized or merged.
+EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST = 3, 7, 2, 5
+
+
+class ExportError(RuntimeError):
+    """The export itself failed (not the user's input)."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    attention: str = fuse.DEFAULT_FORM  # one of fuse.ATTENTION_FORMS
+    optimize: bool = True  # also write the ORT-optimized CPU graphs
+    validate: bool = True  # parity against torch before the bundle is swapped in
+    sentences: tuple[str, ...] | None = None  # parity sources; None: DEFAULT_SENTENCES
+    max_len_extra: int = 20  # greedy length limit during the parity check
+
+    def __post_init__(self) -> None:
+        if self.attention not in fuse.ATTENTION_FORMS:
+            forms = ", ".join(fuse.ATTENTION_FORMS)
+            raise ValueError(f"unknown attention form {self.attention!r}; choose one of {forms}")
+        if self.max_len_extra < 1:
+            raise ValueError(f"max_len_extra must be at least 1, got {self.max_len_extra}")
+
+
+def _pairs(flat: list[torch.Tensor]) -> list[KV]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+class EncoderGraph(nn.Module):
+    """What encoder.onnx computes: cross-attention K/V per decoder layer, flattened."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src_ids: torch.Tensor, src_mask: torch.Tensor) -> list[torch.Tensor]:
+        memory = self.model.encode(src_ids, src_mask)  # (B, S, d_model)
+        return [t for kv in self.model.cross_kv(memory) for t in kv]  # each (B, H, S, d_head)
+
+
+class DecoderGraph(nn.Module):
+    """What decoder.onnx computes: one step (or several tokens) after a cached past."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, tgt_ids: torch.Tensor, src_mask: torch.Tensor, past: list[torch.Tensor], cross: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, present = self.model.decode(tgt_ids, _pairs(cross), src_mask, _pairs(past))
+        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
+        return log_probs, [t for kv in present for t in kv]
+
+
+def _example_inputs(model: Transformer) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...]]:
+    """Encoder and decoder example inputs for tracing."""
+    cfg = model.cfg
+    generator = torch.Generator().manual_seed(0)
+    B, S, T, P = EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST
+    src = torch.randint(4, cfg.vocab_size, (B, S), generator=generator)
+    src_mask = torch.ones(B, S, dtype=torch.bool)
+    src_mask[0, S - 2 :] = False
+    kv = lambda n: torch.randn(B, cfg.n_heads, n, cfg.d_head, generator=generator)  # noqa: E731
+    n = 2 * cfg.n_decoder_layers
+    tgt = torch.randint(4, cfg.vocab_size, (B, T), generator=generator)
+    return (src, src_mask), (tgt, src_mask, [kv(P) for _ in range(n)], [kv(S) for _ in range(n)])
+
+
+def _export(module: nn.Module, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...],
+            names: tuple[list[str], list[str]], form: str, path: Path) -> onnx.ModelProto:
+    """One torch.onnx.export (dynamo) call, saved as a single file."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" per op
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # axis-renaming and deprecation chatter
+            program = torch.onnx.export(
+                module.eval(), args, dynamic_shapes=dynamic_shapes, input_names=names[0], output_names=names[1],
+                opset_version=fuse.opset_for(form), custom_translation_table=fuse.translation_table(form),
+                dynamo=True, optimize=True, verbose=False,
+            )
+    except Exception as e:  # the exporter raises many types; keep the cause
+        raise ExportError(f"torch.onnx.export failed for {path.name}: {e}") from e
+    assert program is not None
+    program.save(str(path), external_data=False)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    return model
+
+
+def _axes() -> dict[str, Any]:
+    """The named dynamic axes; one Dim object per name, shared by every input that has it."""
+    return {name: torch.export.Dim(name) for name in ("batch", "src_len", "tgt_len", "past_len")}
+
+
+def export_encoder(model: Transformer, path: Path, attention: str = fuse.DEFAULT_FORM) -> onnx.ModelProto:
+    """encoder.onnx: (src_ids, src_mask) -> cross K/V per decoder layer; fusion asserted."""
+    (src, src_mask), _ = _example_inputs(model)
+    axes = _axes()
+    seq = {0: axes["batch"], 1: axes["src_len"]}
+    names = (bundle.encoder_inputs(), bundle.cross_names(model.cfg.n_decoder_layers))
+    encoder = _export(EncoderGraph(model), (src, src_mask), (seq, seq), names, attention, path)
+    fuse.check_fused(encoder, attention, model.cfg.n_encoder_layers, path.name)
+    return encoder
+
+
+def export_decoder(model: Transformer, path: Path, attention: str = fuse.DEFAULT_FORM) -> onnx.ModelProto:
+    """decoder.onnx: one step after a cached past (past_len may be 0); fusion asserted."""
+    _, args = _example_inputs(model)
+    axes, L = _axes(), model.cfg.n_decoder_layers
+    kv_past, kv_src = {0: axes["batch"], 2: axes["past_len"]}, {0: axes["batch"], 2: axes["src_len"]}
+    shapes = ({0: axes["batch"], 1: axes["tgt_len"]}, {0: axes["batch"], 1: axes["src_len"]},
+              [kv_past] * 2 * L, [kv_src] * 2 * L)
+    names = (bundle.decoder_inputs(L), bundle.decoder_outputs(L))
+    decoder = _export(DecoderGraph(model), args, shapes, names, attention, path)
+    fuse.check_fused(decoder, attention, 2 * L, path.name)
+    return decoder
+
+
+def export_graphs(model: Transformer, out_dir: Path, attention: str = fuse.DEFAULT_FORM) -> dict[str, onnx.ModelProto]:
+    """Write encoder.onnx and decoder.onnx into `out_dir`."""
+    return {bundle.ENCODER: export_encoder(model, out_dir / bundle.ENCODER, attention),
+            bundle.DECODER: export_decoder(model, out_dir / bundle.DECODER, attention)}
+
+
+def _optimize(out_dir: Path, attention: str, cfg_layers: tuple[int, int]) -> None:
+    """ORT offline CPU optimization; the fused attention must survive it."""
+    for source, dest, expected in ((bundle.ENCODER, bundle.ENCODER_CPU, cfg_layers[0]),
+                                   (bundle.DECODER, bundle.DECODER_CPU, 2 * cfg_layers[1])):
+        optimized = fuse.optimize_for_cpu(out_dir / source, out_dir / dest)
+        fuse.check_fused(optimized, attention, expected, dest)
+
+
+def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bool = False,
+                      options: ExportOptions | None = None) -> dict[str, Any]:
+    """Export a training checkpoint to a bundle directory; returns the manifest."""
+    options = options or ExportOptions()
+    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    staging = bundle.staging_dir(out_dir, force)  # refuses before any work is done
+    try:
+        loaded = load_checkpoint(checkpoint_dir)
+        cfg = loaded.model.eval().cfg
+        export_graphs(loaded.model, staging, options.attention)
+        if options.optimize:
+            _optimize(staging, options.attention, (cfg.n_encoder_layers, cfg.n_decoder_layers))
+        shutil.copyfile(checkpoint_dir / loaded.config["tokenizer"], staging / bundle.TOKENIZER)
+        parity = _parity(loaded, staging, options) if options.validate else {"checked": False}
+        manifest = bundle.write_manifest(staging, _manifest_fields(loaded, checkpoint_dir, options, parity))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # the error itself is re-raised below
+        raise
+    bundle.swap_in(staging, out_dir)
+    return manifest
+
+
+def _parity(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions) -> dict[str, Any]:
+    """validate() every graph pair written (portable, and CPU-optimized when there is one)."""
+    default = DEFAULT_SENTENCES.get(loaded.config["src_lang"], DEFAULT_SENTENCES["en"])
+    sentences = list(options.sentences or default)
+    pairs = [(bundle.ENCODER, bundle.DECODER)]
+    if options.optimize:
+        pairs.append((bundle.ENCODER_CPU, bundle.DECODER_CPU))
+    summary: dict[str, Any] = {"checked": True}
+    for encoder, decoder in pairs:
+        summary[decoder] = validate(loaded.model, loaded.tokenizer, staging / encoder, staging / decoder, sentences,
+                                    options.max_len_extra)
+    return summary
+
+
+def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: ExportOptions,
+                     parity: dict[str, Any]) -> dict[str, Any]:
+    cfg = loaded.model.cfg
+    return {
+        "model": cfg.to_dict(),
+        "src_lang": loaded.config["src_lang"],
+        "tgt_lang": loaded.config["tgt_lang"],
+        "special_ids": loaded.config["special_ids"],
+        "tokenizer": bundle.TOKENIZER,
+        "graphs": {
+            "encoder": bundle.ENCODER, "decoder": bundle.DECODER,
+            **({"encoder_cpu": bundle.ENCODER_CPU, "decoder_cpu": bundle.DECODER_CPU} if options.optimize else {}),
+        },
+        "interface": bundle.graph_spec(cfg.n_decoder_layers),
+        "attention": options.attention,
+        "opset": fuse.opset_for(options.attention),
+        "versions": {"onnx": onnx.__version__, "onnxruntime": ort.__version__, "torch": torch.__version__},
+        "source_checkpoint": {
+            "path": str(checkpoint_dir),
+            "sha256": bundle.directory_digest(checkpoint_dir, [WEIGHTS, CONFIG, loaded.config["tokenizer"]]),
+        },
+        "parity": parity,
+    }

@@ -1,0 +1,41 @@
+"""Session fixtures: a tiny checkpoint (SentencePiece trained here on Multi30k lines) and its bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.export import ExportOptions, export_checkpoint
+from training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint
+from training.data import multi30k
+from training.model import ModelConfig, Transformer
+from training.tokenizer import Tokenizer
+
+VOCAB = 600
+N_ENC, N_DEC = 2, 2
+
+
+@pytest.fixture(scope="session")
+def checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export_ckpt")
+    corpus = multi30k("train", "en", "de", data_dir)
+    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=VOCAB)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=N_ENC,
+                      n_decoder_layers=N_DEC, dropout=0.0)
+    return write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint: Path) -> Transformer:
+    return load_checkpoint(checkpoint).model.eval()
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle every test reads, default options (never modified: tests that damage files copy it first)."""
+    out = tmp_path_factory.mktemp("export_bundle") / "bundle"
+    export_checkpoint(checkpoint, out, options=ExportOptions(max_len_extra=5))
+    return out
