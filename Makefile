@@ -6,8 +6,9 @@ BIN := $(VENV)/bin
 NMT_DATA_DIR ?= $(if $(wildcard ../shared/data/multi30k),$(abspath ../shared/data/multi30k),)
 export NMT_DATA_DIR
 MODEL ?= models/default
+BUNDLE ?= bundles/default
 
-.PHONY: test run evaluate train-default clean
+.PHONY: test run serve bundle evaluate train-default image-test bench-load bench-decode protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +21,29 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-# Main job (until the server lands): evaluate the default model on both Multi30k test sets.
-run: evaluate
+# Main job: serve the default model over gRPC (exporting its bundle first when there is none).
+run: serve
+serve: $(BUNDLE)/manifest.json
+	NMT_MODEL_DIR=$(BUNDLE) $(BIN)/nmt-serve
+
+bundle: $(BUNDLE)/manifest.json
+$(BUNDLE)/manifest.json: $(VENV)/.installed
+	$(BIN)/nmt-export $(MODEL) $(BUNDLE) --force
+
+# The CPU image built and run with buildah (no Docker engine needed): scripts/image_test.sh.
+image-test: $(VENV)/.installed
+	BIN=$(BIN) scripts/image_test.sh
+
+# Benchmarks: write bench/results/{decode,load}.{json,md,png}.
+bench-decode: $(VENV)/.installed
+	$(BIN)/nmt-bench decode --force
+bench-load: $(BUNDLE)/manifest.json
+	$(BIN)/nmt-bench load --bundle $(BUNDLE)
+
+# Regenerates server/nmt_pb from protos/ (a test fails when the committed code is stale).
+protos: $(VENV)/.installed
+	$(BIN)/python -m server.protogen
+
 evaluate: $(VENV)/.installed
 	$(BIN)/nmt-eval --checkpoint $(MODEL) --split test_2016_flickr --beam 4
 	$(BIN)/nmt-eval --checkpoint $(MODEL) --split test_2017_flickr --beam 4

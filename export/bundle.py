@@ -1,13 +1,21 @@
 """The model bundle: the only contract between the exporter and the server.
 
-    manifest.json      format + version, model config, graph inputs/outputs, special ids,
-                       tokenizer, opset, versions, source checkpoint hash, parity summary,
-                       and every other file with its sha256 and size
-    encoder.onnx       portable graphs (fused attention, any ORT provider)
+    manifest.json       format + version, model config, graph inputs/outputs, special ids,
+                        tokenizer, opset, versions, source checkpoint hash, parity summary,
+                        variants, and every other file with its sha256 and size
+    encoder.onnx        variant fp32: portable graphs (fused attention, any ORT provider)
     decoder.onnx
-    encoder.cpu.onnx   the same after ORT's offline optimization, for the CPU provider only
+    encoder.cpu.onnx    variant fp32-cpu: after ORT's offline optimization, CPU provider only
     decoder.cpu.onnx
-    spm.model          the SentencePiece model
+    encoder.int8.onnx   variant int8-cpu: dynamic int8 quantization of fp32-cpu
+    decoder.int8.onnx
+    encoder.fp16.onnx   variant fp16-cuda: fp16 weights and KV tensors, for the CUDA provider
+    decoder.fp16.onnx
+    spm.model           the SentencePiece model
+
+manifest["variants"] maps each variant written to {"encoder", "decoder", "providers",
+"kv_dtype", "validated"}; every variant has the same graph input/output names (export/variants.py).
+Format version 2 added "variants" (and dropped version 1's "graphs"); version 1 is still read.
 
 This module must not import torch: the server reads bundles with it.
 """
@@ -21,10 +29,13 @@ from pathlib import Path
 from typing import Any
 
 BUNDLE_FORMAT = "nmt-bundle"
-BUNDLE_FORMAT_VERSION = 1
+BUNDLE_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
 ENCODER_CPU, DECODER_CPU = "encoder.cpu.onnx", "decoder.cpu.onnx"
+ENCODER_INT8, DECODER_INT8 = "encoder.int8.onnx", "decoder.int8.onnx"
+ENCODER_FP16, DECODER_FP16 = "encoder.fp16.onnx", "decoder.fp16.onnx"
 TOKENIZER = "spm.model"
 SELF_HASH = "manifest_sha256"
 
@@ -60,7 +71,7 @@ def decoder_outputs(n_layers: int) -> list[str]:
 
 def graph_spec(n_layers: int) -> dict[str, Any]:
     """What the manifest says about the graphs' interface (shapes use the named axes)."""
-    kv = "(batch, n_heads, {}, d_head) float32"
+    kv = "(batch, n_heads, {}, d_head) kv_dtype (the variant's)"
     return {
         "encoder": {
             "inputs": {"src_ids": "(batch, src_len) int64", "src_mask": "(batch, src_len) bool, True = token"},
@@ -128,10 +139,10 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         raise BundleError(f"{path} is not valid JSON: {e}") from e
     if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: format is not {BUNDLE_FORMAT!r}")
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise BundleError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported "
-            f"(this code reads version {BUNDLE_FORMAT_VERSION})"
+            f"(this code reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
     if not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{path}: has no 'files' table")
@@ -140,11 +151,42 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def manifest_variants(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """manifest["variants"]; without one (version 1), the same built from the "graphs" table."""
+    if isinstance(manifest.get("variants"), dict) and manifest["variants"]:
+        return manifest["variants"]
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, dict):
+        return {}
+    variants = {"fp32": {"encoder": graphs.get("encoder", ENCODER), "decoder": graphs.get("decoder", DECODER),
+                         "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "kv_dtype": "float32"}}
+    if "encoder_cpu" in graphs:
+        variants["fp32-cpu"] = {"encoder": graphs["encoder_cpu"], "decoder": graphs.get("decoder_cpu"),
+                                "providers": ["CPUExecutionProvider"], "kv_dtype": "float32"}
+    return variants
+
+
+def _variant_problems(manifest: dict[str, Any]) -> list[str]:
+    """Every graph a variant names must be a file the manifest lists (and so hashes)."""
+    variants = manifest_variants(manifest)
+    if not variants:
+        return ["manifest has neither 'variants' nor 'graphs'"]
+    problems = []
+    for name, entry in sorted(variants.items()):
+        if not isinstance(entry, dict):
+            problems.append(f"variant {name}: not a table")
+            continue
+        problems += [f"variant {name}: {entry.get(role)!r} is not a file listed in the manifest"
+                     for role in ("encoder", "decoder")
+                     if not isinstance(entry.get(role), str) or entry[role] not in manifest["files"]]
+    return problems
+
+
 def verify_bundle(directory: str | Path) -> dict[str, Any]:
     """Recompute every file's size and sha256; raise once, naming every file that differs."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    problems = []
+    problems = _variant_problems(manifest)
     for name, entry in sorted(manifest["files"].items()):
         path = directory / name
         if Path(name).is_absolute() or ".." in Path(name).parts:

@@ -1,6 +1,7 @@
 """nmt-export: a training checkpoint -> a model bundle; or verify an existing bundle.
 
-    nmt-export CHECKPOINT OUT [--attention onnx|mha|none] [--force] [--sentences FILE]
+    nmt-export CHECKPOINT OUT [--variants fp32-cpu,int8-cpu,fp16-cuda | --no-optimize]
+               [--attention onnx|mha|none] [--data-dir DIR] [--parity-limit N] [--quiet] [--force]
     nmt-export --verify BUNDLE
 """
 
@@ -10,9 +11,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import fuse
 from .bundle import BundleError, verify_bundle
+from .variants import FP32, VARIANTS, parse_variants
+
+if TYPE_CHECKING:
+    from .export import ExportOptions
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,44 +28,72 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", metavar="BUNDLE", help="only verify the sha256 of every file in BUNDLE")
     parser.add_argument("--attention", choices=fuse.ATTENTION_FORMS, default=fuse.DEFAULT_FORM,
                         help="attention op (onnx: ONNX Attention-23; mha: ORT MultiHeadAttention; none: unfused)")
-    parser.add_argument("--no-optimize", action="store_true", help="skip the ORT-optimized CPU graphs")
-    parser.add_argument("--no-validate", action="store_true", help="skip the parity check against torch")
-    parser.add_argument("--sentences", type=Path, help="parity source sentences, one a line")
-    parser.add_argument("--max-len-extra", type=int, default=20, help="greedy length limit in the parity check")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--variants", default="all", metavar="LIST",
+                       help=f"comma-separated variants to write besides fp32 ({', '.join(VARIANTS[1:])}); default: all")
+    which.add_argument("--no-optimize", action="store_true", help="write only the portable fp32 graphs")
+    parser.add_argument("--no-validate", action="store_true", help="skip the parity checks")
+    parser.add_argument("--sentences", type=Path, help="parity source sentences, one a line (no BLEU)")
+    parser.add_argument("--data-dir", help="Multi30k directory: parity on test_2016_flickr (default: $NMT_DATA_DIR; "
+                                           "without one, a few built-in sentences)")
+    parser.add_argument("--parity-limit", type=int, metavar="N", help="check only the first N parity sentences")
+    parser.add_argument("--max-len-extra", type=int, default=50, help="greedy length limit in the parity check")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     return parser
+
+
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    """The parsed flags as ExportOptions (ValueError for bad values)."""
+    from .export import ExportOptions
+
+    sentences = None
+    if args.sentences:
+        sentences = tuple(line for line in args.sentences.read_text().splitlines() if line.strip())
+    variants = (FP32,) if args.no_optimize else parse_variants(args.variants)
+    return ExportOptions(attention=args.attention, variants=variants, validate=not args.no_validate,
+                         sentences=sentences, data_dir=args.data_dir, parity_limit=args.parity_limit,
+                         max_len_extra=args.max_len_extra, progress=not args.quiet)
+
+
+def _verify(bundle_dir: str) -> int:
+    try:
+        manifest = verify_bundle(bundle_dir)
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{bundle_dir}: {len(manifest['files'])} files verified")
+    return 0
+
+
+def _summary(out: str, manifest: dict) -> dict:
+    """What the CLI prints: files with sizes, variants, and the parity verdicts."""
+    parity = {k: v for k, v in manifest["parity"].items() if k != "variants"}
+    verdicts = {name: entry.get("validated") for name, entry in manifest["variants"].items()}
+    sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
+    return {"bundle": out, "files": sizes, "parity": parity, "variants": verdicts}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.verify:
-        try:
-            manifest = verify_bundle(args.verify)
-        except BundleError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        print(f"{args.verify}: {len(manifest['files'])} files verified")
-        return 0
+        return _verify(args.verify)
     if not (args.checkpoint and args.out):
         parser.error("CHECKPOINT and OUT are required (or --verify BUNDLE)")
     # torch is imported only here, so `--verify` works on a server install.
     from training.checkpoint import CheckpointError
 
-    from .export import ExportOptions, export_checkpoint
+    from .export import export_checkpoint
     from .validate import ParityError
 
     try:
-        sentences = None
-        if args.sentences:
-            sentences = tuple(line for line in args.sentences.read_text().splitlines() if line.strip())
-        options = ExportOptions(args.attention, not args.no_optimize, not args.no_validate, sentences,
-                                args.max_len_extra)
+        options = options_from_args(args)
         manifest = export_checkpoint(args.checkpoint, args.out, force=args.force, options=options)
     except (BundleError, CheckpointError, ParityError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"bundle": args.out, "files": sorted(manifest["files"]), "parity": manifest["parity"]}, indent=2))
+    print(json.dumps(_summary(args.out, manifest), indent=2, ensure_ascii=False))
     return 0
 
 

@@ -8,28 +8,38 @@ decoder.onnx  one graph for every step, the first included (past_len 0, no If no
               It returns log-probs, not logits: both greedy and beam search need them.
 
 Named dynamic axes: batch, src_len, tgt_len, past_len. Attention is fused (export/fuse.py).
+
+export_checkpoint then builds the other variants from these two graphs (export/variants.py:
+fp32-cpu, int8-cpu, fp16-cuda), checks the parity of each (export/validate.py) and writes
+manifest.json (export/bundle.py), all in a staging directory that replaces the bundle only at
+the end. A tqdm bar on stderr follows the steps (ExportOptions.progress, terminals only).
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from training.checkpoint import CONFIG, WEIGHTS, LoadedCheckpoint, load_checkpoint
 from training.model import KV, Transformer
 
 from . import bundle, fuse
-from .validate import DEFAULT_SENTENCES, validate
+from . import variants as variants_
+from .validate import ParityRun, parity_set
 
 # Example sizes for tracing: all different and >= 2, so no axis is specialized or merged.
 EXAMPLE_BATCH, EXAMPLE_SRC, EXAMPLE_TGT, EXAMPLE_PAST = 3, 7, 2, 5
@@ -42,17 +52,42 @@ class ExportError(RuntimeError):
 @dataclass(frozen=True)
 class ExportOptions:
     attention: str = fuse.DEFAULT_FORM  # one of fuse.ATTENTION_FORMS
-    optimize: bool = True  # also write the ORT-optimized CPU graphs
-    validate: bool = True  # parity against torch before the bundle is swapped in
-    sentences: tuple[str, ...] | None = None  # parity sources; None: DEFAULT_SENTENCES
-    max_len_extra: int = 20  # greedy length limit during the parity check
+    variants: tuple[str, ...] = variants_.VARIANTS  # fp32 always; see export/variants.py
+    validate: bool = True  # parity of every variant before the bundle is swapped in
+    sentences: tuple[str, ...] | None = None  # parity sources; None: Multi30k or the built-in ones
+    data_dir: str | Path | None = None  # Multi30k directory for the parity set; None: $NMT_DATA_DIR
+    parity_limit: int | None = None  # only the first N parity sentences
+    max_len_extra: int = 50  # greedy length limit during the parity check
+    progress: bool = False  # a progress bar on stderr (only when it is a terminal)
 
     def __post_init__(self) -> None:
         if self.attention not in fuse.ATTENTION_FORMS:
             forms = ", ".join(fuse.ATTENTION_FORMS)
             raise ValueError(f"unknown attention form {self.attention!r}; choose one of {forms}")
+        variants_.check_variants(self.variants)
         if self.max_len_extra < 1:
             raise ValueError(f"max_len_extra must be at least 1, got {self.max_len_extra}")
+        if self.parity_limit is not None and self.parity_limit < 1:
+            raise ValueError(f"parity_limit must be at least 1, got {self.parity_limit}")
+
+
+class Progress:
+    """One tqdm bar over the export steps, on stderr; off when disabled or stderr is no terminal."""
+
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None):
+        stream = stream if stream is not None else sys.stderr
+        self.enabled = enabled and stream.isatty()
+        self.bar = tqdm(total=total, desc="export", unit="step", file=stream, disable=not self.enabled,
+                        dynamic_ncols=True)
+
+    @contextmanager
+    def step(self, label: str) -> Iterator[None]:
+        self.bar.set_description_str(label)
+        yield
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _pairs(flat: list[torch.Tensor]) -> list[KV]:
@@ -156,48 +191,62 @@ def export_graphs(model: Transformer, out_dir: Path, attention: str = fuse.DEFAU
             bundle.DECODER: export_decoder(model, out_dir / bundle.DECODER, attention)}
 
 
-def _optimize(out_dir: Path, attention: str, cfg_layers: tuple[int, int]) -> None:
-    """ORT offline CPU optimization; the fused attention must survive it."""
-    for source, dest, expected in ((bundle.ENCODER, bundle.ENCODER_CPU, cfg_layers[0]),
-                                   (bundle.DECODER, bundle.DECODER_CPU, 2 * cfg_layers[1])):
-        optimized = fuse.optimize_for_cpu(out_dir / source, out_dir / dest)
-        fuse.check_fused(optimized, attention, expected, dest)
-
-
 def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bool = False,
                       options: ExportOptions | None = None) -> dict[str, Any]:
-    """Export a training checkpoint to a bundle directory; returns the manifest."""
+    """Export a training checkpoint to a bundle directory with every selected variant; returns
+    the manifest. Nothing is written to `out_dir` unless every step (parity included) passed."""
     options = options or ExportOptions()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     staging = bundle.staging_dir(out_dir, force)  # refuses before any work is done
+    n_steps = 3 + variants_.steps(options.variants) + (len(options.variants) if options.validate else 0)
+    progress = Progress(n_steps, options.progress)
     try:
         loaded = load_checkpoint(checkpoint_dir)
         cfg = loaded.model.eval().cfg
-        export_graphs(loaded.model, staging, options.attention)
-        if options.optimize:
-            _optimize(staging, options.attention, (cfg.n_encoder_layers, cfg.n_decoder_layers))
+        with progress.step("export encoder"):
+            export_encoder(loaded.model, staging / bundle.ENCODER, options.attention)
+        with progress.step("export decoder"):
+            export_decoder(loaded.model, staging / bundle.DECODER, options.attention)
+        counts = variants_.FusionCounts(options.attention, cfg.n_encoder_layers, 2 * cfg.n_decoder_layers)
+        variants_.build(staging, options.variants, counts, progress.step)
         shutil.copyfile(checkpoint_dir / loaded.config["tokenizer"], staging / bundle.TOKENIZER)
-        parity = _parity(loaded, staging, options) if options.validate else {"checked": False}
-        manifest = bundle.write_manifest(staging, _manifest_fields(loaded, checkpoint_dir, options, parity))
+        parity = _parity(loaded, staging, options, progress) if options.validate else {"checked": False}
+        with progress.step("write manifest"):
+            manifest = bundle.write_manifest(staging, _manifest_fields(loaded, checkpoint_dir, options, parity))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the error itself is re-raised below
         raise
+    finally:
+        progress.close()
     bundle.swap_in(staging, out_dir)
     return manifest
 
 
-def _parity(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions) -> dict[str, Any]:
-    """validate() every graph pair written (portable, and CPU-optimized when there is one)."""
-    default = DEFAULT_SENTENCES.get(loaded.config["src_lang"], DEFAULT_SENTENCES["en"])
-    sentences = list(options.sentences or default)
-    pairs = [(bundle.ENCODER, bundle.DECODER)]
-    if options.optimize:
-        pairs.append((bundle.ENCODER_CPU, bundle.DECODER_CPU))
-    summary: dict[str, Any] = {"checked": True}
-    for encoder, decoder in pairs:
-        summary[decoder] = validate(loaded.model, loaded.tokenizer, staging / encoder, staging / decoder, sentences,
-                                    options.max_len_extra)
-    return summary
+def _parity(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions, progress: Progress) -> dict[str, Any]:
+    """Every variant written, exact ones against torch, the others against fp32; one error for all."""
+    config = loaded.config
+    found = parity_set(config["src_lang"], config["tgt_lang"], options.sentences, options.data_dir,
+                       options.parity_limit)
+    run = ParityRun(loaded.model, loaded.tokenizer, found, options.max_len_extra)
+    for name in options.variants:
+        spec = variants_.SPECS[name]
+        with progress.step(f"parity {name}"):
+            encoder, decoder = staging / spec.encoder, staging / spec.decoder
+            if spec.exact:
+                run.check_exact(name, encoder, decoder)
+            else:
+                run.check_approximate(name, encoder, decoder, list(spec.providers))
+    run.raise_if_failed()
+    return run.summary()
+
+
+def _validated(name: str, parity: dict[str, Any]) -> dict[str, Any]:
+    """The short parity verdict stored with each variant (the details are in manifest["parity"])."""
+    if not parity["checked"]:
+        return {"skipped": "parity check disabled (--no-validate)"}
+    result = parity["variants"][name]
+    keys = ("skipped", "checked_against", "provider", "greedy_identical", "bleu", "bleu_loss")
+    return {key: result[key] for key in keys if key in result}
 
 
 def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: ExportOptions,
@@ -209,10 +258,8 @@ def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: Ex
         "tgt_lang": loaded.config["tgt_lang"],
         "special_ids": loaded.config["special_ids"],
         "tokenizer": bundle.TOKENIZER,
-        "graphs": {
-            "encoder": bundle.ENCODER, "decoder": bundle.DECODER,
-            **({"encoder_cpu": bundle.ENCODER_CPU, "decoder_cpu": bundle.DECODER_CPU} if options.optimize else {}),
-        },
+        "variants": {name: {**variants_.SPECS[name].manifest_entry(), "validated": _validated(name, parity)}
+                     for name in options.variants},
         "interface": bundle.graph_spec(cfg.n_decoder_layers),
         "attention": options.attention,
         "opset": fuse.opset_for(options.attention),

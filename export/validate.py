@@ -1,26 +1,39 @@
-"""Parity of the exported graphs against the torch model, on real sentences.
+"""Parity of the exported variants against the torch model, on a parity set of real sentences.
 
-Checked, all in fp32 with the tolerance TOLERANCE (max absolute difference):
-- encoder: every cross-attention key/value tensor;
-- decoder, incremental: log-probabilities at every position when the target (BOS + torch's
-  greedy output) is fed one token at a time through the KV cache, starting from an empty past;
-- decoder, whole prefix at once (past_len 0, tgt_len > 1): log-probabilities at the last position;
-- greedy search (a numpy loop over the ONNX graphs, training/search.py's rules) gives exactly
-  the tokens of training.search.greedy_search.
-The graphs output log-probabilities (log-softmax of the logits), so those are compared.
-Every mismatch is collected, and one ParityError lists them all.
+The parity set is Multi30k test_2016_flickr (source side, with its references) when Multi30k
+is at hand (--data-dir or $NMT_DATA_DIR), else a few built-in sentences (no references).
+
+Exact variants (fp32, fp32-cpu; run on the CPU provider):
+- log-probabilities and cross-attention K/V within TOLERANCE (max absolute difference) on the
+  first TOLERANCE_SENTENCES sentences: encoder outputs; the decoder fed one token at a time
+  through the KV cache from an empty past; the whole prefix at once (past_len 0, tgt_len > 1);
+- greedy search over the graphs (the server's engine, server/decoding.py) gives exactly torch's
+  greedy_search tokens on at least MIN_IDENTICAL of the parity set. Every differing sentence is
+  recorded, failing or not.
+Approximate variants (int8-cpu, fp16-cuda; run on their own providers, skipped without them):
+- greedy output compared with the fp32 graphs' greedy output: the identical fraction is
+  recorded, and with references, cased sacreBLEU of both; more than MAX_BLEU_LOSS lost fails.
+Greedy runs in batches of BATCH_SIZE sentences of similar length, torch and ONNX alike. Every
+problem of every variant is collected, and one ParityError lists them all.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import sacrebleu
 import torch
 import torch.nn.functional as F
 
+from server.decoding import DecodeOptions, Decoder
+from server.runtime import CPU, RuntimeConfig, Sessions, open_sessions
+from training.data import MULTI30K_SPLITS, multi30k
 from training.model import Transformer
 from training.search import greedy_search, pad_batch
 from training.tokenizer import BOS_ID, EOS_ID, Tokenizer
@@ -28,6 +41,11 @@ from training.tokenizer import BOS_ID, EOS_ID, Tokenizer
 from . import bundle
 
 TOLERANCE = 1e-4  # fp32, max absolute difference of log-probs and cross K/V
+TOLERANCE_SENTENCES = 5
+MIN_IDENTICAL = 0.99  # fraction of greedy outputs equal to torch's (exact variants)
+MAX_BLEU_LOSS = 0.3  # BLEU an approximate variant may lose against the fp32 graphs
+BATCH_SIZE = 64
+PARITY_SPLIT = "test_2016_flickr"
 
 DEFAULT_SENTENCES: dict[str, list[str]] = {
     "en": [
@@ -51,27 +69,58 @@ class ParityError(RuntimeError):
     """The exported graphs disagree with the torch model; the message lists every mismatch."""
 
 
+@dataclass(frozen=True)
+class ParitySet:
+    name: str
+    sources: tuple[str, ...]
+    references: tuple[str, ...] | None = None  # target side, for BLEU
+
+
+def parity_set(src_lang: str, tgt_lang: str, sentences: tuple[str, ...] | None = None,
+               data_dir: str | Path | None = None, limit: int | None = None) -> ParitySet:
+    """Given sentences, else Multi30k test_2016_flickr when a data directory is known, else built-in."""
+    data_dir = data_dir or os.environ.get("NMT_DATA_DIR")
+    langs = MULTI30K_SPLITS[PARITY_SPLIT]
+    if sentences:
+        found = ParitySet("given sentences", tuple(sentences))
+    elif data_dir and src_lang in langs and tgt_lang in langs:
+        corpus = multi30k(PARITY_SPLIT, src_lang, tgt_lang, data_dir)
+        found = ParitySet(f"multi30k {PARITY_SPLIT}", tuple(corpus.src), tuple(corpus.tgt))
+    else:
+        found = ParitySet("built-in sentences", tuple(DEFAULT_SENTENCES.get(src_lang, DEFAULT_SENTENCES["en"])))
+    if limit is None:
+        return found
+    refs = found.references[:limit] if found.references is not None else None
+    return ParitySet(found.name, found.sources[:limit], refs)
+
+
 def cpu_session(path: Path, threads: int = 1) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=[CPU])
 
 
 class OnnxGraphs:
-    """The encoder and decoder sessions, fed by name (bundle.py declares the names)."""
+    """The encoder and decoder sessions, fed by name (bundle.py declares the names): the
+    step-by-step access the log-prob checks need (the greedy search is the server's)."""
 
     def __init__(self, encoder: ort.InferenceSession, decoder: ort.InferenceSession, n_layers: int):
         self.encoder, self.decoder, self.n_layers = encoder, decoder, n_layers
         past_key = {i.name: i for i in decoder.get_inputs()}[bundle.past_names(n_layers)[0]]
         _, n_heads, _, d_head = past_key.shape  # (batch, n_heads, past_len, d_head)
         self.n_heads, self.d_head = int(n_heads), int(d_head)
+        self.kv_dtype = np.float16 if past_key.type == "tensor(float16)" else np.float32
+
+    @classmethod
+    def of(cls, sessions: Sessions) -> OnnxGraphs:
+        return cls(sessions.encoder, sessions.decoder, sessions.n_layers)
 
     def encode(self, src_ids: np.ndarray, src_mask: np.ndarray) -> list[np.ndarray]:
         return self.encoder.run(bundle.cross_names(self.n_layers), {"src_ids": src_ids, "src_mask": src_mask})
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        return [np.zeros((batch, self.n_heads, 0, self.d_head), np.float32) for _ in range(2 * self.n_layers)]
+        return [np.zeros((batch, self.n_heads, 0, self.d_head), self.kv_dtype) for _ in range(2 * self.n_layers)]
 
     def step(self, tgt_ids: np.ndarray, src_mask: np.ndarray, past: list[np.ndarray],
              cross: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -83,34 +132,26 @@ class OnnxGraphs:
         return log_probs, present
 
 
-def _pad(seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    ids, mask = pad_batch(seqs)
-    return ids.numpy(), mask.numpy()
+def open_graphs(encoder: Path, decoder: Path, provider: str = CPU) -> Sessions:
+    """The server's sessions for one graph pair (one intra-op thread: the checks share the cores)."""
+    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1))
 
 
-def onnx_greedy(graphs: OnnxGraphs, sources: list[list[int]], max_len_extra: int) -> list[list[int]]:
-    """Greedy search over the graphs, with training/search.py's rules (EOS forced at the limit,
-    finished rows leave the batch)."""
-    src_ids, src_mask = _pad([s + [EOS_ID] for s in sources])
-    cross = graphs.encode(src_ids, src_mask)
-    past = graphs.empty_past(len(sources))
-    max_lens = np.array([len(s) + max_len_extra for s in sources])
-    active = np.arange(len(sources))
-    last = np.full(len(sources), BOS_ID, dtype=np.int64)
+def graph_greedy(sessions: Sessions, sources: list[list[int]], max_len_extra: int) -> list[list[int]]:
+    """The server's greedy search over the graphs, in the same batches as in_batches makes for torch."""
+    result = Decoder(sessions, max_batch_rows=BATCH_SIZE).search(sources, DecodeOptions(1, max_len_extra=max_len_extra))
+    return [hyps[0].tokens for hyps in result.hypotheses]
+
+
+def in_batches(search: Callable[[list[list[int]]], list[list[int]]], sources: list[list[int]],
+               batch_size: int = BATCH_SIZE) -> list[list[int]]:
+    """Run `search` on batches of similar length; outputs in input order."""
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs: list[list[int]] = [[] for _ in sources]
-    step = 0
-    while active.size:
-        log_probs, past = graphs.step(last[:, None], src_mask, past, cross)
-        at_limit = step + 1 >= max_lens[active]
-        log_probs[at_limit] = np.where(np.arange(log_probs.shape[1]) == EOS_ID, log_probs[at_limit], -np.inf)
-        last = log_probs.argmax(axis=1)
-        for row, token in zip(active.tolist(), last.tolist()):
-            if token != EOS_ID:
-                outputs[row].append(token)
-        keep = np.flatnonzero(last != EOS_ID)
-        active, last, src_mask = active[keep], last[keep], src_mask[keep]
-        past, cross = [t[keep] for t in past], [t[keep] for t in cross]
-        step += 1
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        for i, tokens in zip(chunk, search([sources[i] for i in chunk])):
+            outputs[i] = tokens
     return outputs
 
 
@@ -119,8 +160,8 @@ def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _log_prob_checks(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]],
-                     targets: list[list[int]]) -> dict[str, float]:
+def log_prob_diffs(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]],
+                   targets: list[list[int]]) -> dict[str, float]:
     """Max abs differences: cross K/V, incremental log-probs, whole-prefix log-probs."""
     src, src_mask = pad_batch([s + [EOS_ID] for s in sources])
     tgt, _ = pad_batch([[BOS_ID] + t for t in targets])  # pads decode harmlessly: both sides see them
@@ -139,22 +180,127 @@ def _log_prob_checks(model: Transformer, graphs: OnnxGraphs, sources: list[list[
     return diffs
 
 
+def greedy_verdict(expected: list[list[int]], got: list[list[int]], sources: tuple[str, ...],
+                   detokenize: Callable[[list[list[int]]], list[str]],
+                   min_identical: float = MIN_IDENTICAL) -> tuple[dict[str, Any], list[str]]:
+    """-> (summary with every differing sentence, problems: empty unless below min_identical)."""
+    differ = [i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if e != g]
+    texts_e, texts_g = detokenize([expected[i] for i in differ]), detokenize([got[i] for i in differ])
+    mismatches = [{"index": i, "source": sources[i], "torch": e, "onnx": g}
+                  for i, e, g in zip(differ, texts_e, texts_g)]
+    fraction = 1 - len(differ) / len(expected)
+    summary = {"greedy_identical": round(fraction, 4), "mismatches": mismatches}
+    if fraction >= min_identical:
+        return summary, []
+    header = (f"greedy: {len(expected) - len(differ)} of {len(expected)} outputs identical to torch "
+              f"({100 * fraction:.1f}%, below {100 * min_identical:g}%)")
+    lines = [f"greedy output differs for sentence {m['index']} ({m['source']!r}): torch {expected[m['index']]} "
+             f"{m['torch']!r}, onnx {got[m['index']]} {m['onnx']!r}" for m in mismatches]
+    return summary, [header, *lines]
+
+
+def _provider_label(provider: str) -> str:
+    return provider.removesuffix("ExecutionProvider")
+
+
+class ParityRun:
+    """Checks variants one by one against torch (exact) or the fp32 graphs (approximate),
+    collecting every problem; `raise_if_failed` raises one ParityError listing them all."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, parity: ParitySet, max_len_extra: int):
+        if not parity.sources:
+            raise ValueError("validate needs at least one sentence")
+        self.model, self.tokenizer, self.parity = model.eval(), tokenizer, parity
+        self.max_len_extra = max_len_extra
+        self.sources = tokenizer.encode(list(parity.sources))
+        self.n_layers = model.cfg.n_decoder_layers
+        self._torch: list[list[int]] | None = None
+        self._baseline: tuple[str, list[list[int]], float | None] | None = None  # first exact variant
+        self.problems: list[str] = []
+        self.results: dict[str, dict[str, Any]] = {}
+        self._scorer = sacrebleu.metrics.BLEU()  # cased, 13a: sacreBLEU's default, as nmt-eval
+
+    def torch_outputs(self) -> list[list[int]]:
+        if self._torch is None:
+            search = lambda batch: [h.tokens for h in greedy_search(self.model, batch, self.max_len_extra)]  # noqa: E731
+            self._torch = in_batches(search, self.sources)
+        return self._torch
+
+    def _bleu_of(self, outputs: list[list[int]]) -> float | None:
+        refs = self.parity.references
+        if refs is None:
+            return None
+        return self._scorer.corpus_score(self.tokenizer.decode(outputs), [list(refs)]).score
+
+    def check_exact(self, name: str, encoder: Path, decoder: Path) -> dict[str, Any]:
+        """Tolerance on log-probs and cross K/V, and greedy tokens against torch (CPU provider)."""
+        sessions = open_graphs(encoder, decoder)
+        expected, got = self.torch_outputs(), graph_greedy(sessions, self.sources, self.max_len_extra)
+        summary, problems = greedy_verdict(expected, got, self.parity.sources, self.tokenizer.decode)
+        n = TOLERANCE_SENTENCES
+        graphs = OnnxGraphs.of(sessions)
+        diffs = log_prob_diffs(self.model, graphs, self.sources[:n], expected[:n])
+        problems += [f"{check}: max abs diff {value:.3g} > {TOLERANCE:g}"
+                     for check, value in diffs.items() if value > TOLERANCE]
+        bleu = self._bleu_of(got)
+        if self._baseline is None:
+            self._baseline = (name, got, bleu)
+        summary = {"checked_against": "torch", "provider": "CPUExecutionProvider",
+                   "max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()},
+                   **({} if bleu is None else {"bleu": round(bleu, 2)}), **summary}
+        return self._record(name, summary, problems)
+
+    def check_approximate(self, name: str, encoder: Path, decoder: Path, providers: list[str]) -> dict[str, Any]:
+        """Greedy output and BLEU against the first exact variant's; skipped without the provider."""
+        assert self._baseline is not None, "check an exact variant (fp32) first"
+        available = [p for p in providers if p in ort.get_available_providers()]
+        if not available:
+            return self._record(name, {"skipped": f"no {_provider_label(providers[0])} execution provider"}, [])
+        base_name, base, base_bleu = self._baseline
+        got = graph_greedy(open_graphs(encoder, decoder, available[0]), self.sources, self.max_len_extra)
+        same = sum(a == b for a, b in zip(got, base)) / len(got)
+        summary: dict[str, Any] = {"checked_against": base_name, "provider": available[0],
+                                   "greedy_identical": round(same, 4)}
+        problems = []
+        bleu = self._bleu_of(got)
+        if bleu is not None and base_bleu is not None:
+            loss = base_bleu - bleu
+            summary.update(bleu=round(bleu, 2), reference_bleu=round(base_bleu, 2), bleu_loss=round(loss, 2))
+            if loss > MAX_BLEU_LOSS:
+                problems.append(f"BLEU {bleu:.2f} is {loss:.2f} below {base_name}'s {base_bleu:.2f} "
+                                f"(at most {MAX_BLEU_LOSS:g} may be lost)")
+        return self._record(name, summary, problems)
+
+    def _record(self, name: str, summary: dict[str, Any], problems: list[str]) -> dict[str, Any]:
+        self.results[name] = summary
+        self.problems += [f"{name}: {problem}" for problem in problems]
+        return summary
+
+    def summary(self) -> dict[str, Any]:
+        refs = self.parity.references
+        return {"checked": True, "set": self.parity.name, "sentences": len(self.sources),
+                "references": refs is not None, "max_len_extra": self.max_len_extra, "tolerance": TOLERANCE,
+                "tolerance_sentences": min(TOLERANCE_SENTENCES, len(self.sources)), "min_identical": MIN_IDENTICAL,
+                "max_bleu_loss": MAX_BLEU_LOSS,
+                **(self._torch_bleu() if refs else {}), "variants": self.results}
+
+    def _torch_bleu(self) -> dict[str, Any]:
+        bleu = self._bleu_of(self.torch_outputs())
+        assert bleu is not None
+        return {"torch_bleu": round(bleu, 2), "bleu_signature": str(self._scorer.get_signature())}
+
+    def raise_if_failed(self, label: str = "") -> None:
+        if self.problems:
+            prefix = f"{label}: " if label else ""
+            raise ParityError(f"{prefix}parity failed:\n  " + "\n  ".join(self.problems))
+
+
 def validate(model: Transformer, tokenizer: Tokenizer, encoder_path: Path, decoder_path: Path,
              sentences: list[str], max_len_extra: int = 20) -> dict[str, Any]:
-    """Check the graphs against `model`; raise ParityError listing every mismatch, else a summary."""
-    if not sentences:
-        raise ValueError("validate needs at least one sentence")
-    model.eval()
-    graphs = OnnxGraphs(cpu_session(encoder_path), cpu_session(decoder_path), model.cfg.n_decoder_layers)
-    sources = tokenizer.encode(sentences)
-    expected = [h.tokens for h in greedy_search(model, sources, max_len_extra=max_len_extra)]
-    got = onnx_greedy(graphs, sources, max_len_extra)
-    mismatches = [f"greedy output differs for sentence {i} ({sentences[i]!r}): torch {e}, onnx {g}"
-                  for i, (e, g) in enumerate(zip(expected, got)) if e != g]
-    diffs = _log_prob_checks(model, graphs, sources, expected)
-    mismatches += [f"{name}: max abs diff {value:.3g} > {TOLERANCE:g}"
-                   for name, value in diffs.items() if value > TOLERANCE]
-    if mismatches:
-        raise ParityError(f"{encoder_path.name} + {decoder_path.name}: parity failed:\n  " + "\n  ".join(mismatches))
-    return {"sentences": len(sentences), "tolerance": TOLERANCE, "greedy_identical": len(sentences),
-            "max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()}}
+    """Check one fp32 graph pair against `model`; raise ParityError listing every mismatch."""
+    run = ParityRun(model, tokenizer, ParitySet("given sentences", tuple(sentences)), max_len_extra)
+    summary = run.check_exact("fp32", encoder_path, decoder_path)
+    if run.problems:
+        lines = [p.removeprefix("fp32: ") for p in run.problems]
+        raise ParityError(f"{encoder_path.name} + {decoder_path.name}: parity failed:\n  " + "\n  ".join(lines))
+    return summary

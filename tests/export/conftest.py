@@ -33,9 +33,14 @@ def model(checkpoint: Path) -> Transformer:
     return load_checkpoint(checkpoint).model.eval()
 
 
+PARITY_LIMIT = 16
+
+
 @pytest.fixture(scope="session")
-def bundle_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bundle every test reads, default options (never modified: tests that damage files copy it first)."""
+def bundle_dir(checkpoint: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bundle every test reads: every variant, parity on the first PARITY_LIMIT sentences of
+    Multi30k test_2016_flickr (never modified: tests that damage files copy it first)."""
     out = tmp_path_factory.mktemp("export_bundle") / "bundle"
-    export_checkpoint(checkpoint, out, options=ExportOptions(max_len_extra=5))
+    options = ExportOptions(max_len_extra=5, data_dir=str(data_dir), parity_limit=PARITY_LIMIT)
+    export_checkpoint(checkpoint, out, options=options)
     return out

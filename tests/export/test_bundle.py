@@ -12,7 +12,8 @@ from export import bundle
 from export.bundle import BundleError, read_manifest, sha256_file, staging_dir, swap_in, verify_bundle
 from export.export import export_checkpoint
 
-FILES = [bundle.ENCODER, bundle.DECODER, bundle.ENCODER_CPU, bundle.DECODER_CPU, bundle.TOKENIZER]
+FILES = [bundle.ENCODER, bundle.DECODER, bundle.ENCODER_CPU, bundle.DECODER_CPU, bundle.ENCODER_INT8,
+         bundle.DECODER_INT8, bundle.ENCODER_FP16, bundle.DECODER_FP16, bundle.TOKENIZER]
 
 
 @pytest.fixture
@@ -22,7 +23,7 @@ def copy(bundle_dir: Path, tmp_path: Path) -> Path:
 
 def test_manifest_describes_the_bundle(bundle_dir: Path, checkpoint: Path) -> None:
     manifest = verify_bundle(bundle_dir)
-    assert manifest["format"] == "nmt-bundle" and manifest["format_version"] == 1
+    assert manifest["format"] == "nmt-bundle" and manifest["format_version"] == 2
     assert sorted(manifest["files"]) == sorted(FILES)
     assert manifest["files"][bundle.TOKENIZER]["sha256"] == sha256_file(checkpoint / "spm.model")
     assert manifest["model"]["d_model"] == 32 and manifest["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
@@ -60,7 +61,7 @@ def test_an_unknown_format_version_is_refused(copy: Path) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
     with pytest.raises(BundleError) as e:
         read_manifest(copy)
-    assert str(e.value) == f"{path}: format_version 99 is not supported (this code reads version 1)"
+    assert str(e.value) == f"{path}: format_version 99 is not supported (this code reads versions 1, 2)"
 
 
 def test_export_refuses_to_overwrite_without_force(checkpoint: Path, bundle_dir: Path) -> None:
@@ -85,3 +86,32 @@ def test_force_replaces_a_bundle_whole(tmp_path: Path) -> None:
 def test_the_bundle_module_does_not_import_torch() -> None:
     code = "import sys, export.bundle; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+def _reseal(directory: Path, manifest: dict) -> None:
+    """Write a changed manifest with its own hash recomputed (so only the change is under test)."""
+    manifest[bundle.SELF_HASH] = bundle._content_hash(manifest)
+    (directory / bundle.MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_variant_naming_an_unlisted_file_is_refused(copy: Path) -> None:
+    manifest = read_manifest(copy)
+    manifest["variants"]["int8-cpu"]["encoder"] = "nope.onnx"
+    _reseal(copy, manifest)
+    with pytest.raises(BundleError) as e:
+        verify_bundle(copy)
+    assert str(e.value) == (f"bundle {copy} failed verification:\n"
+                            "  variant int8-cpu: 'nope.onnx' is not a file listed in the manifest")
+
+
+def test_a_version_1_bundle_is_still_read(copy: Path) -> None:
+    graphs = {"encoder": bundle.ENCODER, "decoder": bundle.DECODER, "encoder_cpu": bundle.ENCODER_CPU,
+              "decoder_cpu": bundle.DECODER_CPU}
+    manifest = read_manifest(copy)
+    del manifest["variants"]
+    manifest.update(format_version=1, graphs=graphs)
+    _reseal(copy, manifest)
+    variants = bundle.manifest_variants(verify_bundle(copy))
+    assert list(variants) == ["fp32", "fp32-cpu"]
+    assert variants["fp32-cpu"] == {"encoder": bundle.ENCODER_CPU, "decoder": bundle.DECODER_CPU,
+                                    "providers": ["CPUExecutionProvider"], "kv_dtype": "float32"}

@@ -1,0 +1,82 @@
+# nmt-serve: the gRPC translation server with the committed default model (models/default).
+#
+#   docker build -t nmt:cpu .                                  # CPU image (onnxruntime)
+#   docker build -t nmt:cuda --build-arg DEVICE=cuda \
+#       --build-arg RUNTIME_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 .   # GPU: CUDA base + onnxruntime-gpu
+#   docker run --rm -p 50051:50051 -p 9090:9090 nmt:cpu
+#   docker run --rm -p 50051:50051 -v "$PWD/bundles/mine:/models/mine:ro" -e NMT_MODEL_DIR=/models/mine nmt:cpu
+#
+# Stages: `builder` installs torch (CPU) and exports models/default to a bundle; the runtime image
+# has only the server's dependencies (`.[serve]` or `.[gpu]`, no torch) and that bundle.
+# Without network access to TORCH_INDEX_URL, put a torch wheel in build/wheels/ (scripts/image_test.sh does).
+
+# DEVICE=cpu: onnxruntime (the `serve` extra); DEVICE=cuda: onnxruntime-gpu (the `gpu` extra), which
+# needs RUNTIME_IMAGE to be a CUDA 12 + cuDNN 9 image. (One runtime stage with the base as an
+# argument, not one stage per device: buildah cannot pick a stage by an argument.)
+ARG DEVICE=cpu
+ARG PYTHON_IMAGE=python:3.11-slim
+ARG RUNTIME_IMAGE=python:3.11-slim
+
+# ---- builder: checkpoint -> bundle (torch lives only here) ----
+FROM ${PYTHON_IMAGE} AS builder
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+# pyproject.toml keeps this COPY valid when build/wheels/ does not exist.
+COPY pyproject.toml build/wheel[s] /wheels/
+# The CPU build of torch: PyPI's linux wheel is the CUDA one (multi-GB with its nvidia-* deps).
+RUN set -eu; \
+    if ls /wheels/torch-"${TORCH_VERSION}"*.whl >/dev/null 2>&1; then \
+        pip install --no-deps /wheels/torch-"${TORCH_VERSION}"*.whl; \
+    else \
+        pip install --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"; \
+    fi
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY training training
+COPY export export
+COPY server server
+# torch's own dependencies (filelock, sympy, ...) come with `.[export]` from the default index.
+RUN pip install ".[export]"
+COPY models/default models/default
+# Only the variants the runtime can use (fp32 is always written); the export checks each one's
+# parity against torch before writing the bundle.
+ARG DEVICE
+RUN set -eu; \
+    variants=$([ "${DEVICE}" = cuda ] && echo fp16-cuda || echo fp32-cpu,int8-cpu); \
+    nmt-export models/default /opt/nmt/default --variants "$variants" --quiet \
+    && nmt-export --verify /opt/nmt/default
+
+# ---- runtime: server dependencies + the bundle, non-root ----
+FROM ${RUNTIME_IMAGE} AS runtime
+ARG DEVICE
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+    PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH
+# A CUDA base image has no Python: install it (python:3.11-slim already has python3 -m venv).
+RUN set -eu; \
+    case "${DEVICE}" in cpu|cuda) ;; *) echo "DEVICE must be cpu or cuda, got '${DEVICE}'" >&2; exit 1;; esac; \
+    if ! python3 -c "import ensurepip, venv" 2>/dev/null; then \
+        apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+COPY pyproject.toml README.md /tmp/src/
+COPY server /tmp/src/server
+# export/bundle.py (manifest and sha256 checks, no torch) is the bundle contract the server reads.
+COPY export /tmp/src/export
+# Only server/ and export/ go in (setuptools finds no training/ here); the serve extra has no torch.
+RUN python3 -m venv /opt/venv \
+    && pip install "/tmp/src[$([ "${DEVICE}" = cuda ] && echo gpu || echo serve)]" \
+    && rm -rf /tmp/src \
+    && pip uninstall -y -q pip setuptools \
+    && useradd --uid 10001 --create-home --home-dir /home/nmt --shell /usr/sbin/nologin nmt
+COPY --from=builder /opt/nmt/default /opt/nmt/default
+USER 10001
+WORKDIR /home/nmt
+ENV NMT_MODEL_DIR=/opt/nmt/default NMT_HOST=0.0.0.0 NMT_PORT=50051 NMT_METRICS_PORT=9090
+EXPOSE 50051 9090
+# SERVING only after the bundle is verified and the engine warmed up; start-period covers that.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD nmt-client health --target "127.0.0.1:${NMT_PORT}" --deadline 3 || exit 1
+# Exec form: nmt-serve is PID 1 and gets SIGTERM itself (it drains, then exits 0).
+CMD ["nmt-serve"]

@@ -1,0 +1,28 @@
+"""`nmt-bench`: benchmarks that compare side by side in one run.
+
+    nmt-bench decode ...   every decoder on the same weights (bench/decode.py)
+    nmt-bench load ...     the server under load (bench/load.py)
+
+Each subcommand is imported only when asked for: `decode` needs torch and CTranslate2,
+`load` only the client side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+COMMANDS = {"decode": "bench.decode", "load": "bench.load"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nmt-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=sorted(COMMANDS), help="decode: engines side by side; load: server load")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the subcommand's own options (see COMMAND --help)")
+    args = parser.parse_args(argv)
+    module = importlib.import_module(COMMANDS[args.command])
+    return int(module.main(args.args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+"""`nmt-bench decode`: every decoder side by side on the same weights, in one run.
+
+    nmt-bench decode [--sentences 200] [--engines torch,ort-fp32,...] [--out bench/results]
+
+Engines: PyTorch eager with the KV cache (training/search.py), ONNX Runtime through the server's
+engine (server/decoding.py) on an unfused fp32 bundle, the fused fp32 bundle and its int8
+variant, and CTranslate2 float32 and int8 (bench/ct2.py converts the same checkpoint). Every
+engine gets the same threads (2 by default), the same sources in the same batches, greedy and
+beam 4 (length penalty 0.6, at most len(source) + 50 tokens). Batches go through the engines in
+turn (the order rotating batch by batch), so load from other processes hits every engine alike.
+
+Measured per engine, search and batch size: target tokens per second (tokens of the best
+hypotheses without EOS, over the summed batch latencies), the median (p50) batch latency,
+and how many outputs are identical to torch's. Then the encoder alone, as achieved GFLOP/s of
+its matrix products against the fp32 matmul peak measured here at the same thread count.
+Writes decode.json, decode.md and decode.png into --out.
+
+Bundles are exported from the checkpoint into --cache-dir (git-ignored) when missing or stale;
+the CTranslate2 models are converted there on every run (under a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .engines import CT2Engine, Engine, OrtEngine, SearchSettings, TorchEngine
+from .flops import encoder_flops, first_step_flops, sgemm_peaks
+
+ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-int8", "ct2-float32", "ct2-int8")
+# ORT engines: (bundle in the cache, RuntimeConfig.precision).
+ORT_ENGINES: dict[str, tuple[str, str]] = {"ort-fp32-unfused": ("unfused", "fp32"), "ort-fp32": ("fused", "fp32"),
+                                           "ort-int8": ("fused", "int8")}
+CT2_ENGINES: dict[str, str] = {"ct2-float32": "float32", "ct2-int8": "int8"}
+BUNDLE_ATTENTION = {"fused": None, "unfused": "none"}  # None: the exporter's default fused form
+DEFAULT_SENTENCES = 200  # ~10 minutes for the whole grid on 2 cores (see README)
+ENCODER_ROUNDS = 3  # encoder passes over the sources; each engine's fastest counts
+SETTLE_SECONDS = 0.005  # idle gap before each timed call: spinning worker threads of the last engine go quiet
+
+
+@dataclass(frozen=True)
+class DecodeBenchConfig:
+    checkpoint: Path = Path("models/default")
+    data_dir: Path | None = None  # None: $NMT_DATA_DIR, else the verified download cache
+    split: str = "test_2016_flickr"
+    sentences: int = DEFAULT_SENTENCES
+    batch_sizes: tuple[int, ...] = (1, 8, 32)
+    modes: tuple[str, ...] = ("greedy", "beam")
+    engines: tuple[str, ...] = ENGINES
+    threads: int = 2
+    settings: SearchSettings = field(default_factory=SearchSettings)
+    cache_dir: Path = Path("bundles/bench")
+    out: Path = Path("bench/results")
+    force: bool = False
+    parity: bool = True  # the exporter's parity check when a bundle is (re)built
+    ort_spinning: bool = True  # False: an experiment, ORT sessions reopened with intra-op spinning off
+    sgemm_size: int = 2048  # square matrices for the matmul peak
+
+    def __post_init__(self) -> None:
+        unknown = [e for e in self.engines if e not in ENGINES]
+        if unknown or not self.engines:
+            raise ValueError(f"unknown engines: {', '.join(unknown) or '(none given)'}; choose from {', '.join(ENGINES)}")
+        bad_modes = [m for m in self.modes if m not in ("greedy", "beam")]
+        if bad_modes or not self.modes:
+            raise ValueError(f"unknown modes: {', '.join(bad_modes) or '(none given)'}; choose from greedy, beam")
+        for name in ("sentences", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.batch_sizes or min(self.batch_sizes) < 1:
+            raise ValueError(f"batch sizes must be at least 1, got {list(self.batch_sizes)}")
+        if self.settings.beam_size < 2:
+            raise ValueError(f"beam size must be at least 2, got {self.settings.beam_size}")
+
+    def mode_beams(self) -> dict[str, int]:
+        beams = {"greedy": 1, "beam": self.settings.beam_size}
+        return {f"beam{beams[m]}" if m == "beam" else m: beams[m] for m in self.modes}
+
+
+def load_sources(cfg: DecodeBenchConfig, tokenizer, src_lang: str, tgt_lang: str) -> tuple[list[list[int]], int]:
+    """An evenly spaced subsample of the split's sources, in corpus order; and the split's size."""
+    from training.data import multi30k
+
+    lines = multi30k(cfg.split, src_lang, tgt_lang, cfg.data_dir).src
+    count = min(cfg.sentences, len(lines))
+    picks = np.unique(np.linspace(0, len(lines) - 1, count).round().astype(int))
+    return tokenizer.encode([lines[i] for i in picks]), len(lines)
+
+
+def _bundle_is_current(out: Path, digest: str, attention: str | None, need_int8: bool) -> bool:
+    from export.bundle import BundleError, verify_bundle
+
+    try:
+        manifest = verify_bundle(out)
+    except BundleError:
+        return False
+    return (manifest.get("source_checkpoint", {}).get("sha256") == digest
+            and (manifest.get("attention") == attention if attention else manifest.get("attention") != "none")
+            and (not need_int8 or "int8-cpu" in manifest.get("variants", {})))
+
+
+def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need_int8: bool, parity: bool = True) -> Path:
+    """Export `checkpoint` to `out` unless a verified bundle of the same weights is there."""
+    from export import bundle
+    from export.export import ExportOptions, export_checkpoint
+    from training.checkpoint import CONFIG, WEIGHTS, read_config
+
+    digest = bundle.directory_digest(checkpoint, [WEIGHTS, CONFIG, read_config(checkpoint)["tokenizer"]])
+    if not out.exists() or not _bundle_is_current(out, digest, attention, need_int8):
+        print(f"exporting {checkpoint} -> {out} (attention {attention or 'default'})", file=sys.stderr)
+        options = ExportOptions(validate=parity, **({} if attention is None else {"attention": attention}))
+        export_checkpoint(checkpoint, out, force=True, options=options)
+    return out
+
+
+class _EngineFactory:
+    """Builds each engine on demand; the bundles it needs are exported once."""
+
+    def __init__(self, cfg: DecodeBenchConfig, loaded):
+        self.cfg, self.loaded, self.bundles = cfg, loaded, {}
+
+    def bundle(self, kind: str) -> Path:
+        if kind not in self.bundles:
+            need_int8 = any(ORT_ENGINES.get(e) == (kind, "int8") for e in self.cfg.engines)
+            self.bundles[kind] = ensure_bundle(self.cfg.checkpoint, self.cfg.cache_dir / kind,
+                                               BUNDLE_ATTENTION[kind], need_int8, self.cfg.parity)
+        return self.bundles[kind]
+
+    def build(self, name: str) -> tuple[Engine, str]:
+        """(engine, what it runs: the bundle variant, the CT2 compute type or "eager")."""
+        from . import ct2
+
+        cfg = self.cfg
+        if name == "torch":
+            return TorchEngine(self.loaded.model, cfg.settings), "eager"
+        if name in ORT_ENGINES:
+            kind, precision = ORT_ENGINES[name]
+            engine = OrtEngine(name, self.bundle(kind), precision, cfg.threads, cfg.settings, cfg.ort_spinning)
+            return engine, engine.variant
+        quantization = CT2_ENGINES[name]
+        model_dir = ct2.convert_checkpoint(cfg.checkpoint, cfg.cache_dir / f"ct2-{quantization}", quantization,
+                                           force=True)
+        pieces = ct2.vocabulary(self.loaded.tokenizer)
+        return CT2Engine(name, model_dir, quantization, cfg.threads, pieces, cfg.settings), quantization
+
+
+def build_engines(cfg: DecodeBenchConfig, loaded) -> tuple[list[Engine], dict[str, str], dict[str, str]]:
+    """The engines asked for; those that cannot run here are skipped with the reason."""
+    factory = _EngineFactory(cfg, loaded)
+    engines: list[Engine] = []
+    skipped: dict[str, str] = {}
+    variants: dict[str, str] = {}
+    for name in cfg.engines:
+        try:
+            engine, variants[name] = factory.build(name)
+            engines.append(engine)
+        except (ImportError, ValueError, RuntimeError, OSError) as e:
+            skipped[name] = f"{type(e).__name__}: {e}".splitlines()[0]
+            print(f"warning: skipping {name}: {skipped[name]}", file=sys.stderr)
+    return engines, skipped, variants
+
+
+def _batches(sources: list[list[int]], size: int) -> list[list[list[int]]]:
+    return [sources[i : i + size] for i in range(0, len(sources), size)]
+
+
+def _timed(engine: Engine, call: str, batch: list[list[int]], *args: Any) -> tuple[float, Any]:
+    time.sleep(SETTLE_SECONDS)
+    start = time.perf_counter()
+    result = getattr(engine, call)(batch, *args)
+    return time.perf_counter() - start, result
+
+
+def _interleaved(engines: list[Engine], batches: list[list[list[int]]], call: str, *args: Any,
+                 progress=None) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+    """Each batch through every engine, the order rotating; one untimed warm-up batch each."""
+    for engine in engines:
+        getattr(engine, call)(batches[0], *args)
+    times: dict[str, list[float]] = {e.name: [] for e in engines}
+    outputs: dict[str, list[Any]] = {e.name: [] for e in engines}
+    for i, batch in enumerate(batches):
+        for engine in engines[i % len(engines):] + engines[: i % len(engines)]:
+            seconds, result = _timed(engine, call, batch, *args)
+            times[engine.name].append(seconds)
+            outputs[engine.name].append(result)
+        if progress is not None:
+            progress.update(1)
+    return times, outputs
+
+
+def run_decode_grid(engines: list[Engine], sources: list[list[int]], cfg: DecodeBenchConfig) -> list[dict[str, Any]]:
+    """Tokens/s, p50 latency and identity to torch per engine, search mode and batch size."""
+    from tqdm import tqdm
+
+    rows = []
+    total = sum(len(_batches(sources, b)) for b in cfg.batch_sizes) * len(cfg.mode_beams())
+    with tqdm(total=total, desc="decode", unit="batch", file=sys.stderr) as progress:
+        for mode, beam in cfg.mode_beams().items():
+            for size in cfg.batch_sizes:
+                times, outputs = _interleaved(engines, _batches(sources, size), "translate", beam, progress=progress)
+                flat = {name: [hyp for batch in out for hyp in batch] for name, out in outputs.items()}
+                reference = flat.get("torch")
+                for engine in engines:
+                    hyps, seconds = flat[engine.name], sum(times[engine.name])
+                    tokens = sum(map(len, hyps))
+                    rows.append({
+                        "engine": engine.name, "mode": mode, "batch_size": size, "sentences": len(hyps),
+                        "batches": len(times[engine.name]), "tokens": tokens, "seconds": round(seconds, 4),
+                        "tokens_per_s": round(tokens / seconds, 1),
+                        "p50_ms": round(1000 * statistics.median(times[engine.name]), 3),
+                        "identical_to_torch": None if reference is None else sum(a == b for a, b in zip(hyps, reference)),
+                    })
+    return rows
+
+
+def run_encoder(engines: list[Engine], sources: list[list[int]], cfg: DecodeBenchConfig, model_cfg,
+                peak: float) -> list[dict[str, Any]]:
+    """Encoder-only GFLOP/s per engine and batch size (CT2: encoder plus its first decoder step)."""
+    rows = []
+    for size in cfg.batch_sizes:
+        batches = _batches(sources, size)
+        rounds = [_interleaved(engines, batches, "encode")[0] for _ in range(ENCODER_ROUNDS)]
+        seconds_of = {e.name: min(sum(r[e.name]) for r in rounds) for e in engines}  # the least disturbed round
+        shapes = [(len(b), max(map(len, b)) + 1) for b in batches]  # + EOS
+        flops = sum(encoder_flops(model_cfg, *shape) for shape in shapes)
+        step = sum(first_step_flops(model_cfg, *shape) for shape in shapes)
+        for engine in engines:
+            plus_step = isinstance(engine, CT2Engine)
+            total, seconds = flops + (step if plus_step else 0.0), seconds_of[engine.name]
+            gflops = total / seconds / 1e9
+            rows.append({"engine": engine.name, "batch_size": size, "gflop": round(total / 1e9, 3),
+                         "seconds": round(seconds, 4), "gflops_per_s": round(gflops, 2),
+                         "fraction_of_peak": round(gflops / peak, 3), "includes_first_decoder_step": plus_step})
+    return rows
+
+
+class CpuShare:
+    """Cores that other processes kept busy while we ran: the shared machine's noise, reported
+    with the results (/proc/stat's busy time minus this process's own CPU time)."""
+
+    def __init__(self) -> None:
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        stat = Path("/proc/stat")
+        if not stat.exists():
+            return None
+        fields = [float(x) for x in stat.read_text().splitlines()[0].split()[1:]]
+        busy = (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait; no guest
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.time(), busy, usage.ru_utime + usage.ru_stime
+
+    def other_cores(self) -> float | None:
+        end = self._sample()
+        if self.start is None or end is None:
+            return None
+        (t0, busy0, own0), (t1, busy1, own1) = self.start, end
+        return round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0), 2)
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    import ctranslate2
+    import onnxruntime
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    return {"cpu": model, "logical_cpus": os.cpu_count(), "threads": threads, "nice": os.nice(0),
+            "load_average_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                         "ctranslate2": ctranslate2.__version__, "numpy": np.__version__}}
+
+
+def run(cfg: DecodeBenchConfig) -> dict[str, Any]:
+    """The whole benchmark; returns what decode.json holds."""
+    import torch
+
+    from training.checkpoint import load_checkpoint
+
+    torch.set_num_threads(cfg.threads)
+    loaded = load_checkpoint(cfg.checkpoint)
+    sources, split_size = load_sources(cfg, loaded.tokenizer, loaded.config["src_lang"], loaded.config["tgt_lang"])
+    engines, skipped, variants = build_engines(cfg, loaded)
+    if not engines:
+        raise ValueError("no engine could be built: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    info = machine_info(cfg.threads)
+    peaks = sgemm_peaks(cfg.threads, cfg.sgemm_size)
+    started, share = time.time(), CpuShare()
+    decode_rows = run_decode_grid(engines, sources, cfg)
+    peaks = sgemm_peaks(cfg.threads, cfg.sgemm_size, earlier=peaks)  # again, at the end: the best of both
+    encoder_rows = run_encoder(engines, sources, cfg, loaded.model.cfg, peaks["peak"])
+    info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    info["other_processes_cores"] = share.other_cores()  # average over the whole measurement
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    return {"config": config, "split_sentences": split_size, "sentences": len(sources),
+            "source_tokens": sum(map(len, sources)), "engines": [e.name for e in engines], "skipped": skipped,
+            "variants": variants, "machine": info, "sgemm_gflops": peaks, "seconds": round(time.time() - started, 1),
+            "decode": decode_rows, "encoder": encoder_rows}
+
+
+def _parse(argv: list[str] | None) -> DecodeBenchConfig:
+    parser = argparse.ArgumentParser(prog="nmt-bench decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/default"))
+    parser.add_argument("--data-dir", type=Path, default=None, help="Multi30k directory (default: $NMT_DATA_DIR)")
+    parser.add_argument("--split", default="test_2016_flickr")
+    parser.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES,
+                        help=f"evenly spaced subsample of the split (default {DEFAULT_SENTENCES}: ~10 min on 2 cores)")
+    parser.add_argument("--batch-sizes", default="1,8,32")
+    parser.add_argument("--modes", default="greedy,beam")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument("--length-penalty", type=float, default=0.6)
+    parser.add_argument("--max-len-extra", type=int, default=50)
+    parser.add_argument("--cache-dir", type=Path, default=Path("bundles/bench"), help="exported bundles, CT2 models")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--sgemm-size", type=int, default=2048, help="matrix size for the matmul peak")
+    parser.add_argument("--ort-spinning", choices=["on", "off"], default="on",
+                        help="off: reopen the ORT sessions with intra-op spinning off (an experiment; the server "
+                             "runtime keeps ORT's default, on)")
+    parser.add_argument("--no-parity", action="store_true", help="skip the exporter's parity check (tests)")
+    parser.add_argument("--force", action="store_true", help="replace existing results in --out")
+    args = parser.parse_args(argv)
+    try:
+        return DecodeBenchConfig(
+            checkpoint=args.checkpoint, data_dir=args.data_dir, split=args.split, sentences=args.sentences,
+            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), modes=tuple(args.modes.split(",")),
+            engines=tuple(args.engines.split(",")), threads=args.threads,
+            settings=SearchSettings(args.beam_size, args.length_penalty, args.max_len_extra),
+            cache_dir=args.cache_dir, out=args.out, force=args.force,
+            parity=not args.no_parity, ort_spinning=args.ort_spinning == "on",
+            sgemm_size=args.sgemm_size)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .report import RESULT_FILES, write_report
+
+    cfg = _parse(argv)
+    existing = [name for name in RESULT_FILES if (cfg.out / name).exists()]
+    if existing and not cfg.force:
+        print(f"error: {cfg.out} already has {', '.join(existing)}; pass --force to replace", file=sys.stderr)
+        return 2
+    try:
+        results = run(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(write_report(results, cfg.out))
+    return 0 if not results["skipped"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

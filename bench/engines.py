@@ -1,0 +1,174 @@
+"""The decoders compared by `nmt-bench decode`, behind one small interface.
+
+Every engine takes token-id sources (without EOS) and returns the best hypothesis's tokens
+(without EOS), with the search rules of training/search.py: start from BOS, greedy or beam
+with the GNMT length penalty ((5 + len) / 6) ** alpha (len counting EOS), fairseq's finishing
+rule, at most len(source) + max_len_extra tokens (EOS included).
+
+CTranslate2 differs in two rules, and is driven so that the differences do not show:
+- its length penalty is len ** alpha (len without EOS). We ask for all `beam_size` finished
+  hypotheses with raw scores (length_penalty 1e-9, which also keeps its fairseq-style finishing
+  rule; exactly 0 would switch on its early exit) and pick the best with our penalty;
+- its length limit is one per batch (max_decoding_length), and a hypothesis that reaches it is
+  cut rather than ended with EOS; we give it the batch's longest source + max_len_extra. Greedy
+  outputs are then cut to each sentence's own limit (len(source) + max_len_extra - 1 tokens
+  before the forced EOS), which gives exactly our greedy tokens; a beam that reaches the limit
+  (rare with a trained model) may differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from training.tokenizer import EOS_ID, PAD_ID
+
+TINY_LENGTH_PENALTY = 1e-9  # CT2: raw scores, without its early exit (see the docstring)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    beam_size: int = 4  # for the beam rows; greedy rows use 1
+    length_penalty: float = 0.6
+    max_len_extra: int = 50
+
+
+class Engine(Protocol):
+    name: str
+
+    def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
+        """Best hypothesis per source (token ids without EOS)."""
+
+    def encode(self, sources: list[list[int]]) -> None:
+        """Run the encoder (and what each engine computes from it once per sentence)."""
+
+
+def gnmt_penalty(length: int, alpha: float) -> float:
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def pad_sources(sources: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Sources + EOS, right-padded -> (ids (B, S) int64, mask (B, S) bool)."""
+    rows = [s + [EOS_ID] for s in sources]
+    ids = np.full((len(rows), max(map(len, rows))), PAD_ID, np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+    return ids, ids != PAD_ID
+
+
+class TorchEngine:
+    """training/search.py: PyTorch eager with the KV cache (threads: torch.set_num_threads)."""
+
+    def __init__(self, model, settings: SearchSettings, name: str = "torch"):
+        self.name, self.model, self.settings = name, model.eval(), settings
+
+    def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
+        from training.search import beam_search, greedy_search
+
+        extra = self.settings.max_len_extra
+        if beam_size == 1:
+            return [h.tokens for h in greedy_search(self.model, sources, max_len_extra=extra)]
+        found = beam_search(self.model, sources, beam_size, self.settings.length_penalty, 1, extra)
+        return [hyps[0].tokens for hyps in found]
+
+    def encode(self, sources: list[list[int]]) -> None:
+        import torch
+
+        ids, mask = (torch.from_numpy(a) for a in pad_sources(sources))
+        with torch.no_grad():
+            self.model.cross_kv(self.model.encode(ids, mask))
+
+
+def reopen_cpu_session(path: Path, threads: int, spinning: bool = True, profile_prefix: Path | None = None):
+    """An ORT CPU session with server/runtime.py's options, plus spinning/profiling settings."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    if not spinning:  # idle intra-op workers block instead of busy-waiting for the next op
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OrtEngine:
+    """server/decoding.py on the sessions server/runtime.py makes (one bundle, one precision).
+
+    spinning=False reopens both graphs with intra-op spinning off, an experiment the server's
+    runtime does not (yet) offer; the variant name says so."""
+
+    def __init__(self, name: str, bundle_dir: Path, precision: str, threads: int, settings: SearchSettings,
+                 spinning: bool = True):
+        import dataclasses
+
+        from server.decoding import DecodeOptions, Decoder
+        from server.runtime import RuntimeConfig, load_sessions, variants_of
+
+        cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, inter_op_threads=1)
+        self.name, self.sessions, self.spinning = name, load_sessions(bundle_dir, cfg), spinning
+        if not spinning:
+            entry = variants_of(self.sessions.manifest)[self.sessions.variant]
+            self.sessions = dataclasses.replace(
+                self.sessions, encoder=reopen_cpu_session(bundle_dir / entry["encoder"], threads, spinning=False),
+                decoder=reopen_cpu_session(bundle_dir / entry["decoder"], threads, spinning=False))
+        self.decoder = Decoder(self.sessions)
+        self._options = {
+            beam: DecodeOptions(beam_size=beam, length_penalty=settings.length_penalty,
+                                max_len_extra=settings.max_len_extra)
+            for beam in {1, settings.beam_size}
+        }
+
+    @property
+    def variant(self) -> str:
+        return str(self.sessions.variant) + ("" if self.spinning else ", spinning off")
+
+    def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
+        result = self.decoder.search(sources, self._options[beam_size])
+        return [hyps[0].tokens for hyps in result.hypotheses]
+
+    def encode(self, sources: list[list[int]]) -> None:
+        ids, mask = pad_sources(sources)
+        self.sessions.encoder.run(None, {"src_ids": ids, "src_mask": mask})
+
+
+class CT2Engine:
+    """A CTranslate2 Translator on a model converted by bench/ct2.py (inter 1, intra `threads`)."""
+
+    def __init__(self, name: str, model_dir: Path, compute_type: str, threads: int, pieces: Sequence[str],
+                 settings: SearchSettings):
+        import ctranslate2
+
+        self.name, self.settings, self.pieces = name, settings, list(pieces)
+        self.index = {piece: i for i, piece in enumerate(self.pieces)}
+        self.translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type=compute_type,
+                                                 inter_threads=1, intra_threads=threads)
+
+    def _run(self, sources: list[list[int]], **options):
+        tokens = [[self.pieces[i] for i in s] for s in sources]  # EOS is added by the model config
+        return self.translator.translate_batch(tokens, min_decoding_length=0, return_scores=True, **options)
+
+    def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
+        max_len = max(map(len, sources)) + self.settings.max_len_extra
+        if beam_size == 1:
+            results = self._run(sources, beam_size=1, max_decoding_length=max_len)
+            limits = [len(s) + self.settings.max_len_extra - 1 for s in sources]
+            return [[self.index[p] for p in r.hypotheses[0][:limit]] for r, limit in zip(results, limits)]
+        results = self._run(sources, beam_size=beam_size, num_hypotheses=beam_size, patience=1.0,
+                            length_penalty=TINY_LENGTH_PENALTY, max_decoding_length=max_len)
+        alpha = self.settings.length_penalty
+        best = []
+        for r in results:
+            scored = [(score / gnmt_penalty(len(h) + 1, alpha), h) for h, score in zip(r.hypotheses, r.scores)]
+            best.append([self.index[p] for p in max(scored, key=lambda x: x[0])[1]])
+        return best
+
+    def encode(self, sources: list[list[int]]) -> None:
+        # Its Python API has no encoder-only call: this is the encoder plus one greedy step.
+        self._run(sources, beam_size=1, max_decoding_length=1)

@@ -1,0 +1,309 @@
+"""`nmt-bench load`: the gRPC server under closed-loop load, batching on and off, against the engine alone.
+
+    nmt-bench load [--bundle bundles/default] [--clients 1,4,16,64] [--beam 4] [--duration 20] [--out bench/results]
+
+Two `nmt-serve` subprocesses run on loopback: the default config (dynamic batching) and
+`--max-batch-size 1`. For each client count N, each server in turn gets N asyncio clients on one
+channel, each sending one test_2016_flickr sentence per Translate call and the next as soon as
+the answer comes (closed loop). After --warmup seconds, the calls that finish within the next
+--duration seconds count: sentences/s, p50 and p99 latency. The server's batch-size histogram is
+scraped before and after that window (the mean batch that formed) and its VmRSS / VmHWM read from
+/proc. Then the engine alone (server.translator in this process, the same bundle, threads and
+decode options) translates the same sentences in batches of the batching server's mean size,
+one after the other: sentences/s and the per-batch latency. Settings and engine are interleaved
+per client count, so load from other processes on a shared machine hits them alike; the clients
+run on this machine too, so their CPU time competes with the server's (as on one host).
+Writes load.json, load.md (tables + the goal ratios) and load.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.client import TranslationClient, request_options
+from server.nmt_pb import translation_pb2 as pb
+from server.nmt_pb import translation_pb2_grpc as pb_grpc
+
+from .load_report import write_report
+
+SERVER_START_TIMEOUT = 180.0
+SETTINGS = {"batching": [], "unbatched": ["--max-batch-size", "1"]}  # extra nmt-serve flags; batching first
+
+
+@dataclass(frozen=True)
+class LoadBenchConfig:
+    bundle: Path = Path("bundles/default")
+    data_dir: Path | None = None  # None: $NMT_DATA_DIR, else the verified download cache
+    split: str = "test_2016_flickr"
+    sentences: int = 0  # 0 = the whole split
+    clients: tuple[int, ...] = (1, 4, 16, 64)
+    beam_size: int = 4  # the server's default
+    warmup: float = 3.0  # seconds of load before the measured window
+    duration: float = 20.0  # measured seconds per client count
+    engine_seconds: float = 8.0  # per engine batch size
+    threads: int = 0  # ONNX Runtime intra-op threads, server and engine alike (0 = ORT default)
+    out: Path = Path("bench/results")
+
+    def __post_init__(self) -> None:
+        if not self.clients or min(self.clients) < 1:
+            raise ValueError(f"clients must be positive counts, got {self.clients}")
+        if self.beam_size < 1 or self.duration <= 0 or self.warmup < 0 or self.engine_seconds <= 0:
+            raise ValueError("beam_size must be >= 1, duration and engine_seconds > 0, warmup >= 0")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One server setting at one client count: what its measured window saw."""
+    setting: str
+    clients: int
+    requests: int
+    sentences_per_s: float
+    p50_ms: float
+    p99_ms: float
+    mean_batch: float  # sentences per engine batch in the window (server histogram)
+    batches: int
+    errors: int
+    rss_mb: float  # VmRSS after the level
+    peak_rss_mb: float  # VmHWM so far
+
+
+def load_sentences(cfg: LoadBenchConfig) -> list[str]:
+    from training.data import multi30k_path, read_lines  # no torch: plain file reading
+
+    lines = [s for s in read_lines(multi30k_path(cfg.split, "en", cfg.data_dir)) if s.strip()]
+    return lines[:cfg.sentences] if cfg.sentences else lines
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ServerProcess:
+    """`nmt-serve` on loopback in a subprocess; SIGTERM on close."""
+
+    def __init__(self, cfg: LoadBenchConfig, extra: list[str]):
+        self.port, self.metrics_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "server.main", "--model-dir", str(cfg.bundle), "--host", "127.0.0.1",
+               "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--threads", str(cfg.threads),
+               "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING", *extra]
+        self.proc = subprocess.Popen(cmd)
+        self.target = f"127.0.0.1:{self.port}"
+
+    def wait_serving(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        with TranslationClient(target=self.target) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"nmt-serve exited with {self.proc.returncode} before SERVING")
+                try:
+                    if client.health(timeout=1) == "SERVING":
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.5)
+        raise RuntimeError(f"nmt-serve not SERVING after {SERVER_START_TIMEOUT:.0f} s")
+
+    def memory_mb(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) of the server process in MB (1e6 bytes)."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines())
+        kb = lambda name: float(fields[name].split()[0])  # noqa: E731 - "123 kB"
+        return kb("VmRSS") * 1024 / 1e6, kb("VmHWM") * 1024 / 1e6
+
+    def batch_histogram(self) -> tuple[float, float]:
+        """(sum, count) of nmt_batch_sentences from /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                  if s.name in ("nmt_batch_sentences_sum", "nmt_batch_sentences_count")}
+        return values["nmt_batch_sentences_sum"], values["nmt_batch_sentences_count"]
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+async def closed_loop(server: ServerProcess, sentences: list[str], clients: int,
+                      cfg: LoadBenchConfig) -> tuple[list[float], int, tuple[float, float]]:
+    """Latencies (s) of the calls that finished in the window, failed calls, and the batch-histogram delta."""
+    texts = itertools.cycle(sentences)
+    options = request_options(beam_size=cfg.beam_size)
+    start = time.perf_counter()
+    window = (start + cfg.warmup, start + cfg.warmup + cfg.duration)
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(stub: pb_grpc.TranslationServiceStub) -> None:
+        nonlocal errors
+        while time.perf_counter() < window[1]:
+            request = pb.TranslateRequest(texts=[next(texts)], options=options)
+            sent = time.perf_counter()
+            try:
+                await stub.Translate(request, timeout=120)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            done = time.perf_counter()
+            if window[0] <= done <= window[1]:
+                latencies.append(done - sent)
+
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = pb_grpc.TranslationServiceStub(channel)
+        tasks = [asyncio.create_task(client(stub)) for _ in range(clients)]
+        await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
+        before = await asyncio.to_thread(server.batch_histogram)
+        await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
+        after = await asyncio.to_thread(server.batch_histogram)
+        for task in tasks:  # calls still running past the window do not count: cancel them
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return latencies, errors, (after[0] - before[0], after[1] - before[1])
+
+
+def measure_level(name: str, clients: int, measured: tuple[list[float], int, tuple[float, float]],
+                  server: ServerProcess, duration: float) -> Level:
+    latencies, errors, (batch_sum, batch_count) = measured
+    rss, peak = server.memory_mb()
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    level = Level(name, clients, len(latencies), len(latencies) / duration, float(np.percentile(ms, 50)),
+                  float(np.percentile(ms, 99)), batch_sum / batch_count if batch_count else float("nan"),
+                  int(batch_count), errors, rss, peak)
+    print(f"{name:>9} {clients:3d} clients: {level.sentences_per_s:7.2f} sent/s  p50 {level.p50_ms:7.1f} ms"
+          f"  p99 {level.p99_ms:7.1f} ms  mean batch {level.mean_batch:5.2f}  RSS {rss:.0f} MB", flush=True)
+    return level
+
+
+class Engine:
+    """The server's engine alone (server.translator), in this process: same bundle, threads, options."""
+
+    def __init__(self, cfg: LoadBenchConfig, sentences: list[str]):
+        from server.decoding import DecodeOptions
+        from server.runtime import RuntimeConfig
+        from server.translator import Translator
+
+        self.translator = Translator.from_bundle(cfg.bundle, RuntimeConfig(intra_op_threads=cfg.threads))
+        self.options = DecodeOptions(beam_size=cfg.beam_size)
+        self.texts = itertools.cycle(sentences)
+        self.seconds = cfg.engine_seconds
+        self.translator.translate(["A warm-up sentence."], self.options)
+
+    def measure(self, clients: int, size: int) -> dict[str, Any]:
+        """Batches of `size` consecutive sentences, one after the other, for engine_seconds."""
+        seconds: list[float] = []
+        while sum(seconds) < self.seconds:
+            batch = [next(self.texts) for _ in range(size)]
+            started = time.perf_counter()
+            self.translator.translate(batch, self.options)
+            seconds.append(time.perf_counter() - started)
+        ms = np.asarray(seconds) * 1000
+        row = {"clients": clients, "batch_size": size, "batches": len(seconds),
+               "sentences_per_s": size * len(seconds) / sum(seconds), "p50_ms": float(np.percentile(ms, 50)),
+               "p99_ms": float(np.percentile(ms, 99)), "variant": self.translator.info.precision,
+               "provider": self.translator.info.provider}
+        print(f"   engine batch {size:3d}: {row['sentences_per_s']:7.2f} sent/s  p50 {row['p50_ms']:7.1f} ms"
+              f"  p99 {row['p99_ms']:7.1f} ms", flush=True)
+        return row
+
+
+async def measure_all(servers: dict[str, ServerProcess], engine: Engine, sentences: list[str],
+                      cfg: LoadBenchConfig) -> tuple[list[Level], list[dict[str, Any]]]:
+    """Client count by client count: every server setting, then the engine on the batches that formed.
+
+    Interleaved (not one setting after the other) so that load from other processes on a shared
+    machine hits every column of a row alike. One event loop: grpc.aio channels belong to a loop.
+    """
+    levels: list[Level] = []
+    rows: list[dict[str, Any]] = []
+    for clients in cfg.clients:
+        for name, server in servers.items():
+            measured = await closed_loop(server, sentences, clients, cfg)
+            levels.append(measure_level(name, clients, measured, server, cfg.duration))
+        batched = levels[-len(servers)]
+        size = max(1, round(batched.mean_batch)) if batched.mean_batch == batched.mean_batch else 1  # NaN: 1
+        rows.append(engine.measure(clients, size))
+    return levels, rows
+
+
+def run(cfg: LoadBenchConfig) -> dict[str, Any]:
+    if not (cfg.bundle / "manifest.json").is_file():
+        raise ValueError(f"no bundle at {cfg.bundle} (make bundle, or nmt-export models/default {cfg.bundle})")
+    sentences = load_sentences(cfg)
+    servers: dict[str, ServerProcess] = {}
+    try:
+        for name, flags in SETTINGS.items():
+            servers[name] = ServerProcess(cfg, flags)
+        for server in servers.values():
+            server.wait_serving()
+        engine = Engine(cfg, sentences)
+        levels, rows = asyncio.run(measure_all(servers, engine, sentences, cfg))
+    finally:
+        for name, server in servers.items():
+            if (code := server.close()) != 0:
+                print(f"warning: nmt-serve ({name}) exited with {code} on SIGTERM", file=sys.stderr)
+    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                        "load_average_at_end": os.getloadavg()},
+            "sentences": len(sentences), "levels": [asdict(lv) for lv in levels], "engine": rows}
+
+
+def parse_args(argv: list[str] | None) -> LoadBenchConfig:
+    d = LoadBenchConfig()
+    p = argparse.ArgumentParser(prog="nmt-bench load", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=d.bundle, help="model bundle (default: %(default)s)")
+    p.add_argument("--data-dir", type=Path, help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
+    p.add_argument("--split", default=d.split, help="source sentences (default: %(default)s)")
+    p.add_argument("--sentences", type=int, default=d.sentences, help="use the first N (default: all)")
+    p.add_argument("--clients", default=",".join(map(str, d.clients)), help="concurrent clients (default: %(default)s)")
+    p.add_argument("--beam", type=int, default=d.beam_size, help="beam size, 1 = greedy (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=d.warmup, help="unmeasured seconds per level (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=d.duration, help="measured seconds per level (default: %(default)s)")
+    p.add_argument("--engine-seconds", type=float, default=d.engine_seconds,
+                   help="engine-alone seconds per batch size (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="ORT intra-op threads; 0 = ORT default")
+    p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
+    a = p.parse_args(argv)
+    try:
+        clients = tuple(int(c) for c in a.clients.split(","))
+        return LoadBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, clients, a.beam, a.warmup, a.duration,
+                               a.engine_seconds, a.threads, a.out)
+    except ValueError as e:
+        p.error(str(e))
+        raise  # unreachable
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        results = run(cfg)
+    except (ValueError, RuntimeError, OSError) as e:
+        print(f"nmt-bench load: error: {e}", file=sys.stderr)
+        return 1
+    print(write_report(results, cfg.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,155 @@
+"""Where ONNX Runtime's decoding time goes: kernels, the run() call around them, and Python.
+
+    python -m bench.profile_ort [--bundles bundles/bench] [--sentences 64] [--threads 2]
+
+For the unfused and fused fp32 bundles and the int8 variant (the bundles `nmt-bench decode`
+caches), decodes test_2016_flickr sources with server/decoding.py, in three passes:
+1. the sessions exactly as server/runtime.py opens them: search time per sentence, and each
+   decoder step split into the decoder's InferenceSession.run() (kernels, feeding numpy inputs,
+   returning outputs) and the Python search around it (top-k, bookkeeping, KV row selection);
+2. the same sessions options with intra-op thread spinning off
+   (session.intra_op.allow_spinning=0): search time per sentence again;
+3. the decoder reopened with ORT's profiler on (enable_profiling): its kernel time by op type.
+   The profiler adds time to every node (small kernels the most), so only shares are used.
+Prints markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from .engines import reopen_cpu_session
+
+ENGINES = {"ort-fp32-unfused": ("unfused", "fp32"), "ort-fp32": ("fused", "fp32"), "ort-int8": ("fused", "int8")}
+
+
+class _TimedRun:
+    """Forwards to an InferenceSession, adding up the wall time of run()."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session, self.seconds = session, 0.0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return self.session.run(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+def _sessions(bundle: Path, precision: str, threads: int, spinning: bool | None = None,
+              profile_prefix: Path | None = None):
+    """server.runtime's sessions (spinning None), or both graphs reopened with the given settings;
+    the decoder wrapped to time run()."""
+    from server.runtime import RuntimeConfig, load_sessions, variants_of
+
+    sessions = load_sessions(bundle, RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads))
+    if spinning is None and profile_prefix is None:
+        return dataclasses.replace(sessions, decoder=_TimedRun(sessions.decoder))
+    entry = variants_of(sessions.manifest)[sessions.variant]
+    spin = True if spinning is None else spinning
+    encoder = reopen_cpu_session(bundle / entry["encoder"], threads, spin)
+    decoder = reopen_cpu_session(bundle / entry["decoder"], threads, spin, profile_prefix)
+    return dataclasses.replace(sessions, encoder=encoder, decoder=_TimedRun(decoder))
+
+
+def _decode_all(sessions, sources: list[list[int]], batch: int, beam: int) -> dict[str, float]:
+    """Search every batch; seconds of the whole search and of its decoder steps, and the steps."""
+    from server.decoding import DecodeOptions, Decoder
+
+    decoder, options = Decoder(sessions), DecodeOptions(beam_size=beam)
+    decoder.search(sources[:batch], options)  # warm-up
+    sessions.decoder.seconds = 0.0
+    total = decode = 0.0
+    steps = 0
+    for start in range(0, len(sources), batch):
+        began = time.perf_counter()
+        result = decoder.search(sources[start : start + batch], options)
+        total += time.perf_counter() - began
+        decode, steps = decode + result.decode_seconds, steps + result.steps
+    return {"total": total, "decode": decode, "run": sessions.decoder.seconds, "steps": steps}
+
+
+def _op_shares(profile: Path) -> Counter[str]:
+    """Kernel seconds per op type from ORT's profile JSON."""
+    ops: Counter[str] = Counter()
+    for e in json.loads(profile.read_text()):
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            ops[e.get("args", {}).get("op_name", "?")] += e["dur"] / 1e6
+    return ops
+
+
+def profile(bundle: Path, precision: str, sources: list[list[int]], batch: int, beam: int,
+            threads: int) -> dict[str, Any]:
+    """The three passes of the module docstring for one engine, search and batch size."""
+    served = _decode_all(_sessions(bundle, precision, threads), sources, batch, beam)
+    quiet = _decode_all(_sessions(bundle, precision, threads, spinning=False), sources, batch, beam)
+    with tempfile.TemporaryDirectory() as tmp:
+        profiled = _sessions(bundle, precision, threads, profile_prefix=Path(tmp) / "decoder")
+        _decode_all(profiled, sources, batch, beam)
+        ops = _op_shares(Path(profiled.decoder.session.end_profiling()))
+    steps, n = served["steps"], len(sources)
+    per_step = lambda s: round(1e3 * s / steps, 3)  # noqa: E731
+    return {"steps": steps, "sentence_ms": round(1e3 * served["total"] / n, 2), "step_ms": per_step(served["decode"]),
+            "run_ms": per_step(served["run"]), "python_ms": per_step(served["decode"] - served["run"]),
+            "sentence_ms_no_spinning": round(1e3 * quiet["total"] / n, 2), "ops": ops}
+
+
+def markdown(rows: list[dict[str, Any]], top: int = 8) -> str:
+    lines = ["| engine | search | batch | ms/sentence | decoder step ms | in run() | Python around it | "
+             "ms/sentence, spinning off | speed-up |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        share = lambda key: f"{r[key]:.2f} ({100 * r[key] / r['step_ms']:.0f}%)"  # noqa: E731
+        lines.append(f"| {r['engine']} | {r['search']} | {r['batch']} | {r['sentence_ms']:.1f} | {r['step_ms']:.2f} | "
+                     f"{share('run_ms')} | {share('python_ms')} | {r['sentence_ms_no_spinning']:.1f} | "
+                     f"{r['sentence_ms'] / r['sentence_ms_no_spinning']:.2f}× |")
+    lines += ["", "Decoder kernel time by op type (share of all kernel time, from ORT's profiler):", "",
+              "| engine | search | batch | " + " | ".join(f"op {i + 1}" for i in range(top)) + " |",
+              "|---|---|---:|" + "---|" * top]
+    for r in rows:
+        total = sum(r["ops"].values()) or 1.0
+        cells = [f"{op} {100 * t / total:.0f}%" for op, t in r["ops"].most_common(top)]
+        lines.append(f"| {r['engine']} | {r['search']} | {r['batch']} | " + " | ".join(cells + [""] * (top - len(cells))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.data import multi30k
+    from training.tokenizer import Tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_ort", description=__doc__.splitlines()[0])
+    parser.add_argument("--bundles", type=Path, default=Path("bundles/bench"), help="nmt-bench decode's cache dir")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--sentences", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,32")
+    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    tokenizer = Tokenizer.load(args.bundles / "fused" / "spm.model")
+    sources = tokenizer.encode(multi30k("test_2016_flickr", "en", "de", args.data_dir).src[: args.sentences])
+    rows = []
+    for engine in args.engines.split(","):
+        kind, precision = ENGINES[engine]
+        for search, beam in (("greedy", 1), ("beam4", 4)):
+            for batch in (int(b) for b in args.batch_sizes.split(",")):
+                found = profile(args.bundles / kind, precision, sources, batch, beam, args.threads)
+                rows.append({"engine": engine, "search": search, "batch": batch, **found})
+                print(f"{engine} {search} b={batch}: {found['sentence_ms']} ms/sentence", flush=True)
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

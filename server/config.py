@@ -1,0 +1,148 @@
+"""ServerConfig: nmt-serve's flags, each with an environment-variable default (NMT_*)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+from .decoding import DecodeOptions
+from .runtime import DEVICES, PRECISIONS, RuntimeConfig
+from .scheduler import SchedulerConfig
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_dir: str
+    host: str = "[::]"
+    port: int = 50051  # 0 = any free port (the bound one is logged)
+    metrics_port: int = 9090  # 0 = any free port; -1 = no metrics HTTP server
+    max_batch_size: int = 32  # sentences per engine call
+    max_batch_tokens: int = 4096  # padded source tokens per engine call (sentences x longest)
+    max_wait_ms: float = 5.0  # how long the oldest queued sentence waits for others to join it
+    max_queue_size: int = 1024  # queued sentences; beyond it requests get RESOURCE_EXHAUSTED
+    workers: int = 1  # engine threads (concurrent batches)
+    device: str = "auto"
+    precision: str = "auto"
+    threads: int = 0  # ONNX Runtime intra-op threads per session (0 = its default)
+    max_texts: int = 64  # texts per request
+    max_tokens_per_text: int = 256
+    max_beam_size: int = 16
+    default_beam_size: int = 4
+    grace_seconds: float = 30.0  # on SIGTERM: time to finish accepted requests
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None  # with it, clients must present a certificate it signed (mutual TLS)
+    auth_token: str | None = field(default=None, repr=False)  # required as `authorization: Bearer <token>`
+    max_message_bytes: int = 4 * 1024 * 1024
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.model_dir:
+            raise ValueError("model_dir is required (--model-dir or NMT_MODEL_DIR)")
+        for name in ("port", "max_batch_size", "max_batch_tokens", "max_queue_size", "workers", "max_texts",
+                     "max_tokens_per_text", "max_beam_size", "default_beam_size", "max_message_bytes"):
+            low = 0 if name == "port" else 1
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if not -1 <= self.metrics_port <= 65535 or self.port > 65535:
+            raise ValueError(f"ports must be in 0..65535 (metrics_port may be -1), got {self.port} and "
+                             f"{self.metrics_port}")
+        if self.max_wait_ms < 0 or self.grace_seconds < 0 or self.threads < 0:
+            raise ValueError("max_wait_ms, grace_seconds and threads must be >= 0")
+        if self.max_texts > self.max_queue_size:
+            raise ValueError(f"max_texts ({self.max_texts}) must not exceed max_queue_size ({self.max_queue_size})")
+        if self.default_beam_size > self.max_beam_size:
+            raise ValueError(f"default_beam_size ({self.default_beam_size}) must not exceed max_beam_size "
+                             f"({self.max_beam_size})")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        RuntimeConfig(self.device, self.precision, self.threads)  # validates device and precision
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def runtime(self) -> RuntimeConfig:
+        return RuntimeConfig(device=self.device, precision=self.precision, intra_op_threads=self.threads)
+
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_batch_size, self.max_batch_tokens, self.max_wait_ms / 1000.0,
+                               self.max_queue_size, self.workers)
+
+    def default_options(self) -> DecodeOptions:
+        return DecodeOptions(beam_size=self.default_beam_size)
+
+
+# (flag, field, type, help). A flag's default is its environment variable NMT_<FIELD>, else the field's.
+FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
+    ("--model-dir", "model_dir", str, "model bundle directory (from nmt-export)"),
+    ("--host", "host", str, "address to listen on"),
+    ("--port", "port", int, "gRPC port; 0 = any free port"),
+    ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off"),
+    ("--max-batch-size", "max_batch_size", int, "most sentences in one engine batch"),
+    ("--max-batch-tokens", "max_batch_tokens", int, "most padded source tokens (sentences x longest) in one batch"),
+    ("--max-wait-ms", "max_wait_ms", float, "longest a queued sentence waits for a batch to fill; 0 = no waiting"),
+    ("--max-queue-size", "max_queue_size", int, "most queued sentences; more -> RESOURCE_EXHAUSTED"),
+    ("--workers", "workers", int, "engine threads, i.e. batches computed at once"),
+    ("--device", "device", str, f"execution device: {'|'.join(DEVICES)} (auto: CUDA when available)"),
+    ("--precision", "precision", str, f"bundle variant precision: {'|'.join(PRECISIONS)}"),
+    ("--threads", "threads", int, "ONNX Runtime intra-op threads; 0 = its default"),
+    ("--max-texts", "max_texts", int, "most texts in one request"),
+    ("--max-tokens-per-text", "max_tokens_per_text", int, "most source tokens in one text"),
+    ("--max-beam-size", "max_beam_size", int, "largest beam a request may ask for"),
+    ("--default-beam-size", "default_beam_size", int, "beam size of requests that leave it unset"),
+    ("--grace-seconds", "grace_seconds", float, "on SIGTERM/SIGINT, time to finish accepted requests"),
+    ("--tls-cert", "tls_cert", str, "PEM server certificate (enables TLS)"),
+    ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
+    ("--tls-ca", "tls_ca", str, "PEM CA bundle; clients must present a certificate it signed (mutual TLS)"),
+    ("--auth-token", "auth_token", str, "require metadata 'authorization: Bearer TOKEN' (prefer the env var)"),
+    ("--max-message-bytes", "max_message_bytes", int, "largest request or response message"),
+    ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
+]
+
+
+SECRETS = ("auth_token",)
+
+
+def env_var(name: str) -> str:
+    return "NMT_" + name.upper()
+
+
+def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
+    env = os.environ if env is None else env
+    defaults = {f.name: None if f.default is MISSING else f.default for f in fields(ServerConfig)}
+    p = argparse.ArgumentParser(
+        prog="nmt-serve", description="Serve a model bundle over gRPC (nmt.v1.TranslationService), with health, "
+        "reflection and Prometheus metrics. Every flag defaults to its environment variable, else the value shown.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for flag, name, kind, text in FLAGS:
+        default = env.get(env_var(name), defaults[name])
+        if name in SECRETS:  # never printed by --help: resolved in from_args
+            default, text = argparse.SUPPRESS, f"{text}; not set by default"
+        metavar = {int: "N", float: "X"}.get(kind, name.split("_")[-1].upper())
+        p.add_argument(flag, dest=name, type=kind, default=default, metavar=metavar,
+                       help=f"{text} [env {env_var(name)}]")
+    return p
+
+
+def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse flags (environment defaults); bad values exit through argparse with a message."""
+    env = os.environ if env is None else env
+    p = parser(env)
+    values = vars(p.parse_args(argv))
+    for name in SECRETS:
+        values.setdefault(name, env.get(env_var(name)))
+    try:
+        return ServerConfig(**values)
+    except (TypeError, ValueError) as e:
+        p.error(str(e))
+        raise  # unreachable: p.error exits

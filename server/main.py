@@ -1,0 +1,180 @@
+"""nmt-serve: the gRPC translation server (grpc.aio) with health, reflection and Prometheus metrics.
+
+Lifecycle: load and verify the bundle (a bad one: a one-line error naming the file, exit 2),
+bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT: NOT_SERVING, stop
+accepting calls, finish the accepted ones within --grace-seconds, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from .config import ServerConfig, from_args
+from .metrics import Metrics, MetricsServer
+from .nmt_pb import translation_pb2_grpc as pb_grpc
+from .scheduler import Scheduler
+from .transport import SERVICE, BearerTokenInterceptor, Limits, TranslationServicer
+from .translator import Translator
+
+log = logging.getLogger("nmt-serve")
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+WARMUP_TEXT = "A warm-up sentence."
+
+
+class NmtServer:
+    """The grpc.aio server with what it serves; start()/stop()/wait_for_termination() like grpc.aio.Server."""
+
+    def __init__(self, cfg: ServerConfig, translator: Translator, grpc_server: grpc.aio.Server,
+                 scheduler: Scheduler, metrics: Metrics, health: HealthServicer, port: int):
+        self.cfg, self.translator, self.grpc_server, self.scheduler = cfg, translator, grpc_server, scheduler
+        self.metrics, self.health, self.port = metrics, health, port
+        self.metrics_server: MetricsServer | None = None
+        self._started = self._stopped = False
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.metrics.registry
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics port once started (None when metrics are off)."""
+        return None if self.metrics_server is None else self.metrics_server.port
+
+    async def start(self) -> None:
+        """Start serving (idempotent): metrics endpoint, gRPC (NOT_SERVING), warm-up, SERVING."""
+        if self._started:
+            return
+        self._started = True
+        if self.cfg.metrics_port >= 0:
+            try:
+                self.metrics_server = self.metrics.serve(self.cfg.metrics_port, self.cfg.host.strip("[]"))
+            except OSError as e:
+                raise OSError(f"cannot serve metrics on {self.cfg.host}:{self.cfg.metrics_port}: {e}") from e
+        await self.scheduler.start()
+        await self.grpc_server.start()
+        await asyncio.to_thread(self._warm_up)
+        for service in ("", SERVICE):
+            await self.health.set(service, SERVING)
+        log.info("serving %s on port %d%s (metrics %s)", SERVICE, self.port, " with TLS" if self.cfg.tls else "",
+                 f"on port {self.metrics_port}" if self.metrics_server else "off")
+
+    def _warm_up(self) -> None:
+        # The first run of each graph allocates and plans; do it before the first client waits for it.
+        options = self.cfg.default_options()
+        sources = self.translator.tokenize([WARMUP_TEXT])
+        self.translator.search(sources, options)
+        if options.beam_size > 1:
+            self.translator.search(sources, type(options)(beam_size=1))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let accepted ones finish within `grace` seconds, free everything."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.cfg.grace_seconds if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)  # returns once every accepted call is done (or cancelled at grace)
+        await self.scheduler.close(timeout=1.0)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+
+    async def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return await self.grpc_server.wait_for_termination(timeout)
+
+
+def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
+    assert cfg.tls_cert is not None and cfg.tls_key is not None
+    key, cert = Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes()
+    ca = Path(cfg.tls_ca).read_bytes() if cfg.tls_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+def limits_of(cfg: ServerConfig, translator: Translator) -> Limits:
+    sessions = getattr(translator, "sessions", None)
+    return Limits(max_texts=cfg.max_texts, max_tokens_per_text=cfg.max_tokens_per_text,
+                  max_beam_size=cfg.max_beam_size, defaults=cfg.default_options(),
+                  max_positions=getattr(sessions, "max_positions", None))
+
+
+async def create_server(cfg: ServerConfig, translator: Translator | None = None,
+                        registry: CollectorRegistry | None = None) -> tuple[NmtServer, int]:
+    """Load the bundle (unless a translator is given), build and bind the server; not started yet.
+
+    Returns the server and its bound gRPC port (useful with port 0). Raises ValueError (a bad
+    bundle or config: BundleError is one) or OSError (unreadable files, a port in use).
+    """
+    if translator is None:
+        translator = await asyncio.to_thread(Translator.from_bundle, cfg.model_dir, cfg.runtime())
+    metrics = Metrics(CollectorRegistry() if registry is None else registry)
+    info = translator.info
+    metrics.set_model(name=info.name, version=info.version, src_lang=info.src_lang, tgt_lang=info.tgt_lang,
+                      bundle_sha256=info.bundle_sha256, precision=info.precision, provider=info.provider)
+    scheduler = Scheduler(translator, cfg.scheduler(), metrics)
+    interceptors = [BearerTokenInterceptor(cfg.auth_token, metrics)] if cfg.auth_token else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),  # a port in use is an error, not shared with another server
+    ])
+    pb_grpc.add_TranslationServiceServicer_to_server(
+        TranslationServicer(translator, scheduler, limits_of(cfg, translator), metrics), server)
+    health = HealthServicer()
+    for service in ("", SERVICE):
+        await health.set(service, NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
+    reflection.enable_server_reflection(names, server)
+    address = f"{cfg.host}:{cfg.port}"
+    try:
+        port = server.add_secure_port(address, _credentials(cfg)) if cfg.tls else server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc raises RuntimeError when it cannot bind
+        raise OSError(f"cannot listen on {address}: {e}") from e
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return NmtServer(cfg, translator, server, scheduler, metrics, health, port), port
+
+
+def one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+async def serve(cfg: ServerConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain; the process exit code."""
+    server: NmtServer | None = None
+    try:
+        server, _ = await create_server(cfg)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+    except Exception as e:  # noqa: BLE001 - a bad bundle, port or file: one line, not a traceback
+        print(f"nmt-serve: error: {one_line(e)}", file=sys.stderr)
+        if server is not None:
+            await server.stop(0)
+        return 2
+    await stop.wait()
+    log.info("shutting down: finishing accepted requests (grace %.1f s)", cfg.grace_seconds)
+    await server.stop(cfg.grace_seconds)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = from_args(argv)
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s nmt-serve %(levelname)s %(message)s")
+    return asyncio.run(serve(cfg))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

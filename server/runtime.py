@@ -1,0 +1,236 @@
+"""ONNX Runtime sessions for a bundle: the only module that creates ort.InferenceSession.
+
+A bundle holds one or more *variants* of the encoder/decoder pair (manifest["variants"]):
+    fp32       portable graphs, CUDA or CPU          fp32-cpu   ORT-optimized offline, CPU only
+    int8-cpu   dynamically quantized, CPU only       fp16-cuda  half precision, CUDA only
+Bundles written before variants existed list manifest["graphs"] instead (encoder, decoder and
+optionally encoder_cpu/decoder_cpu): they are read as the variants fp32 and fp32-cpu.
+
+Choice: the device picks the execution provider (cpu; cuda, required; auto: CUDA when this
+onnxruntime has it, else CPU), then the precision picks the variant among those that run on it:
+    provider  auto                 fp32              int8        fp16
+    CUDA      fp16-cuda, fp32      fp32              -           fp16-cuda
+    CPU       fp32-cpu, fp32       fp32-cpu, fp32    int8-cpu    -
+(first one the bundle has; with device auto, a precision only the CPU has, int8, runs there).
+Device auto falls back to the CPU, with a warning, when CUDA is missing or does not start.
+One log line says which variant and provider are active. Sessions also carries what the search
+needs from the graphs (layers, heads, d_head, KV dtype, vocabulary), read from their inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+from export.bundle import BundleError, cross_names, decoder_outputs, past_names, verify_bundle
+
+log = logging.getLogger(__name__)
+
+DEVICES: tuple[str, ...] = ("cpu", "cuda", "auto")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "fp16")
+CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
+# Variant names to try, best first, per (provider, precision).
+PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
+    (CUDA, "auto"): ("fp16-cuda", "fp32"), (CUDA, "fp32"): ("fp32",), (CUDA, "int8"): (),
+    (CUDA, "fp16"): ("fp16-cuda",),
+    (CPU, "auto"): ("fp32-cpu", "fp32"), (CPU, "fp32"): ("fp32-cpu", "fp32"), (CPU, "int8"): ("int8-cpu",),
+    (CPU, "fp16"): (),
+}
+# ONNX tensor types of the KV inputs -> numpy dtypes.
+# What InferenceSession raises for a file it cannot load (pybind exception types, not ValueError).
+ORT_ERRORS: tuple[type[Exception], ...] = tuple(
+    getattr(ort_state, name) for name in ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "InvalidGraph",
+                                          "NotImplemented", "RuntimeException", "EPFail") if hasattr(ort_state, name))
+KV_TYPES: dict[str, np.dtype] = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
+
+
+class ProviderError(ValueError):
+    """onnxruntime has the execution provider but could not start it (e.g. CUDA libraries missing)."""
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    device: str = "cpu"  # cpu | cuda | auto
+    precision: str = "auto"  # auto | fp32 | int8 | fp16
+    intra_op_threads: int = 0  # 0 = ORT's default (one per physical core)
+    inter_op_threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
+        if self.inter_op_threads < 0:
+            raise ValueError(f"inter_op_threads must be >= 0, got {self.inter_op_threads}")
+
+
+@dataclass(frozen=True)
+class Sessions:
+    """An encoder/decoder session pair and what the search needs to know about the graphs."""
+
+    encoder: ort.InferenceSession
+    decoder: ort.InferenceSession
+    variant: str  # e.g. "fp32-cpu"; "loose" for graph files outside a bundle
+    provider: str  # the active execution provider of the decoder
+    kv_dtype: np.dtype  # dtype of cross/past/present tensors
+    manifest: dict[str, Any] | None  # None for loose graph files
+    n_layers: int  # decoder layers
+    n_heads: int
+    d_head: int
+    vocab_size: int
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.provider == CUDA
+
+    @property
+    def max_positions(self) -> int | None:
+        """Longest sequence the position table covers (None when there is no manifest)."""
+        return (self.manifest or {}).get("model", {}).get("max_positions")
+
+
+def variants_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """manifest["variants"], or the equivalent of an older manifest["graphs"] table."""
+    if isinstance(manifest.get("variants"), dict) and manifest["variants"]:
+        return manifest["variants"]
+    graphs = manifest.get("graphs")
+    if not isinstance(graphs, dict) or "encoder" not in graphs or "decoder" not in graphs:
+        raise BundleError("manifest.json has neither 'variants' nor a 'graphs' table with encoder and decoder")
+    variants = {"fp32": {"encoder": graphs["encoder"], "decoder": graphs["decoder"], "providers": [CUDA, CPU],
+                         "kv_dtype": "float32"}}
+    if "encoder_cpu" in graphs and "decoder_cpu" in graphs:
+        variants["fp32-cpu"] = {"encoder": graphs["encoder_cpu"], "decoder": graphs["decoder_cpu"],
+                                "providers": [CPU], "kv_dtype": "float32"}
+    return variants
+
+
+def choose_provider(device: str, available: list[str]) -> list[str]:
+    """Providers to try, best first; refuses device='cuda' without the CUDA provider."""
+    if device == "cpu":
+        return [CPU]
+    if CUDA in available:
+        return [CUDA] if device == "cuda" else [CUDA, CPU]
+    if device == "cuda":
+        raise ValueError(f"device 'cuda' needs onnxruntime's {CUDA}, but this onnxruntime {ort.__version__} has only "
+                         f"{', '.join(available)} (install onnxruntime-gpu, or use device 'cpu' or 'auto')")
+    log.warning("device 'auto': %s is not available in this onnxruntime; falling back to %s", CUDA, CPU)
+    return [CPU]
+
+
+def choose_variant(variants: dict[str, dict[str, Any]], precision: str, providers: list[str]) -> tuple[str, str]:
+    """(variant name, provider): the first preferred variant the bundle has for the first provider that has one."""
+    have = ", ".join(sorted(variants))
+    if precision != "auto" and not any(name.split("-")[0] == precision for name in variants):
+        raise ValueError(f"the bundle has no {precision} variant; it has: {have}")
+    for provider in providers:
+        for name in PREFERENCE[(provider, precision)]:
+            if name in variants and provider in variants[name].get("providers", [CPU]):
+                return name, provider
+    raise ValueError(f"no variant of the bundle runs with precision {precision!r} on {' or '.join(providers)}; "
+                     f"it has: {have}")
+
+
+def _session_options(cfg: RuntimeConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cfg.intra_op_threads
+    options.inter_op_num_threads = cfg.inter_op_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    # The encoder and decoder each own a thread pool; spinning workers of the idle one steal the
+    # cores the other needs (1.3-1.7x slower on 2 vCPUs: bench/results/profile.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def _session(path: Path, provider: str, cfg: RuntimeConfig) -> ort.InferenceSession:
+    # CPU stays listed after CUDA: ORT places the few nodes CUDA lacks (shape ops) there.
+    providers = [CUDA, CPU] if provider == CUDA else [CPU]
+    try:
+        session = ort.InferenceSession(str(path), _session_options(cfg), providers=providers)
+    except ORT_ERRORS as e:
+        raise BundleError(f"{path.name}: onnxruntime cannot load it: {e}") from e
+    if session.get_providers()[0] != provider:
+        raise ProviderError(f"{path.name}: onnxruntime could not start {provider} (got {session.get_providers()}); "
+                            "check the CUDA/cuDNN libraries or use device 'cpu'")
+    return session
+
+
+def _describe(encoder: ort.InferenceSession, decoder: ort.InferenceSession) -> dict[str, Any]:
+    """n_layers, n_heads, d_head, kv_dtype, vocab_size read from the graphs' declared inputs/outputs."""
+    inputs = {i.name: i for i in decoder.get_inputs()}
+    n_layers = sum(1 for name in inputs if name.startswith("past_key_"))
+    missing = [n for n in past_names(n_layers) + cross_names(n_layers) + ["tgt_ids", "src_mask"] if n not in inputs]
+    outputs = [o.name for o in decoder.get_outputs()]
+    if not n_layers or missing or outputs != decoder_outputs(n_layers):
+        raise BundleError(f"the decoder graph does not have the bundle interface (inputs missing: {missing}, "
+                          f"outputs: {outputs})")
+    encoder_outputs = [o.name for o in encoder.get_outputs()]
+    if encoder_outputs != cross_names(n_layers):
+        raise BundleError(f"the encoder outputs {encoder_outputs}, expected {cross_names(n_layers)}")
+    past = inputs["past_key_0"]
+    _, n_heads, _, d_head = past.shape  # (batch, n_heads, past_len, d_head): heads and d_head are static
+    vocab = decoder.get_outputs()[0].shape[-1]
+    if past.type not in KV_TYPES or not all(isinstance(x, int) for x in (n_heads, d_head, vocab)):
+        raise BundleError(f"unsupported decoder KV input {past.name}: {past.type} {past.shape}, log_probs {vocab}")
+    return {"n_layers": n_layers, "n_heads": n_heads, "d_head": d_head, "kv_dtype": KV_TYPES[past.type],
+            "vocab_size": vocab}
+
+
+def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers: list[str] | str = CPU,
+                  cfg: RuntimeConfig | None = None, *, variant: str = "loose",
+                  manifest: dict[str, Any] | None = None) -> Sessions:
+    """Sessions for two graph files (loose, or one variant of a bundle).
+
+    `providers` is the provider to use (CPU or CUDA), or a list of which the first is used.
+    """
+    cfg = cfg or RuntimeConfig()
+    provider = providers if isinstance(providers, str) else providers[0]
+    if provider not in (CPU, CUDA):
+        raise ValueError(f"provider must be {CPU} or {CUDA}, got {provider!r}")
+    if provider not in ort.get_available_providers():
+        raise ValueError(f"this onnxruntime has no {provider} (available: {', '.join(ort.get_available_providers())})")
+    encoder = _session(Path(encoder_path), provider, cfg)
+    decoder = _session(Path(decoder_path), provider, cfg)
+    return Sessions(encoder=encoder, decoder=decoder, variant=variant, provider=provider, manifest=manifest,
+                    **_describe(encoder, decoder))
+
+
+def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig, providers: list[str]) -> Sessions:
+    variants = variants_of(manifest)
+    name, provider = choose_variant(variants, cfg.precision, providers)
+    entry = variants[name]
+    for role in ("encoder", "decoder"):
+        if entry.get(role) not in manifest["files"]:
+            raise BundleError(f"variant {name}: {role} file {entry.get(role)!r} is not listed in the manifest")
+    sessions = open_sessions(bundle_dir / entry["encoder"], bundle_dir / entry["decoder"], provider, cfg,
+                             variant=name, manifest=manifest)
+    declared = entry.get("kv_dtype", "float32")
+    if np.dtype(declared) != sessions.kv_dtype:
+        raise BundleError(f"variant {name}: manifest says kv_dtype {declared}, the decoder takes {sessions.kv_dtype}")
+    return sessions
+
+
+def load_sessions(bundle_dir: str | Path, cfg: RuntimeConfig | None = None) -> Sessions:
+    """Verify the bundle (sha256 of every file), choose a variant and provider, open both sessions."""
+    cfg = cfg or RuntimeConfig()
+    bundle_dir = Path(bundle_dir)
+    manifest = verify_bundle(bundle_dir)
+    providers = choose_provider(cfg.device, ort.get_available_providers())
+    try:
+        sessions = _open_variant(bundle_dir, manifest, cfg, providers)
+    except ProviderError as e:
+        if cfg.device != "auto" or providers == [CPU]:
+            raise
+        log.warning("device 'auto': %s; falling back to %s", e, CPU)
+        sessions = _open_variant(bundle_dir, manifest, cfg, [CPU])
+    log.info("bundle %s: variant %s on %s (intra_op_threads=%d, inter_op_threads=%d)", bundle_dir.name,
+             sessions.variant, sessions.provider, cfg.intra_op_threads, cfg.inter_op_threads)
+    return sessions

@@ -1,0 +1,109 @@
+"""Text in, text out: a bundle's tokenizer around the Decoder (what the server and CLI call)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
+
+from export.bundle import BundleError
+
+from .decoding import BOS_ID, EOS_ID, PAD_ID, DecodeOptions, Decoder, SearchResult
+from .runtime import RuntimeConfig, Sessions, load_sessions
+
+UNK_ID = 1
+
+
+@dataclass(frozen=True)
+class Translation:
+    text: str
+    tokens: int  # output tokens, EOS excluded
+    score: float  # sum of token log-probabilities, EOS included
+    normalized_score: float  # score / length penalty
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    version: str
+    src_lang: str
+    tgt_lang: str
+    vocab_size: int
+    bundle_sha256: str
+    precision: str  # the active variant, e.g. "fp32-cpu"
+    provider: str  # the active execution provider
+
+
+class SentencePiece:
+    """The bundle's SentencePiece model (the server's own copy of training/tokenizer.py's use)."""
+
+    def __init__(self, path: Path):
+        if not path.is_file():
+            raise BundleError(f"tokenizer model not found: {path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        ids = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
+        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+            raise BundleError(f"{path.name}: special ids are {ids}, expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts, out_type=int)
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        return self.sp.decode(ids)
+
+
+def model_info(bundle_dir: Path, manifest: dict[str, Any], sessions: Sessions) -> ModelInfo:
+    """Name: manifest "name" or the directory name; version: manifest "version" or the checkpoint hash."""
+    version = manifest.get("version") or manifest.get("source_checkpoint", {}).get("sha256", "")[:12] or "unknown"
+    return ModelInfo(
+        name=str(manifest.get("name") or bundle_dir.resolve().name),
+        version=str(version),
+        src_lang=str(manifest.get("src_lang", "")),
+        tgt_lang=str(manifest.get("tgt_lang", "")),
+        vocab_size=sessions.vocab_size,
+        bundle_sha256=str(manifest.get("manifest_sha256", "")),
+        precision=sessions.variant,
+        provider=sessions.provider,
+    )
+
+
+class Translator:
+    def __init__(self, sessions: Sessions, tokenizer: SentencePiece, info: ModelInfo):
+        if tokenizer.vocab_size != sessions.vocab_size:
+            raise BundleError(f"the tokenizer has {tokenizer.vocab_size} pieces, the model {sessions.vocab_size}")
+        self.sessions, self.tokenizer, self.info = sessions, tokenizer, info
+        self.decoder = Decoder(sessions)
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | Path, cfg: RuntimeConfig | None = None) -> Translator:
+        """Verify and load a bundle (BundleError / ValueError name what is wrong)."""
+        bundle_dir = Path(bundle_dir)
+        sessions = load_sessions(bundle_dir, cfg or RuntimeConfig())
+        manifest = sessions.manifest or {}
+        tokenizer = SentencePiece(bundle_dir / manifest.get("tokenizer", "spm.model"))
+        return cls(sessions, tokenizer, model_info(bundle_dir, manifest, sessions))
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.encode(texts)
+
+    def detokenize(self, ids: list[list[int]]) -> list[str]:
+        return self.tokenizer.decode(ids)
+
+    def search(self, sources: list[list[int]], options: DecodeOptions) -> SearchResult:
+        return self.decoder.search(sources, options)
+
+    def translate(self, texts: list[str], options: DecodeOptions) -> list[list[Translation]]:
+        """n_best translations per text, best first, in input order."""
+        if not texts:
+            return []
+        found = self.search(self.tokenize(texts), options).hypotheses
+        flat = [h for hyps in found for h in hyps]
+        strings = iter(self.detokenize([h.tokens for h in flat]))
+        return [[Translation(next(strings), len(h.tokens), h.score, h.normalized_score) for h in hyps]
+                for hyps in found]

@@ -1,0 +1,77 @@
+"""`nmt-bench load`: a short real run on a tiny bundle (two nmt-serve subprocesses), and the goal arithmetic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import cli
+from bench.load_report import goals, markdown
+from export.export import ExportOptions, export_checkpoint
+from training.checkpoint import CheckpointMeta, write_checkpoint
+from training.data import multi30k
+from training.model import ModelConfig, Transformer
+from training.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("load_model")
+    corpus = multi30k("train", "en", "de", data_dir)
+    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
+                      dropout=0.0)
+    ckpt = write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
+    export_checkpoint(ckpt, root / "bundle", options=ExportOptions(variants=("fp32",), validate=False))
+    return root / "bundle"
+
+
+@pytest.mark.slow
+def test_load_bench_runs_and_writes_its_report(tiny_bundle: Path, data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    code = cli.main(["load", "--bundle", str(tiny_bundle), "--data-dir", str(data_dir), "--sentences", "20",
+                     "--clients", "1,3", "--beam", "1", "--warmup", "0.3", "--duration", "1.5",
+                     "--engine-seconds", "0.3", "--threads", "1", "--out", str(out)])
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["load.json", "load.md", "load.png"]
+    results = json.loads((out / "load.json").read_text())
+    assert [(lv["setting"], lv["clients"]) for lv in results["levels"]] == [
+        ("batching", 1), ("unbatched", 1), ("batching", 3), ("unbatched", 3)]
+    for level in results["levels"]:
+        assert level["requests"] > 0 and level["errors"] == 0, level
+        assert level["p50_ms"] <= level["p99_ms"]
+        assert 0 < level["peak_rss_mb"] < 2000
+    assert all(lv["mean_batch"] == 1.0 for lv in results["levels"] if lv["setting"] == "unbatched")
+    assert [e["clients"] for e in results["engine"]] == [1, 3]
+    assert {g["goal"].split(" ")[0] for g in results["goals"]} == {"batching", "gRPC", "p99", "server"}
+
+
+def test_missing_bundle_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["load", "--bundle", str(tmp_path / "none")]) == 1
+    assert "no bundle at" in capsys.readouterr().err
+
+
+def _level(setting: str, clients: int, speed: float, p99: float, batch: float) -> dict:
+    return {"setting": setting, "clients": clients, "sentences_per_s": speed, "p50_ms": p99 / 2, "p99_ms": p99,
+            "mean_batch": batch, "requests": 10, "errors": 0, "rss_mb": 300.0, "peak_rss_mb": 350.0 + clients}
+
+
+def test_goals_compare_the_right_rows() -> None:
+    results = {
+        "config": {"bundle": "b", "beam_size": 4, "split": "s", "warmup": 1, "duration": 2, "threads": 0},
+        "machine": {"cpus": 2, "platform": "p", "load_average_at_end": [1.0, 1.0, 1.0]}, "sentences": 5,
+        "levels": [_level("batching", 1, 10.0, 110.0, 1.0), _level("unbatched", 1, 11.0, 100.0, 1.0),
+                   _level("batching", 64, 60.0, 900.0, 31.6), _level("unbatched", 64, 10.0, 5000.0, 1.0)],
+        "engine": [{"clients": 1, "batch_size": 1, "sentences_per_s": 12.0, "p50_ms": 50.0, "p99_ms": 100.0},
+                   {"clients": 64, "batch_size": 32, "sentences_per_s": 80.0, "p50_ms": 400.0, "p99_ms": 500.0}],
+    }
+    found = {g["goal"].split(" ")[0]: g for g in goals(results)}
+    assert found["batching"]["value"] == pytest.approx(6.0) and found["batching"]["met"]
+    assert found["gRPC"]["value"] == pytest.approx(0.75) and not found["gRPC"]["met"]
+    assert found["p99"]["value"] == pytest.approx(1.1) and found["p99"]["met"]
+    assert found["server"]["value"] == 414.0 and not found["server"]["met"]
+    assert "| batching | 64 | 60.00 | 450 | 900 | 31.60 | 80.00 (b=32) | 0.75 | 300 |" in markdown(results)

@@ -1,0 +1,157 @@
+"""A real Prometheus server scrapes a real nmt server, and its query API answers with what was sent.
+
+The server runs in-process on loopback (create_server, ephemeral gRPC and metrics ports) on a tiny
+exported bundle; Prometheus (the `prometheus` binary, Debian package `prometheus`) is started here
+with a generated config, a 1 s scrape interval and a temporary storage directory, and killed at
+the end. Skipped when the binary is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+import torch
+
+from export.export import ExportOptions, export_checkpoint
+from server.config import ServerConfig
+from server.main import NmtServer, create_server
+from server.nmt_pb import translation_pb2 as pb
+from server.nmt_pb import translation_pb2_grpc as pb_grpc
+from training.checkpoint import CheckpointMeta, write_checkpoint
+from training.data import multi30k
+from training.model import ModelConfig, Transformer
+from training.tokenizer import Tokenizer
+
+PROMETHEUS = shutil.which("prometheus")
+pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the `prometheus` binary is not installed "
+                                "(Debian: apt-get install prometheus)")
+TEXTS = ["A man rides a bike.", "Two dogs play in the snow.", "A cat.", "Children are playing in a park."]
+TIMEOUT = 30.0  # seconds for Prometheus to start and to have scraped what a query needs
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("e2e_model")
+    corpus = multi30k("train", "en", "de", data_dir)
+    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
+                      dropout=0.0)
+    ckpt = write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
+    out = root / "bundle"
+    export_checkpoint(ckpt, out, options=ExportOptions(variants=("fp32",), validate=False))  # fp32 only: fast
+    return out
+
+
+@pytest_asyncio.fixture
+async def nmt_server(tiny_bundle: Path) -> AsyncIterator[NmtServer]:
+    cfg = ServerConfig(model_dir=str(tiny_bundle), host="127.0.0.1", port=0, metrics_port=0, threads=1,
+                       default_beam_size=1, max_wait_ms=2.0)
+    server, _ = await create_server(cfg)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_prometheus(url: str, root: Path, metrics_port: int) -> subprocess.Popen[bytes]:
+    config = root / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        "scrape_configs:\n  - job_name: nmt\n    scrape_timeout: 1s\n"
+        f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n")
+    assert PROMETHEUS is not None
+    with (root / "prometheus.log").open("wb") as log:
+        return subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+             f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"],
+            stdout=log, stderr=subprocess.STDOUT)
+
+
+def http_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=2) as r:
+        return json.load(r)
+
+
+def query(base: str, promql: str) -> float | None:
+    """The single value of an instant query, None while it has no result."""
+    data = http_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+    assert data["status"] == "success", data
+    result = data["data"]["result"]
+    assert len(result) <= 1, f"{promql} has several series: {result}"
+    return float(result[0]["value"][1]) if result else None
+
+
+async def wait_for(base: str, promql: str, expected: float, proc: subprocess.Popen[bytes], log: Path) -> None:
+    """Poll until the query answers `expected`; fail with the last answer and Prometheus' log."""
+    deadline, last = time.monotonic() + TIMEOUT, None
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"prometheus exited with {proc.returncode}: {log.read_text()[-2000:]}"
+        try:
+            last = await asyncio.to_thread(query, base, promql)
+        except (urllib.error.URLError, ConnectionError) as e:  # not listening yet
+            last = f"unreachable: {e}"
+        if last == expected:
+            return
+        await asyncio.sleep(0.5)
+    pytest.fail(f"{promql} answered {last!r}, not {expected} within {TIMEOUT} s; log: {log.read_text()[-2000:]}")
+
+
+async def send_requests(port: int) -> int:
+    """Translate each text in its own call at once, plus one bad call; the number of OK calls."""
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.TranslationServiceStub(channel)
+        calls = [stub.Translate(pb.TranslateRequest(texts=[t]), timeout=20) for t in TEXTS]
+        for response in await asyncio.gather(*calls):
+            assert len(response.translations) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await stub.Translate(pb.TranslateRequest(texts=[]), timeout=20)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    return len(TEXTS)
+
+
+@pytest.mark.asyncio
+async def test_prometheus_scrapes_the_server(nmt_server: NmtServer, tmp_path: Path) -> None:
+    base, root = f"http://127.0.0.1:{free_port()}", tmp_path
+    assert nmt_server.metrics_port is not None
+    ok = await send_requests(nmt_server.port)
+    proc = start_prometheus(base, root, nmt_server.metrics_port)
+    log = root / "prometheus.log"
+    try:
+        await wait_for(base, 'up{job="nmt"}', 1.0, proc, log)
+        await wait_for(base, 'nmt_requests_total{method="Translate",code="OK"}', float(ok), proc, log)
+        await wait_for(base, 'nmt_requests_total{method="Translate",code="INVALID_ARGUMENT"}', 1.0, proc, log)
+        # Every sentence went through some batch (the warm-up's do not count: it bypasses the scheduler).
+        await wait_for(base, "nmt_batch_sentences_sum", float(len(TEXTS)), proc, log)
+        await wait_for(base, 'count(nmt_model_info{precision!=""})', 1.0, proc, log)
+        assert await asyncio.to_thread(query, base, "process_resident_memory_bytes") > 0
+        # A second scrape sees the counter move: the series is live, not a stale first sample.
+        ok += await send_requests(nmt_server.port)
+        await wait_for(base, 'nmt_requests_total{method="Translate",code="OK"}', float(ok), proc, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

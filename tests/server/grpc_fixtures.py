@@ -1,0 +1,139 @@
+"""Fixtures and helpers for the gRPC server tests: a real bundle, a real Translator, a real server on
+127.0.0.1 with an ephemeral port, and an engine gate to hold batches while a test lines up requests.
+
+Import into a test module with `from grpc_fixtures import *` (pytest puts tests/server on sys.path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from prometheus_client import CollectorRegistry
+
+from server.config import ServerConfig
+from server.decoding import DecodeOptions, SearchResult
+from server.main import NmtServer, create_server
+from server.nmt_pb import translation_pb2 as pb
+from server.nmt_pb import translation_pb2_grpc as pb_grpc
+from server.runtime import RuntimeConfig
+from server.translator import Translator
+
+ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1)
+TEXTS = ["A man rides a bike.", "Two dogs play in the snow.", "A girl in a red dress is running on the beach.",
+         "People.", "An old man with a hat sits on a bench next to a small brown dog and reads a newspaper.",
+         "A woman sings.", "Children are playing football in a park.", "A cat."]
+
+__all__ = ["ONE_THREAD", "TEXTS", "Gate", "grpc_bundle", "grpc_translator", "gate", "server_config", "serve", "stub",
+           "alone", "channel"]
+
+
+@pytest.fixture(scope="session")
+def grpc_bundle(request: pytest.FixtureRequest) -> Path:
+    """The engine tests' tiny bundle (tests/server/conftest.py: server_bundle); never modified."""
+    return request.getfixturevalue("server_bundle")
+
+
+@pytest.fixture(scope="session")
+def grpc_translator(grpc_bundle: Path) -> Translator:
+    return Translator.from_bundle(grpc_bundle, ONE_THREAD)
+
+
+class Gate:
+    """The real Translator; engine calls are recorded and wait while the gate is closed."""
+
+    def __init__(self, translator: Translator):
+        self.translator = translator
+        self.calls: list[tuple[list[list[int]], DecodeOptions]] = []
+        self.opened, self.entered = threading.Event(), threading.Event()
+        self.opened.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.translator, name)
+
+    def search(self, sources: list[list[int]], options: DecodeOptions) -> SearchResult:
+        self.calls.append(([list(s) for s in sources], options))
+        self.entered.set()
+        if not self.opened.wait(timeout=30):
+            raise TimeoutError("the test never opened the gate")
+        return self.translator.search(sources, options)
+
+    def close(self) -> None:
+        """Hold engine calls from now on; forget the calls so far (e.g. the server's warm-up)."""
+        self.opened.clear()
+        self.entered.clear()
+        self.calls.clear()
+
+    def open(self) -> None:
+        self.opened.set()
+
+
+@pytest.fixture
+def gate(grpc_translator: Translator) -> Any:
+    g = Gate(grpc_translator)
+    yield g
+    g.open()  # never leave an engine thread waiting
+
+
+def server_config(bundle: Path, **overrides: Any) -> ServerConfig:
+    """Loopback, ephemeral ports, no metrics HTTP server unless asked for, one ORT thread."""
+    cfg = ServerConfig(model_dir=str(bundle), host="127.0.0.1", port=0, metrics_port=-1, threads=1, device="cpu",
+                       max_wait_ms=2.0, grace_seconds=5.0)
+    return replace(cfg, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serve(cfg: ServerConfig, translator: Any) -> AsyncIterator[NmtServer]:
+    """A started server on its own registry; stopped (grace 1 s) on exit."""
+    server, _ = await create_server(cfg, translator, CollectorRegistry())
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(1.0)
+
+
+@contextlib.asynccontextmanager
+async def channel(server: NmtServer, **kwargs: Any) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", **kwargs) as ch:
+        yield ch
+
+
+def stub(ch: grpc.aio.Channel) -> pb_grpc.TranslationServiceStub:
+    return pb_grpc.TranslationServiceStub(ch)
+
+
+def alone(translator: Translator, texts: list[str], options: DecodeOptions) -> list[list[str]]:
+    """What each text translates to in a batch of its own."""
+    return [[t.text for t in translator.translate([text], options)[0]] for text in texts]
+
+
+@pytest_asyncio.fixture
+async def default_server(grpc_bundle: Path, grpc_translator: Translator) -> AsyncIterator[NmtServer]:
+    async with serve(server_config(grpc_bundle), grpc_translator) as server:
+        yield server
+
+
+__all__ += ["default_server", "pb"]
+
+
+async def eventually(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll `predicate()` until it is true (the event loop keeps running meanwhile)."""
+    import asyncio
+    import time
+
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+__all__ += ["eventually"]

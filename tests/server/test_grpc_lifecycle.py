@@ -1,0 +1,175 @@
+"""Health, reflection, /metrics over HTTP, configuration, a bad bundle, and SIGTERM under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.config import FLAGS, ServerConfig, env_var, from_args, parser
+from server.main import main
+from server.runtime import variants_of
+
+from grpc_fixtures import *  # noqa: F403
+
+pytestmark = pytest.mark.asyncio
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def scrape(port: int) -> dict[str, list]:
+    """{family name: samples} from the /metrics page."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
+
+
+async def test_health_reports_serving_then_not_serving(grpc_bundle, grpc_translator) -> None:
+    async with serve(server_config(grpc_bundle), grpc_translator) as server:  # noqa: F405
+        async with channel(server) as ch:  # noqa: F405
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "nmt.v1.TranslationService"):
+                reply = await health.Check(health_pb2.HealthCheckRequest(service=service))
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            await server.health.enter_graceful_shutdown()  # what stop() does first
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_reflection_lists_the_services(default_server) -> None:
+    def services() -> tuple[list[str], list[str]]:
+        with grpc.insecure_channel(f"127.0.0.1:{default_server.port}") as ch:
+            db = ProtoReflectionDescriptorDatabase(ch)
+            names = sorted(db.get_services())
+            proto = db.FindFileContainingSymbol("nmt.v1.TranslationService")
+            return names, [m.name for m in proto.service[0].method]
+
+    names, methods = await asyncio.to_thread(services)
+    assert names == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                     "nmt.v1.TranslationService"]
+    assert methods == ["Translate", "TranslateStream", "GetModelInfo"]
+
+
+async def test_metrics_served_over_http(grpc_bundle, grpc_translator) -> None:
+    cfg = server_config(grpc_bundle, metrics_port=0)  # noqa: F405
+    async with serve(cfg, grpc_translator) as server, channel(server) as ch:  # noqa: F405
+        await stub(ch).Translate(pb.TranslateRequest(texts=["A dog.", "A cat on a mat."]))  # noqa: F405
+        families = await asyncio.to_thread(scrape, server.metrics_port)
+    by_labels = {(s.name, tuple(sorted(s.labels.items()))): s.value for samples in families.values() for s in samples}
+    assert by_labels[("nmt_requests_total", (("code", "OK"), ("method", "Translate")))] == 1
+    assert by_labels[("nmt_batch_sentences_sum", ())] == 2
+    assert by_labels[("nmt_input_tokens_total", ())] > 0 and by_labels[("nmt_generated_tokens_total", ())] > 0
+    assert by_labels[("nmt_queue_sentences", ())] == 0
+    info = families["nmt_model_info"][0]  # an Info metric: a gauge of value 1 with labels
+    assert info.labels["precision"] == grpc_translator.info.precision and info.labels["src_lang"] == "en"
+    for family in ("nmt_request_duration_seconds", "nmt_queue_wait_seconds", "nmt_batch_tokens",
+                   "nmt_encode_duration_seconds", "nmt_decode_duration_seconds", "nmt_requests_in_flight",
+                   "process_resident_memory_bytes", "python_info"):
+        assert family in families, family
+
+
+async def test_help_documents_every_flag_and_env_var() -> None:
+    text = parser({}).format_help()
+    for flag, field, _, _ in FLAGS:
+        assert flag in text and env_var(field) in text
+    assert {field for _, field, _, _ in FLAGS} == set(ServerConfig.__dataclass_fields__)
+
+
+async def test_environment_defaults_and_flags() -> None:
+    env = {"NMT_MODEL_DIR": "/b", "NMT_PORT": "6000", "NMT_MAX_WAIT_MS": "2.5", "NMT_AUTH_TOKEN": "t"}
+    cfg = from_args(["--max-batch-size", "8"], env)
+    assert (cfg.model_dir, cfg.port, cfg.max_wait_ms, cfg.auth_token, cfg.max_batch_size) == ("/b", 6000, 2.5, "t", 8)
+    assert from_args(["--port", "7000"], env).port == 7000  # a flag beats the environment
+    assert from_args([], {"NMT_MODEL_DIR": "/b"}).port == 50051
+    for argv, env in ([[], {}], [["--model-dir", "/b", "--port", "x"], {}], [[], {"NMT_MODEL_DIR": "/b",
+                                                                                 "NMT_WORKERS": "0"}],
+                      [["--model-dir", "/b", "--tls-cert", "c.pem"], {}]):
+        with pytest.raises(SystemExit) as e:
+            from_args(argv, env)
+        assert e.value.code == 2
+
+
+async def test_bad_bundle_is_one_line_naming_the_file(grpc_bundle, tmp_path: Path, capsys) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(grpc_bundle, bundle)
+    variant = variants_of(json.loads((bundle / "manifest.json").read_text()))["fp32-cpu"]["decoder"]
+    with open(bundle / variant, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00garbage")
+    argv = ["--model-dir", str(bundle), "--port", "0", "--metrics-port", "-1", "--device", "cpu"]
+    assert await asyncio.to_thread(main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nmt-serve: error: ") and variant in err[0], err
+    assert await asyncio.to_thread(main, ["--model-dir", str(tmp_path / "none"), "--metrics-port", "-1"]) == 2
+    assert "manifest.json" in capsys.readouterr().err
+
+
+def _start_server(bundle: Path) -> tuple[subprocess.Popen, int, int, list[str]]:
+    """nmt-serve in a subprocess; its gRPC and metrics ports read from its log line."""
+    env = {**os.environ, "NMT_MODEL_DIR": str(bundle), "NMT_HOST": "127.0.0.1", "NMT_PORT": "0",
+           "NMT_METRICS_PORT": "0", "NMT_THREADS": "1", "NMT_DEVICE": "cpu", "NMT_MAX_BATCH_SIZE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "server.main"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
+                            text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving nmt.v1" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(60) or proc.poll() is not None:
+        proc.kill()
+        raise AssertionError("nmt-serve did not start:\n" + "".join(lines))
+    found = re.search(r"on port (\d+) \(metrics on port (\d+)\)", "".join(lines))
+    assert found, lines
+    return proc, int(found.group(1)), int(found.group(2)), lines
+
+
+async def test_sigterm_under_load_loses_no_accepted_request(grpc_bundle) -> None:
+    proc, port, metrics_port, log = await asyncio.to_thread(_start_server, grpc_bundle)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            options = pb.DecodeOptions(beam_size=4, max_len_extra=40)  # noqa: F405
+            n = 12
+            calls = [stub(ch).Translate(pb.TranslateRequest(texts=TEXTS, options=options))  # noqa: F405
+                     for _ in range(n)]
+
+            def accepted() -> tuple[float, float]:
+                families = scrape(metrics_port)
+                in_flight = sum(s.value for s in families["nmt_requests_in_flight"])
+                done = sum(s.value for s in families.get("nmt_requests", []) if s.name == "nmt_requests_total")
+                return in_flight, done
+
+            tasks = [asyncio.ensure_future(c) for c in calls]
+            while sum(await asyncio.to_thread(accepted)) < n:
+                await asyncio.sleep(0.02)
+            in_flight, _ = await asyncio.to_thread(accepted)
+            proc.send_signal(signal.SIGTERM)
+            responses = await asyncio.gather(*tasks)
+            assert in_flight > 0, "SIGTERM came after every request was done: the test proves nothing"
+            assert all(len(r.translations) == len(TEXTS) for r in responses)  # noqa: F405
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # no new calls once draining (or gone)
+                await stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]), timeout=5)  # noqa: F405
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert await asyncio.to_thread(proc.wait, 30) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
