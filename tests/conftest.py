@@ -20,3 +20,23 @@ def data_dir() -> Path:
     if not (path / "train.en.gz").is_file():
         pytest.skip(f"Multi30k not found at {path}; set NMT_DATA_DIR")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1+1-layer random model exported fp32-only without parity: fast, for server-level tests."""
+    from export.export import ExportOptions, export_checkpoint
+    from training.checkpoint import CheckpointMeta, write_checkpoint
+    from training.data import multi30k
+    from training.model import ModelConfig, Transformer
+    from training.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_model")
+    corpus = multi30k("train", "en", "de", data_dir)
+    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
+                      dropout=0.0)
+    ckpt = write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
+    export_checkpoint(ckpt, root / "bundle", options=ExportOptions(variants=("fp32",), validate=False))
+    return root / "bundle"

@@ -6,28 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from bench import cli
 from bench.load_report import goals, markdown
-from export.export import ExportOptions, export_checkpoint
-from training.checkpoint import CheckpointMeta, write_checkpoint
-from training.data import multi30k
-from training.model import ModelConfig, Transformer
-from training.tokenizer import Tokenizer
 
-
-@pytest.fixture(scope="module")
-def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("load_model")
-    corpus = multi30k("train", "en", "de", data_dir)
-    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
-                      dropout=0.0)
-    ckpt = write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
-    export_checkpoint(ckpt, root / "bundle", options=ExportOptions(variants=("fp32",), validate=False))
-    return root / "bundle"
 
 
 @pytest.mark.slow

@@ -23,17 +23,11 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-import torch
 
-from export.export import ExportOptions, export_checkpoint
 from server.config import ServerConfig
 from server.main import NmtServer, create_server
 from server.nmt_pb import translation_pb2 as pb
 from server.nmt_pb import translation_pb2_grpc as pb_grpc
-from training.checkpoint import CheckpointMeta, write_checkpoint
-from training.data import multi30k
-from training.model import ModelConfig, Transformer
-from training.tokenizer import Tokenizer
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the `prometheus` binary is not installed "
@@ -41,19 +35,6 @@ pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the `prometheus` bin
 TEXTS = ["A man rides a bike.", "Two dogs play in the snow.", "A cat.", "Children are playing in a park."]
 TIMEOUT = 30.0  # seconds for Prometheus to start and to have scraped what a query needs
 
-
-@pytest.fixture(scope="module")
-def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("e2e_model")
-    corpus = multi30k("train", "en", "de", data_dir)
-    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
-                      dropout=0.0)
-    ckpt = write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
-    out = root / "bundle"
-    export_checkpoint(ckpt, out, options=ExportOptions(variants=("fp32",), validate=False))  # fp32 only: fast
-    return out
 
 
 @pytest_asyncio.fixture
