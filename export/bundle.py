@@ -1,7 +1,7 @@
 """The model bundle: the only contract between the exporter and the server.
 
     manifest.json       format + version, model config, graph inputs/outputs, special ids,
-                        tokenizer, opset, versions, source checkpoint hash, parity summary,
+                        tokenizer, inference settings (the decoding defaults), opset, versions, source checkpoint hash, parity summary,
                         variants, and every other file with its sha256 and size
     encoder.onnx        variant fp32: portable graphs (fused attention, any ORT provider)
     decoder.onnx

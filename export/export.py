@@ -258,6 +258,7 @@ def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: Ex
         "tgt_lang": loaded.config["tgt_lang"],
         "special_ids": loaded.config["special_ids"],
         "tokenizer": bundle.TOKENIZER,
+        "inference": loaded.inference.to_dict(),
         "variants": {name: {**variants_.SPECS[name].manifest_entry(), "validated": _validated(name, parity)}
                      for name in options.variants},
         "interface": bundle.graph_spec(cfg.n_decoder_layers),

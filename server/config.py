@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -32,7 +33,7 @@ class ServerConfig:
     max_texts: int = 64  # texts per request
     max_tokens_per_text: int = 256
     max_beam_size: int = 16
-    default_beam_size: int = 4
+    default_beam_size: int | None = None  # None: the bundle's inference setting
     grace_seconds: float = 30.0  # on SIGTERM: time to finish accepted requests
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -47,7 +48,7 @@ class ServerConfig:
         for name in ("port", "max_batch_size", "max_batch_tokens", "max_queue_size", "workers", "max_texts",
                      "max_tokens_per_text", "max_beam_size", "default_beam_size", "max_message_bytes"):
             low = 0 if name == "port" else 1
-            if getattr(self, name) < low:
+            if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if not -1 <= self.metrics_port <= 65535 or self.port > 65535:
             raise ValueError(f"ports must be in 0..65535 (metrics_port may be -1), got {self.port} and "
@@ -56,7 +57,7 @@ class ServerConfig:
             raise ValueError("max_wait_ms, grace_seconds and threads must be >= 0")
         if self.max_texts > self.max_queue_size:
             raise ValueError(f"max_texts ({self.max_texts}) must not exceed max_queue_size ({self.max_queue_size})")
-        if self.default_beam_size > self.max_beam_size:
+        if self.default_beam_size is not None and self.default_beam_size > self.max_beam_size:
             raise ValueError(f"default_beam_size ({self.default_beam_size}) must not exceed max_beam_size "
                              f"({self.max_beam_size})")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -78,8 +79,12 @@ class ServerConfig:
         return SchedulerConfig(self.max_batch_size, self.max_batch_tokens, self.max_wait_ms / 1000.0,
                                self.max_queue_size, self.workers)
 
-    def default_options(self) -> DecodeOptions:
-        return DecodeOptions(beam_size=self.default_beam_size)
+    def default_options(self, bundle_defaults: DecodeOptions | None = None) -> DecodeOptions:
+        """The bundle's inference settings, with --default-beam-size in place of its beam when given."""
+        base = bundle_defaults or DecodeOptions()
+        if self.default_beam_size is None:
+            return base
+        return dataclasses.replace(base, beam_size=self.default_beam_size)
 
 
 # (flag, field, type, help). A flag's default is its environment variable NMT_<FIELD>, else the field's.
@@ -99,7 +104,8 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-texts", "max_texts", int, "most texts in one request"),
     ("--max-tokens-per-text", "max_tokens_per_text", int, "most source tokens in one text"),
     ("--max-beam-size", "max_beam_size", int, "largest beam a request may ask for"),
-    ("--default-beam-size", "default_beam_size", int, "beam size of requests that leave it unset"),
+    ("--default-beam-size", "default_beam_size", int,
+     "beam size of requests that leave it unset (default: the bundle's inference setting)"),
     ("--grace-seconds", "grace_seconds", float, "on SIGTERM/SIGINT, time to finish accepted requests"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (enables TLS)"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),

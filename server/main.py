@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from .config import ServerConfig, from_args
+from .decoding import DecodeOptions
 from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .scheduler import Scheduler
@@ -70,7 +71,7 @@ class NmtServer:
 
     def _warm_up(self) -> None:
         # The first run of each graph allocates and plans; do it before the first client waits for it.
-        options = self.cfg.default_options()
+        options = self.cfg.default_options(self.translator.default_options())
         sources = self.translator.tokenize([WARMUP_TEXT])
         self.translator.search(sources, options)
         if options.beam_size > 1:
@@ -99,10 +100,15 @@ def _credentials(cfg: ServerConfig) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
 
 
+def bundle_defaults(translator: Translator) -> DecodeOptions | None:
+    default_options = getattr(translator, "default_options", None)  # test doubles may not have it
+    return default_options() if default_options else None
+
+
 def limits_of(cfg: ServerConfig, translator: Translator) -> Limits:
     sessions = getattr(translator, "sessions", None)
     return Limits(max_texts=cfg.max_texts, max_tokens_per_text=cfg.max_tokens_per_text,
-                  max_beam_size=cfg.max_beam_size, defaults=cfg.default_options(),
+                  max_beam_size=cfg.max_beam_size, defaults=cfg.default_options(bundle_defaults(translator)),
                   max_positions=getattr(sessions, "max_positions", None))
 
 

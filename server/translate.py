@@ -13,6 +13,7 @@ Exit codes: 0 done, 2 bad arguments or a bundle that cannot be loaded.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import logging
 import sys
@@ -29,10 +30,10 @@ from .translator import Translation, Translator
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nmt-translate", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True, help="model bundle directory (from nmt-export)")
-    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy")
-    parser.add_argument("--length-penalty", type=float, default=0.6, help="GNMT length penalty alpha")
-    parser.add_argument("--max-len-extra", type=int, default=50,
-                        help="output may be this many tokens longer than the input")
+    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the bundle's setting)")
+    parser.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: the bundle's)")
+    parser.add_argument("--max-len-extra", type=int,
+                        help="output may be this many tokens longer than the input (default: the bundle's)")
     parser.add_argument("--n-best", type=int, default=1, help="translations per input line")
     parser.add_argument("--batch-size", type=int, default=32, help="input lines per search call")
     parser.add_argument("--device", choices=DEVICES, default="cpu")
@@ -73,13 +74,18 @@ def translate_stream(translator: Translator, options: DecodeOptions, source: Tex
     return done
 
 
+def command_line_options(args: argparse.Namespace, defaults: DecodeOptions) -> DecodeOptions:
+    """The bundle's inference settings, overridden by the flags given."""
+    given = {"beam_size": args.beam, "length_penalty": args.length_penalty, "max_len_extra": args.max_len_extra}
+    return dataclasses.replace(defaults, n_best=args.n_best, **{k: v for k, v in given.items() if v is not None})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
-        options = DecodeOptions(args.beam, args.length_penalty, args.max_len_extra, args.n_best)
         cfg = RuntimeConfig(args.device, args.precision, args.threads)
     except ValueError as e:
         parser.error(str(e))
@@ -89,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:  # BundleError is a ValueError
         print(f"nmt-translate: error: {one_line(e)}", file=sys.stderr)
         return 2
+    try:
+        options = command_line_options(args, translator.default_options())
+    except ValueError as e:
+        parser.error(str(e))
     progress = not args.quiet and sys.stderr.isatty()
     try:
         translate_stream(translator, options, sys.stdin, sys.stdout, args.batch_size, progress)

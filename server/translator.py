@@ -52,7 +52,8 @@ class SentencePiece:
         return self.sp.get_piece_size()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, out_type=int)
+        # NUL cannot sit in SentencePiece's normalization table (training/tokenizer.py): drop it here.
+        return self.sp.encode([t.replace("\0", "") for t in texts], out_type=int)
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.sp.decode(ids)
@@ -88,6 +89,16 @@ class Translator:
         manifest = sessions.manifest or {}
         tokenizer = SentencePiece(bundle_dir / manifest.get("tokenizer", "spm.model"))
         return cls(sessions, tokenizer, model_info(bundle_dir, manifest, sessions))
+
+    def default_options(self) -> DecodeOptions:
+        """The decoding settings the model was tuned with (manifest "inference"); bundles written
+        before they were recorded get DecodeOptions' own defaults."""
+        stored = (self.sessions.manifest or {}).get("inference") or {}
+        known = {k: stored[k] for k in ("beam_size", "length_penalty", "max_len_extra") if k in stored}
+        try:
+            return DecodeOptions(**known)
+        except (TypeError, ValueError) as e:
+            raise BundleError(f"manifest.json: bad inference settings {stored}: {e}") from e
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return self.tokenizer.encode(texts)

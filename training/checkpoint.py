@@ -11,6 +11,7 @@ save never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -32,10 +33,38 @@ class CheckpointError(ValueError):
 
 
 @dataclass(frozen=True)
+class InferenceSettings:
+    """How this model is meant to be decoded: chosen on the validation set, stored in the checkpoint
+    and the bundle, and the default of nmt-eval, nmt-translate and the server."""
+
+    beam_size: int = 4
+    length_penalty: float = 0.6  # GNMT alpha
+    max_len_extra: int = 50  # a hypothesis holds at most len(source) + this many tokens
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1 or self.max_len_extra < 1:
+            raise ValueError(f"beam_size and max_len_extra must be at least 1, got {self.beam_size}, {self.max_len_extra}")
+        if not 0.0 <= self.length_penalty <= 10.0:
+            raise ValueError(f"length_penalty must be between 0 and 10, got {self.length_penalty}")
+
+    def to_dict(self) -> dict:
+        return {"beam_size": self.beam_size, "length_penalty": self.length_penalty, "max_len_extra": self.max_len_extra}
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> InferenceSettings:
+        values = values or {}
+        known = {"beam_size", "length_penalty", "max_len_extra"}
+        if set(values) - known:
+            raise ValueError(f"unknown inference settings: {', '.join(sorted(set(values) - known))}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
 class CheckpointMeta:
     src_lang: str
     tgt_lang: str
     info: dict = field(default_factory=dict)  # provenance: command, epoch, scores
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
 
 
 def write_checkpoint(
@@ -61,6 +90,7 @@ def write_checkpoint(
         "tgt_lang": meta.tgt_lang,
         "tokenizer": MODEL_FILENAME,
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
+        "inference": meta.inference.to_dict(),
         "info": meta.info,
     }
     (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
@@ -94,6 +124,17 @@ def read_config(directory: str | Path) -> dict:
     return config
 
 
+def update_inference(directory: str | Path, inference: InferenceSettings, **info) -> None:
+    """Store new inference settings (and provenance) in a checkpoint's config.json, atomically."""
+    path = Path(directory) / CONFIG
+    config = read_config(directory)
+    config["inference"] = inference.to_dict()
+    config.setdefault("info", {}).update(info)
+    staging = path.with_name(CONFIG + ".partial")
+    staging.write_text(json.dumps(config, indent=2) + "\n")
+    staging.replace(path)
+
+
 @dataclass
 class LoadedCheckpoint:
     model: Transformer
@@ -103,7 +144,13 @@ class LoadedCheckpoint:
 
     @property
     def meta(self) -> CheckpointMeta:
-        return CheckpointMeta(self.config["src_lang"], self.config["tgt_lang"], self.config.get("info", {}))
+        return CheckpointMeta(self.config["src_lang"], self.config["tgt_lang"], self.config.get("info", {}),
+                              self.inference)
+
+    @property
+    def inference(self) -> InferenceSettings:
+        """The stored settings; checkpoints written before they were stored get the old defaults."""
+        return InferenceSettings.from_dict(self.config.get("inference"))
 
 
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -146,7 +193,8 @@ def average_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Copy a checkpoint, optionally casting its weights (fp16 halves the file)."""
+    """Copy a checkpoint, optionally casting its weights (fp16 halves the file) or changing its
+    inference settings."""
     import argparse
     import sys
 
@@ -154,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("source", help="checkpoint directory")
     parser.add_argument("dest", help="new checkpoint directory")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument("--beam", type=int, help="store this inference beam size")
+    parser.add_argument("--length-penalty", type=float, help="store this inference length penalty (GNMT alpha)")
     parser.add_argument("--force", action="store_true", help="replace an existing destination")
     args = parser.parse_args(argv)
     if Path(args.dest).exists() and not args.force:
@@ -161,10 +211,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         loaded = load_checkpoint(args.source)
-    except CheckpointError as e:
+        inference = loaded.inference.to_dict()
+        inference.update({k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.length_penalty)) if v is not None})
+        meta = dataclasses.replace(loaded.meta, inference=InferenceSettings.from_dict(inference))
+    except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_checkpoint(args.dest, loaded.model, loaded.directory / loaded.config["tokenizer"], loaded.meta,
+    write_checkpoint(args.dest, loaded.model, loaded.directory / loaded.config["tokenizer"], meta,
                      dtype=getattr(torch, args.dtype))
     return 0
 

@@ -40,6 +40,9 @@ class TrainConfig:
     patience: int = 10
     average_last: int = 5
     valid_beam: int = 1
+    valid_bleu_every: int = 1  # epochs between validation BLEU runs (loss is computed every epoch)
+    beam: int = 4  # inference settings stored in every checkpoint
+    length_penalty: float = 0.6
     valid_limit: int | None = None
     save_every_steps: int = 0
     progress: bool = True
@@ -57,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model size")
     for name in ("d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help=f"override the preset's {name}")
-    p.add_argument("--dropout", type=float, help="override the preset's dropout")
+    p.add_argument("--dropout", type=float, help="override the preset's dropout (embeddings, residual branches)")
+    p.add_argument("--attention-dropout", type=float, help="dropout on attention weights (default 0)")
+    p.add_argument("--activation-dropout", type=float, help="dropout inside the feed-forward block (default 0)")
     p.add_argument("--pre-norm", action="store_true", help="pre-norm residual blocks instead of the paper's post-norm")
     data = p.add_argument_group("data")
     data.add_argument("--src-lang", default="en", choices=["en", "de", "fr", "cs"])
@@ -85,13 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip-norm", type=float, default=1.0, help="gradient-norm clip; 0 disables")
     opt.add_argument("--seed", type=int, default=1)
     opt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    opt.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
-                     help="mixed precision on CUDA (auto = bf16 on CUDA, none on CPU)")
+    opt.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "bf16-output", "fp16"],
+                     help="mixed precision: bf16 = autocast; bf16-output = only the output layer in bf16; "
+                          "auto = bf16 on CUDA, bf16-output on CPUs with AMX or AVX-512 BF16, none elsewhere")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     run = p.add_argument_group("validation and checkpoints")
     run.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better BLEU; 0 = never")
     run.add_argument("--average-last", type=int, default=5, help="average the last N epoch checkpoints at the end; 0/1 = off")
     run.add_argument("--valid-beam", type=int, default=1, help="beam size for validation BLEU (1 = greedy)")
+    run.add_argument("--valid-bleu-every", type=int, default=1,
+                     help="validation BLEU every N epochs (and at the last); loss is computed every epoch")
+    run.add_argument("--beam", type=int, default=4, help="inference beam size stored in the checkpoints")
+    run.add_argument("--length-penalty", type=float, default=0.6,
+                     help="inference length penalty (GNMT alpha) stored in the checkpoints")
     run.add_argument("--save-every-steps", type=int, default=0, help="also save a resumable checkpoint every N steps")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--force", action="store_true", help="delete an existing run directory first")
@@ -110,10 +121,11 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--train-src/--train-tgt need --valid-src/--valid-tgt too")
     if a.force and a.resume:
         parser.error("--force and --resume exclude each other")
-    for name in ("max_tokens", "accum_steps", "max_epochs", "warmup", "vocab_size", "max_len", "valid_beam"):
+    for name in ("max_tokens", "accum_steps", "max_epochs", "warmup", "vocab_size", "max_len", "valid_beam", "valid_bleu_every", "beam"):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    overrides = {k: getattr(a, k) for k in ("d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers", "dropout")
+    overrides = {k: getattr(a, k) for k in ("d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers", "dropout",
+                                    "attention_dropout", "activation_dropout")
                  if getattr(a, k) is not None}
     if a.init_from:
         if a.tokenizer:
@@ -143,8 +155,8 @@ def _checkpoint_model(parser: argparse.ArgumentParser, directory: str, overrides
 
     try:
         saved = read_config(directory)["model"]
-        if set(overrides) - {"dropout"}:
-            parser.error("--init-from fixes the model's shape; only --dropout may be overridden")
+        if set(overrides) - {"dropout", "attention_dropout", "activation_dropout"}:
+            parser.error("--init-from fixes the model's shape; only the dropout rates may be overridden")
         return ModelConfig.from_dict({**saved, **overrides})
     except ValueError as e:
         parser.error(str(e))

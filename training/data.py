@@ -82,19 +82,52 @@ def download_verified(name: str, cache_dir: Path, base_url: str = MULTI30K_URL) 
 
 
 def multi30k_path(split: str, lang: str, data_dir: str | Path | None = None) -> Path:
-    """Path of a Multi30k file: from `data_dir` (or $NMT_DATA_DIR), else downloaded into the cache."""
-    if split not in MULTI30K_SPLITS:
-        raise DataError(f"unknown Multi30k split {split!r}; choose one of {', '.join(MULTI30K_SPLITS)}")
-    if lang not in MULTI30K_SPLITS[split]:
-        raise DataError(f"Multi30k {split} has no {lang!r}; it has {', '.join(MULTI30K_SPLITS[split])}")
+    """Path of a Multi30k file: from `data_dir` (or $NMT_DATA_DIR), else downloaded into the cache.
+
+    Any split name works whose file is in the data directory (test_2018_flickr, test_2017_mscoco,
+    ...); files whose checksum the code knows (MULTI30K_SHA256) are verified, others are taken as
+    they are. Downloads are limited to the known files, which are always verified.
+    """
+    if not split or "/" in split or split.startswith("."):
+        raise DataError(f"invalid Multi30k split name {split!r}")
     name = f"{split}.{lang}.gz"
     data_dir = data_dir or os.environ.get("NMT_DATA_DIR")
     if data_dir:
         for candidate in (Path(data_dir) / name, Path(data_dir) / name[: -len(".gz")]):
             if candidate.is_file():
+                if candidate.name in MULTI30K_SHA256 and sha256_of(candidate) != MULTI30K_SHA256[candidate.name]:
+                    raise DataError(f"checksum mismatch for {candidate}: expected sha256 {MULTI30K_SHA256[candidate.name]}")
                 return candidate
-        raise DataError(f"missing file: {Path(data_dir) / name} (data directory {data_dir})")
+        raise DataError(_missing_split_message(split, lang, Path(data_dir)))
+    if split not in MULTI30K_SPLITS:
+        raise DataError(f"unknown Multi30k split {split!r}: only {', '.join(MULTI30K_SPLITS)} can be downloaded "
+                        "(with verified checksums); put other splits' files in a directory and pass it with "
+                        "--data-dir or $NMT_DATA_DIR")
+    if lang not in MULTI30K_SPLITS[split]:
+        raise DataError(f"Multi30k {split} has no {lang!r}; it has {', '.join(MULTI30K_SPLITS[split])}")
     return download_verified(name, default_cache_dir())
+
+
+def local_splits(data_dir: Path) -> dict[str, list[str]]:
+    """{split: [languages]} of the `SPLIT.LANG[.gz]` files in a directory."""
+    found: dict[str, set[str]] = {}
+    if data_dir.is_dir():
+        for path in data_dir.iterdir():
+            stem = path.name[: -len(".gz")] if path.name.endswith(".gz") else path.name
+            split, dot, lang = stem.rpartition(".")
+            if dot and split and 2 <= len(lang) <= 3 and lang.isalpha():
+                found.setdefault(split, set()).add(lang)
+    return {k: sorted(v) for k, v in sorted(found.items())}
+
+
+def _missing_split_message(split: str, lang: str, data_dir: Path) -> str:
+    if not data_dir.is_dir():
+        return f"data directory {data_dir} does not exist"
+    there = local_splits(data_dir)
+    listing = "; ".join(f"{k} ({', '.join(v)})" for k, v in there.items()) or "no SPLIT.LANG[.gz] files"
+    if split in there:
+        return f"Multi30k split {split!r} has no {lang!r} file in {data_dir} ({data_dir / f'{split}.{lang}.gz'} missing); it has {', '.join(there[split])}"
+    return f"no Multi30k split {split!r} in {data_dir}; the splits there are: {listing}"
 
 
 def read_lines(path: str | Path) -> list[str]:

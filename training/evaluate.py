@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
     parser.add_argument("--src", help="plain-text source file instead of a Multi30k split")
     parser.add_argument("--ref", help="plain-text reference file (with --src)")
-    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 = greedy (default: 4)")
-    parser.add_argument("--alpha", type=float, default=0.6, help="length penalty alpha (default: 0.6)")
+    parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the checkpoint's setting)")
+    parser.add_argument("--alpha", type=float, help="length penalty alpha (default: the checkpoint's setting)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="write the translations here, one per line")
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if bool(args.src) != bool(args.ref):
         parser.error("--src and --ref go together")
-    if args.beam < 1:
+    if args.beam is not None and args.beam < 1:
         parser.error(f"--beam must be at least 1, got {args.beam}")
     try:
         checkpoint = load_checkpoint(args.checkpoint, args.device)
@@ -101,7 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError) as e:
         print(f"nmt-eval: error: {e}", file=sys.stderr)
         return 2
-    options = SearchOptions(args.beam, args.alpha, batch_size=args.batch_size)
+    stored = checkpoint.inference
+    args.beam = stored.beam_size if args.beam is None else args.beam
+    args.alpha = stored.length_penalty if args.alpha is None else args.alpha
+    options = SearchOptions(args.beam, args.alpha, stored.max_len_extra, batch_size=args.batch_size)
     start = time.perf_counter()
     hypotheses = translate(checkpoint.model, checkpoint.tokenizer, corpus.src, options, args.device, progress=True)
     result = score(hypotheses, corpus.tgt)

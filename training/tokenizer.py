@@ -1,12 +1,19 @@
 """SentencePiece tokenizer: one joint vocabulary for source and target, fixed special ids.
 
-Normalization is the identity and unknown characters fall back to bytes, so `decode(encode(s))`
-restores `s` exactly (no NFKC folding, no whitespace squeezing, no <unk>).
+Source text is normalized inside the SentencePiece model itself (its precompiled normalization
+rules travel in spm.model, so training, export parity and the server all see the same text):
+Unicode NFKC, every space-like character and tab/newline to one space, runs of spaces collapsed
+and the ends trimmed, control and invisible format characters (U+200B, U+FEFF, soft hyphen, ...)
+dropped. NUL is the one character SentencePiece's rule table cannot hold (its keys are C strings),
+so `encode` drops it before the model sees the text. A text that normalizes to nothing encodes to
+no tokens: it is blank. Unknown characters fall back to bytes, so there is no <unk>.
 """
 
 from __future__ import annotations
 
 import io
+import tempfile
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -16,9 +23,42 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_FILENAME = "spm.model"
 
 
+def _normalize_char(c: str) -> str:
+    if c in "\t\n\r" or unicodedata.category(c) in ("Zs", "Zl", "Zp"):
+        return " "
+    if unicodedata.category(c) in ("Cc", "Cf"):
+        return ""
+    return "".join(x for x in unicodedata.normalize("NFKC", c) if unicodedata.category(x) not in ("Cc", "Cf"))
+
+
+def normalization_rules() -> list[tuple[str, str]]:
+    """(source, replacement) pairs for SentencePiece's rule table: every assigned code point whose
+    normalization differs from itself, and base + combining mark -> the precomposed character
+    (NFKC composes; SentencePiece applies a table, longest match first)."""
+    rules: list[tuple[str, str]] = []
+    for cp in range(1, 0x110000):  # NUL cannot be a key; see the module docstring
+        c = chr(cp)
+        if 0xD800 <= cp <= 0xDFFF or unicodedata.category(c) == "Cn":
+            continue
+        target = _normalize_char(c)
+        if target != c:
+            rules.append((c, target))
+        decomposition = unicodedata.decomposition(c)
+        if decomposition and not decomposition.startswith("<"):
+            parts = "".join(chr(int(x, 16)) for x in decomposition.split())
+            if len(parts) == 2 and unicodedata.normalize("NFC", parts) == c:
+                rules.append((parts, target))
+    return rules
+
+
+def _write_rules_tsv(path: Path) -> None:
+    hexes = lambda s: " ".join(f"{ord(x):X}" for x in s)  # noqa: E731
+    path.write_text("".join(f"{hexes(src)}\t{hexes(dst)}\n" for src, dst in normalization_rules()))
+
+
 class Tokenizer:
-    def __init__(self, processor: spm.SentencePieceProcessor):
-        self.sp = processor
+    def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None):
+        self.sp, self.path = processor, path
         ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
         if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
             raise ValueError(f"tokenizer special ids are {ids}, expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}")
@@ -28,29 +68,32 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"tokenizer model not found: {path}")
-        return cls(spm.SentencePieceProcessor(model_file=str(path)))
+        return cls(spm.SentencePieceProcessor(model_file=str(path)), path)
 
     @classmethod
     def train(cls, sentences: Iterable[str], out_path: str | Path, vocab_size: int = 8000) -> Tokenizer:
         """Train on `sentences` (both languages for a joint vocabulary) and write the model file."""
         out_path = Path(out_path)
         model = io.BytesIO()
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences),
-            model_writer=model,
-            vocab_size=vocab_size,
-            model_type="unigram",
-            character_coverage=1.0,
-            byte_fallback=True,
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            pad_id=PAD_ID,
-            unk_id=UNK_ID,
-            bos_id=BOS_ID,
-            eos_id=EOS_ID,
-            num_threads=2,
-            minloglevel=2,
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            rules = Path(tmp) / "normalization.tsv"
+            _write_rules_tsv(rules)
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=(s.replace("\0", "") for s in sentences),
+                model_writer=model,
+                vocab_size=vocab_size,
+                model_type="unigram",
+                character_coverage=1.0,
+                byte_fallback=True,
+                normalization_rule_tsv=str(rules),
+                remove_extra_whitespaces=True,
+                pad_id=PAD_ID,
+                unk_id=UNK_ID,
+                bos_id=BOS_ID,
+                eos_id=EOS_ID,
+                num_threads=2,
+                minloglevel=2,
+            )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(model.getvalue())
         return cls.load(out_path)
@@ -60,10 +103,14 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode(texts, out_type=int)
+        return self.sp.encode([t.replace("\0", "") for t in texts], out_type=int)
+
+    def normalize(self, text: str) -> str:
+        """The text as the model sees it ("" for a blank text)."""
+        return self.sp.normalize(text.replace("\0", "")).replace("\u2581", " ").strip()
 
     def decode(self, ids: list[list[int]]) -> list[str]:
         return self.sp.decode(ids)
 
     def pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text, out_type=str)
+        return self.sp.encode(text.replace("\0", ""), out_type=str)

@@ -52,10 +52,45 @@ def test_multi30k_from_local_directory(data_dir):
     val = multi30k("val", "en", "de", data_dir)
     assert len(val) == 1014
     assert len(multi30k("test_2016_flickr", "en", "fr", data_dir)) == 1000
-    with pytest.raises(DataError, match="Multi30k test_2017_flickr has no 'cs'"):
+    with pytest.raises(DataError, match=r"split 'test_2017_flickr' has no 'cs' file in .*; it has de, en, fr"):
         multi30k("test_2017_flickr", "en", "cs", data_dir)
-    with pytest.raises(DataError, match="missing file: .*val.en.gz"):
+    with pytest.raises(DataError, match=r"no Multi30k split 'val' in .*; the splits there are: "):
         multi30k("val", "en", "de", data_dir.parent)
+
+
+def test_any_split_whose_files_exist_is_read(data_dir, tmp_path):
+    """Public splits the code has no checksum for (test_2018_flickr, test_2017_mscoco) are read as they are."""
+    lines = gzip.decompress((data_dir / "val.en.gz").read_bytes()).splitlines()[:7]
+    write(tmp_path / "test_2018_flickr.en.gz", b"\n".join(lines) + b"\n")
+    write(tmp_path / "test_2018_flickr.de", b"\n".join(lines) + b"\n")
+    corpus = multi30k("test_2018_flickr", "en", "de", tmp_path)
+    assert len(corpus) == 7 and corpus.src == corpus.tgt
+
+
+def test_unknown_split_lists_what_is_there(data_dir, tmp_path):
+    with pytest.raises(DataError) as error:
+        multi30k("test_2018_flickr", "en", "de", data_dir)
+    message = str(error.value)
+    assert "no Multi30k split 'test_2018_flickr'" in message
+    for present in ("test_2016_flickr (cs, de, en, fr)", "test_2017_flickr (de, en, fr)", "train (", "val ("):
+        assert present in message
+    with pytest.raises(DataError, match="data directory .*nowhere does not exist"):
+        multi30k("val", "en", "de", tmp_path / "nowhere")
+    with pytest.raises(DataError, match="invalid Multi30k split name '../val'"):
+        multi30k("../val", "en", "de", data_dir)
+
+
+def test_known_files_are_verified_in_a_local_directory(data_dir, tmp_path):
+    (tmp_path / "val.en.gz").write_bytes((data_dir / "val.de.gz").read_bytes())  # wrong content
+    (tmp_path / "val.de.gz").write_bytes((data_dir / "val.de.gz").read_bytes())
+    with pytest.raises(DataError, match=r"checksum mismatch for .*val.en.gz"):
+        multi30k("val", "en", "de", tmp_path)
+
+
+def test_download_refuses_unknown_splits(monkeypatch):
+    monkeypatch.delenv("NMT_DATA_DIR", raising=False)
+    with pytest.raises(DataError, match="unknown Multi30k split 'test_2018_flickr': only train, val, .* can be downloaded"):
+        data.multi30k_path("test_2018_flickr", "en")
 
 
 def test_download_verifies_the_checksum(data_dir, tmp_path, monkeypatch):
