@@ -5,7 +5,7 @@
 #
 #   NMT_DATA_DIR=../shared/data/multi30k scripts/train_default.sh OUT_DIR [--resume | --force] [nmt-train flags...]
 #
-# After an interruption, the same command with --resume continues from OUT_DIR/run/last.
+# After an interruption, the same command continues from OUT_DIR/run/last (--force starts over).
 # The result is OUT_DIR/model (fp16 checkpoint with its inference settings); the Makefile's
 # train-default target copies it to models/default.
 set -euo pipefail
@@ -22,7 +22,13 @@ recipe=(
   --average-last 10 --valid-bleu-every 5 --patience 0
   --beam 5 --length-penalty 1.0              # replaced below by the validation sweep's choice
 )
-"$python" -m training.train --out "$out/run" "${recipe[@]}" "$@"
+# Run again after an interruption: it resumes (unless --force or --resume is given).
+mode=()
+if [[ " $* " != *" --force "* && " $* " != *" --resume "* && -d "$out/run/last" ]]; then
+  mode=(--resume)
+  echo "resuming $out/run from its last checkpoint"
+fi
+"$python" -m training.train --out "$out/run" "${recipe[@]}" "${mode[@]}" "$@"
 
 "$python" -m training.tune_inference --checkpoint "$out/run/final" --beams 1,4,5,6 --alphas 0.6,1.0,1.4 \
   --write --json "$out/inference_sweep.json"

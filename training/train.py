@@ -28,7 +28,7 @@ from tqdm import tqdm
 from . import distributed as dist
 from .checkpoint import CheckpointMeta, InferenceSettings, average_weights, load_checkpoint, read_train_state, write_checkpoint
 from .cli import TrainConfig, parse_config
-from .cpu import cpu_has_fast_bf16
+from .cpu import cpu_has_fast_bf16, cpu_summary
 from .data import DataError, ParallelCorpus, multi30k, read_parallel, token_batches
 from .evaluate import SearchOptions, score, translate
 from .examples import Examples, encode_corpus, make_batch
@@ -83,6 +83,19 @@ def prepare_tokenizer(cfg: TrainConfig, train: ParallelCorpus, ctx: dist.Context
     return tokenizer
 
 
+def resolve_amp(requested: str, device_type: str, cpu_bf16: bool) -> str:
+    """--amp auto: bf16 autocast on CUDA; on a CPU with native bf16 (AMX or AVX-512 BF16) only the
+    output layer in bf16 ("bf16-output"), which measured faster than autocasting the whole model,
+    whose small matrices gain less than the casts cost (`nmt-bench train`); fp32 on other CPUs."""
+    if requested == "auto":
+        if device_type == "cuda":
+            return "bf16"
+        return "bf16-output" if cpu_bf16 else "none"
+    if requested == "fp16" and device_type != "cuda":
+        raise ValueError(f"--amp fp16 needs CUDA; this run is on {device_type}")
+    return requested
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, ctx: dist.Context, tokenizer: Tokenizer, train: Examples, valid: ParallelCorpus):
         self.cfg, self.ctx, self.tokenizer, self.train, self.valid = cfg, ctx, tokenizer, train, valid
@@ -90,7 +103,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = Transformer(cfg.model).to(ctx.device)
         self.optimizer = make_optimizer(self.model)
-        amp = self._amp_mode()
+        self.amp = amp = self._amp_mode()
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # "bf16-output": only the output layer's products in bf16 (training/output_loss.py).
@@ -106,16 +119,10 @@ class Trainer:
         self.meta = self.checkpoint_meta({})
 
     def _amp_mode(self) -> str:
-        """auto: bf16 autocast on CUDA; on a CPU with native bf16 (AMX or AVX-512 BF16) only the
-        output layer in bf16, which measured faster than autocasting the whole model, whose small
-        matrices gain less than the casts cost (`nmt-bench train`); fp32 on other CPUs."""
-        if self.cfg.amp == "auto":
-            if self.ctx.device.type == "cuda":
-                return "bf16"
-            return "bf16-output" if cpu_has_fast_bf16() else "none"
-        if self.cfg.amp == "fp16" and self.ctx.device.type != "cuda":
-            raise DataError(f"--amp fp16 needs CUDA; this run is on {self.ctx.device}")
-        return self.cfg.amp
+        try:
+            return resolve_amp(self.cfg.amp, self.ctx.device.type, cpu_has_fast_bf16())
+        except ValueError as e:
+            raise DataError(str(e)) from e
 
     def _restore(self) -> None:
         tensors, state = read_train_state(self.cfg.out_dir / "last")
@@ -296,23 +303,26 @@ class Trainer:
         return self.cfg.patience > 0 and self.bad_epochs >= self.cfg.patience
 
     def finish(self) -> None:
-        """final/ = the best on validation BLEU of: best/ and the averages of the last k epochs,
-        for k in 2, 5, 10, ... up to --average-last (each score goes to metrics.jsonl)."""
+        """final/ = the better on validation BLEU of best/ and averaged/, the best average of the
+        last k epochs for k in 2, 5, 10, ... up to --average-last (each score goes to metrics.jsonl)."""
         out = self.cfg.out_dir
         chosen, best = out / "best", self.best_bleu
         files = sorted((out / "epochs").glob("epoch_*.safetensors"))
-        counts = sorted({k for k in (2, 5, 10, 15, 20) if k < len(files)} | {len(files)}) if len(files) > 1 else []
-        for k in counts:
-            if k > self.cfg.average_last or self.cfg.average_last <= 1:
-                continue
+        counts = sorted({k for k in (2, 5, 10, 15, 20) if k < len(files)} | {len(files)})
+        averages: list[tuple[float, int, Transformer]] = []
+        for k in (k for k in counts if 1 < k <= self.cfg.average_last):
             averaged = Transformer(self.cfg.model).to(self.ctx.device)
             averaged.load_state_dict(average_weights(files[-k:]))
             bleu = self.validation_bleu(averaged)
             append_jsonl(out / "metrics.jsonl", {"event": "averaged", "epochs": k, "valid_bleu": bleu})
             log.info("average of the last %d epochs: validation BLEU %.2f", k, bleu)
+            if not averages or bleu > averages[0][0]:
+                averages = [(bleu, k, averaged)]
+        if averages:
+            bleu, k, averaged = averages[0]
+            info = {"averaged_epochs": [f.stem for f in files[-k:]], "valid_bleu": bleu}
+            write_checkpoint(out / "averaged", averaged, self.tokenizer_file, self.checkpoint_meta(info))
             if bleu > best:
-                info = {"averaged_epochs": [f.stem for f in files[-k:]], "valid_bleu": bleu}
-                write_checkpoint(out / "averaged", averaged, self.tokenizer_file, self.checkpoint_meta(info))
                 chosen, best = out / "averaged", bleu
         if chosen.is_dir():
             shutil.rmtree(out / "final", ignore_errors=True)
@@ -337,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, ctx, tokenizer, train, valid)
         if ctx.is_main:
             log.info("model: %s, %.2fM parameters", cfg.model, trainer.model.num_parameters() / 1e6)
+            log.info("precision: %s; CPU: %s", trainer.amp, cpu_summary())
         trainer.run()
     except DataError as e:
         print(f"nmt-train: error: {e}", file=sys.stderr)

@@ -74,9 +74,13 @@ async def test_n_best_and_scores(default_server, grpc_translator) -> None:
 async def test_empty_string_translates_to_empty_string(default_server, grpc_translator) -> None:
     async with channel(default_server) as ch:  # noqa: F405
         response = await stub(ch).Translate(pb.TranslateRequest(texts=["", TEXTS[0], "   "]))  # noqa: F405
+        # Nothing left after the tokenizer's normalization (zero-width space, BOM, NUL, word joiner): blank too.
+        invisible = await stub(ch).Translate(pb.TranslateRequest(texts=["\u200b\ufeff\x00", "\u2060 \t"]))  # noqa: F405
     default = DecodeOptions(beam_size=4)
     assert texts_of(response) == [[""], alone(grpc_translator, [TEXTS[0]], default)[0], [""]]  # noqa: F405
     assert response.translations[0].hypotheses[0].tokens == 0
+    assert texts_of(invisible) == [[""], [""]]  # noqa: F405
+    assert all(t.hypotheses[0].tokens == 0 for t in invisible.translations)
 
 
 async def test_stream_answers_every_request_by_id(default_server, grpc_translator) -> None:

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import checkpoint, evaluate, train
+from training import checkpoint, evaluate, train, tune_inference
+from training.checkpoint import InferenceSettings
 from training.data import multi30k
 from training.tokenizer import Tokenizer
 
@@ -59,6 +60,7 @@ def test_a_run_writes_checkpoints_metrics_and_plot(corpus, tmp_path):
         assert (out / name / "model.safetensors").is_file() and (out / name / "spm.model").is_file()
     records = epochs(out)
     assert [r["epoch"] for r in records if r["event"] == "epoch"] == [1, 2]
+    assert records[1]["train_loss"] < records[0]["train_loss"] - 0.2  # a short run on a slice learns
     assert all({"train_loss", "valid_loss", "valid_bleu", "lr", "tokens_per_s"} <= r.keys() for r in records)
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     loaded = checkpoint.load_checkpoint(out / "final")
@@ -136,3 +138,45 @@ def test_torchrun_two_process_gloo_smoke(corpus, tmp_path):
     assert "world 2" in done.stderr
     assert [r["epoch"] for r in epochs(out)] == [1]
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_inference_settings_travel_with_the_checkpoint(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(run_args(corpus, out, "--max-epochs", "1", "--beam", "3", "--length-penalty", "1.2")) == 0
+    assert checkpoint.load_checkpoint(out / "final").inference == InferenceSettings(3, 1.2)
+    capsys.readouterr()
+    common = ["--checkpoint", str(out / "final"), "--src", corpus["val.en"], "--ref", corpus["val.de"], "--json"]
+    assert evaluate.main(common) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["beam"], result["alpha"]) == (3, 1.2)  # the checkpoint's settings are the defaults
+    assert evaluate.main([*common, "--beam", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["beam"] == 1  # a flag overrides them
+
+
+def test_tune_inference_stores_the_best_setting_of_the_sweep(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(run_args(corpus, out, "--max-epochs", "1")) == 0
+    data = Path(corpus["val.en"]).parent  # holds val.en / val.de: any split name in a directory works
+    args = ["--checkpoint", str(out / "final"), "--data-dir", str(data), "--beams", "1,2", "--alphas", "0.6,1.0",
+            "--json", str(tmp_path / "sweep.json")]
+    assert tune_inference.main([*args, "--write"]) == 0
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert [(r["beam"], r["alpha"]) for r in sweep["rows"]] == [(1, 0.6), (2, 0.6), (2, 1.0)]
+    best = max(sweep["rows"], key=lambda r: (r["bleu"], -r["beam"], -r["alpha"]))
+    config = checkpoint.read_config(out / "final")
+    assert config["inference"] == {"beam_size": best["beam"], "length_penalty": best["alpha"], "max_len_extra": 50}
+    assert config["info"]["inference_tuned_on"] == "val"
+    with pytest.raises(SystemExit) as refused:
+        tune_inference.main([*args[:4], "--split", "test_2016_flickr"])
+    assert refused.value.code == 2  # never tuned on a test set
+    assert "tune on a validation split, not a test set" in capsys.readouterr().err
+
+
+def test_checkpoints_without_inference_settings_get_the_old_defaults(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(run_args(corpus, out, "--max-epochs", "1")) == 0
+    config_path = out / "final" / "config.json"
+    config = json.loads(config_path.read_text())
+    del config["inference"]
+    config_path.write_text(json.dumps(config))
+    assert checkpoint.load_checkpoint(out / "final").inference == InferenceSettings(4, 0.6, 50)
