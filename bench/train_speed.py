@@ -87,6 +87,7 @@ def current_step(model, optimizer, batch, precision: str) -> torch.Tensor:
 
 
 def run_variant(v: Variant, examples, vocab_size: int, steps: int, warmup_steps: int) -> dict[str, Any]:
+    warmup_steps += 1 if v.compiled else 0  # a second shape recompiles (dynamic shapes from then on)
     batches = token_batches(examples.src_lengths, examples.tgt_lengths, v.budget, seed=1)[: warmup_steps + steps]
     torch.manual_seed(1)
     cfg = preset(v.preset, vocab_size=vocab_size)
@@ -119,13 +120,13 @@ def run_variant(v: Variant, examples, vocab_size: int, steps: int, warmup_steps:
 def variants(args: argparse.Namespace) -> list[Variant]:
     out = []
     for name in args.presets:
-        out.append(Variant(name, 4096, "legacy", "fp32", False))
+        out.append(Variant(name, args.budgets[0], "legacy", "fp32", False))  # the baseline: the first budget
         for budget in args.budgets:
             for precision in args.precisions:
                 out.append(Variant(name, budget, "current", precision, False))
         if args.compile:
             for precision in args.precisions:
-                out.append(Variant(name, 4096, "current", precision, True))
+                out.append(Variant(name, args.budgets[0], "current", precision, True))
     return out
 
 
@@ -152,12 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--sentences", type=int, default=0, help="use only the first N training pairs (0 = all)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--data-dir", default=os.environ.get("NMT_DATA_DIR"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
     corpus = multi30k("train", "en", "de", args.data_dir)
+    if args.sentences:
+        corpus = type(corpus)(corpus.src[: args.sentences], corpus.tgt[: args.sentences])
     tokenizer_path = args.out / f"bench-spm-{args.vocab_size}.model"
     tokenizer = Tokenizer.train(corpus.src + corpus.tgt, tokenizer_path, args.vocab_size)
     tokenizer_path.unlink()
@@ -170,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_summary(), "cpu_flags": cpu_info()["flags"],
               "torch": torch.__version__, "threads": args.threads, "steps": args.steps,
               "warmup_steps": args.warmup_steps, "vocab_size": args.vocab_size, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "train.md").write_text(markdown(result))
     print(markdown(result))
