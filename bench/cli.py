@@ -2,10 +2,11 @@
 
     nmt-bench decode ...   every decoder on the same weights (bench/decode.py)
     nmt-bench load ...     the server under load (bench/load.py)
+    nmt-bench soak ...     the server at a steady load for minutes: memory and latency growth (bench/soak.py)
     nmt-bench train ...    training tokens/s per step, fp32/bf16, eager/compile (bench/train_speed.py)
 
 Each subcommand is imported only when asked for: `decode` needs torch and CTranslate2,
-`load` only the client side.
+`load` and `soak` only the client side.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = {"decode": "bench.decode", "load": "bench.load", "train": "bench.train_speed"}
+COMMANDS = {"decode": "bench.decode", "load": "bench.load", "soak": "bench.soak", "train": "bench.train_speed"}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nmt-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=sorted(COMMANDS), help="decode: engines side by side; load: server load; train: training speed")
+    parser.add_argument("command", choices=sorted(COMMANDS), help="decode: engines side by side; load: server load; "
+                        "soak: server growth over minutes; train: training speed")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the subcommand's own options (see COMMAND --help)")
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command])

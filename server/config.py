@@ -14,6 +14,10 @@ from .runtime import DEVICES, PRECISIONS, RuntimeConfig
 from .scheduler import SchedulerConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# A SentencePiece piece is at most 16 characters of at most 4 UTF-8 bytes: a text longer than this
+# many bytes per allowed token cannot fit in max_tokens_per_text (spaces and invisible characters
+# aside, which normalization drops), so it is refused before tokenizing.
+BYTES_PER_TOKEN = 64
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class ServerConfig:
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = its default)
     max_texts: int = 64  # texts per request
     max_tokens_per_text: int = 256
+    max_text_bytes: int | None = None  # UTF-8 bytes per text, checked before tokenizing; None: 64 x the above
     max_beam_size: int = 16
     default_beam_size: int | None = None  # None: the bundle's inference setting
     grace_seconds: float = 30.0  # on SIGTERM: time to finish accepted requests
@@ -39,14 +44,15 @@ class ServerConfig:
     tls_key: str | None = None
     tls_ca: str | None = None  # with it, clients must present a certificate it signed (mutual TLS)
     auth_token: str | None = field(default=None, repr=False)  # required as `authorization: Bearer <token>`
-    max_message_bytes: int = 4 * 1024 * 1024
+    max_message_bytes: int = 4 * 1024 * 1024  # larger requests: RESOURCE_EXHAUSTED (counted in the metrics)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         if not self.model_dir:
             raise ValueError("model_dir is required (--model-dir or NMT_MODEL_DIR)")
         for name in ("port", "max_batch_size", "max_batch_tokens", "max_queue_size", "workers", "max_texts",
-                     "max_tokens_per_text", "max_beam_size", "default_beam_size", "max_message_bytes"):
+                     "max_tokens_per_text", "max_text_bytes", "max_beam_size", "default_beam_size",
+                     "max_message_bytes"):
             low = 0 if name == "port" else 1
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
@@ -67,6 +73,10 @@ class ServerConfig:
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         RuntimeConfig(self.device, self.precision, self.threads)  # validates device and precision
+
+    @property
+    def text_bytes_limit(self) -> int:
+        return BYTES_PER_TOKEN * self.max_tokens_per_text if self.max_text_bytes is None else self.max_text_bytes
 
     @property
     def tls(self) -> bool:
@@ -103,6 +113,8 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--threads", "threads", int, "ONNX Runtime intra-op threads; 0 = its default"),
     ("--max-texts", "max_texts", int, "most texts in one request"),
     ("--max-tokens-per-text", "max_tokens_per_text", int, "most source tokens in one text"),
+    ("--max-text-bytes", "max_text_bytes", int,
+     f"most UTF-8 bytes in one text, checked before tokenizing (default: {BYTES_PER_TOKEN} x --max-tokens-per-text)"),
     ("--max-beam-size", "max_beam_size", int, "largest beam a request may ask for"),
     ("--default-beam-size", "default_beam_size", int,
      "beam size of requests that leave it unset (default: the bundle's inference setting)"),
@@ -111,7 +123,8 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-ca", "tls_ca", str, "PEM CA bundle; clients must present a certificate it signed (mutual TLS)"),
     ("--auth-token", "auth_token", str, "require metadata 'authorization: Bearer TOKEN' (prefer the env var)"),
-    ("--max-message-bytes", "max_message_bytes", int, "largest request or response message"),
+    ("--max-message-bytes", "max_message_bytes", int, "largest request or response message; a larger request "
+     "gets RESOURCE_EXHAUSTED"),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
 

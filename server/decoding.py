@@ -66,6 +66,9 @@ from .runtime import Sessions
 
 PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # the manifest's special_ids are checked against these
 DEFAULT_MAX_BATCH_ROWS = 256
+# ((5 + len) / 6) ** alpha must stay finite for any length a model allows (1e4 overflowed a
+# float); GNMT tuned alpha in 0..1 and values past ~2 only favour long outputs further.
+MAX_LENGTH_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,8 +83,9 @@ class DecodeOptions:
             raise ValueError(f"beam_size must be at least 1, got {self.beam_size}")
         if not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), got {self.n_best}")
-        if self.length_penalty < 0:
-            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+        if not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:  # NaN fails too
+            raise ValueError(f"length_penalty must be a finite number between 0 and {MAX_LENGTH_PENALTY:g}, "
+                             f"got {self.length_penalty}")
         if self.max_len_extra < 1:
             raise ValueError(f"max_len_extra must be at least 1, got {self.max_len_extra}")
 

@@ -1,8 +1,9 @@
 """nmt-serve: the gRPC translation server (grpc.aio) with health, reflection and Prometheus metrics.
 
 Lifecycle: load and verify the bundle (a bad one: a one-line error naming the file, exit 2),
-bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT: NOT_SERVING, stop
-accepting calls, finish the accepted ones within --grace-seconds, exit 0.
+bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT, within --grace-seconds:
+NOT_SERVING; new translations are answered UNAVAILABLE (which retry policies retry) while the
+accepted ones finish; then gRPC stops (new connections refused) and the process exits 0.
 """
 
 from __future__ import annotations
@@ -11,33 +12,40 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from .config import ServerConfig, from_args
 from .decoding import DecodeOptions
+from .interceptors import BearerTokenInterceptor, RequestGuard
 from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
+from .reflection import enable_reflection
 from .scheduler import Scheduler
-from .transport import SERVICE, BearerTokenInterceptor, Limits, TranslationServicer
+from .transport import SERVICE, Limits, TranslationServicer
 from .translator import Translator
 
 log = logging.getLogger("nmt-serve")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 WARMUP_TEXT = "A warm-up sentence."
+QUIET_S = 0.05  # the drain stops gRPC once no call has arrived for this long (or at the grace's end)
+# gRPC core refuses larger messages itself (RESOURCE_EXHAUSTED, not counted in the metrics); up to
+# this, the RequestGuard refuses those over --max-message-bytes, and counts them.
+CORE_MESSAGE_LIMIT_FACTOR = 2
 
 
 class NmtServer:
     """The grpc.aio server with what it serves; start()/stop()/wait_for_termination() like grpc.aio.Server."""
 
-    def __init__(self, cfg: ServerConfig, translator: Translator, grpc_server: grpc.aio.Server,
-                 scheduler: Scheduler, metrics: Metrics, health: HealthServicer, port: int):
-        self.cfg, self.translator, self.grpc_server, self.scheduler = cfg, translator, grpc_server, scheduler
+    def __init__(self, cfg: ServerConfig, servicer: TranslationServicer, guard: RequestGuard,
+                 grpc_server: grpc.aio.Server, metrics: Metrics, health: HealthServicer, port: int):
+        self.cfg, self.servicer, self.guard, self.grpc_server = cfg, servicer, guard, grpc_server
+        self.translator, self.scheduler = servicer.translator, servicer.scheduler
         self.metrics, self.health, self.port = metrics, health, port
         self.metrics_server: MetricsServer | None = None
         self._started = self._stopped = False
@@ -78,13 +86,22 @@ class NmtServer:
             self.translator.search(sources, type(options)(beam_size=1))
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new calls, let accepted ones finish within `grace` seconds, free everything."""
+        """NOT_SERVING, answer new translations UNAVAILABLE, let accepted ones finish within `grace`
+        seconds, stop gRPC, free everything."""
         if self._stopped:
             return
         self._stopped = True
         grace = self.cfg.grace_seconds if grace is None else grace
+        end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
-        await self.grpc_server.stop(grace)  # returns once every accepted call is done (or cancelled at grace)
+        # gRPC core's stop cancels the calls it has received but not handed over yet (clients see
+        # CANCELLED, which retry policies do not retry): answer new calls UNAVAILABLE until the accepted
+        # ones are done and no call has arrived for QUIET_S.
+        self.servicer.draining = True
+        await self.servicer.wait_idle(grace)
+        while (quiet := time.monotonic() - self.guard.last_call) < QUIET_S and time.monotonic() < end:
+            await asyncio.sleep(QUIET_S - quiet)
+        await self.grpc_server.stop(max(0.0, end - time.monotonic()))  # cancels what is left at the grace's end
         await self.scheduler.close(timeout=1.0)
         if self.metrics_server is not None:
             self.metrics_server.close()
@@ -108,7 +125,8 @@ def bundle_defaults(translator: Translator) -> DecodeOptions | None:
 def limits_of(cfg: ServerConfig, translator: Translator) -> Limits:
     sessions = getattr(translator, "sessions", None)
     return Limits(max_texts=cfg.max_texts, max_tokens_per_text=cfg.max_tokens_per_text,
-                  max_beam_size=cfg.max_beam_size, defaults=cfg.default_options(bundle_defaults(translator)),
+                  max_text_bytes=cfg.text_bytes_limit, max_beam_size=cfg.max_beam_size,
+                  defaults=cfg.default_options(bundle_defaults(translator)),
                   max_positions=getattr(sessions, "max_positions", None))
 
 
@@ -126,20 +144,24 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     metrics.set_model(name=info.name, version=info.version, src_lang=info.src_lang, tgt_lang=info.tgt_lang,
                       bundle_sha256=info.bundle_sha256, precision=info.precision, provider=info.provider)
     scheduler = Scheduler(translator, cfg.scheduler(), metrics)
-    interceptors = [BearerTokenInterceptor(cfg.auth_token, metrics)] if cfg.auth_token else []
+    # The token check runs first: without the token a client gets UNAUTHENTICATED whatever it sends.
+    guard = RequestGuard(cfg.max_message_bytes, metrics, SERVICE)
+    interceptors: list[grpc.aio.ServerInterceptor] = [guard]
+    if cfg.auth_token:
+        interceptors.insert(0, BearerTokenInterceptor(cfg.auth_token, metrics, SERVICE))
+    core_limit = min(2**31 - 1, CORE_MESSAGE_LIMIT_FACTOR * cfg.max_message_bytes)
     server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", core_limit),
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not shared with another server
     ])
-    pb_grpc.add_TranslationServiceServicer_to_server(
-        TranslationServicer(translator, scheduler, limits_of(cfg, translator), metrics), server)
+    servicer = TranslationServicer(translator, scheduler, limits_of(cfg, translator), metrics)
+    pb_grpc.add_TranslationServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     for service in ("", SERVICE):
         await health.set(service, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
+    enable_reflection(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{cfg.host}:{cfg.port}"
     try:
         port = server.add_secure_port(address, _credentials(cfg)) if cfg.tls else server.add_insecure_port(address)
@@ -147,7 +169,7 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
         raise OSError(f"cannot listen on {address}: {e}") from e
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    return NmtServer(cfg, translator, server, scheduler, metrics, health, port), port
+    return NmtServer(cfg, servicer, guard, server, metrics, health, port), port
 
 
 def one_line(error: BaseException) -> str:

@@ -1,7 +1,10 @@
 """Prometheus metrics of the server. Nothing is registered at import: Metrics(registry) does it.
 
-    nmt_requests_total{method,code}             finished RPCs by gRPC status code name
-    nmt_request_duration_seconds{method}        RPC latency (histogram)
+    nmt_requests_total{method,code}             finished requests by the gRPC status code clients saw:
+                                                a unary call once; each TranslateStream answer once (by the
+                                                code in it), a stream that fails once more; requests refused
+                                                before the servicer (unparsable, oversized, no token) too
+    nmt_request_duration_seconds{method}        latency of the requests the servicer answered (histogram)
     nmt_requests_in_flight{method}              RPCs being handled
     nmt_queue_wait_seconds                      enqueue -> batch start, per sentence (histogram)
     nmt_queue_sentences                         sentences waiting for a batch
@@ -32,7 +35,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, *, process: bool = True):
         self.registry = registry
         r = {"registry": registry}
-        self.requests = Counter("nmt_requests", "Finished RPCs by method and gRPC status code.",
+        self.requests = Counter("nmt_requests", "Finished requests by method and the gRPC status code sent.",
                                 ["method", "code"], **r)
         self.request_seconds = Histogram("nmt_request_duration_seconds", "RPC latency.", ["method"],
                                          buckets=LATENCY_BUCKETS, **r)

@@ -10,8 +10,10 @@ Policy (one dispatcher task; `workers` engine threads):
 - Its other sentences are the queued ones of nearest length to the oldest (less padding).
 - A request's sentences may go into several batches; its results are reassembled in order.
 - Expired requests are dropped before compute (DeadlineExceeded); a cancelled request leaves the
-  queue at once; an engine error reaches every request with a sentence in that batch.
-- More than `max_queue_size` queued sentences -> QueueFull, the caller's sign to back off.
+  queue at once. When the engine fails on a batch holding several requests, each request runs
+  again alone: only a request that fails by itself gets the EngineError, never its batch mates.
+- More than `max_queue_size` queued sentences -> QueueFull, the caller's sign to back off; it
+  carries how long the queue should take to drain (from the recent seconds per sentence).
 """
 
 from __future__ import annotations
@@ -27,10 +29,16 @@ from .decoding import DecodeOptions, Hypothesis, SearchResult
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = (0.05, 30.0)  # bounds of QueueFull.retry_after_s
+SECONDS_PER_SENTENCE = 0.05  # the drain estimate before the first batch has been timed
 
 
 class QueueFull(Exception):
-    """The queue has no room for a request's sentences."""
+    """The queue has no room for a request's sentences; retry_after_s: when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class DeadlineExceeded(Exception):
@@ -90,6 +98,7 @@ class Scheduler:
         self._executor: ThreadPoolExecutor | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._closing = False
+        self._seconds_per_sentence = SECONDS_PER_SENTENCE  # moving average over recent batches
 
     @property
     def depth(self) -> int:
@@ -109,8 +118,9 @@ class Scheduler:
         if not sources:
             return []
         if self.depth + len(sources) > self.cfg.max_queue_size:
+            wait = self.retry_after_s()
             raise QueueFull(f"the queue holds {self.depth} sentences and this request has {len(sources)}; "
-                            f"max_queue_size is {self.cfg.max_queue_size}, try again later")
+                            f"max_queue_size is {self.cfg.max_queue_size}, retry in {wait * 1000:.0f} ms", wait)
         request = _Request(asyncio.get_running_loop().create_future(), len(sources), deadline)
         now = time.monotonic()
         self._queue.extend(_Item(request, i, tokens, options, now) for i, tokens in enumerate(sources))
@@ -124,6 +134,11 @@ class Scheduler:
         except asyncio.CancelledError:
             self._forget(request)  # the caller went away: its sentences leave the queue
             raise
+
+    def retry_after_s(self) -> float:
+        """About how long the queued sentences take to compute, at the recent pace."""
+        low, high = RETRY_AFTER_S
+        return min(high, max(low, self.depth * self._seconds_per_sentence / self.cfg.workers))
 
     async def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, finish the queued and running ones (within `timeout`), free the threads."""
@@ -223,24 +238,61 @@ class Scheduler:
 
     async def _run(self, batch: list[_Item]) -> None:
         started = time.monotonic()
-        sources, options = [item.tokens for item in batch], batch[0].options
         try:
-            assert self._executor is not None
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, self.engine.search, sources, options)
-            assert len(result.hypotheses) == len(batch), "the engine returned a result per source"
+            try:
+                result = await self._search(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
+                await self._run_apart(batch, e)
+                return
         except asyncio.CancelledError:  # close() gave up waiting: nobody may be left hanging
-            for request in {id(item.request): item.request for item in batch}.values():
+            for request in _requests(batch):
                 self._fail(request, SchedulerClosed("the server shut down before the request was computed"))
             raise
-        except Exception as e:  # noqa: BLE001 - every waiting request must hear of it
-            log.exception("engine failed on a batch of %d sentences", len(batch))
-            error = EngineError(f"the engine failed on a batch of {len(batch)} sentences: {e}")
-            for request in {id(item.request): item.request for item in batch}.values():
-                self._fail(request, error)
-            return
         finally:
             self._slots.release()
+        self._done(batch, started, result)
+
+    async def _search(self, batch: list[_Item]) -> SearchResult:
+        assert self._executor is not None
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, self.engine.search, [item.tokens for item in batch],
+                                            batch[0].options)
+        assert len(result.hypotheses) == len(batch), "the engine returned a result per source"
+        return result
+
+    async def _run_apart(self, batch: list[_Item], error: Exception) -> None:
+        """The engine failed on `batch`: run each of its requests alone, so one bad request fails by itself."""
+        groups: dict[int, list[_Item]] = {}
+        for item in batch:
+            groups.setdefault(id(item.request), []).append(item)
+        if len(groups) == 1:
+            self._engine_failed(batch, error)
+            return
+        log.warning("engine failed on a batch of %d sentences from %d requests (%s: %s); running each request "
+                    "alone", len(batch), len(groups), type(error).__name__, error)
+        for items in groups.values():
+            if items[0].request.future.done():  # cancelled or expired meanwhile
+                continue
+            started = time.monotonic()
+            try:
+                result = await self._search(items)
+            except Exception as e:  # noqa: BLE001 - this request's own failure
+                self._engine_failed(items, e)
+                continue
+            self._done(items, started, result)
+
+    def _engine_failed(self, items: list[_Item], error: Exception) -> None:
+        log.error("engine failed on a batch of %d sentences", len(items), exc_info=error)
+        failure = EngineError(f"the engine failed on a batch of {len(items)} sentences: {error}")
+        for request in _requests(items):
+            self._fail(request, failure)
+
+    def _done(self, batch: list[_Item], started: float, result: SearchResult) -> None:
+        """Record the batch's pace and metrics; hand each sentence's hypotheses to its request."""
+        per_sentence = (time.monotonic() - started) / len(batch)
+        self._seconds_per_sentence = 0.8 * self._seconds_per_sentence + 0.2 * per_sentence
         self._observe(batch, started, result)
         for item, hypotheses in zip(batch, result.hypotheses):
             request = item.request
@@ -263,3 +315,8 @@ class Scheduler:
         m.decode_seconds.observe(result.decode_seconds)
         m.input_tokens.inc(sum(len(item.tokens) for item in batch))
         m.generated_tokens.inc(sum(len(h.tokens) for hyps in result.hypotheses for h in hyps))
+
+
+def _requests(batch: list[_Item]) -> list[_Request]:
+    """The distinct requests with a sentence in `batch`."""
+    return list({id(item.request): item.request for item in batch}.values())

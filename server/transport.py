@@ -1,54 +1,76 @@
 """The gRPC servicer: proto <-> Python, request validation, status codes, request metrics.
 
 Every exception becomes an explicit status code (status_of): nothing reaches a client as UNKNOWN.
+Checks run cheapest first, and only cheap ones on the event loop: the options, the number of texts,
+then per text whether it is blank (whitespace only: an empty hypothesis whatever its length) and
+its UTF-8 size (max_text_bytes), all before tokenizing. Tokenizing runs in a worker thread (3 MB of
+text took over a second of CPU, and health checks share this loop); a text that normalization
+leaves empty (invisible characters, NUL) is blank too. Then the token count and the model's positions.
+
+nmt_requests_total counts what clients saw: a Translate or GetModelInfo call once by its status
+code, each TranslateStream answer once by the code in it (when it was sent), and a stream that
+ends with an error status once more by that code. A call cancelled within DEADLINE_SLACK_S of its
+deadline counts as DEADLINE_EXCEEDED: the client's clock and the server's (started when the
+request arrived, from the rounded grpc-timeout header) differ, and the client's cancellation at
+its deadline can arrive before the server's own deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import logging
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import grpc
 
 from .decoding import DecodeOptions, Hypothesis
+from .interceptors import Refused, abort
 from .metrics import Metrics
 from .nmt_pb import translation_pb2 as pb
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .scheduler import DeadlineExceeded, EngineError, QueueFull, Scheduler, SchedulerClosed
 from .translator import Translator
 
-log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["TranslationService"].full_name  # "nmt.v1.TranslationService"
+DEADLINE_SLACK_S = 0.1
+RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC retry design A6: when a retry policy may try again
 
 
 @dataclass(frozen=True)
 class Limits:
     max_texts: int = 64
     max_tokens_per_text: int = 256
+    max_text_bytes: int = 64 * 256
     max_beam_size: int = 16
     defaults: DecodeOptions = DecodeOptions()
     max_positions: int | None = None  # the model's: source tokens + max_len_extra must fit
 
 
-def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and message a client sees for an exception."""
+class Status(NamedTuple):
+    code: grpc.StatusCode
+    message: str
+    trailers: tuple[tuple[str, str], ...] = ()
+
+
+def status_of(error: BaseException) -> Status:
+    """The status a client sees for an exception."""
     if isinstance(error, ValueError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+        return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    if isinstance(error, Refused):
+        return Status(error.code, str(error))
     if isinstance(error, QueueFull):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
+        pushback = str(round(error.retry_after_s * 1000))
+        return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ((RETRY_PUSHBACK, pushback),))
     if isinstance(error, DeadlineExceeded):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
+        return Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
     if isinstance(error, SchedulerClosed):
-        return grpc.StatusCode.UNAVAILABLE, str(error)
+        return Status(grpc.StatusCode.UNAVAILABLE, str(error))
     if isinstance(error, EngineError):
-        return grpc.StatusCode.INTERNAL, str(error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+        return Status(grpc.StatusCode.INTERNAL, str(error))
+    return Status(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
 
 
 def decode_options(proto: pb.DecodeOptions, limits: Limits) -> DecodeOptions:
@@ -57,19 +79,30 @@ def decode_options(proto: pb.DecodeOptions, limits: Limits) -> DecodeOptions:
     beam = proto.beam_size if proto.HasField("beam_size") else d.beam_size
     if not 1 <= beam <= limits.max_beam_size:
         raise ValueError(f"beam_size must be between 1 and max_beam_size={limits.max_beam_size}, got {beam}")
-    penalty = proto.length_penalty if proto.HasField("length_penalty") else d.length_penalty
-    if not math.isfinite(penalty):
-        raise ValueError(f"length_penalty must be a finite number >= 0, got {penalty}")
-    return DecodeOptions(
+    return DecodeOptions(  # checks n_best, max_len_extra and length_penalty's range (NaN and inf included)
         beam_size=beam,
-        length_penalty=penalty,
+        length_penalty=proto.length_penalty if proto.HasField("length_penalty") else d.length_penalty,
         max_len_extra=proto.max_len_extra if proto.HasField("max_len_extra") else d.max_len_extra,
         n_best=proto.n_best if proto.HasField("n_best") else 1,
     )
 
 
-def check_sources(sources: list[list[int]], options: DecodeOptions, limits: Limits) -> None:
-    for i, source in enumerate(sources):
+def check_texts(texts: list[str], limits: Limits) -> list[bool]:
+    """Count and UTF-8 size, before any tokenizing; whether each text is blank (skips its size check)."""
+    if not texts:
+        raise ValueError("texts is empty: send at least one text")
+    if len(texts) > limits.max_texts:
+        raise ValueError(f"{len(texts)} texts; the limit is max_texts_per_request={limits.max_texts}")
+    blank = [not text.strip() for text in texts]
+    for i, text in enumerate(texts):
+        if not blank[i] and (size := len(text.encode("utf-8"))) > limits.max_text_bytes:
+            raise ValueError(f"text {i} has {size} bytes; the limit is max_text_bytes={limits.max_text_bytes}")
+    return blank
+
+
+def check_sources(sources: dict[int, list[int]], options: DecodeOptions, limits: Limits) -> None:
+    """Token counts of the texts (by request index) that are not blank."""
+    for i, source in sources.items():
         if len(source) > limits.max_tokens_per_text:
             raise ValueError(f"text {i} has {len(source)} tokens; the limit is "
                              f"max_tokens_per_text={limits.max_tokens_per_text}")
@@ -80,12 +113,16 @@ def check_sources(sources: list[list[int]], options: DecodeOptions, limits: Limi
 
 @dataclass
 class _Call:
-    code: grpc.StatusCode = grpc.StatusCode.OK
+    code: grpc.StatusCode | None = grpc.StatusCode.OK  # None: counted elsewhere
 
 
 class TranslationServicer(pb_grpc.TranslationServiceServicer):
     def __init__(self, translator: Translator, scheduler: Scheduler, limits: Limits, metrics: Metrics | None = None):
         self.translator, self.scheduler, self.limits, self.metrics = translator, scheduler, limits, metrics
+        self.draining = False  # set on shutdown: new translations get UNAVAILABLE
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         deadline = deadline_of(context)
@@ -93,20 +130,24 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
             try:
                 return await self.translate(list(request.texts), request.options, deadline)
             except Exception as e:  # noqa: BLE001 - mapped to a status code, never UNKNOWN
-                call.code, message = status_of(e)
-            await context.abort(call.code, message)
-        raise AssertionError("unreachable: context.abort raises")
+                status = status_of(e)
+            call.code = status.code
+            await abort(context, *status)
+        raise AssertionError("unreachable: abort raises")
 
     async def TranslateStream(self, requests: AsyncIterator[pb.TranslateStreamRequest],
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranslateStreamResponse]:
         deadline = deadline_of(context)
-        with self._call("TranslateStream", deadline) as call:
+        with self._call("TranslateStream", deadline, count_ok=False) as call:
             try:
                 async for response in self._stream(requests, deadline):
                     yield response
+            except Refused:
+                raise  # a request message that could not be parsed: the RequestGuard answers it
             except Exception as e:  # noqa: BLE001 - reading the stream failed
-                call.code, message = status_of(e)
-                await context.abort(call.code, message)
+                status = status_of(e)
+                call.code = status.code
+                await abort(context, *status)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         with self._call("GetModelInfo", None):
@@ -122,18 +163,18 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
     async def translate(self, texts: list[str], options_pb: pb.DecodeOptions,
                         deadline: float | None) -> pb.TranslateResponse:
         """Validate, tokenize, queue, detokenize. Raises ValueError for bad input, scheduler errors otherwise."""
-        options = decode_options(options_pb, self.limits)
-        if not texts:
-            raise ValueError("texts is empty: send at least one text")
-        if len(texts) > self.limits.max_texts:
-            raise ValueError(f"{len(texts)} texts; the limit is max_texts_per_request={self.limits.max_texts}")
-        sources = self.translator.tokenize(texts)
-        check_sources(sources, options, self.limits)
-        # Empty (or blank) texts translate to an empty string without the engine.
-        todo = [i for i, (text, source) in enumerate(zip(texts, sources)) if source and not text.isspace()]
-        found = await self.scheduler.submit([sources[i] for i in todo], options, deadline)
-        hypotheses: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in sources]
-        for i, hyps in zip(todo, found):
+        if self.draining:
+            raise SchedulerClosed("the server is shutting down: retry on another replica")
+        with self._working():
+            options = decode_options(options_pb, self.limits)
+            blank = check_texts(texts, self.limits)
+            todo = [i for i, b in enumerate(blank) if not b]
+            tokens = await asyncio.to_thread(self.translator.tokenize, [texts[i] for i in todo]) if todo else []
+            sources = {i: source for i, source in zip(todo, tokens) if source}  # empty: blank after normalization
+            check_sources(sources, options, self.limits)
+            found = await self.scheduler.submit(list(sources.values()), options, deadline)
+        hypotheses: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in texts]
+        for i, hyps in zip(sources, found):
             hypotheses[i] = hyps
         strings = iter(self.translator.detokenize([h.tokens for hyps in hypotheses for h in hyps]))
         scores = options_pb.return_scores
@@ -143,20 +184,42 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
                               normalized_score=h.normalized_score if scores else 0.0) for h in hyps])
             for hyps in hypotheses])
 
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no translation is being worked on (at most `timeout` s); whether that happened."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _working(self) -> Iterator[None]:
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
     async def _stream(self, requests: AsyncIterator[pb.TranslateStreamRequest],
                       deadline: float | None) -> AsyncIterator[pb.TranslateStreamResponse]:
-        """Answer each request as soon as it is done; a failed one gets an Error, the stream goes on."""
-        done: asyncio.Queue[pb.TranslateStreamResponse | None] = asyncio.Queue()
+        """Answer each request as soon as it is done; a failed one gets an Error, the stream goes on.
+        Each answer is counted once it has been sent."""
+        done: asyncio.Queue[tuple[pb.TranslateStreamResponse, grpc.StatusCode, float] | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.TranslateStreamRequest) -> None:
+            started = time.perf_counter()
             try:
                 response = await self.translate(list(request.texts), request.options, deadline)
-                done.put_nowait(pb.TranslateStreamResponse(id=request.id, response=response))
+                done.put_nowait((pb.TranslateStreamResponse(id=request.id, response=response), grpc.StatusCode.OK,
+                                 started))
             except Exception as e:  # noqa: BLE001 - becomes this request's error
-                code, message = status_of(e)
-                done.put_nowait(pb.TranslateStreamResponse(id=request.id, error=pb.Error(code=code.value[0],
-                                                                                         message=message)))
+                code, message, _ = status_of(e)
+                error = pb.Error(code=code.value[0], message=message)
+                done.put_nowait((pb.TranslateStreamResponse(id=request.id, error=error), code, started))
 
         async def read() -> None:
             try:
@@ -171,71 +234,44 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
 
         reader = asyncio.get_running_loop().create_task(read())
         try:
-            while (response := await done.get()) is not None:
+            while (item := await done.get()) is not None:
+                response, code, started = item
                 yield response
+                self._count("TranslateStream", code, started)
             await reader  # re-raises a failure to read the requests
         finally:
             for task in (reader, *tasks):
                 task.cancel()
 
+    def _count(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
+
     @contextlib.contextmanager
-    def _call(self, method: str, deadline: float | None) -> Iterator[_Call]:
-        """Counts the call by its final status code, times it, tracks it in flight."""
+    def _call(self, method: str, deadline: float | None, count_ok: bool = True) -> Iterator[_Call]:
+        """Tracks the call in flight; counts and times it by its final status code (an OK stream is
+        not counted: its answers were)."""
         call, started, m = _Call(), time.perf_counter(), self.metrics
         if m is not None:
             m.in_flight.labels(method).inc()
         try:
             yield call
-        except asyncio.CancelledError:
-            expired = deadline is not None and time.monotonic() >= deadline
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed
+            expired = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
             call.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
+        except Refused:
+            call.code = None  # answered and counted by the RequestGuard
             raise
         finally:
             if m is not None:
                 m.in_flight.labels(method).dec()
-                m.requests.labels(method, call.code.name).inc()
-                m.request_seconds.labels(method).observe(time.perf_counter() - started)
+            if call.code is not None and (count_ok or call.code != grpc.StatusCode.OK):
+                self._count(method, call.code, started)
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
     """The call's deadline as a time.monotonic() value (None: the client set none)."""
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Requires metadata `authorization: Bearer <token>` on every call but health checks."""
-
-    EXEMPT = ("/grpc.health.v1.Health/",)
-
-    def __init__(self, token: str, metrics: Metrics | None = None):
-        self.expected = f"Bearer {token}".encode()
-        self.metrics = metrics
-
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(self.EXEMPT):
-            return handler
-        given = dict(details.invocation_metadata or ()).get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self.expected):
-            return handler
-        if self.metrics is not None and details.method.startswith(f"/{SERVICE}/"):
-            self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
-        return _denied(handler)
-
-
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED."""
-    message = "missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
-
-    async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    make = kind[(handler.request_streaming, handler.response_streaming)]
-    return make(deny, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
-

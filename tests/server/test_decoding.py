@@ -104,7 +104,9 @@ def test_hypotheses_respect_the_length_limit(decoder, sources):
     ({"beam_size": 0}, "beam_size must be at least 1, got 0"),
     ({"beam_size": 2, "n_best": 3}, r"n_best must be between 1 and beam_size \(2\), got 3"),
     ({"n_best": 0}, r"n_best must be between 1 and beam_size \(4\), got 0"),
-    ({"length_penalty": -0.1}, "length_penalty must be >= 0, got -0.1"),
+    ({"length_penalty": -0.1}, "length_penalty must be a finite number between 0 and 10, got -0.1"),
+    ({"length_penalty": 1e4}, "length_penalty must be a finite number between 0 and 10, got 10000.0"),
+    ({"length_penalty": float("nan")}, "length_penalty must be a finite number between 0 and 10, got nan"),
     ({"max_len_extra": 0}, "max_len_extra must be at least 1, got 0"),
 ])
 def test_decode_options_are_validated(kwargs, message):

@@ -58,8 +58,8 @@ async def test_reflection_lists_the_services(default_server) -> None:
             return names, [m.name for m in proto.service[0].method]
 
     names, methods = await asyncio.to_thread(services)
-    assert names == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                     "nmt.v1.TranslationService"]
+    assert names == ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
+                     "grpc.reflection.v1alpha.ServerReflection", "nmt.v1.TranslationService"]
     assert methods == ["Translate", "TranslateStream", "GetModelInfo"]
 
 

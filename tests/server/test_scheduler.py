@@ -94,17 +94,18 @@ async def test_waits_for_a_batch_to_fill(gate: Gate) -> None:  # noqa: F405
     assert waited >= 0.3 and time.monotonic() - t0 < 0.3
 
 
-async def test_engine_error_reaches_every_waiting_request(gate: Gate) -> None:  # noqa: F405
+async def test_engine_error_fails_only_the_request_that_caused_it(gate: Gate) -> None:  # noqa: F405
     scheduler = await started(gate)
     first = await blocked(gate, scheduler)
-    good = asyncio.create_task(scheduler.submit([[5, 6, 7]], GREEDY))
-    bad = asyncio.create_task(scheduler.submit([[10**6]], GREEDY))  # outside the vocabulary: the engine raises
-    await eventually(lambda: scheduler.depth == 2)  # noqa: F405
+    good = asyncio.create_task(scheduler.submit([[5, 6, 7], [8]], GREEDY))
+    bad = asyncio.create_task(scheduler.submit([[10**6], [9]], GREEDY))  # outside the vocabulary: the engine raises
+    await eventually(lambda: scheduler.depth == 4)  # noqa: F405
     gate.open()
     await first
-    for job in (good, bad):
-        with pytest.raises(EngineError, match="outside the vocabulary"):
-            await job
+    assert len(await good) == 2  # its batch mate failed the batch; it ran again alone
+    with pytest.raises(EngineError, match="outside the vocabulary"):
+        await bad
+    assert [len(sources) for sources, _ in gate.calls] == [4, 2, 2]  # together, then each request alone
     assert await scheduler.submit([[5]], GREEDY)  # and the scheduler goes on
     await scheduler.close()
 
@@ -142,8 +143,9 @@ async def test_queue_full(gate: Gate) -> None:  # noqa: F405
     first = await blocked(gate, scheduler)
     queued = asyncio.create_task(scheduler.submit([[5], [6]], GREEDY))
     await eventually(lambda: scheduler.depth == 2)  # noqa: F405
-    with pytest.raises(QueueFull, match="max_queue_size is 3"):
+    with pytest.raises(QueueFull, match=r"max_queue_size is 3, retry in \d+ ms") as e:
         await scheduler.submit([[5], [6]], GREEDY)
+    assert 0.05 <= e.value.retry_after_s <= 30.0
     gate.open()
     assert len(await queued) == 2
     await first
