@@ -42,7 +42,7 @@ bench-train: $(VENV)/.installed
 bench-load: $(BUNDLE)/manifest.json
 	$(BIN)/nmt-bench load --bundle $(BUNDLE)
 
-# Regenerates server/nmt_pb from protos/ (a test fails when the committed code is stale).
+# Regenerates server/nmt_pb and server/kserve_pb from protos/ (a test fails when they are stale).
 protos: $(VENV)/.installed
 	$(BIN)/python -m server.protogen
 

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 from .config import ServerConfig, from_args
 from .decoding import DecodeOptions
 from .interceptors import BearerTokenInterceptor, RequestGuard
+from .kserve import add_inference_service
 from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
@@ -161,6 +162,7 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     for service in ("", SERVICE):
         await health.set(service, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    add_inference_service(server, servicer, health)  # KServe v2 / Triton clients, same port
     enable_reflection(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{cfg.host}:{cfg.port}"
     try:

@@ -7,12 +7,12 @@ its UTF-8 size (max_text_bytes), all before tokenizing. Tokenizing runs in a wor
 text took over a second of CPU, and health checks share this loop); a text that normalization
 leaves empty (invisible characters, NUL) is blank too. Then the token count and the model's positions.
 
-nmt_requests_total counts what clients saw: a Translate or GetModelInfo call once by its status
-code, each TranslateStream answer once by the code in it (when it was sent), and a stream that
-ends with an error status once more by that code. A call cancelled within DEADLINE_SLACK_S of its
-deadline counts as DEADLINE_EXCEEDED: the client's clock and the server's (started when the
-request arrived, from the rounded grpc-timeout header) differ, and the client's cancellation at
-its deadline can arrive before the server's own deadline.
+nmt_requests_total counts what clients saw: a Translate, GetModelInfo or KServe ModelInfer call
+once by its status code, each TranslateStream answer once by the code in it (when it was sent),
+and a stream that ends with an error status once more by that code. A call cancelled within
+DEADLINE_SLACK_S of its deadline counts as DEADLINE_EXCEEDED: the client's clock and the server's
+(started when the request arrived, from the rounded grpc-timeout header) differ, and the client's
+cancellation at its deadline can arrive before the server's own deadline.
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
 
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         deadline = deadline_of(context)
-        with self._call("Translate", deadline) as call:
+        with self.track("Translate", deadline) as call:
             try:
                 return await self.translate(list(request.texts), request.options, deadline)
             except Exception as e:  # noqa: BLE001 - mapped to a status code, never UNKNOWN
@@ -138,7 +138,7 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
     async def TranslateStream(self, requests: AsyncIterator[pb.TranslateStreamRequest],
                               context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranslateStreamResponse]:
         deadline = deadline_of(context)
-        with self._call("TranslateStream", deadline, count_ok=False) as call:
+        with self.track("TranslateStream", deadline, count_ok=False) as call:
             try:
                 async for response in self._stream(requests, deadline):
                     yield response
@@ -150,7 +150,7 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
                 await abort(context, *status)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        with self._call("GetModelInfo", None):
+        with self.track("GetModelInfo", None):
             i, lim, d = self.translator.info, self.limits, self.limits.defaults
             return pb.ModelInfo(
                 name=i.name, version=i.version, src_lang=i.src_lang, tgt_lang=i.tgt_lang, vocab_size=i.vocab_size,
@@ -249,9 +249,9 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
             self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
 
     @contextlib.contextmanager
-    def _call(self, method: str, deadline: float | None, count_ok: bool = True) -> Iterator[_Call]:
+    def track(self, method: str, deadline: float | None, count_ok: bool = True) -> Iterator[_Call]:
         """Tracks the call in flight; counts and times it by its final status code (an OK stream is
-        not counted: its answers were)."""
+        not counted: its answers were). Public: KServe's ModelInfer (server/kserve.py) is tracked here too."""
         call, started, m = _Call(), time.perf_counter(), self.metrics
         if m is not None:
             m.in_flight.labels(method).inc()
