@@ -30,7 +30,7 @@ if [[ " $* " != *" --force "* && " $* " != *" --resume "* && -d "$out/run/last" 
 fi
 "$python" -m training.train --out "$out/run" "${recipe[@]}" "${mode[@]}" "$@"
 
-"$python" -m training.tune_inference --checkpoint "$out/run/final" --beams 1,4,5,6 --alphas 0.6,1.0,1.4 \
+"$python" -m training.tune_inference --checkpoint "$out/run/final" --beams 1,4,5,6 --alphas 0.6,1.0,1.4,1.8,2.2 \
   --write --json "$out/inference_sweep.json"
 "$python" -m training.checkpoint "$out/run/final" "$out/model" --dtype float16 --force
 echo "trained: $out/model"
