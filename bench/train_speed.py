@@ -1,6 +1,6 @@
 """`nmt-bench train`: training tokens/s per optimizer step, every variant side by side in one run.
 
-    nmt-bench train [--presets tiny,small] [--budgets 4096,8192,16384] [--steps 6]
+    nmt-bench train [--presets tiny,small] [--budgets 4096,8192,16384] [--steps 12]
 
 Every row trains the same real Multi30k batches (length-bucketed, as `nmt-train` makes them) from
 the same initial weights; the first `--warmup-steps` steps of a row are not timed (they allocate,
@@ -33,6 +33,7 @@ from training.model import Transformer, preset
 from training.optim import make_optimizer
 from training.output_loss import projected_cross_entropy
 from training.tokenizer import PAD_ID, Tokenizer
+from training.train import attention_backend
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def legacy_step(model, optimizer, batch) -> None:
 def current_step(model, optimizer, batch, precision: str) -> torch.Tensor:
     """precision: "fp32"; "bf16-out" (bf16 output layer only); "bf16" (autocast, output layer too)."""
     keep = batch.tgt_out != PAD_ID
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"), attention_backend("cpu"):
         states = model(batch.src, batch.src_mask, batch.tgt_in, keep, project=False)
         weight = getattr(model, "_orig_mod", model).embedding.weight
         loss, _ = projected_cross_entropy(states, weight, batch.tgt_out[keep], 0.1, precision != "fp32")
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budgets", default="4096,8192,16384", type=lambda s: [int(x) for x in s.split(",")])
     p.add_argument("--precisions", default="fp32,bf16-out,bf16", type=lambda s: s.split(","))
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--sentences", type=int, default=0, help="use only the first N training pairs (0 = all)")

@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     opt.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "bf16-output", "fp16"],
                      help="mixed precision: bf16 = autocast; bf16-output = only the output layer in bf16; "
-                          "auto = bf16 on CUDA, bf16-output on CPUs with AMX or AVX-512 BF16, none elsewhere")
+                          "auto = bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, none on other CPUs")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     run = p.add_argument_group("validation and checkpoints")
     run.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better BLEU; 0 = never")

@@ -84,16 +84,26 @@ def prepare_tokenizer(cfg: TrainConfig, train: ParallelCorpus, ctx: dist.Context
 
 
 def resolve_amp(requested: str, device_type: str, cpu_bf16: bool) -> str:
-    """--amp auto: bf16 autocast on CUDA; on a CPU with native bf16 (AMX or AVX-512 BF16) only the
-    output layer in bf16 ("bf16-output"), which measured faster than autocasting the whole model,
-    whose small matrices gain less than the casts cost (`nmt-bench train`); fp32 on other CPUs."""
+    """--amp auto: bf16 autocast on CUDA, and on CPUs with native bf16 (AMX or AVX-512 BF16), where
+    it measured fastest for the tiny and small presets alike once attention runs SDPA's math
+    kernels (`nmt-bench train`, bench/results/train.md); fp32 on other CPUs, where bf16 is
+    emulated and slower. "bf16-output" (only the output layer in bf16) stays selectable."""
     if requested == "auto":
-        if device_type == "cuda":
-            return "bf16"
-        return "bf16-output" if cpu_bf16 else "none"
+        return "bf16" if device_type == "cuda" or cpu_bf16 else "none"
     if requested == "fp16" and device_type != "cuda":
         raise ValueError(f"--amp fp16 needs CUDA; this run is on {device_type}")
     return requested
+
+
+def attention_backend(device_type: str):
+    """On CPU, SDPA's plain math kernels: for these short sentences they trained faster than the
+    flash-attention CPU kernel (a fifth of a step in fp32; under bf16 autocast that kernel made
+    bf16 slower than fp32, the math kernels made it the fastest; `nmt-bench train`)."""
+    if device_type != "cpu":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class Trainer:
@@ -157,7 +167,7 @@ class Trainer:
             batch = make_batch(self.train, indices).to(self.ctx.device)
             keep = batch.tgt_out != PAD_ID
             sync = i == len(group) - 1
-            with self.ctx.no_sync(self.train_model, sync), self._autocast():
+            with self.ctx.no_sync(self.train_model, sync), self._autocast(), attention_backend(self.ctx.device.type):
                 states = self.train_model(batch.src, batch.src_mask, batch.tgt_in, keep, project=False)
                 loss, _ = projected_cross_entropy(states, self.model.embedding.weight, batch.tgt_out[keep],
                                                   self.cfg.label_smoothing, self.bf16_output)

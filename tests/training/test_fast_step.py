@@ -95,9 +95,9 @@ def test_a_bf16_training_step_gives_losses_close_to_fp32():
     ("requested", "device", "cpu_bf16", "chosen"),
     [
         ("auto", "cuda", False, "bf16"),
-        ("auto", "cpu", True, "bf16-output"),  # AMX or AVX-512 BF16
+        ("auto", "cpu", True, "bf16"),  # AMX or AVX-512 BF16
         ("auto", "cpu", False, "none"),  # e.g. AVX2 only: bf16 would be emulated, slower
-        ("bf16", "cpu", False, "bf16"),  # asked for explicitly
+        ("bf16-output", "cpu", True, "bf16-output"),  # asked for explicitly
         ("none", "cuda", True, "none"),
     ],
 )
