@@ -110,11 +110,17 @@ class Translator:
         return self.decoder.search(sources, options)
 
     def translate(self, texts: list[str], options: DecodeOptions) -> list[list[Translation]]:
-        """n_best translations per text, best first, in input order."""
+        """n_best translations per text, best first, in input order. A blank text (nothing left after
+        the tokenizer's normalization: spaces, U+200B, U+FEFF, NUL, ...) gets one empty translation
+        without the engine, as the server answers it; the model would invent a sentence for it."""
         if not texts:
             return []
-        found = self.search(self.tokenize(texts), options).hypotheses
+        sources = self.tokenize(texts)
+        todo = [i for i, source in enumerate(sources) if source]
+        found = self.search([sources[i] for i in todo], options).hypotheses if todo else []
         flat = [h for hyps in found for h in hyps]
         strings = iter(self.detokenize([h.tokens for h in flat]))
-        return [[Translation(next(strings), len(h.tokens), h.score, h.normalized_score) for h in hyps]
-                for hyps in found]
+        results: list[list[Translation]] = [[Translation("", 0, 0.0, 0.0)] for _ in texts]
+        for i, hyps in zip(todo, found):
+            results[i] = [Translation(next(strings), len(h.tokens), h.score, h.normalized_score) for h in hyps]
+        return results

@@ -37,14 +37,17 @@ def test_model_info(translator, server_bundle):
 def test_translate_returns_n_best_texts_in_order(translator):
     options = DecodeOptions(beam_size=4, n_best=3, max_len_extra=6)
     found = translator.translate(TEXTS, options)
-    search = translator.search(translator.tokenize(TEXTS), options).hypotheses
+    real = [text for text in TEXTS if text]
+    search = translator.search(translator.tokenize(real), options).hypotheses
     assert len(found) == len(TEXTS)
-    for translations, hyps in zip(found, search):
+    assert found[TEXTS.index("")] == [Translation("", 0, 0.0, 0.0)]  # blank: no engine, one empty translation
+    for translations, hyps in zip([f for f, text in zip(found, TEXTS) if text], search):
         assert len(translations) == 3 and all(isinstance(t, Translation) for t in translations)
         assert [t.text for t in translations] == translator.detokenize([h.tokens for h in hyps])
         assert [t.tokens for t in translations] == [len(h.tokens) for h in hyps]
         assert [t.normalized_score for t in translations] == [h.normalized_score for h in hyps]
     assert translator.translate([], options) == []
+    assert translator.translate(["\u200b\ufeff\x00", " \t"], options) == [[Translation("", 0, 0.0, 0.0)]] * 2
     assert translator.detokenize(translator.tokenize(["A dog."])) == ["A dog."]
 
 
