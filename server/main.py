@@ -34,7 +34,7 @@ from .translator import Translator
 log = logging.getLogger("nmt-serve")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 WARMUP_TEXT = "A warm-up sentence."
-QUIET_S = 0.05  # the drain stops gRPC once no call has arrived for this long (or at the grace's end)
+QUIET_S = 0.25  # the drain stops gRPC once no call has arrived for this long (or at the grace's end)
 # gRPC core refuses larger messages itself (RESOURCE_EXHAUSTED, not counted in the metrics); up to
 # this, the RequestGuard refuses those over --max-message-bytes, and counts them.
 CORE_MESSAGE_LIMIT_FACTOR = 2
@@ -100,7 +100,10 @@ class NmtServer:
         # ones are done and no call has arrived for QUIET_S.
         self.servicer.draining = True
         await self.servicer.wait_idle(grace)
-        while (quiet := time.monotonic() - self.guard.last_call) < QUIET_S and time.monotonic() < end:
+        # Quiet for QUIET_S counted from the later of the last call and the moment the accepted ones
+        # were done: a client that sends right after its answers arrive gets UNAVAILABLE, not CANCELLED.
+        idle_at = time.monotonic()
+        while (quiet := time.monotonic() - max(self.guard.last_call, idle_at)) < QUIET_S and time.monotonic() < end:
             await asyncio.sleep(QUIET_S - quiet)
         await self.grpc_server.stop(max(0.0, end - time.monotonic()))  # cancels what is left at the grace's end
         await self.scheduler.close(timeout=1.0)
