@@ -7,6 +7,10 @@ Import into a test module with `from grpc_fixtures import *` (pytest puts tests/
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -137,3 +141,36 @@ async def eventually(predicate: Any, timeout: float = 10.0, what: str = "conditi
 
 
 __all__ += ["eventually"]
+
+
+def start_nmt_serve(bundle: Path, **env: str) -> tuple[subprocess.Popen[str], int, int | None, list[str]]:
+    """nmt-serve in a subprocess on 127.0.0.1 (one CPU thread; `env` adds or overrides NMT_* variables);
+    returns it once it serves, with its gRPC port, metrics port (None when off) and its log lines."""
+    env = {**os.environ, "NMT_MODEL_DIR": str(bundle), "NMT_HOST": "127.0.0.1", "NMT_PORT": "0",
+           "NMT_THREADS": "1", "NMT_DEVICE": "cpu", **env}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "server.main"], cwd=root, env=env, stderr=subprocess.PIPE,
+                            text=True)
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "serving nmt.v1" in line:
+                ready.set()
+        ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    if not ready.wait(60) or proc.poll() is not None:
+        proc.kill()
+        raise AssertionError("nmt-serve did not start:\n" + "".join(lines))
+    log = "".join(lines)
+    found = re.search(r"on port (\d+)", log)
+    assert found, lines
+    metrics = re.search(r"metrics on port (\d+)", log)
+    return proc, int(found.group(1)), int(metrics.group(1)) if metrics else None, lines
+
+
+__all__ += ["start_nmt_serve"]

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import urllib.request
 from pathlib import Path
 
@@ -27,7 +22,6 @@ from server.runtime import variants_of
 from grpc_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.asyncio
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def scrape(port: int) -> dict[str, list]:
@@ -117,34 +111,9 @@ async def test_bad_bundle_is_one_line_naming_the_file(grpc_bundle, tmp_path: Pat
     assert "manifest.json" in capsys.readouterr().err
 
 
-def _start_server(bundle: Path) -> tuple[subprocess.Popen, int, int, list[str]]:
-    """nmt-serve in a subprocess; its gRPC and metrics ports read from its log line."""
-    env = {**os.environ, "NMT_MODEL_DIR": str(bundle), "NMT_HOST": "127.0.0.1", "NMT_PORT": "0",
-           "NMT_METRICS_PORT": "0", "NMT_THREADS": "1", "NMT_DEVICE": "cpu", "NMT_MAX_BATCH_SIZE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.main"], cwd=ROOT, env=env, stderr=subprocess.PIPE,
-                            text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            if "serving nmt.v1" in line:
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(60) or proc.poll() is not None:
-        proc.kill()
-        raise AssertionError("nmt-serve did not start:\n" + "".join(lines))
-    found = re.search(r"on port (\d+) \(metrics on port (\d+)\)", "".join(lines))
-    assert found, lines
-    return proc, int(found.group(1)), int(found.group(2)), lines
-
-
 async def test_sigterm_under_load_loses_no_accepted_request(grpc_bundle) -> None:
-    proc, port, metrics_port, log = await asyncio.to_thread(_start_server, grpc_bundle)
+    proc, port, metrics_port, log = await asyncio.to_thread(  # noqa: F405
+        start_nmt_serve, grpc_bundle, NMT_METRICS_PORT="0", NMT_MAX_BATCH_SIZE="1")
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             options = pb.DecodeOptions(beam_size=4, max_len_extra=40)  # noqa: F405

@@ -6,14 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
-import re
 import signal
-import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +20,6 @@ from grpc_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.asyncio
 CODE = grpc.StatusCode
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def outcome(call: Any) -> grpc.aio.AioRpcError | Any:
@@ -148,32 +141,10 @@ async def test_drain_answers_late_arrivals_unavailable(grpc_bundle, gate) -> Non
     assert len(done.translations) == 1
 
 
-def _start(bundle: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
-    env = {**os.environ, "NMT_MODEL_DIR": str(bundle), "NMT_HOST": "127.0.0.1", "NMT_PORT": "0",
-           "NMT_METRICS_PORT": "-1", "NMT_THREADS": "1", "NMT_DEVICE": "cpu", "NMT_GRACE_SECONDS": "10"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.main"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def read() -> None:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            lines.append(line)
-            ready.set() if "serving nmt.v1" in line else None
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(60) or proc.poll() is not None:
-        proc.kill()
-        raise AssertionError("nmt-serve did not start:\n" + "".join(lines))
-    found = re.search(r"on port (\d+)", "".join(lines))
-    assert found, lines
-    return proc, int(found.group(1)), lines
-
-
 async def test_sigterm_under_steady_load_answers_only_ok_or_unavailable(grpc_bundle) -> None:
     """16 clients send back to back through SIGTERM; before the drain, some saw CANCELLED."""
-    proc, port, log = await asyncio.to_thread(_start, grpc_bundle)
+    proc, port, _, log = await asyncio.to_thread(  # noqa: F405
+        start_nmt_serve, grpc_bundle, NMT_METRICS_PORT="-1", NMT_GRACE_SECONDS="10")
     codes: collections.Counter[str] = collections.Counter()
     signalled: list[float] = []
     try:
