@@ -8,7 +8,8 @@ and compile where `torch.compile` is on). Rows:
 - `legacy`: the training step as it was before the CPU work (torch `nn.Dropout` everywhere, 0.3
   dropout on attention weights and inside the FFN, logits for padding too, two log-softmaxes,
   unfused Adam, a host sync per step): the baseline the goal (>= 2.5x) is measured against;
-- `current`: the step `nmt-train` runs, in fp32 or bf16 autocast, eager or `torch.compile`.
+- `current`: the step `nmt-train` runs, in fp32, with only the output layer in bf16 (`bf16-out`)
+  or under bf16 autocast, eager or `torch.compile`.
 Writes train.json and train.md (with the CPU model and its flags) under --out.
 """
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces models/default: one run of the recipe in README ("How models/default was made"),
-# about 75 minutes on 2 CPU cores (a GPU is used when there is one), then the inference
+# about 80 minutes on 2 CPU cores (a GPU is used when there is one), then the inference
 # settings chosen on the validation set, then an fp16 copy of the chosen weights.
 #
 #   NMT_DATA_DIR=../shared/data/multi30k scripts/train_default.sh OUT_DIR [--resume | --force] [nmt-train flags...]

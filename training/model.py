@@ -89,7 +89,8 @@ class Dropout(nn.Module):
     """Inverted dropout with a mask drawn by `torch.rand`.
 
     On CPU, `nn.Dropout` (a Bernoulli draw per element) was 26% of a training step; a uniform
-    draw compared with `p` gives the same distribution about 3x cheaper (`nmt-bench train`).
+    draw compared with `p` gives the same distribution at about half the cost, forward and
+    backward (3,500 x 128 activations, 2 threads: 1.6 ms against 3.4 ms).
     """
 
     def __init__(self, p: float):

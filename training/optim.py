@@ -27,48 +27,19 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Adam:
     return torch.optim.Adam(model.parameters(), lr=0.0, betas=(0.9, 0.98), eps=1e-9, fused=True)
 
 
-class _SmoothedCrossEntropy(torch.autograd.Function):
-    """Label-smoothed cross-entropy summed over rows, with the gradient written in closed form.
-
-    softmax - (1 - eps) * onehot - eps / V: a few passes over the (N, V) logits each way, where
-    log_softmax + gather + mean through autograd made about ten (the output layer's softmax was
-    over a third of a CPU training step before this; `nmt-bench train`).
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, smoothing: float):
-        x = logits.float()
-        lprobs = F.log_softmax(x, dim=-1)  # (N, V)
-        nll = -lprobs.gather(1, target[:, None]).sum()
-        uniform = -lprobs.mean(dim=-1).sum()
-        ctx.save_for_backward(x, target)
-        ctx.smoothing, ctx.in_dtype = smoothing, logits.dtype
-        return (1.0 - smoothing) * nll + smoothing * uniform, nll
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor, _grad_nll: torch.Tensor):
-        x, target = ctx.saved_tensors
-        eps, vocab = ctx.smoothing, x.shape[-1]
-        grad = torch.softmax(x, dim=-1)  # (N, V); recomputed: cheaper than exp() of saved log-probs
-        if eps:
-            grad.sub_(eps / vocab)
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, target] -= 1.0 - eps
-        return grad.mul_(grad_loss).to(ctx.in_dtype), None, None
-
-
 def smoothed_loss(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(label-smoothed loss summed over tokens, plain NLL summed over tokens); padding ignored.
 
-    Same values as `F.cross_entropy(..., label_smoothing=smoothing, reduction="sum")`: the target
-    distribution is (1 - smoothing) on the reference token plus smoothing spread over the vocabulary.
+    Same values as `F.cross_entropy(..., label_smoothing=smoothing, reduction="sum")`, from one
+    log-softmax. Validation and small tests use it; training fuses the output layer and this loss
+    (training/output_loss.py).
     """
     flat_logits, flat_target = logits.reshape(-1, logits.shape[-1]), target.reshape(-1)
     real = flat_target != PAD_ID
-    if not bool(real.all()):
-        flat_logits, flat_target = flat_logits[real], flat_target[real]
-    loss, nll = _SmoothedCrossEntropy.apply(flat_logits, flat_target, smoothing)
-    return loss, nll.detach()
+    lprobs = F.log_softmax(flat_logits[real].float(), dim=-1)  # (N, V)
+    nll = -lprobs.gather(1, flat_target[real][:, None]).sum()
+    uniform = -lprobs.mean(dim=-1).sum()
+    return (1.0 - smoothing) * nll + smoothing * uniform, nll.detach()
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
