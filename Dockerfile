@@ -32,10 +32,10 @@ RUN set -eu; \
         pip install --no-deps "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"; \
     fi
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
+COPY engine engine
 COPY training training
 COPY export export
-COPY server server
 # torch's own dependencies (filelock, sympy, ...) come with `.[export]` from the default index.
 RUN pip install ".[export]"
 COPY models/default models/default
@@ -60,11 +60,11 @@ RUN set -eu; \
         apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
         && rm -rf /var/lib/apt/lists/*; \
     fi
-COPY pyproject.toml README.md /tmp/src/
+COPY pyproject.toml setup.py README.md /tmp/src/
+# The engine (bundle contract, ORT sessions, search) and the server; setup.py packages only the
+# folders present, so neither the exporter nor training code (nor torch) goes in.
+COPY engine /tmp/src/engine
 COPY server /tmp/src/server
-# export/bundle.py (manifest and sha256 checks, no torch) is the bundle contract the server reads.
-COPY export /tmp/src/export
-# Only server/ and export/ go in (setuptools finds no training/ here); the serve extra has no torch.
 RUN python3 -m venv /opt/venv \
     && pip install "/tmp/src[$([ "${DEVICE}" = cuda ] && echo gpu || echo serve)]" \
     && rm -rf /tmp/src \

@@ -10,7 +10,7 @@ BUNDLE ?= bundles/default
 
 .PHONY: test run serve bundle evaluate train-default image-test bench-load bench-decode bench-train protos clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build first, so `torch>=2.4` below is already satisfied (no multi-GB CUDA download).
@@ -44,7 +44,7 @@ bench-load: $(BUNDLE)/manifest.json
 
 # Regenerates server/nmt_pb and server/kserve_pb from protos/ (a test fails when they are stale).
 protos: $(VENV)/.installed
-	$(BIN)/python -m server.protogen
+	$(BIN)/python -m nmt.server.protogen
 
 evaluate: $(VENV)/.installed
 	$(BIN)/nmt-eval --checkpoint $(MODEL) --split test_2016_flickr

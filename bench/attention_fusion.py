@@ -1,6 +1,6 @@
 """Fused vs unfused attention on ONNX Runtime CPU, side by side in one run.
 
-    nice -n 19 .venv/bin/python -m bench.attention_fusion [--threads 1] [--runs 30]
+    nice -n 19 .venv/bin/python -m nmt.bench.attention_fusion [--threads 1] [--runs 30]
 
 Exports a randomly initialised model of preset "small" (d_model 256) with each attention form
 (export/fuse.py), optimizes each graph offline (ORT_ENABLE_EXTENDED) and times the encoder
@@ -23,15 +23,15 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from export import bundle, fuse
-from export.export import export_graphs
-from training.model import ModelConfig, Transformer, preset
+from nmt.engine import bundle
+from nmt.engine.runtime import session_options
+from nmt.export import fuse
+from nmt.export.export import export_graphs
+from nmt.training.model import ModelConfig, Transformer, preset
 
 
 def _session(path: Path, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _interleaved_ms(runs: dict[Any, Callable[[], object]], rounds: int) -> dict[Any, tuple[float, float]]:
@@ -97,7 +97,7 @@ def _attention_cases(directory: Path, form: str, threads: int) -> dict[str, Call
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.attention_fusion", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nmt.bench.attention_fusion", description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="ORT intra-op threads")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--forms", default=",".join(fuse.ATTENTION_FORMS))

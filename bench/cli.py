@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = {"decode": "bench.decode", "load": "bench.load", "soak": "bench.soak", "train": "bench.train_speed"}
+COMMANDS = {"decode": "nmt.bench.decode", "load": "nmt.bench.load", "soak": "nmt.bench.soak", "train": "nmt.bench.train_speed"}
 
 
 def main(argv: list[str] | None = None) -> int:

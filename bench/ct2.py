@@ -1,6 +1,6 @@
 """Our checkpoint as a CTranslate2 model: the same weights, for a side-by-side benchmark.
 
-    python -m bench.ct2 models/default /tmp/ct2-int8 --quantization int8
+    python -m nmt.bench.ct2 models/default /tmp/ct2-int8 --quantization int8
 
 The mapping, from training/model.py:
 - post-norm layers (`pre_norm=False`: CT2 then normalizes after each residual add), ReLU,
@@ -27,9 +27,9 @@ import torch
 from ctranslate2.converters.converter import Converter
 from ctranslate2.specs import common_spec, transformer_spec
 
-from training.checkpoint import load_checkpoint
-from training.model import Transformer
-from training.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
+from nmt.training.checkpoint import load_checkpoint
+from nmt.training.model import Transformer
+from nmt.training.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
 QUANTIZATIONS = ("float32", "int8")
@@ -130,7 +130,7 @@ def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, quantiza
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ct2", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nmt.bench.ct2", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="training checkpoint directory")
     parser.add_argument("out_dir", help="CTranslate2 model directory to write")
     parser.add_argument("--quantization", choices=QUANTIZATIONS, default="float32")

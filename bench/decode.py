@@ -3,7 +3,7 @@
     nmt-bench decode [--sentences 200] [--engines torch,ort-fp32,...] [--out bench/results]
 
 Engines: PyTorch eager with the KV cache (training/search.py), ONNX Runtime through the server's
-engine (server/decoding.py) on an unfused fp32 bundle, the fused fp32 bundle and its int8
+engine (engine/decoding.py) on an unfused fp32 bundle, the fused fp32 bundle and its int8
 variant, and CTranslate2 float32 and int8 (bench/ct2.py converts the same checkpoint). Every
 engine gets the same threads (2 by default), the same sources in the same batches, greedy and
 beam 4 (length penalty 0.6, at most len(source) + 50 tokens). Batches go through the engines in
@@ -63,7 +63,7 @@ class DecodeBenchConfig:
     out: Path = Path("bench/results")
     force: bool = False
     parity: bool = True  # the exporter's parity check when a bundle is (re)built
-    ort_spinning: bool = True  # False: an experiment, ORT sessions reopened with intra-op spinning off
+    ort_spinning: bool = False  # True: an experiment, ORT sessions with intra-op spinning on
     sgemm_size: int = 2048  # square matrices for the matmul peak
 
     def __post_init__(self) -> None:
@@ -88,7 +88,7 @@ class DecodeBenchConfig:
 
 def load_sources(cfg: DecodeBenchConfig, tokenizer, src_lang: str, tgt_lang: str) -> tuple[list[list[int]], int]:
     """An evenly spaced subsample of the split's sources, in corpus order; and the split's size."""
-    from training.data import multi30k
+    from nmt.training.data import multi30k
 
     lines = multi30k(cfg.split, src_lang, tgt_lang, cfg.data_dir).src
     count = min(cfg.sentences, len(lines))
@@ -97,7 +97,7 @@ def load_sources(cfg: DecodeBenchConfig, tokenizer, src_lang: str, tgt_lang: str
 
 
 def _bundle_is_current(out: Path, digest: str, attention: str | None, need_int8: bool) -> bool:
-    from export.bundle import BundleError, verify_bundle
+    from nmt.engine.bundle import BundleError, verify_bundle
 
     try:
         manifest = verify_bundle(out)
@@ -110,9 +110,9 @@ def _bundle_is_current(out: Path, digest: str, attention: str | None, need_int8:
 
 def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need_int8: bool, parity: bool = True) -> Path:
     """Export `checkpoint` to `out` unless a verified bundle of the same weights is there."""
-    from export import bundle
-    from export.export import ExportOptions, export_checkpoint
-    from training.checkpoint import CONFIG, WEIGHTS, read_config
+    from nmt.engine import bundle
+    from nmt.export.export import ExportOptions, export_checkpoint
+    from nmt.training.checkpoint import CONFIG, WEIGHTS, read_config
 
     digest = bundle.directory_digest(checkpoint, [WEIGHTS, CONFIG, read_config(checkpoint)["tokenizer"]])
     if not out.exists() or not _bundle_is_current(out, digest, attention, need_int8):
@@ -286,7 +286,7 @@ def run(cfg: DecodeBenchConfig) -> dict[str, Any]:
     """The whole benchmark; returns what decode.json holds."""
     import torch
 
-    from training.checkpoint import load_checkpoint
+    from nmt.training.checkpoint import load_checkpoint
 
     torch.set_num_threads(cfg.threads)
     loaded = load_checkpoint(cfg.checkpoint)
@@ -326,9 +326,9 @@ def _parse(argv: list[str] | None) -> DecodeBenchConfig:
     parser.add_argument("--cache-dir", type=Path, default=Path("bundles/bench"), help="exported bundles, CT2 models")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--sgemm-size", type=int, default=2048, help="matrix size for the matmul peak")
-    parser.add_argument("--ort-spinning", choices=["on", "off"], default="on",
-                        help="off: reopen the ORT sessions with intra-op spinning off (an experiment; the server "
-                             "runtime keeps ORT's default, on)")
+    parser.add_argument("--ort-spinning", choices=["on", "off"], default="off",
+                        help="on: ORT sessions with intra-op spinning on (an experiment; the engine always turns "
+                             "it off, see bench/results/profile.md)")
     parser.add_argument("--no-parity", action="store_true", help="skip the exporter's parity check (tests)")
     parser.add_argument("--force", action="store_true", help="replace existing results in --out")
     args = parser.parse_args(argv)

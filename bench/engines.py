@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
-
-from training.tokenizer import EOS_ID, PAD_ID
+from nmt.engine.decoding import pad_sources
+from nmt.engine.hypothesis import length_penalty
 
 TINY_LENGTH_PENALTY = 1e-9  # CT2: raw scores, without its early exit (see the docstring)
 
@@ -47,19 +46,6 @@ class Engine(Protocol):
         """Run the encoder (and what each engine computes from it once per sentence)."""
 
 
-def gnmt_penalty(length: int, alpha: float) -> float:
-    return ((5.0 + length) / 6.0) ** alpha
-
-
-def pad_sources(sources: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Sources + EOS, right-padded -> (ids (B, S) int64, mask (B, S) bool)."""
-    rows = [s + [EOS_ID] for s in sources]
-    ids = np.full((len(rows), max(map(len, rows))), PAD_ID, np.int64)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = row
-    return ids, ids != PAD_ID
-
-
 class TorchEngine:
     """training/search.py: PyTorch eager with the KV cache (threads: torch.set_num_threads)."""
 
@@ -67,7 +53,7 @@ class TorchEngine:
         self.name, self.model, self.settings = name, model.eval(), settings
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
-        from training.search import beam_search, greedy_search
+        from nmt.training.search import beam_search, greedy_search
 
         extra = self.settings.max_len_extra
         if beam_size == 1:
@@ -83,41 +69,32 @@ class TorchEngine:
             self.model.cross_kv(self.model.encode(ids, mask))
 
 
-def reopen_cpu_session(path: Path, threads: int, spinning: bool = True, profile_prefix: Path | None = None):
-    """An ORT CPU session with server/runtime.py's options, plus spinning/profiling settings."""
+def reopen_cpu_session(path: Path, threads: int, spinning: bool = False, profile_prefix: Path | None = None):
+    """An ORT CPU session with the engine's options, plus spinning/profiling settings."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3
-    if not spinning:  # idle intra-op workers block instead of busy-waiting for the next op
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from nmt.engine.runtime import session_options
+
+    options = session_options(threads, 1, spinning)
     if profile_prefix is not None:
         options.enable_profiling, options.profile_file_prefix = True, str(profile_prefix)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 class OrtEngine:
-    """server/decoding.py on the sessions server/runtime.py makes (one bundle, one precision).
+    """The engine's Decoder on the sessions its runtime makes (one bundle, one precision).
 
-    spinning=False reopens both graphs with intra-op spinning off, an experiment the server's
-    runtime does not (yet) offer; the variant name says so."""
+    spinning=True turns intra-op spinning on, an experiment (the engine keeps it off); the variant
+    name says so."""
 
     def __init__(self, name: str, bundle_dir: Path, precision: str, threads: int, settings: SearchSettings,
-                 spinning: bool = True):
-        import dataclasses
+                 spinning: bool = False):
+        from nmt.engine.decoding import DecodeOptions, Decoder
+        from nmt.engine.runtime import RuntimeConfig, load_sessions
 
-        from server.decoding import DecodeOptions, Decoder
-        from server.runtime import RuntimeConfig, load_sessions, variants_of
-
-        cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, inter_op_threads=1)
+        cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, inter_op_threads=1,
+                            spinning=spinning)
         self.name, self.sessions, self.spinning = name, load_sessions(bundle_dir, cfg), spinning
-        if not spinning:
-            entry = variants_of(self.sessions.manifest)[self.sessions.variant]
-            self.sessions = dataclasses.replace(
-                self.sessions, encoder=reopen_cpu_session(bundle_dir / entry["encoder"], threads, spinning=False),
-                decoder=reopen_cpu_session(bundle_dir / entry["decoder"], threads, spinning=False))
         self.decoder = Decoder(self.sessions)
         self._options = {
             beam: DecodeOptions(beam_size=beam, length_penalty=settings.length_penalty,
@@ -127,7 +104,7 @@ class OrtEngine:
 
     @property
     def variant(self) -> str:
-        return str(self.sessions.variant) + ("" if self.spinning else ", spinning off")
+        return str(self.sessions.variant) + (", spinning on" if self.spinning else "")
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
         result = self.decoder.search(sources, self._options[beam_size])
@@ -165,7 +142,7 @@ class CT2Engine:
         alpha = self.settings.length_penalty
         best = []
         for r in results:
-            scored = [(score / gnmt_penalty(len(h) + 1, alpha), h) for h, score in zip(r.hypotheses, r.scores)]
+            scored = [(score / length_penalty(len(h) + 1, alpha), h) for h, score in zip(r.hypotheses, r.scores)]
             best.append([self.index[p] for p in max(scored, key=lambda x: x[0])[1]])
         return best
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.model import ModelConfig
+from nmt.training.model import ModelConfig
 
 
 def encoder_flops(cfg: ModelConfig, batch: int, src_len: int) -> float:
@@ -63,13 +63,14 @@ def ort_sgemm_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    from nmt.engine.runtime import session_options
+
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm",
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")],
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options = session_options(threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sgemm.onnx"
         onnx.save(model, str(path))

@@ -37,9 +37,9 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.client import TranslationClient, request_options
-from server.nmt_pb import translation_pb2 as pb
-from server.nmt_pb import translation_pb2_grpc as pb_grpc
+from nmt.server.client import TranslationClient, request_options
+from nmt.server.nmt_pb import translation_pb2 as pb
+from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from .load_report import write_report
 
@@ -85,7 +85,7 @@ class Level:
 
 
 def load_sentences(cfg: LoadBenchConfig) -> list[str]:
-    from training.data import multi30k_path, read_lines  # no torch: plain file reading
+    from nmt.training.data import multi30k_path, read_lines  # no torch: plain file reading
 
     lines = [s for s in read_lines(multi30k_path(cfg.split, "en", cfg.data_dir)) if s.strip()]
     return lines[:cfg.sentences] if cfg.sentences else lines
@@ -102,7 +102,7 @@ class ServerProcess:
 
     def __init__(self, cfg: LoadBenchConfig, extra: list[str]):
         self.port, self.metrics_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "server.main", "--model-dir", str(cfg.bundle), "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "nmt.server.main", "--model-dir", str(cfg.bundle), "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--threads", str(cfg.threads),
                "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING", *extra]
         self.proc = subprocess.Popen(cmd)
@@ -200,9 +200,9 @@ class Engine:
     """The server's engine alone (server.translator), in this process: same bundle, threads, options."""
 
     def __init__(self, cfg: LoadBenchConfig, sentences: list[str]):
-        from server.decoding import DecodeOptions
-        from server.runtime import RuntimeConfig
-        from server.translator import Translator
+        from nmt.engine.decoding import DecodeOptions
+        from nmt.engine.runtime import RuntimeConfig
+        from nmt.engine.translator import Translator
 
         self.translator = Translator.from_bundle(cfg.bundle, RuntimeConfig(intra_op_threads=cfg.threads))
         self.options = DecodeOptions(beam_size=cfg.beam_size)

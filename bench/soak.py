@@ -39,7 +39,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.nmt_pb import translation_pb2 as pb
+from nmt.server.nmt_pb import translation_pb2 as pb
 
 from .load import LoadBenchConfig, ServerProcess, load_sentences
 

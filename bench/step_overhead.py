@@ -1,6 +1,6 @@
 """Where a decoding step's time goes: the decoder session's run() versus the numpy search around it.
 
-    python -m bench.step_overhead --bundle BUNDLE [--sentences FILE] [--threads 1] [--batches 1,8,32]
+    python -m nmt.bench.step_overhead --bundle BUNDLE [--sentences FILE] [--threads 1] [--batches 1,8,32]
 
 For greedy and beam 4 at each batch size, prints per decoder step: total ms, ms inside the
 decoder's run(), ms outside it (numpy bookkeeping: cache row selection, top-k, Python loops), and
@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from server.decoding import DecodeOptions, Decoder
-from server.runtime import RuntimeConfig
-from server.translator import Translator
+from nmt.engine.decoding import DecodeOptions, Decoder
+from nmt.engine.runtime import RuntimeConfig
+from nmt.engine.translator import Translator
 
 DEFAULT_SENTENCES = Path(os.environ.get("NMT_DATA_DIR", "../shared/data/multi30k")) / "test_2016_flickr.en.gz"
 
@@ -70,7 +70,7 @@ def measure(translator: Translator, sources: list[list[int]], batch: int, option
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.step_overhead", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nmt.bench.step_overhead", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--sentences", type=Path, default=DEFAULT_SENTENCES, help="one source a line (.gz ok)")
     parser.add_argument("--count", type=int, default=64, help="sentences per configuration")

@@ -27,14 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.cpu import cpu_info, cpu_summary
-from training.data import multi30k, token_batches
-from training.examples import encode_corpus, make_batch
-from training.model import Transformer, preset
-from training.optim import make_optimizer
-from training.output_loss import projected_cross_entropy
-from training.tokenizer import PAD_ID, Tokenizer
-from training.train import attention_backend
+from nmt.training.cpu import cpu_info, cpu_summary
+from nmt.training.data import multi30k, token_batches
+from nmt.training.examples import encode_corpus, make_batch
+from nmt.training.model import Transformer, preset
+from nmt.training.optim import make_optimizer
+from nmt.training.output_loss import projected_cross_entropy
+from nmt.training.tokenizer import PAD_ID, Tokenizer
+from nmt.training.train import attention_backend
 
 
 @dataclass(frozen=True)

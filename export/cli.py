@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import fuse
-from .bundle import BundleError, verify_bundle
+from nmt.engine.bundle import BundleError, verify_bundle
 from .variants import FP32, VARIANTS, parse_variants
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.checkpoint and args.out):
         parser.error("CHECKPOINT and OUT are required (or --verify BUNDLE)")
     # torch is imported only here, so `--verify` works on a server install.
-    from training.checkpoint import CheckpointError
+    from nmt.training.checkpoint import CheckpointError
 
     from .export import export_checkpoint
     from .validate import ParityError

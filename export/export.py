@@ -11,7 +11,7 @@ Named dynamic axes: batch, src_len, tgt_len, past_len. Attention is fused (expor
 
 export_checkpoint then builds the other variants from these two graphs (export/variants.py:
 fp32-cpu, int8-cpu, fp16-cuda), checks the parity of each (export/validate.py) and writes
-manifest.json (export/bundle.py), all in a staging directory that replaces the bundle only at
+manifest.json (engine/bundle.py), all in a staging directory that replaces the bundle only at
 the end. A tqdm bar on stderr follows the steps (ExportOptions.progress, terminals only).
 """
 
@@ -34,10 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from training.checkpoint import CONFIG, WEIGHTS, LoadedCheckpoint, load_checkpoint
-from training.model import KV, Transformer
+from nmt.training.checkpoint import CONFIG, WEIGHTS, LoadedCheckpoint, load_checkpoint
+from nmt.training.model import KV, Transformer
 
-from . import bundle, fuse
+from nmt.engine import bundle
+
+from . import fuse
 from . import variants as variants_
 from .validate import ParityRun, parity_set
 

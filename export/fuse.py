@@ -18,7 +18,7 @@ thread, graphs after ORT_ENABLE_EXTENDED; preset "small": d_model 256, 4 heads o
 4+4 layers, vocab 8000; batch 32, src_len 24 with half the rows padded; decoder step tgt_len 1,
 past_len 12). Median (min) ms over 100 rounds, the forms taking turns each round:
 
-    nice -n 19 .venv/bin/python -m bench.attention_fusion --threads 1 --runs 100
+    nice -n 19 .venv/bin/python -m nmt.bench.attention_fusion --threads 1 --runs 100
 
     | attention | encoder graph  | decoder step  | enc self-attn | dec self-attn | cross-attn    |
     |-----------|----------------|---------------|---------------|---------------|---------------|

@@ -7,7 +7,7 @@ Exact variants (fp32, fp32-cpu; run on the CPU provider):
 - log-probabilities and cross-attention K/V within TOLERANCE (max absolute difference) on the
   first TOLERANCE_SENTENCES sentences: encoder outputs; the decoder fed one token at a time
   through the KV cache from an empty past; the whole prefix at once (past_len 0, tgt_len > 1);
-- greedy search over the graphs (the server's engine, server/decoding.py) gives exactly torch's
+- greedy search over the graphs (the server's engine, engine/decoding.py) gives exactly torch's
   greedy_search tokens on at least MIN_IDENTICAL of the parity set. Every differing sentence is
   recorded, failing or not.
 Approximate variants (int8-cpu, fp16-cuda; run on their own providers, skipped without them):
@@ -31,14 +31,14 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 
-from server.decoding import DecodeOptions, Decoder
-from server.runtime import CPU, RuntimeConfig, Sessions, open_sessions
-from training.data import MULTI30K_SPLITS, multi30k
-from training.model import Transformer
-from training.search import greedy_search, pad_batch
-from training.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from nmt.engine.decoding import DecodeOptions, Decoder
+from nmt.engine.runtime import CPU, RuntimeConfig, Sessions, open_sessions, session_options
+from nmt.training.data import MULTI30K_SPLITS, multi30k
+from nmt.training.model import Transformer
+from nmt.training.search import greedy_search, pad_batch
+from nmt.training.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
-from . import bundle
+from nmt.engine import bundle
 
 TOLERANCE = 1e-4  # fp32, max absolute difference of log-probs and cross K/V
 TOLERANCE_SENTENCES = 5
@@ -95,10 +95,7 @@ def parity_set(src_lang: str, tgt_lang: str, sentences: tuple[str, ...] | None =
 
 
 def cpu_session(path: Path, threads: int = 1) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=[CPU])
+    return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
 
 
 class OnnxGraphs:

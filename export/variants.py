@@ -48,7 +48,9 @@ from typing import Any
 import onnx
 from onnx import TensorProto
 
-from . import bundle, fuse
+from nmt.engine import bundle
+
+from . import fuse
 
 FP32, FP32_CPU, INT8_CPU, FP16_CUDA = "fp32", "fp32-cpu", "int8-cpu", "fp16-cuda"
 VARIANTS: tuple[str, ...] = (FP32, FP32_CPU, INT8_CPU, FP16_CUDA)

@@ -17,11 +17,11 @@ import time
 import torch
 from torch import nn
 
-from training.data import multi30k, token_batches
-from training.examples import encode_corpus, make_batch
-from training.model import Transformer, preset, sinusoidal_table
-from training.optim import make_optimizer, noam_lr, smoothed_loss
-from training.tokenizer import Tokenizer
+from nmt.training.data import multi30k, token_batches
+from nmt.training.examples import encode_corpus, make_batch
+from nmt.training.model import Transformer, preset, sinusoidal_table
+from nmt.training.optim import make_optimizer, noam_lr, smoothed_loss
+from nmt.training.tokenizer import Tokenizer
 
 
 class Reference(nn.Module):

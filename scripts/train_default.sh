@@ -28,9 +28,9 @@ if [[ " $* " != *" --force "* && " $* " != *" --resume "* && -d "$out/run/last" 
   mode=(--resume)
   echo "resuming $out/run from its last checkpoint"
 fi
-"$python" -m training.train --out "$out/run" "${recipe[@]}" "${mode[@]}" "$@"
+"$python" -m nmt.training.train --out "$out/run" "${recipe[@]}" "${mode[@]}" "$@"
 
-"$python" -m training.tune_inference --checkpoint "$out/run/final" --beams 1,4,5,6 --alphas 0.6,1.0,1.4,1.8,2.2 \
+"$python" -m nmt.training.tune_inference --checkpoint "$out/run/final" --beams 1,4,5,6 --alphas 0.6,1.0,1.4,1.8,2.2 \
   --write --json "$out/inference_sweep.json"
-"$python" -m training.checkpoint "$out/run/final" "$out/model" --dtype float16 --force
+"$python" -m nmt.training.checkpoint "$out/run/final" "$out/model" --dtype float16 --force
 echo "trained: $out/model"

@@ -9,8 +9,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .decoding import DecodeOptions
-from .runtime import DEVICES, PRECISIONS, RuntimeConfig
+from nmt.engine.decoding import DecodeOptions
+from nmt.engine.runtime import DEVICES, PRECISIONS, RuntimeConfig
 from .scheduler import SchedulerConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -33,7 +33,7 @@ from .kserve_pb import grpc_predict_v2_pb2 as kpb
 from .kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from .nmt_pb import translation_pb2 as pb
 from .transport import SERVICE, Status, TranslationServicer, deadline_of, status_of
-from .translator import ModelInfo
+from nmt.engine.translator import ModelInfo
 
 SERVER_NAME = "nmt-service"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for the engine's runtime and model format

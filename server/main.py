@@ -21,7 +21,7 @@ from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry
 
 from .config import ServerConfig, from_args
-from .decoding import DecodeOptions
+from nmt.engine.decoding import DecodeOptions
 from .interceptors import BearerTokenInterceptor, RequestGuard
 from .kserve import add_inference_service
 from .metrics import Metrics, MetricsServer
@@ -29,7 +29,7 @@ from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
 from .scheduler import Scheduler
 from .transport import SERVICE, Limits, TranslationServicer
-from .translator import Translator
+from nmt.engine.translator import Translator
 
 log = logging.getLogger("nmt-serve")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

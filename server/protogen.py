@@ -1,7 +1,7 @@
 """Generate the Python code for the protos under protos/ into packages of server/ (a build step).
 
-    python -m server.protogen            # regenerate the committed code
-    python -m server.protogen --check    # exit 1 when the committed code is stale
+    python -m nmt.server.protogen            # regenerate the committed code
+    python -m nmt.server.protogen --check    # exit 1 when the committed code is stale
 
     protos/nmt/v1/*.proto     -> server/nmt_pb/     our own API
     protos/kserve/v2/*.proto  -> server/kserve_pb/  the Open Inference Protocol (KServe v2), package `inference`
@@ -46,7 +46,7 @@ class ProtoSet:
 
     @property
     def init(self) -> str:
-        return f'"""Code generated from protos/{self.proto_dir} by `python -m server.protogen`: do not edit."""\n'
+        return f'"""Code generated from protos/{self.proto_dir} by `python -m nmt.server.protogen`: do not edit."""\n'
 
 
 PROTO_SETS = (ProtoSet("nmt/v1", PACKAGE_DIR / "nmt_pb"),
@@ -113,7 +113,7 @@ def stale_files() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.protogen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nmt.server.protogen", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report stale files (exit 1 if any)")
     args = parser.parse_args(argv)
     if args.check:

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
-from .decoding import DecodeOptions, Hypothesis, SearchResult
+from nmt.engine.decoding import DecodeOptions, Hypothesis, SearchResult
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-from .decoding import DecodeOptions
-from .runtime import DEVICES, PRECISIONS, RuntimeConfig
-from .translator import Translation, Translator
+from nmt.engine.decoding import DecodeOptions
+from nmt.engine.runtime import DEVICES, PRECISIONS, RuntimeConfig
+from nmt.engine.translator import Translation, Translator
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -10,6 +10,9 @@ import torch
 # start (torchrun workers) from fighting over the cores.
 torch.set_num_threads(1)
 
+# Model and bundle fixtures shared by tests/engine, tests/server and tests/export.
+pytest_plugins = ["model_fixtures", "export_fixtures"]
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multi30k"
 
 
@@ -25,11 +28,11 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1+1-layer random model exported fp32-only without parity: fast, for server-level tests."""
-    from export.export import ExportOptions, export_checkpoint
-    from training.checkpoint import CheckpointMeta, write_checkpoint
-    from training.data import multi30k
-    from training.model import ModelConfig, Transformer
-    from training.tokenizer import Tokenizer
+    from nmt.export.export import ExportOptions, export_checkpoint
+    from nmt.training.checkpoint import CheckpointMeta, write_checkpoint
+    from nmt.training.data import multi30k
+    from nmt.training.model import ModelConfig, Transformer
+    from nmt.training.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("tiny_model")
     corpus = multi30k("train", "en", "de", data_dir)

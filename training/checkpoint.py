@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m training.checkpoint", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m nmt.training.checkpoint", description=main.__doc__)
     parser.add_argument("source", help="checkpoint directory")
     parser.add_argument("dest", help="new checkpoint directory")
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")

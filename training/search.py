@@ -15,24 +15,14 @@ against, so its rules are spelled out:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from nmt.engine.hypothesis import Hypothesis, length_penalty
+
 from .model import Transformer
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
-
-
-@dataclass(frozen=True)
-class Hypothesis:
-    tokens: list[int]  # without EOS
-    score: float  # sum of token log-probabilities, EOS included
-    normalized_score: float  # score / length penalty (equals score for greedy)
-
-
-def length_penalty(length: int, alpha: float) -> float:
-    return ((5.0 + length) / 6.0) ** alpha
 
 
 def pad_batch(seqs: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

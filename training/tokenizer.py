@@ -1,9 +1,9 @@
 """SentencePiece tokenizer: one joint vocabulary for source and target, fixed special ids.
 
 Source text is normalized inside the SentencePiece model itself (its precompiled normalization
-rules travel in spm.model, so training, export parity and the server all see the same text):
-Unicode NFKC, every space-like character and tab/newline to one space, runs of spaces collapsed
-and the ends trimmed, control and invisible format characters (U+200B, U+FEFF, soft hyphen, ...)
+rules travel in spm.model, so training, export parity and the server all see the same text; the
+loading, encoding and special ids are the engine's, nmt.engine.tokenizer): Unicode NFKC, every
+space-like character and tab/newline to one space, runs of spaces collapsed and the ends trimmed, control and invisible format characters (U+200B, U+FEFF, soft hyphen, ...)
 dropped. NUL is the one character SentencePiece's rule table cannot hold (its keys are C strings),
 so `encode` drops it before the model sees the text. A text that normalizes to nothing encodes to
 no tokens: it is blank. Unknown characters fall back to bytes, so there is no <unk>.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-MODEL_FILENAME = "spm.model"
+from nmt.engine.tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, UNK_ID, SentencePiece
+
+__all__ = ["BOS_ID", "EOS_ID", "MODEL_FILENAME", "PAD_ID", "UNK_ID", "Tokenizer", "normalization_rules"]
 
 
 def _normalize_char(c: str) -> str:
@@ -56,19 +57,8 @@ def _write_rules_tsv(path: Path) -> None:
     path.write_text("".join(f"{hexes(src)}\t{hexes(dst)}\n" for src, dst in normalization_rules()))
 
 
-class Tokenizer:
-    def __init__(self, processor: spm.SentencePieceProcessor, path: Path | None = None):
-        self.sp, self.path = processor, path
-        ids = (processor.pad_id(), processor.unk_id(), processor.bos_id(), processor.eos_id())
-        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-            raise ValueError(f"tokenizer special ids are {ids}, expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}")
-
-    @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"tokenizer model not found: {path}")
-        return cls(spm.SentencePieceProcessor(model_file=str(path)), path)
+class Tokenizer(SentencePiece):
+    """The engine's SentencePiece wrapper plus training a model with our normalization rules."""
 
     @classmethod
     def train(cls, sentences: Iterable[str], out_path: str | Path, vocab_size: int = 8000) -> Tokenizer:
@@ -96,21 +86,5 @@ class Tokenizer:
             )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(model.getvalue())
-        return cls.load(out_path)
+        return cls.load(out_path)  # type: ignore[return-value]
 
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.sp.encode([t.replace("\0", "") for t in texts], out_type=int)
-
-    def normalize(self, text: str) -> str:
-        """The text as the model sees it ("" for a blank text)."""
-        return self.sp.normalize(text.replace("\0", "")).replace("\u2581", " ").strip()
-
-    def decode(self, ids: list[list[int]]) -> list[str]:
-        return self.sp.decode(ids)
-
-    def pieces(self, text: str) -> list[str]:
-        return self.sp.encode(text.replace("\0", ""), out_type=str)

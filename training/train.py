@@ -9,7 +9,7 @@ Run directory (`--out`):
     final/             the better of best/ and averaged/ on validation BLEU: the model to ship
     metrics.jsonl, curves.png
 
-Distributed: `torchrun --nproc_per_node N -m training.train ...` (gloo on CPU, nccl on CUDA);
+Distributed: `torchrun --nproc_per_node N -m nmt.training.train ...` (gloo on CPU, nccl on CUDA);
 every rank sees the same shuffled batch list and takes every N-th batch.
 """
 

@@ -1,6 +1,6 @@
 """Choose the inference settings (beam size, length penalty) on the validation set.
 
-    python -m training.tune_inference --checkpoint runs/default/final --beams 1,4,5 --alphas 0.6,1.0 --write
+    python -m nmt.training.tune_inference --checkpoint runs/default/final --beams 1,4,5 --alphas 0.6,1.0 --write
 
 Translates the validation split with every combination (the torch reference search), prints a
 table of sacreBLEU scores, and with --write stores the best combination in the checkpoint's
@@ -40,7 +40,7 @@ def best_of(rows: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.tune_inference", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m nmt.training.tune_inference", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--split", default="val", help="tuning split (never a test set)")
     parser.add_argument("--data-dir", help="Multi30k directory (default: $NMT_DATA_DIR, else download)")

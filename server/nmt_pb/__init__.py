@@ -1,1 +1,1 @@
-"""Code generated from protos/nmt/v1 by `python -m server.protogen`: do not edit."""
+"""Code generated from protos/nmt/v1 by `python -m nmt.server.protogen`: do not edit."""

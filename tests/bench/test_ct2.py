@@ -11,13 +11,13 @@ import torch.nn.functional as F
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
-from bench.ct2 import convert_checkpoint, vocabulary  # noqa: E402
-from bench.engines import CT2Engine, SearchSettings  # noqa: E402
-from training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint  # noqa: E402
-from training.data import multi30k  # noqa: E402
-from training.model import ModelConfig, Transformer  # noqa: E402
-from training.search import beam_search, greedy_search, pad_batch  # noqa: E402
-from training.tokenizer import BOS_ID, EOS_ID, Tokenizer  # noqa: E402
+from nmt.bench.ct2 import convert_checkpoint, vocabulary  # noqa: E402
+from nmt.bench.engines import CT2Engine, SearchSettings  # noqa: E402
+from nmt.training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint  # noqa: E402
+from nmt.training.data import multi30k  # noqa: E402
+from nmt.training.model import ModelConfig, Transformer  # noqa: E402
+from nmt.training.search import beam_search, greedy_search, pad_batch  # noqa: E402
+from nmt.training.tokenizer import BOS_ID, EOS_ID, Tokenizer  # noqa: E402
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "models" / "default"
 N_SENTENCES = 20

@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("ctranslate2")
 
-from bench import cli, decode  # noqa: E402
-from bench.flops import encoder_flops  # noqa: E402
-from training.checkpoint import CheckpointMeta, write_checkpoint  # noqa: E402
-from training.data import multi30k  # noqa: E402
-from training.model import ModelConfig, Transformer  # noqa: E402
-from training.tokenizer import Tokenizer  # noqa: E402
+from nmt.bench import cli, decode  # noqa: E402
+from nmt.bench.flops import encoder_flops  # noqa: E402
+from nmt.training.checkpoint import CheckpointMeta, write_checkpoint  # noqa: E402
+from nmt.training.data import multi30k  # noqa: E402
+from nmt.training.model import ModelConfig, Transformer  # noqa: E402
+from nmt.training.tokenizer import Tokenizer  # noqa: E402
 
 SENTENCES = 6
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli
-from bench.load_report import goals, markdown
+from nmt.bench import cli
+from nmt.bench.load_report import goals, markdown
 
 
 

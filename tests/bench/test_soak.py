@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli
-from bench.soak import SoakConfig, growth, markdown
+from nmt.bench import cli
+from nmt.bench.soak import SoakConfig, growth, markdown
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from bench.cli import main
-from training.cpu import cpu_summary
+from nmt.bench.cli import main
+from nmt.training.cpu import cpu_summary
 
 
 def test_train_bench_writes_rows_and_cpu(data_dir, tmp_path, capsys):

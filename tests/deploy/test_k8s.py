@@ -21,8 +21,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.config import FLAGS, ServerConfig, env_var, from_args
-from server.transport import SERVICE
+from nmt.server.config import FLAGS, ServerConfig, env_var, from_args
+from nmt.server.transport import SERVICE
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

@@ -15,9 +15,9 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from server.config import ServerConfig
-from server.metrics import LATENCY_BUCKETS, Metrics
-from server.nmt_pb import translation_pb2 as pb
+from nmt.server.config import ServerConfig
+from nmt.server.metrics import LATENCY_BUCKETS, Metrics
+from nmt.server.nmt_pb import translation_pb2 as pb
 
 PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES, RULE_TESTS, CONFIG = (PROMETHEUS / n for n in ("nmt.rules.yml", "nmt.rules.test.yml", "prometheus.yml"))

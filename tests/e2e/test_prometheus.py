@@ -24,10 +24,10 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from server.config import ServerConfig
-from server.main import NmtServer, create_server
-from server.nmt_pb import translation_pb2 as pb
-from server.nmt_pb import translation_pb2_grpc as pb_grpc
+from nmt.server.config import ServerConfig
+from nmt.server.main import NmtServer, create_server
+from nmt.server.nmt_pb import translation_pb2 as pb
+from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the `prometheus` binary is not installed "

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from export import bundle
-from export.cli import _parser, main, options_from_args
-from export.export import ExportOptions, Progress
+from nmt.engine import bundle
+from nmt.export.cli import _parser, main, options_from_args
+from nmt.export.export import ExportOptions, Progress
 
 
 def test_cli_verifies_a_bundle(bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

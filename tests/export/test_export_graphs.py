@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, helper
 
-from export import bundle
-from export.export import ExportOptions, export_decoder, export_graphs
-from export.fuse import FusionError, check_fused, op_counts
-from export.validate import OnnxGraphs, cpu_session
-from training.model import Transformer
+from nmt.engine import bundle
+from nmt.export.export import ExportOptions, export_decoder, export_graphs
+from nmt.export.fuse import FusionError, check_fused, op_counts
+from nmt.export.validate import OnnxGraphs, cpu_session
+from nmt.training.model import Transformer
 
 
 MHA = "com.microsoft::MultiHeadAttention"

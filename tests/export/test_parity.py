@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import bundle
-from export.validate import (DEFAULT_SENTENCES, MAX_BLEU_LOSS, MIN_IDENTICAL, TOLERANCE, ParityError, ParityRun,
+from nmt.engine import bundle
+from nmt.export.validate import (DEFAULT_SENTENCES, MAX_BLEU_LOSS, MIN_IDENTICAL, TOLERANCE, ParityError, ParityRun,
                              ParitySet, graph_greedy, greedy_verdict, in_batches, open_graphs, parity_set, validate)
-from training.checkpoint import load_checkpoint
-from training.data import multi30k
-from training.model import Transformer
-from training.search import greedy_search
-from training.tokenizer import Tokenizer
+from nmt.training.checkpoint import load_checkpoint
+from nmt.training.data import multi30k
+from nmt.training.model import Transformer
+from nmt.training.search import greedy_search
+from nmt.training.tokenizer import Tokenizer
 
 PARITY_LIMIT = 16  # conftest.py's bundle_dir
 

@@ -10,15 +10,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
-from export import bundle
-from export.export import ExportOptions
-from export.fuse import op_counts
-from export.validate import OnnxGraphs, cpu_session, graph_greedy, open_graphs
-from export.variants import (FP16_CUDA, FP32, FP32_CPU, INT8_CPU, SPECS, VARIANTS, FusionCounts, build,
+from nmt.engine import bundle
+from nmt.export.export import ExportOptions
+from nmt.export.fuse import op_counts
+from nmt.export.validate import OnnxGraphs, cpu_session, graph_greedy, open_graphs
+from nmt.export.variants import (FP16_CUDA, FP32, FP32_CPU, INT8_CPU, SPECS, VARIANTS, FusionCounts, build,
                              check_io_dtypes, parse_variants, steps)
-from training.data import multi30k
-from training.search import pad_batch
-from training.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from nmt.training.data import multi30k
+from nmt.training.search import pad_batch
+from nmt.training.tokenizer import BOS_ID, EOS_ID, Tokenizer
 
 N_ENC, N_DEC = 2, 2  # the conftest model
 COUNTS = FusionCounts("onnx", N_ENC, 2 * N_DEC)

@@ -22,13 +22,13 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from server.config import ServerConfig
-from server.decoding import DecodeOptions, SearchResult
-from server.main import NmtServer, create_server
-from server.nmt_pb import translation_pb2 as pb
-from server.nmt_pb import translation_pb2_grpc as pb_grpc
-from server.runtime import RuntimeConfig
-from server.translator import Translator
+from nmt.server.config import ServerConfig
+from nmt.engine.decoding import DecodeOptions, SearchResult
+from nmt.server.main import NmtServer, create_server
+from nmt.server.nmt_pb import translation_pb2 as pb
+from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
+from nmt.engine.runtime import RuntimeConfig
+from nmt.engine.translator import Translator
 
 ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1)
 TEXTS = ["A man rides a bike.", "Two dogs play in the snow.", "A girl in a red dress is running on the beach.",
@@ -41,7 +41,7 @@ __all__ = ["ONE_THREAD", "TEXTS", "Gate", "grpc_bundle", "grpc_translator", "gat
 
 @pytest.fixture(scope="session")
 def grpc_bundle(request: pytest.FixtureRequest) -> Path:
-    """The engine tests' tiny bundle (tests/server/conftest.py: server_bundle); never modified."""
+    """The engine tests' tiny bundle (tests/model_fixtures.py: server_bundle); never modified."""
     return request.getfixturevalue("server_bundle")
 
 
@@ -149,7 +149,7 @@ def start_nmt_serve(bundle: Path, **env: str) -> tuple[subprocess.Popen[str], in
     env = {**os.environ, "NMT_MODEL_DIR": str(bundle), "NMT_HOST": "127.0.0.1", "NMT_PORT": "0",
            "NMT_THREADS": "1", "NMT_DEVICE": "cpu", **env}
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "server.main"], cwd=root, env=env, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "nmt.server.main"], cwd=root, env=env, stderr=subprocess.PIPE,
                             text=True)
     lines: list[str] = []
     ready = threading.Event()

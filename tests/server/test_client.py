@@ -8,9 +8,9 @@ import io
 import grpc
 import pytest
 
-from server import client as client_module
-from server.client import AsyncTranslationClient, Connection, TranslationClient
-from server.decoding import DecodeOptions
+from nmt.server import client as client_module
+from nmt.server.client import AsyncTranslationClient, Connection, TranslationClient
+from nmt.engine.decoding import DecodeOptions
 
 from grpc_fixtures import *  # noqa: F403
 

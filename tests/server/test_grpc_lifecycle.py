@@ -15,9 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.config import FLAGS, ServerConfig, env_var, from_args, parser
-from server.main import main
-from server.runtime import variants_of
+from nmt.server.config import FLAGS, ServerConfig, env_var, from_args, parser
+from nmt.server.main import main
+from nmt.engine.bundle import manifest_variants
 
 from grpc_fixtures import *  # noqa: F403
 
@@ -99,7 +99,7 @@ async def test_environment_defaults_and_flags() -> None:
 async def test_bad_bundle_is_one_line_naming_the_file(grpc_bundle, tmp_path: Path, capsys) -> None:
     bundle = tmp_path / "bundle"
     shutil.copytree(grpc_bundle, bundle)
-    variant = variants_of(json.loads((bundle / "manifest.json").read_text()))["fp32-cpu"]["decoder"]
+    variant = manifest_variants(json.loads((bundle / "manifest.json").read_text()))["fp32-cpu"]["decoder"]
     with open(bundle / variant, "r+b") as f:
         f.seek(100)
         f.write(b"\x00garbage")

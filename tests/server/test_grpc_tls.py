@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.client import AsyncTranslationClient, Connection
+from nmt.server.client import AsyncTranslationClient, Connection
 
 from grpc_fixtures import *  # noqa: F403
 

@@ -7,7 +7,7 @@ import asyncio
 import grpc
 import pytest
 
-from server.decoding import DecodeOptions
+from nmt.engine.decoding import DecodeOptions
 
 from grpc_fixtures import *  # noqa: F403
 

@@ -89,7 +89,7 @@ async def test_malformed_messages_are_invalid_argument_logged_once_and_counted(d
     assert len(still.translations) == 1
     assert count(default_server, "Translate", "INVALID_ARGUMENT") == 20
     assert count(default_server, "TranslateStream", "INVALID_ARGUMENT") == 1
-    refused = [r.getMessage() for r in caplog.records if r.name == "server.interceptors"]
+    refused = [r.getMessage() for r in caplog.records if r.name == "nmt.server.interceptors"]
     assert len(refused) == 1 and "refused a request to /nmt.v1.TranslationService/Translate" in refused[0]
     assert "\n" not in refused[0] and problems(caplog) == []
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from export.export import ExportOptions, export_checkpoint
-from server.config import ServerConfig
-from server.decoding import DecodeOptions
-from server.translate import main as translate_main
-from server.translator import Translator
-from training.checkpoint import InferenceSettings, update_inference
+from nmt.export.export import ExportOptions, export_checkpoint
+from nmt.server.config import ServerConfig
+from nmt.engine.decoding import DecodeOptions
+from nmt.server.translate import main as translate_main
+from nmt.engine.translator import Translator
+from nmt.training.checkpoint import InferenceSettings, update_inference
 from grpc_fixtures import ONE_THREAD, channel, pb, serve, server_config, stub  # noqa: E402
 
 TUNED = InferenceSettings(beam_size=3, length_penalty=1.2, max_len_extra=7)

@@ -16,10 +16,10 @@ import grpc
 import numpy as np
 import pytest
 
-from server.decoding import DecodeOptions
-from server.kserve_pb import grpc_predict_v2_pb2 as kpb
-from server.kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
-from server.main import NmtServer
+from nmt.engine.decoding import DecodeOptions
+from nmt.server.kserve_pb import grpc_predict_v2_pb2 as kpb
+from nmt.server.kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
+from nmt.server.main import NmtServer
 
 from grpc_fixtures import *  # noqa: F403
 

@@ -6,8 +6,8 @@ import importlib
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
-import server.metrics
-from server.metrics import Metrics
+import nmt.server.metrics
+from nmt.server.metrics import Metrics
 
 
 def names(registry: CollectorRegistry) -> set[str]:
@@ -16,7 +16,7 @@ def names(registry: CollectorRegistry) -> set[str]:
 
 def test_nothing_registered_at_import() -> None:
     before = names(REGISTRY)
-    importlib.reload(server.metrics)
+    importlib.reload(nmt.server.metrics)
     assert not any(n.startswith("nmt_") for n in names(REGISTRY)) and names(REGISTRY) == before
 
 

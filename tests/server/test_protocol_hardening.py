@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2
 
-from server.interceptors import abort
+from nmt.server.interceptors import abort
 
 from grpc_fixtures import *  # noqa: F403
 

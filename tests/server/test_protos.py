@@ -1,5 +1,5 @@
 """The committed generated code (server/nmt_pb, server/kserve_pb) matches protos/: regenerate with
-`python -m server.protogen`."""
+`python -m nmt.server.protogen`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from server import protogen
-from server.kserve_pb import grpc_predict_v2_pb2
-from server.nmt_pb import translation_pb2, translation_pb2_grpc
+from nmt.server import protogen
+from nmt.server.kserve_pb import grpc_predict_v2_pb2
+from nmt.server.nmt_pb import translation_pb2, translation_pb2_grpc
 
 grpc_tools = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools (the dev extra) generates the code")
-HINT = "the generated code is stale: run `python -m server.protogen`"
+HINT = "the generated code is stale: run `python -m nmt.server.protogen`"
 
 
 def without_json_names(file: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
@@ -75,7 +75,7 @@ def test_check_mode_and_layout(tmp_path: Path) -> None:
     grpc_code = (tmp_path / "kserve_pb" / "grpc_predict_v2_pb2_grpc.py").read_text()
     assert "from . import grpc_predict_v2_pb2" in grpc_code and "from kserve.v2" not in grpc_code
     assert protogen.PRIVATE_POOL in (tmp_path / "kserve_pb" / "grpc_predict_v2_pb2.py").read_text()
-    result = subprocess.run([sys.executable, "-m", "server.protogen", "--check"], cwd=protogen.ROOT,
+    result = subprocess.run([sys.executable, "-m", "nmt.server.protogen", "--check"], cwd=protogen.ROOT,
                             capture_output=True, text=True, timeout=60)
     tools = importlib.metadata.version("grpcio-tools")
     if tools == translation_pb2_grpc.GRPC_GENERATED_VERSION:

@@ -8,9 +8,9 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.decoding import DecodeOptions
-from server.metrics import Metrics
-from server.scheduler import DeadlineExceeded, EngineError, QueueFull, Scheduler, SchedulerConfig, SchedulerClosed
+from nmt.engine.decoding import DecodeOptions
+from nmt.server.metrics import Metrics
+from nmt.server.scheduler import DeadlineExceeded, EngineError, QueueFull, Scheduler, SchedulerConfig, SchedulerClosed
 
 from grpc_fixtures import *  # noqa: F403
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from server.decoding import DecodeOptions
-from server.runtime import CPU, RuntimeConfig
-from server.translate import main
-from server.translator import Translation, Translator
+from nmt.engine.decoding import DecodeOptions
+from nmt.engine.runtime import CPU, RuntimeConfig
+from nmt.server.translate import main
+from nmt.engine.translator import Translation, Translator
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["A dog runs through the grass.", "", "Two men are playing football in a park near the river.", "Hi"]
@@ -95,7 +95,7 @@ def test_cli_bad_options_exit_2(server_bundle, monkeypatch, capsys):
 def test_console_script_end_to_end(server_bundle):
     """A real process: stdin lines in, the same number of lines out, log line on stderr."""
     result = subprocess.run(
-        [sys.executable, "-m", "server.translate", "--bundle", str(server_bundle), "--beam", "2",
+        [sys.executable, "-m", "nmt.server.translate", "--bundle", str(server_bundle), "--beam", "2",
          "--max-len-extra", "4", "--threads", "1"],
         input="A dog runs.\n\nTwo men.\n", capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
     )

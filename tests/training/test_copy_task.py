@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from training.model import ModelConfig, Transformer
-from training.optim import make_optimizer, noam_lr, smoothed_loss
-from training.search import greedy_search, pad_batch
-from training.tokenizer import BOS_ID, EOS_ID
+from nmt.training.model import ModelConfig, Transformer
+from nmt.training.optim import make_optimizer, noam_lr, smoothed_loss
+from nmt.training.search import greedy_search, pad_batch
+from nmt.training.tokenizer import BOS_ID, EOS_ID
 
 VOCAB, FIRST_SYMBOL = 20, 4  # ids 0-3 are pad/unk/bos/eos
 

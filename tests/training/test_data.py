@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from training import data
-from training.data import DataError, multi30k, read_parallel, token_batches
+from nmt.training import data
+from nmt.training.data import DataError, multi30k, read_parallel, token_batches
 
 
 def write(path: Path, content: bytes) -> Path:

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training import output_loss
-from training.model import Dropout, Transformer, preset
-from training.optim import smoothed_loss
-from training.output_loss import projected_cross_entropy
-from training.train import resolve_amp
+from nmt.training import output_loss
+from nmt.training.model import Dropout, Transformer, preset
+from nmt.training.optim import smoothed_loss
+from nmt.training.output_loss import projected_cross_entropy
+from nmt.training.train import resolve_amp
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from training.model import ModelConfig, PRESETS, Transformer, preset, sinusoidal_table
-from training.search import pad_batch
+from nmt.training.model import ModelConfig, PRESETS, Transformer, preset, sinusoidal_table
+from nmt.training.search import pad_batch
 
 
 def small_model(pre_norm: bool = False, seed: int = 0) -> Transformer:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.model import ModelConfig, Transformer
-from training.search import beam_search, greedy_search, length_penalty
+from nmt.training.model import ModelConfig, Transformer
+from nmt.training.search import beam_search, greedy_search, length_penalty
 
 SOURCES = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from training.data import multi30k
-from training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from nmt.training.data import multi30k
+from nmt.training.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 
 @pytest.fixture(scope="module")

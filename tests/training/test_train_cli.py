@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training import checkpoint, evaluate, train, tune_inference
-from training.checkpoint import InferenceSettings
-from training.data import multi30k
-from training.tokenizer import Tokenizer
+from nmt.training import checkpoint, evaluate, train, tune_inference
+from nmt.training.checkpoint import InferenceSettings
+from nmt.training.data import multi30k
+from nmt.training.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-encoder-layers", "1", "--n-decoder-layers", "1",
@@ -131,7 +131,7 @@ def test_fp16_copy_of_a_checkpoint_loads_close_to_fp32(corpus, tmp_path):
 def test_torchrun_two_process_gloo_smoke(corpus, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "training.train", *run_args(corpus, out, "--max-epochs", "1", "--device", "cpu")]
+           "-m", "nmt.training.train", *run_args(corpus, out, "--max-epochs", "1", "--device", "cpu")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,10 +13,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export.bundle import MANIFEST, BundleError, write_manifest
-from server.decoding import DecodeOptions, Decoder
-from server.runtime import (CPU, CUDA, ProviderError, RuntimeConfig, choose_variant, load_sessions, open_sessions,
-                            variants_of)
+from nmt.engine.bundle import MANIFEST, BundleError, manifest_variants, write_manifest
+from nmt.engine.decoding import DecodeOptions, Decoder
+from nmt.engine.runtime import CPU, CUDA, ProviderError, RuntimeConfig, choose_variant, load_sessions, open_sessions
 
 ONE_THREAD = RuntimeConfig(intra_op_threads=1)
 HAS_CUDA = CUDA in ort.get_available_providers()
@@ -46,7 +45,7 @@ def test_cpu_default_is_the_optimized_variant(sessions, server_bundle):
 
 
 def test_load_logs_the_active_variant(server_bundle, caplog):
-    with caplog.at_level(logging.INFO, logger="server.runtime"):
+    with caplog.at_level(logging.INFO, logger="nmt.engine.runtime"):
         load_sessions(server_bundle, ONE_THREAD)
     assert any("variant fp32-cpu on CPUExecutionProvider" in r.getMessage() for r in caplog.records)
 
@@ -58,7 +57,7 @@ def test_legacy_graphs_table_and_variants_table_are_both_read(server_bundle, tmp
                             "decoder_cpu": "decoder.cpu.onnx"}
 
     legacy = rewritten(server_bundle, tmp_path / "legacy", legacy_graphs)
-    assert set(variants_of(json.loads((legacy / MANIFEST).read_text()))) == {"fp32", "fp32-cpu"}
+    assert set(manifest_variants(json.loads((legacy / MANIFEST).read_text()))) == {"fp32", "fp32-cpu"}
     assert load_sessions(legacy, ONE_THREAD).variant == "fp32-cpu"
 
     def only_fp32(fields: dict[str, Any]) -> None:
@@ -98,7 +97,7 @@ def test_variant_choice(precision, providers, expected):
 def test_cuda_without_the_cuda_provider(server_bundle, caplog):
     with pytest.raises(ValueError, match=r"^device 'cuda' needs onnxruntime's CUDAExecutionProvider, but this"):
         load_sessions(server_bundle, RuntimeConfig(device="cuda"))
-    with caplog.at_level(logging.WARNING, logger="server.runtime"):
+    with caplog.at_level(logging.WARNING, logger="nmt.engine.runtime"):
         sessions = load_sessions(server_bundle, RuntimeConfig(device="auto", intra_op_threads=1))
     assert sessions.provider == CPU
     assert any("falling back to CPUExecutionProvider" in r.getMessage() for r in caplog.records)
@@ -111,7 +110,7 @@ def test_cuda_listed_but_not_starting(server_bundle, monkeypatch, caplog):
     monkeypatch.setattr(ort, "get_available_providers", lambda: [CUDA, CPU])
     with pytest.raises(ProviderError, match=r"could not start CUDAExecutionProvider"):
         load_sessions(server_bundle, RuntimeConfig(device="cuda"))
-    with caplog.at_level(logging.WARNING, logger="server.runtime"):
+    with caplog.at_level(logging.WARNING, logger="nmt.engine.runtime"):
         sessions = load_sessions(server_bundle, RuntimeConfig(device="auto", intra_op_threads=1))
     assert (sessions.variant, sessions.provider) == ("fp32-cpu", CPU)
     assert any("falling back" in r.getMessage() for r in caplog.records)

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.export import ExportOptions, export_checkpoint
-from training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint
-from training.data import multi30k
-from training.model import ModelConfig, Transformer
-from training.tokenizer import Tokenizer
+from nmt.export.export import ExportOptions, export_checkpoint
+from nmt.training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint
+from nmt.training.data import multi30k
+from nmt.training.model import ModelConfig, Transformer
+from nmt.training.tokenizer import Tokenizer
 
 VOCAB = 600
 N_ENC, N_DEC = 2, 2

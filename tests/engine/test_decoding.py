@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.decoding import DecodeOptions, Decoder, Hypothesis, _compact, _CudaCache, length_penalty
-from training.search import beam_search, greedy_search
+from nmt.engine.decoding import DecodeOptions, Decoder, Hypothesis, _compact, _CudaCache, length_penalty
+from nmt.training.search import beam_search, greedy_search
 
 TOLERANCE = 1e-4  # scores: fp32 ORT vs torch
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,8 +150,9 @@ def test_compact_equals_fancy_indexing():
         assert np.array_equal(got, expected) and got.flags.c_contiguous
 
 
-def test_server_modules_do_not_import_torch_or_training():
-    code = ("import sys, server.translate, server.translator, server.decoding, server.runtime; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training')); "
+def test_server_and_engine_import_neither_torch_nor_training_nor_export():
+    code = ("import sys, nmt.server.main, nmt.server.translate, nmt.engine.translator; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
+            "or m.startswith(('nmt.training', 'nmt.export'))); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

@@ -28,6 +28,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .tokenizer import MODEL_FILENAME
+
 BUNDLE_FORMAT = "nmt-bundle"
 BUNDLE_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -36,7 +38,7 @@ ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
 ENCODER_CPU, DECODER_CPU = "encoder.cpu.onnx", "decoder.cpu.onnx"
 ENCODER_INT8, DECODER_INT8 = "encoder.int8.onnx", "decoder.int8.onnx"
 ENCODER_FP16, DECODER_FP16 = "encoder.fp16.onnx", "decoder.fp16.onnx"
-TOKENIZER = "spm.model"
+TOKENIZER = MODEL_FILENAME
 SELF_HASH = "manifest_sha256"
 
 

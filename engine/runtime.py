@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from export.bundle import BundleError, cross_names, decoder_outputs, past_names, verify_bundle
+from .bundle import BundleError, cross_names, decoder_outputs, manifest_variants, past_names, verify_bundle
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class RuntimeConfig:
     precision: str = "auto"  # auto | fp32 | int8 | fp16
     intra_op_threads: int = 0  # 0 = ORT's default (one per physical core)
     inter_op_threads: int = 1
+    spinning: bool = False  # intra-op workers busy-wait between ops: only for experiments (nmt-bench decode)
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -97,21 +98,6 @@ class Sessions:
         return (self.manifest or {}).get("model", {}).get("max_positions")
 
 
-def variants_of(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """manifest["variants"], or the equivalent of an older manifest["graphs"] table."""
-    if isinstance(manifest.get("variants"), dict) and manifest["variants"]:
-        return manifest["variants"]
-    graphs = manifest.get("graphs")
-    if not isinstance(graphs, dict) or "encoder" not in graphs or "decoder" not in graphs:
-        raise BundleError("manifest.json has neither 'variants' nor a 'graphs' table with encoder and decoder")
-    variants = {"fp32": {"encoder": graphs["encoder"], "decoder": graphs["decoder"], "providers": [CUDA, CPU],
-                         "kv_dtype": "float32"}}
-    if "encoder_cpu" in graphs and "decoder_cpu" in graphs:
-        variants["fp32-cpu"] = {"encoder": graphs["encoder_cpu"], "decoder": graphs["decoder_cpu"],
-                                "providers": [CPU], "kv_dtype": "float32"}
-    return variants
-
-
 def choose_provider(device: str, available: list[str]) -> list[str]:
     """Providers to try, best first; refuses device='cuda' without the CUDA provider."""
     if device == "cpu":
@@ -138,15 +124,16 @@ def choose_variant(variants: dict[str, dict[str, Any]], precision: str, provider
                      f"it has: {have}")
 
 
-def _session_options(cfg: RuntimeConfig) -> ort.SessionOptions:
+def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1, spinning: bool = False) -> ort.SessionOptions:
+    """The options of every session this project opens (the engine's, the exporter's checks, the bench's)."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = cfg.intra_op_threads
-    options.inter_op_num_threads = cfg.inter_op_threads
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
     # The encoder and decoder each own a thread pool; spinning workers of the idle one steal the
     # cores the other needs (1.3-1.7x slower on 2 vCPUs: bench/results/profile.md).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 
@@ -154,7 +141,8 @@ def _session(path: Path, provider: str, cfg: RuntimeConfig) -> ort.InferenceSess
     # CPU stays listed after CUDA: ORT places the few nodes CUDA lacks (shape ops) there.
     providers = [CUDA, CPU] if provider == CUDA else [CPU]
     try:
-        session = ort.InferenceSession(str(path), _session_options(cfg), providers=providers)
+        options = session_options(cfg.intra_op_threads, cfg.inter_op_threads, cfg.spinning)
+        session = ort.InferenceSession(str(path), options, providers=providers)
     except ORT_ERRORS as e:
         raise BundleError(f"{path.name}: onnxruntime cannot load it: {e}") from e
     if session.get_providers()[0] != provider:
@@ -204,7 +192,9 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
 
 
 def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig, providers: list[str]) -> Sessions:
-    variants = variants_of(manifest)
+    variants = manifest_variants(manifest)
+    if not variants:
+        raise BundleError("manifest.json has neither 'variants' nor a 'graphs' table with encoder and decoder")
     name, provider = choose_variant(variants, cfg.precision, providers)
     entry = variants[name]
     for role in ("encoder", "decoder"):

@@ -6,14 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
-
-from export.bundle import BundleError
-
-from .decoding import BOS_ID, EOS_ID, PAD_ID, DecodeOptions, Decoder, SearchResult
+from .bundle import TOKENIZER, BundleError
+from .decoding import DecodeOptions, Decoder, SearchResult
 from .runtime import RuntimeConfig, Sessions, load_sessions
-
-UNK_ID = 1
+from .tokenizer import SentencePiece
 
 
 @dataclass(frozen=True)
@@ -34,29 +30,6 @@ class ModelInfo:
     bundle_sha256: str
     precision: str  # the active variant, e.g. "fp32-cpu"
     provider: str  # the active execution provider
-
-
-class SentencePiece:
-    """The bundle's SentencePiece model (the server's own copy of training/tokenizer.py's use)."""
-
-    def __init__(self, path: Path):
-        if not path.is_file():
-            raise BundleError(f"tokenizer model not found: {path}")
-        self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        ids = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
-        if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-            raise BundleError(f"{path.name}: special ids are {ids}, expected {(PAD_ID, UNK_ID, BOS_ID, EOS_ID)}")
-
-    @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        # NUL cannot sit in SentencePiece's normalization table (training/tokenizer.py): drop it here.
-        return self.sp.encode([t.replace("\0", "") for t in texts], out_type=int)
-
-    def decode(self, ids: list[list[int]]) -> list[str]:
-        return self.sp.decode(ids)
 
 
 def model_info(bundle_dir: Path, manifest: dict[str, Any], sessions: Sessions) -> ModelInfo:
@@ -87,7 +60,10 @@ class Translator:
         bundle_dir = Path(bundle_dir)
         sessions = load_sessions(bundle_dir, cfg or RuntimeConfig())
         manifest = sessions.manifest or {}
-        tokenizer = SentencePiece(bundle_dir / manifest.get("tokenizer", "spm.model"))
+        try:
+            tokenizer = SentencePiece.load(bundle_dir / manifest.get("tokenizer", TOKENIZER))
+        except ValueError as e:
+            raise BundleError(str(e)) from e
         return cls(sessions, tokenizer, model_info(bundle_dir, manifest, sessions))
 
     def default_options(self) -> DecodeOptions:

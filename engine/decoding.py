@@ -21,7 +21,7 @@ ORT 1.32 CPU, 1 intra-op thread, 64 Multi30k test_2016 sentences, on 2 cores sha
 jobs; fastest of 3 runs; "other" is everything outside the decoder's run(): row selection, top-k,
 Python loops):
 
-    python -m bench.step_overhead --bundle BUNDLE --count 64 --threads 1
+    python -m nmt.bench.step_overhead --bundle BUNDLE --count 64 --threads 1
 
     | search | batch | step ms | run() ms | other ms | run() share |
     |--------|-------|---------|----------|----------|-------------|
@@ -60,11 +60,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from export.bundle import cross_names, decoder_outputs, past_names
-
+from .bundle import cross_names, decoder_outputs, past_names
+from .hypothesis import Hypothesis, length_penalty
 from .runtime import Sessions
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
-PAD_ID, BOS_ID, EOS_ID = 0, 2, 3  # the manifest's special_ids are checked against these
+__all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "DecodeOptions", "Decoder", "Hypothesis", "SearchResult", "length_penalty"]
 DEFAULT_MAX_BATCH_ROWS = 256
 # ((5 + len) / 6) ** alpha must stay finite for any length a model allows (1e4 overflowed a
 # float); GNMT tuned alpha in 0..1 and values past ~2 only favour long outputs further.
@@ -91,22 +92,11 @@ class DecodeOptions:
 
 
 @dataclass(frozen=True)
-class Hypothesis:
-    tokens: list[int]  # without EOS
-    score: float  # sum of token log-probabilities, EOS included
-    normalized_score: float  # score / length penalty (equals score for greedy)
-
-
-@dataclass(frozen=True)
 class SearchResult:
     hypotheses: list[list[Hypothesis]]  # per source, in input order, best first, n_best each
     encode_seconds: float
     decode_seconds: float
     steps: int  # decoder runs, all sub-batches together
-
-
-def length_penalty(length: int, alpha: float) -> float:
-    return ((5.0 + length) / 6.0) ** alpha
 
 
 def pad_sources(sources: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.export import ExportOptions, export_checkpoint
-from server.decoding import Decoder
-from server.runtime import RuntimeConfig, Sessions, load_sessions
-from training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint
-from training.data import multi30k
-from training.model import ModelConfig, Transformer
-from training.tokenizer import EOS_ID, Tokenizer
+from nmt.export.export import ExportOptions, export_checkpoint
+from nmt.engine.decoding import Decoder
+from nmt.engine.runtime import RuntimeConfig, Sessions, load_sessions
+from nmt.training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint
+from nmt.training.data import multi30k
+from nmt.training.model import ModelConfig, Transformer
+from nmt.training.tokenizer import EOS_ID, Tokenizer
 
 VOCAB = 600
 EOS_SCALE = 3.0
