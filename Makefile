@@ -8,7 +8,7 @@ export NMT_DATA_DIR
 MODEL ?= models/default
 BUNDLE ?= bundles/default
 
-.PHONY: test run serve bundle evaluate train-default image-test bench-load bench-decode bench-train protos clean
+.PHONY: test run serve bundle evaluate train-default image-test image-cuda constraints bench-load bench-decode bench-train protos clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,18 @@ $(BUNDLE)/manifest.json: $(VENV)/.installed
 # The CPU image built and run with buildah (no Docker engine needed): scripts/image_test.sh.
 image-test: $(VENV)/.installed
 	BIN=$(BIN) scripts/image_test.sh
+
+# The GPU image: onnxruntime-gpu 1.31.1 (CUDA 13, cuDNN 9) on the matching CUDA base; run it with
+# `docker run --gpus all -p 50051:50051 -p 9090:9090 nmt:cuda`. DOCKER=podman or "buildah bud" work too.
+DOCKER ?= docker
+CUDA_IMAGE ?= nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
+image-cuda:
+	$(DOCKER) build -t nmt:cuda --build-arg DEVICE=cuda --build-arg RUNTIME_IMAGE=$(CUDA_IMAGE) .
+
+# deploy/constraints/*.txt, the image's pinned versions, from this (tested) environment; run it
+# after changing dependencies or upgrading .venv.
+constraints: $(VENV)/.installed
+	$(BIN)/python scripts/constraints.py
 
 # Benchmarks: write bench/results/{decode,load,train}.{json,md,png}.
 bench-decode: $(VENV)/.installed

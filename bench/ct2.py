@@ -117,15 +117,34 @@ class _CheckpointConverter(Converter):
         return build_spec(loaded.model.eval(), vocabulary(loaded.tokenizer))
 
 
+def write_vmap(bundle_dir: Path, pieces: Sequence[str], path: Path) -> Path:
+    """The bundle's vocabulary shortlist (engine/shortlist.py) as CT2's vocabulary map: per source
+    piece, its target list and the piece itself; the empty key lists the special and frequent pieces.
+    CT2 then scores the same union per batch as our engine (its special ids are always in)."""
+    from nmt.engine.bundle import read_manifest, shortlist_file
+    from nmt.engine.shortlist import SPECIAL_IDS, load
+
+    name = shortlist_file(read_manifest(bundle_dir))
+    if name is None:
+        raise ValueError(f"{bundle_dir} has no vocabulary shortlist")
+    table = load(bundle_dir / name, len(pieces))
+    lines = ["\t" + " ".join(pieces[i] for i in [*range(SPECIAL_IDS), *table.frequent.tolist()])]
+    for source in range(len(pieces)):
+        lines.append(f"{pieces[source]}\t" + " ".join(pieces[i] for i in [source, *table.targets_of(source).tolist()]))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
 def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, quantization: str = "float32",
-                       force: bool = False) -> Path:
-    """Write a CTranslate2 model directory (model.bin, config.json, vocabularies)."""
+                       force: bool = False, vmap: Path | None = None) -> Path:
+    """Write a CTranslate2 model directory (model.bin, config.json, vocabularies; vmap.txt when given)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists; pass force=True (--force) to replace it")
-    _CheckpointConverter(Path(checkpoint_dir)).convert(str(out_dir), quantization=quantization, force=force)
+    _CheckpointConverter(Path(checkpoint_dir)).convert(str(out_dir), quantization=quantization, force=force,
+                                                       vmap=None if vmap is None else str(vmap))
     return out_dir
 
 

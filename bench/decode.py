@@ -4,7 +4,9 @@
 
 Engines: PyTorch eager with the KV cache (training/search.py), ONNX Runtime through the server's
 engine (engine/decoding.py) on an unfused fp32 bundle, the fused fp32 bundle and its int8
-variant, and CTranslate2 float32 and int8 (bench/ct2.py converts the same checkpoint). Every
+variant, each fused one also with the bundle's vocabulary shortlist (engine/shortlist.py), and
+CTranslate2 float32 and int8 (bench/ct2.py converts the same checkpoint), each also with that
+shortlist as its vocabulary map (vmap.txt: the same ids per batch, so the same outputs). Every
 engine gets the same threads (2 by default), the same sources in the same batches, greedy and
 beam 4 (length penalty 0.6, at most len(source) + 50 tokens). Batches go through the engines in
 turn (the order rotating batch by batch), so load from other processes hits every engine alike.
@@ -37,14 +39,21 @@ import numpy as np
 from .engines import CT2Engine, Engine, OrtEngine, SearchSettings, TorchEngine
 from .flops import encoder_flops, first_step_flops, sgemm_peaks
 
-ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-int8", "ct2-float32", "ct2-int8")
-# ORT engines: (bundle in the cache, RuntimeConfig.precision).
-ORT_ENGINES: dict[str, tuple[str, str]] = {"ort-fp32-unfused": ("unfused", "fp32"), "ort-fp32": ("fused", "fp32"),
-                                           "ort-int8": ("fused", "int8")}
-CT2_ENGINES: dict[str, str] = {"ct2-float32": "float32", "ct2-int8": "int8"}
+ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-fp32-shortlist", "ort-int8",
+                            "ort-int8-shortlist", "ct2-float32", "ct2-float32-vmap", "ct2-int8", "ct2-int8-vmap")
+# ORT engines: (bundle in the cache, RuntimeConfig.precision, vocabulary shortlist on).
+ORT_ENGINES: dict[str, tuple[str, str, bool]] = {
+    "ort-fp32-unfused": ("unfused", "fp32", False), "ort-fp32": ("fused", "fp32", False),
+    "ort-fp32-shortlist": ("fused", "fp32", True), "ort-int8": ("fused", "int8", False),
+    "ort-int8-shortlist": ("fused", "int8", True)}
+# CT2 engines: (compute type, vocabulary map: the bundle's shortlist as CT2's vmap.txt).
+CT2_ENGINES: dict[str, tuple[str, bool]] = {"ct2-float32": ("float32", False), "ct2-float32-vmap": ("float32", True),
+                                            "ct2-int8": ("int8", False), "ct2-int8-vmap": ("int8", True)}
 BUNDLE_ATTENTION = {"fused": None, "unfused": "none"}  # None: the exporter's default fused form
 DEFAULT_SENTENCES = 200  # ~10 minutes for the whole grid on 2 cores (see README)
 ENCODER_ROUNDS = 3  # encoder passes over the sources; each engine's fastest counts
+# The CPU features that pick ORT's and CT2's kernels (int8: VNNI; bf16/int8 tiles: AMX).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 SETTLE_SECONDS = 0.005  # idle gap before each timed call: spinning worker threads of the last engine go quiet
 
 
@@ -97,19 +106,24 @@ def load_sources(cfg: DecodeBenchConfig, tokenizer, src_lang: str, tgt_lang: str
 
 
 def _bundle_is_current(out: Path, digest: str, attention: str | None, need_int8: bool) -> bool:
-    from nmt.engine.bundle import BundleError, verify_bundle
+    from nmt.engine.bundle import BUNDLE_FORMAT_VERSION, TOP_IDS, BundleError, shortlist_file, verify_bundle
 
     try:
         manifest = verify_bundle(out)
     except BundleError:
         return False
+    outputs = manifest.get("interface", {}).get("decoder", {}).get("outputs", {})
     return (manifest.get("source_checkpoint", {}).get("sha256") == digest
+            and manifest.get("format_version") == BUNDLE_FORMAT_VERSION and TOP_IDS in outputs
+            and shortlist_file(manifest) is not None
             and (manifest.get("attention") == attention if attention else manifest.get("attention") != "none")
             and (not need_int8 or "int8-cpu" in manifest.get("variants", {})))
 
 
-def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need_int8: bool, parity: bool = True) -> Path:
-    """Export `checkpoint` to `out` unless a verified bundle of the same weights is there."""
+def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need_int8: bool, parity: bool = True,
+                  data_dir: Path | None = None) -> Path:
+    """Export `checkpoint` to `out` (with its shortlist, from Multi30k train in `data_dir`) unless a
+    verified bundle of the same weights is there."""
     from nmt.engine import bundle
     from nmt.export.export import ExportOptions, export_checkpoint
     from nmt.training.checkpoint import CONFIG, WEIGHTS, read_config
@@ -117,7 +131,8 @@ def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need_int8:
     digest = bundle.directory_digest(checkpoint, [WEIGHTS, CONFIG, read_config(checkpoint)["tokenizer"]])
     if not out.exists() or not _bundle_is_current(out, digest, attention, need_int8):
         print(f"exporting {checkpoint} -> {out} (attention {attention or 'default'})", file=sys.stderr)
-        options = ExportOptions(validate=parity, **({} if attention is None else {"attention": attention}))
+        options = ExportOptions(validate=parity, data_dir=data_dir,
+                                **({} if attention is None else {"attention": attention}))
         export_checkpoint(checkpoint, out, force=True, options=options)
     return out
 
@@ -130,9 +145,9 @@ class _EngineFactory:
 
     def bundle(self, kind: str) -> Path:
         if kind not in self.bundles:
-            need_int8 = any(ORT_ENGINES.get(e) == (kind, "int8") for e in self.cfg.engines)
+            need_int8 = any(ORT_ENGINES.get(e, ())[:2] == (kind, "int8") for e in self.cfg.engines)
             self.bundles[kind] = ensure_bundle(self.cfg.checkpoint, self.cfg.cache_dir / kind,
-                                               BUNDLE_ATTENTION[kind], need_int8, self.cfg.parity)
+                                               BUNDLE_ATTENTION[kind], need_int8, self.cfg.parity, self.cfg.data_dir)
         return self.bundles[kind]
 
     def build(self, name: str) -> tuple[Engine, str]:
@@ -143,14 +158,17 @@ class _EngineFactory:
         if name == "torch":
             return TorchEngine(self.loaded.model, cfg.settings), "eager"
         if name in ORT_ENGINES:
-            kind, precision = ORT_ENGINES[name]
-            engine = OrtEngine(name, self.bundle(kind), precision, cfg.threads, cfg.settings, cfg.ort_spinning)
+            kind, precision, shortlist = ORT_ENGINES[name]
+            engine = OrtEngine(name, self.bundle(kind), precision, cfg.threads, cfg.settings, cfg.ort_spinning,
+                               shortlist)
             return engine, engine.variant
-        quantization = CT2_ENGINES[name]
-        model_dir = ct2.convert_checkpoint(cfg.checkpoint, cfg.cache_dir / f"ct2-{quantization}", quantization,
-                                           force=True)
+        quantization, vmap = CT2_ENGINES[name]
         pieces = ct2.vocabulary(self.loaded.tokenizer)
-        return CT2Engine(name, model_dir, quantization, cfg.threads, pieces, cfg.settings), quantization
+        vmap_file = ct2.write_vmap(self.bundle("fused"), pieces, cfg.cache_dir / "vmap.txt") if vmap else None
+        model_dir = ct2.convert_checkpoint(cfg.checkpoint, cfg.cache_dir / name, quantization, force=True,
+                                           vmap=vmap_file)
+        engine = CT2Engine(name, model_dir, quantization, cfg.threads, pieces, cfg.settings, use_vmap=vmap)
+        return engine, quantization + (", vmap" if vmap else "")
 
 
 def build_engines(cfg: DecodeBenchConfig, loaded) -> tuple[list[Engine], dict[str, str], dict[str, str]]:
@@ -276,7 +294,9 @@ def machine_info(threads: int) -> dict[str, Any]:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "threads": threads, "nice": os.nice(0),
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
+            "threads": threads, "nice": os.nice(0),
             "load_average_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                          "ctranslate2": ctranslate2.__version__, "numpy": np.__version__}}

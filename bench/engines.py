@@ -88,13 +88,15 @@ class OrtEngine:
     name says so."""
 
     def __init__(self, name: str, bundle_dir: Path, precision: str, threads: int, settings: SearchSettings,
-                 spinning: bool = False):
+                 spinning: bool = False, shortlist: bool = False):
         from nmt.engine.decoding import DecodeOptions, Decoder
         from nmt.engine.runtime import RuntimeConfig, load_sessions
 
         cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, inter_op_threads=1,
-                            spinning=spinning)
+                            spinning=spinning, shortlist=shortlist)
         self.name, self.sessions, self.spinning = name, load_sessions(bundle_dir, cfg), spinning
+        if shortlist and self.sessions.shortlist is None:
+            raise ValueError(f"{bundle_dir} has no vocabulary shortlist")
         self.decoder = Decoder(self.sessions)
         self._options = {
             beam: DecodeOptions(beam_size=beam, length_penalty=settings.length_penalty,
@@ -104,7 +106,8 @@ class OrtEngine:
 
     @property
     def variant(self) -> str:
-        return str(self.sessions.variant) + (", spinning on" if self.spinning else "")
+        shortlist = ", shortlist" if self.sessions.shortlist is not None else ""
+        return str(self.sessions.variant) + shortlist + (", spinning on" if self.spinning else "")
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
         result = self.decoder.search(sources, self._options[beam_size])
@@ -119,17 +122,18 @@ class CT2Engine:
     """A CTranslate2 Translator on a model converted by bench/ct2.py (inter 1, intra `threads`)."""
 
     def __init__(self, name: str, model_dir: Path, compute_type: str, threads: int, pieces: Sequence[str],
-                 settings: SearchSettings):
+                 settings: SearchSettings, use_vmap: bool = False):
         import ctranslate2
 
-        self.name, self.settings, self.pieces = name, settings, list(pieces)
+        self.name, self.settings, self.pieces, self.use_vmap = name, settings, list(pieces), use_vmap
         self.index = {piece: i for i, piece in enumerate(self.pieces)}
         self.translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type=compute_type,
                                                  inter_threads=1, intra_threads=threads)
 
     def _run(self, sources: list[list[int]], **options):
         tokens = [[self.pieces[i] for i in s] for s in sources]  # EOS is added by the model config
-        return self.translator.translate_batch(tokens, min_decoding_length=0, return_scores=True, **options)
+        return self.translator.translate_batch(tokens, min_decoding_length=0, return_scores=True,
+                                               use_vmap=self.use_vmap, **options)
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
         max_len = max(map(len, sources)) + self.settings.max_len_extra

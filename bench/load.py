@@ -1,15 +1,19 @@
-"""`nmt-bench load`: the gRPC server under closed-loop load, batching on and off, against the engine alone.
+"""`nmt-bench load`: the gRPC server under closed-loop load, continuous vs static batching vs none, against
+the engine alone.
 
     nmt-bench load [--bundle bundles/default] [--clients 1,4,16,64] [--beam 4] [--duration 20] [--out bench/results]
 
-Two `nmt-serve` subprocesses run on loopback: the default config (dynamic batching) and
-`--max-batch-size 1`. For each client count N, each server in turn gets N asyncio clients on one
+Three `nmt-serve` subprocesses run on loopback: `continuous` (the default config: iteration-level
+batching), `static` (`--batching static`: a batch runs until its last sentence ends) and
+`unbatched` (`--batching static --max-batch-size 1`). For each client count N, each server in turn
+gets N asyncio clients on one
 channel, each sending one test_2016_flickr sentence per Translate call and the next as soon as
 the answer comes (closed loop). After --warmup seconds, the calls that finish within the next
 --duration seconds count: sentences/s, p50 and p99 latency. The server's batch-size histogram is
-scraped before and after that window (the mean batch that formed) and its VmRSS / VmHWM read from
-/proc. Then the engine alone (server.translator in this process, the same bundle, threads and
-decode options) translates the same sentences in batches of the batching server's mean size,
+scraped before and after that window (the mean batch that formed: per engine call for static, per
+decoder step for continuous) and its VmRSS / VmHWM read from /proc. Then the engine alone
+(server.translator in this process, the same bundle, threads and decode options) translates the
+same sentences in batches of the continuous server's mean size,
 one after the other: sentences/s and the per-batch latency. Settings and engine are interleaved
 per client count, so load from other processes on a shared machine hits them alike; the clients
 run on this machine too, so their CPU time competes with the server's (as on one host).
@@ -38,13 +42,16 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from nmt.server.client import TranslationClient, request_options
+from nmt.server.continuous import continuous_unsupported
 from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from .load_report import write_report
 
 SERVER_START_TIMEOUT = 180.0
-SETTINGS = {"batching": [], "unbatched": ["--max-batch-size", "1"]}  # extra nmt-serve flags; batching first
+# Extra nmt-serve flags per setting; the first one's mean batch sizes the engine-alone rows.
+SETTINGS = {"continuous": ["--batching", "continuous"], "static": ["--batching", "static"],
+            "unbatched": ["--batching", "static", "--max-batch-size", "1"]}
 
 
 @dataclass(frozen=True)
@@ -77,7 +84,7 @@ class Level:
     sentences_per_s: float
     p50_ms: float
     p99_ms: float
-    mean_batch: float  # sentences per engine batch in the window (server histogram)
+    mean_batch: float  # sentences per engine batch (static) or decoder step (continuous) in the window
     batches: int
     errors: int
     rss_mb: float  # VmRSS after the level
@@ -191,7 +198,7 @@ def measure_level(name: str, clients: int, measured: tuple[list[float], int, tup
     level = Level(name, clients, len(latencies), len(latencies) / duration, float(np.percentile(ms, 50)),
                   float(np.percentile(ms, 99)), batch_sum / batch_count if batch_count else float("nan"),
                   int(batch_count), errors, rss, peak)
-    print(f"{name:>9} {clients:3d} clients: {level.sentences_per_s:7.2f} sent/s  p50 {level.p50_ms:7.1f} ms"
+    print(f"{name:>10} {clients:3d} clients: {level.sentences_per_s:7.2f} sent/s  p50 {level.p50_ms:7.1f} ms"
           f"  p99 {level.p99_ms:7.1f} ms  mean batch {level.mean_batch:5.2f}  RSS {rss:.0f} MB", flush=True)
     return level
 
@@ -241,7 +248,7 @@ async def measure_all(servers: dict[str, ServerProcess], engine: Engine, sentenc
         for name, server in servers.items():
             measured = await closed_loop(server, sentences, clients, cfg)
             levels.append(measure_level(name, clients, measured, server, cfg.duration))
-        batched = levels[-len(servers)]
+        batched = levels[-len(servers)]  # the first setting's (continuous)
         size = max(1, round(batched.mean_batch)) if batched.mean_batch == batched.mean_batch else 1  # NaN: 1
         rows.append(engine.measure(clients, size))
     return levels, rows
@@ -251,13 +258,15 @@ def run(cfg: LoadBenchConfig) -> dict[str, Any]:
     if not (cfg.bundle / "manifest.json").is_file():
         raise ValueError(f"no bundle at {cfg.bundle} (make bundle, or nmt-export models/default {cfg.bundle})")
     sentences = load_sentences(cfg)
+    engine = Engine(cfg, sentences)
+    if (reason := continuous_unsupported(engine.translator)) is not None:  # the server would batch statically
+        raise ValueError(f"{cfg.bundle} cannot be served with continuous batching: {reason}")
     servers: dict[str, ServerProcess] = {}
     try:
         for name, flags in SETTINGS.items():
             servers[name] = ServerProcess(cfg, flags)
         for server in servers.values():
             server.wait_serving()
-        engine = Engine(cfg, sentences)
         levels, rows = asyncio.run(measure_all(servers, engine, sentences, cfg))
     finally:
         for name, server in servers.items():

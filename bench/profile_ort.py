@@ -2,8 +2,9 @@
 
     python -m nmt.bench.profile_ort [--bundles bundles/bench] [--sentences 64] [--threads 2]
 
-For the unfused and fused fp32 bundles and the int8 variant (the bundles `nmt-bench decode`
-caches), decodes test_2016_flickr sources with the engine's Decoder, in three passes:
+For the unfused and fused fp32 bundles and the int8 variant, with and without the vocabulary
+shortlist (the bundles `nmt-bench decode` caches), decodes test_2016_flickr sources with the
+engine's Decoder (both its decoder sessions: engine/runtime.py), in three passes:
 1. the sessions exactly as nmt.engine.runtime opens them: search time per sentence, and each
    decoder step split into the decoder's InferenceSession.run() (kernels, feeding numpy inputs,
    returning outputs) and the Python search around it (top-k, bookkeeping, KV row selection);
@@ -29,7 +30,10 @@ import onnxruntime as ort
 
 from .engines import reopen_cpu_session
 
-ENGINES = {"ort-fp32-unfused": ("unfused", "fp32"), "ort-fp32": ("fused", "fp32"), "ort-int8": ("fused", "int8")}
+# (bundle in nmt-bench decode's cache, precision, vocabulary shortlist on): as bench/decode.py's engines.
+ENGINES = {"ort-fp32-unfused": ("unfused", "fp32", False), "ort-fp32": ("fused", "fp32", False),
+           "ort-fp32-shortlist": ("fused", "fp32", True), "ort-int8": ("fused", "int8", False),
+           "ort-int8-shortlist": ("fused", "int8", True)}
 
 
 class _TimedRun:
@@ -49,20 +53,27 @@ class _TimedRun:
         return getattr(self.session, name)
 
 
-def _sessions(bundle: Path, precision: str, threads: int, spinning: bool = False,
+def _sessions(bundle: Path, precision: str, shortlist: bool, threads: int, spinning: bool = False,
               profile_prefix: Path | None = None):
-    """The engine's sessions (with `spinning`), the decoder reopened with ORT's profiler when
-    profile_prefix is given, and wrapped to time run()."""
+    """The engine's sessions (with `spinning`), the decoders (the engine's second, single-threaded
+    one for small steps too) reopened with ORT's profiler when profile_prefix is given, and
+    wrapped to time run()."""
     from nmt.engine.bundle import manifest_variants
     from nmt.engine.runtime import RuntimeConfig, load_sessions
 
-    cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, spinning=spinning)
+    cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, spinning=spinning,
+                        shortlist=shortlist)
     sessions = load_sessions(bundle, cfg)
-    decoder = sessions.decoder
+    decoder, small = sessions.decoder, sessions.decoder_small
     if profile_prefix is not None:
-        entry = manifest_variants(sessions.manifest)[sessions.variant]
-        decoder = reopen_cpu_session(bundle / entry["decoder"], threads, spinning, profile_prefix)
-    return dataclasses.replace(sessions, decoder=_TimedRun(decoder))
+        path = bundle / manifest_variants(sessions.manifest)[sessions.variant]["decoder"]
+        decoder = reopen_cpu_session(path, threads, spinning, profile_prefix)
+        small = small and reopen_cpu_session(path, 1, spinning, profile_prefix.with_name(profile_prefix.name + "-1"))
+    return dataclasses.replace(sessions, decoder=_TimedRun(decoder), decoder_small=small and _TimedRun(small))
+
+
+def _run_seconds(sessions) -> float:
+    return sum(s.seconds for s in (sessions.decoder, sessions.decoder_small) if s is not None)
 
 
 def _decode_all(sessions, sources: list[list[int]], batch: int, beam: int) -> dict[str, float]:
@@ -71,7 +82,9 @@ def _decode_all(sessions, sources: list[list[int]], batch: int, beam: int) -> di
 
     decoder, options = Decoder(sessions), DecodeOptions(beam_size=beam)
     decoder.search(sources[:batch], options)  # warm-up
-    sessions.decoder.seconds = 0.0
+    for session in (sessions.decoder, sessions.decoder_small):
+        if session is not None:
+            session.seconds = 0.0
     total = decode = 0.0
     steps = 0
     for start in range(0, len(sources), batch):
@@ -79,7 +92,7 @@ def _decode_all(sessions, sources: list[list[int]], batch: int, beam: int) -> di
         result = decoder.search(sources[start : start + batch], options)
         total += time.perf_counter() - began
         decode, steps = decode + result.decode_seconds, steps + result.steps
-    return {"total": total, "decode": decode, "run": sessions.decoder.seconds, "steps": steps}
+    return {"total": total, "decode": decode, "run": _run_seconds(sessions), "steps": steps}
 
 
 def _op_shares(profile: Path) -> Counter[str]:
@@ -91,15 +104,17 @@ def _op_shares(profile: Path) -> Counter[str]:
     return ops
 
 
-def profile(bundle: Path, precision: str, sources: list[list[int]], batch: int, beam: int,
+def profile(bundle: Path, precision: str, shortlist: bool, sources: list[list[int]], batch: int, beam: int,
             threads: int) -> dict[str, Any]:
     """The three passes of the module docstring for one engine, search and batch size."""
-    served = _decode_all(_sessions(bundle, precision, threads), sources, batch, beam)
-    spinning = _decode_all(_sessions(bundle, precision, threads, spinning=True), sources, batch, beam)
+    served = _decode_all(_sessions(bundle, precision, shortlist, threads), sources, batch, beam)
+    spinning = _decode_all(_sessions(bundle, precision, shortlist, threads, spinning=True), sources, batch, beam)
     with tempfile.TemporaryDirectory() as tmp:
-        profiled = _sessions(bundle, precision, threads, profile_prefix=Path(tmp) / "decoder")
+        profiled = _sessions(bundle, precision, shortlist, threads, profile_prefix=Path(tmp) / "decoder")
         _decode_all(profiled, sources, batch, beam)
         ops = _op_shares(Path(profiled.decoder.session.end_profiling()))
+        if profiled.decoder_small is not None:
+            ops += _op_shares(Path(profiled.decoder_small.session.end_profiling()))
     steps, n = served["steps"], len(sources)
     per_step = lambda s: round(1e3 * s / steps, 3)  # noqa: E731
     return {"steps": steps, "sentence_ms": round(1e3 * served["total"] / n, 2), "step_ms": per_step(served["decode"]),
@@ -141,10 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     sources = tokenizer.encode(multi30k("test_2016_flickr", "en", "de", args.data_dir).src[: args.sentences])
     rows = []
     for engine in args.engines.split(","):
-        kind, precision = ENGINES[engine]
+        kind, precision, shortlist = ENGINES[engine]
         for search, beam in (("greedy", 1), ("beam4", 4)):
             for batch in (int(b) for b in args.batch_sizes.split(",")):
-                found = profile(args.bundles / kind, precision, sources, batch, beam, args.threads)
+                found = profile(args.bundles / kind, precision, shortlist, sources, batch, beam, args.threads)
                 rows.append({"engine": engine, "search": search, "batch": batch, **found})
                 print(f"{engine} {search} b={batch}: {found['sentence_ms']} ms/sentence", flush=True)
     print(markdown(rows))

@@ -9,10 +9,13 @@ from typing import Any
 RESULT_FILES = ("decode.json", "decode.md", "decode.png")
 # (label, numerator engine, denominator engine, goal): tokens/s ratios, same run.
 RATIOS: tuple[tuple[str, str, str, float], ...] = (
-    ("ORT fp32 fused / torch", "ort-fp32", "torch", 3.0),
-    ("ORT int8 / torch", "ort-int8", "torch", 3.0),
+    ("ORT fp32 fused / torch", "ort-fp32", "torch", 2.0),
+    ("ORT int8 / torch", "ort-int8", "torch", 2.0),
     ("ORT fp32 / CT2 float32", "ort-fp32", "ct2-float32", 1.0),
     ("ORT int8 / CT2 int8", "ort-int8", "ct2-int8", 1.0),
+    ("ORT fp32 shortlist / CT2 float32 vmap", "ort-fp32-shortlist", "ct2-float32-vmap", 1.0),
+    ("ORT int8 shortlist / CT2 int8 vmap", "ort-int8-shortlist", "ct2-int8-vmap", 1.0),
+    ("ORT fp32 shortlist / ORT fp32", "ort-fp32-shortlist", "ort-fp32", 1.0),
     ("ORT fp32 fused / unfused", "ort-fp32", "ort-fp32-unfused", 1.0),
 )
 
@@ -113,7 +116,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['source_tokens']} source tokens), checkpoint `{cfg['checkpoint']}`. "
         f"Greedy and beam {settings['beam_size']} (GNMT length penalty {settings['length_penalty']}, at most "
         f"len(source) + {settings['max_len_extra']} tokens). {machine['threads']} threads for every engine; "
-        f"CPU: {machine['cpu']} ({machine['logical_cpus']} logical CPUs), load average "
+        f"CPU: {machine['cpu']} ({machine['logical_cpus']} logical CPUs; "
+        f"{', '.join(machine.get('cpu_flags') or ['flags unknown'])}), load average "
         f"{machine['load_average_start'][0]} at the start, {machine['load_average_end'][0]} at the end, other "
         f"processes kept {machine.get('other_processes_cores')} cores busy on average while it ran; "
         f"{', '.join(f'{k} {v}' for k, v in machine['versions'].items())}. Whole grid: {results['seconds']:.0f} s.",

@@ -12,10 +12,17 @@
     encoder.fp16.onnx   variant fp16-cuda: fp16 weights and KV tensors, for the CUDA provider
     decoder.fp16.onnx
     spm.model           the SentencePiece model
+    shortlist.npz       optional: the vocabulary shortlist (engine/shortlist.py); manifest["shortlist"]
+                        says how it was built, or why there is none
 
 manifest["variants"] maps each variant written to {"encoder", "decoder", "providers",
 "kv_dtype", "validated"}; every variant has the same graph input/output names (export/variants.py).
 Format version 2 added "variants" (and dropped version 1's "graphs"); version 1 is still read.
+Format version 3 added the decoder input "past_mask" (rows of one batch may hold caches of different
+lengths: continuous batching); bundles of version 1 and 2 are still read and served with static
+batching (takes_past_mask). Format 3 also added the decoder's output head (inputs vocab_ids and
+top_k with defaults, outputs top_log_probs, top_ids, eos_log_probs: export/decoder_head.py) and
+the optional shortlist.npz; decoders without the head are searched from log_probs (has_head).
 
 This module must not import torch: the server reads bundles with it.
 """
@@ -31,8 +38,8 @@ from typing import Any
 from .tokenizer import MODEL_FILENAME
 
 BUNDLE_FORMAT = "nmt-bundle"
-BUNDLE_FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+BUNDLE_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
 ENCODER_CPU, DECODER_CPU = "encoder.cpu.onnx", "decoder.cpu.onnx"
@@ -63,12 +70,38 @@ def present_names(n_layers: int) -> list[str]:
     return [f"present_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
 
 
+PAST_MASK = "past_mask"  # format 3: (batch, past_len + tgt_len) bool
+
+
 def decoder_inputs(n_layers: int) -> list[str]:
-    return ["tgt_ids", "src_mask", *past_names(n_layers), *cross_names(n_layers)]
+    return ["tgt_ids", "src_mask", *past_names(n_layers), *cross_names(n_layers), PAST_MASK]
+
+
+def takes_past_mask(input_names: list[str]) -> bool:
+    """Whether a decoder graph takes past_mask (format 3); older graphs support static batching only."""
+    return PAST_MASK in input_names
 
 
 def decoder_outputs(n_layers: int) -> list[str]:
     return ["log_probs", *present_names(n_layers)]
+
+
+# The decoder's output head (export/decoder_head.py), format 3: two inputs with defaults in the
+# graph (the whole vocabulary; top_k 0) and three outputs after the present K/V. Graphs
+# without them are still served, from log_probs (has_head).
+VOCAB_IDS, TOP_K = "vocab_ids", "top_k"
+TOP_LOG_PROBS, TOP_IDS, EOS_LOG_PROBS = "top_log_probs", "top_ids", "eos_log_probs"
+SHORTLIST = "shortlist.npz"  # the vocabulary shortlist (engine/shortlist.py), when the export built one
+VOCAB_SIZE_KEY = "vocab_size"  # the decoder's ONNX metadata: log_probs no longer has a static width
+
+
+def head_outputs() -> list[str]:
+    return [TOP_LOG_PROBS, TOP_IDS, EOS_LOG_PROBS]
+
+
+def has_head(output_names: list[str]) -> bool:
+    """Whether a decoder graph has the top-k head (and so takes vocab_ids and top_k)."""
+    return output_names[-3:] == head_outputs()
 
 
 def graph_spec(n_layers: int) -> dict[str, Any]:
@@ -85,10 +118,18 @@ def graph_spec(n_layers: int) -> dict[str, Any]:
                 "src_mask": "(batch, src_len) bool, True = token",
                 **{name: kv.format("past_len") for name in past_names(n_layers)},
                 **{name: kv.format("src_len") for name in cross_names(n_layers)},
+                PAST_MASK: "(batch, past_len + tgt_len) bool, True = a real key (cached slots the row has, and "
+                           "its new tokens); a row's positions count its real keys",
+                VOCAB_IDS: "(vocab',) int64, optional (default: every id): the ids to score, ascending, 0..3 "
+                           "included",
+                TOP_K: "(1,) int64, optional (default 0): candidates per row in the top_* outputs",
             },
             "outputs": {
-                "log_probs": "(batch, vocab) float32, log-softmax at the last position",
+                "log_probs": "(batch, vocab') float32, log-softmax over vocab_ids at the last position",
                 **{name: kv.format("past_len + tgt_len") for name in present_names(n_layers)},
+                TOP_LOG_PROBS: "(batch, top_k) float32, each row's best log_probs, best first",
+                TOP_IDS: "(batch, top_k) int64, their vocabulary ids",
+                EOS_LOG_PROBS: "(batch,) float32, each row's log-prob of EOS",
             },
         },
     }
@@ -184,11 +225,24 @@ def _variant_problems(manifest: dict[str, Any]) -> list[str]:
     return problems
 
 
+def shortlist_file(manifest: dict[str, Any]) -> str | None:
+    """The vocabulary shortlist's file name, when the export wrote one (manifest["shortlist"]["file"])."""
+    entry = manifest.get("shortlist")
+    return entry.get("file") if isinstance(entry, dict) else None
+
+
+def _shortlist_problems(manifest: dict[str, Any]) -> list[str]:
+    name = shortlist_file(manifest)
+    if name is None or (isinstance(name, str) and name in manifest["files"]):
+        return []
+    return [f"shortlist: {name!r} is not a file listed in the manifest"]
+
+
 def verify_bundle(directory: str | Path) -> dict[str, Any]:
     """Recompute every file's size and sha256; raise once, naming every file that differs."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    problems = _variant_problems(manifest)
+    problems = _variant_problems(manifest) + _shortlist_problems(manifest)
     for name, entry in sorted(manifest["files"].items()):
         path = directory / name
         if Path(name).is_absolute() or ".." in Path(name).parts:

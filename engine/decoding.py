@@ -16,40 +16,35 @@ max_len_extra 1), where the reference would loop for ever.
 Sources are sorted by length (less padding) and split into sub-batches of at most
 `max_batch_rows` decoder rows (sentences × beam); results come back in input order.
 
-Where a step's time goes (models/default exported with the default options, variant fp32-cpu,
-ORT 1.32 CPU, 1 intra-op thread, 64 Multi30k test_2016 sentences, on 2 cores shared with other
-jobs; fastest of 3 runs; "other" is everything outside the decoder's run(): row selection, top-k,
-Python loops):
+Each step asks the graph's output head (export/decoder_head.py) for each row's best 2·beam
+tokens (beam) or for log_probs (greedy: numpy's argmax beats ORT's TopK ~10x), over the
+bundle's vocabulary shortlist of the sub-batch when there is one (engine/shortlist.py).
 
-    python -m nmt.bench.step_overhead --bundle BUNDLE --count 64 --threads 1
+Where a step's time goes (models/default, fp32-cpu with its shortlist, ORT 1.32, 2 threads, 2
+shared AMD EPYC cores; fastest of 3; "other": all outside the decoder's run()):
 
-    | search | batch | step ms | run() ms | other ms | run() share |
-    |--------|-------|---------|----------|----------|-------------|
-    | greedy |     1 |    2.53 |     2.39 |    0.14  |       94.5% |
-    | greedy |     8 |    4.20 |     3.82 |    0.38  |       90.9% |
-    | greedy |    32 |    7.97 |     7.00 |    0.97  |       87.8% |
-    | beam 4 |     1 |    4.41 |     3.72 |    0.69  |       84.3% |
-    | beam 4 |     8 |    9.92 |     8.30 |    1.62  |       83.7% |
-    | beam 4 |    32 |   24.14 |    19.71 |    4.43  |       81.7% |
+    python -m nmt.bench.step_overhead --bundle BUNDLE --count 64 --threads 2 --precision fp32
 
-What was tried on CPU:
-- IO binding (bind_cpu_input + ORT-allocated outputs, rebound every step as the loop must, since
-  shapes change) against plain run() on one decoder step, interleaved 200 times: median
-  2.41 vs 2.22 ms (1 row), 5.39 vs 5.10 (8 rows), 10.47 vs 10.29 (32 rows), i.e. 2-9% slower.
-  run_with_ort_values with outputs fed back as OrtValues was within noise of run(). run()
-  already wraps numpy inputs without a copy and returns outputs without one (OrtValue.numpy()
-  shares memory). Kept: plain run() on CPU; IO binding only on CUDA, where it saves transfers.
-- Compacting the source side in place when sentences finish (`_compact`) instead of fancy
-  indexing into fresh arrays (whose page faults dominated): "other" at beam 4 × 32 went from
-  5.2 to 3.7 ms/step, greedy × 32 from 0.80 to 0.63 ms/step (same A/B run). Kept.
-- Cross K/V are only re-selected when a sentence leaves (all beams of a sentence share them),
-  not on every beam reordering. Kept.
-- top-k: np.argpartition over (sentences, beam·vocab) is ~2 ms/step at beam 4 × 32; an exact
-  pre-filter by a bound was slower. Kept argpartition.
-ORT's com.microsoft.BeamSearch/GreedySearch would take the loop into C++, but they rank by
-score / length ** alpha (not GNMT's penalty), stop at one max_length per batch (not per source)
-and do not force EOS, so they cannot reproduce these rules; with run() at 82-95% of a step they
-could save at most ~5-18% here.
+    | search | batch | step ms | run() ms | other ms | run() share |   before the head: step, other
+    |--------|-------|---------|----------|----------|-------------|   (same machine, profile.md)
+    | greedy |    32 |    0.58 |     0.47 |    0.11  |       81.0% |   0.84, 0.14
+    | beam 4 |     8 |    0.72 |     0.62 |    0.10  |       85.9% |   1.67, 0.66
+    | beam 4 |    32 |    2.45 |     2.03 |    0.42  |       82.8% |   4.84, 2.23
+
+What was tried on CPU (kept unless said otherwise):
+- top-k in the graph (TopK per row, k = 2·beam): the (sentences, beam·vocab) np.argpartition
+  was 1.6 ms of a 4.8 ms step at beam 4 × 32; a row's TopK over 8000 is ~3x cheaper than
+  argpartition, and with the shortlist's ~1,800 ids ~10x. Greedy keeps np.argmax.
+- IO binding: 2-9% slower than run() on CPU (rebound every step); only on CUDA (_CudaCache).
+- Compacting the source side in place when sentences finish (`_compact`: fresh arrays' page
+  faults dominated); cross K/V re-selected only when a sentence leaves. Beam reordering of the
+  past stays on the host (p[rows]: ~0.12 of 2.45 ms at beam 4 × 32; a Gather in the graph
+  would copy as much).
+- Spinning worker threads (allow_spinning, with force_spinning_stop at the end of a run):
+  1.05-1.26x faster in one run, 0.5-1.1x in the next one under load from other jobs. Left
+  off; steps of few rows run single-threaded instead (engine/runtime.py, SINGLE_THREAD_ROWS).
+ORT's com.microsoft.BeamSearch/GreedySearch rank by score / length ** alpha, stop at one
+max_length per batch and do not force EOS: they cannot reproduce these rules.
 """
 
 from __future__ import annotations
@@ -60,7 +55,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import cross_names, decoder_outputs, past_names
+from .bundle import (PAST_MASK, TOP_K, VOCAB_IDS, cross_names, decoder_outputs, head_outputs, past_names,
+                     takes_past_mask)
 from .hypothesis import Hypothesis, length_penalty
 from .runtime import Sessions
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -126,9 +122,13 @@ def _compact(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
 class _HostCache:
     """Source side and KV cache of the rows still being decoded, in host memory (numpy)."""
 
-    def __init__(self, sessions: Sessions, src_ids: np.ndarray, src_mask: np.ndarray, repeat: int):
+    def __init__(self, sessions: Sessions, src_ids: np.ndarray, src_mask: np.ndarray, repeat: int,
+                 vocab_ids: np.ndarray | None = None):
         self.sessions, L = sessions, sessions.n_layers
         self.cross_names, self.past_names, self.outputs = cross_names(L), past_names(L), decoder_outputs(L)
+        self.head = sessions.has_head  # feed vocab_ids and top_k, read the top-k outputs
+        self.vocab_ids = vocab_ids  # None: every id (the graph's default)
+        self.feeds_mask = takes_past_mask([i.name for i in sessions.decoder.get_inputs()])  # format 3
         cross = sessions.encoder.run(self.cross_names, {"src_ids": src_ids, "src_mask": src_mask})
         self.cross = [np.repeat(c, repeat, axis=0) for c in cross] if repeat > 1 else cross
         self.src_mask = np.repeat(src_mask, repeat, axis=0) if repeat > 1 else src_mask
@@ -136,12 +136,47 @@ class _HostCache:
         empty = np.zeros((rows, sessions.n_heads, 0, sessions.d_head), sessions.kv_dtype)
         self.past = [empty] * (2 * L)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
-        """tokens (R,) -> log-probabilities (R, V) of the next token; the cache grows by one."""
+    def _feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {"tgt_ids": tokens[:, None], "src_mask": self.src_mask,
                  **dict(zip(self.past_names, self.past)), **dict(zip(self.cross_names, self.cross))}
-        log_probs, *self.past = self.sessions.decoder.run(self.outputs, feeds)
-        return log_probs
+        if self.feeds_mask:
+            feeds[PAST_MASK] = self.full_mask(len(tokens))
+        return feeds
+
+    def _head_feeds(self, k: int) -> dict[str, np.ndarray]:
+        if not self.head:
+            return {}
+        scored = self.sessions.vocab_size if self.vocab_ids is None else len(self.vocab_ids)
+        feeds = {TOP_K: np.array([min(k, scored)], dtype=np.int64)}
+        return feeds if self.vocab_ids is None else {**feeds, VOCAB_IDS: self.vocab_ids}
+
+    def _run(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
+        """One decoder step: `host_outputs`, and the present K/V become the past."""
+        found = self.sessions.decoder_for(len(tokens)).run([*host_outputs, *self.outputs[1:]],
+                                                           {**self._feeds(tokens), **self._head_feeds(k)})
+        self.past = found[len(host_outputs) :]
+        return found[: len(host_outputs)]
+
+    def step(self, tokens: np.ndarray) -> np.ndarray:
+        """tokens (R,) -> log-probabilities (R, V) of the next token (V' columns, those of
+        vocab_ids, with a shortlist); the cache grows by one."""
+        return self._run(tokens, 0, self.outputs[:1])[0]
+
+    def step_top(self, tokens: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """tokens (R,) -> each row's k best log-probs and their ids (R, k), best first, and its EOS
+        log-prob (R,). k > 1: the graph's TopK, ~3x faster than np.argpartition over (R, V); k = 1:
+        np.argmax over log_probs, ~10x faster than ORT's TopK or ArgMax (the graph's TopK gets k 0)."""
+        if k > 1 and self.head:
+            values, ids, eos = self._run(tokens, k, head_outputs())
+            return values, ids, eos
+        values, ids, eos = _row_top_k(self.step(tokens), k)  # EOS's column: vocab_ids is ascending, 0..3 in it
+        return values, (ids if self.vocab_ids is None else self.vocab_ids[ids]), eos
+
+    def full_mask(self, rows: int) -> np.ndarray:
+        """past_mask when every row started together: every cached slot is real (static batching)."""
+        past = self.past[0]
+        past_len = past.shape[2] if isinstance(past, np.ndarray) else past.shape()[2]  # ndarray or OrtValue
+        return np.ones((rows, past_len + 1), dtype=bool)
 
     def select(self, rows: np.ndarray, source_rows: np.ndarray | None) -> None:
         """Keep cache rows `rows`, in that order; the source side keeps `source_rows` (None: unchanged).
@@ -164,23 +199,32 @@ class _CudaCache(_HostCache):
     Present K/V stay where ORT wrote them (ort-owned CUDA outputs) and are bound back as the next
     past; cross K/V and the mask are uploaded once per row set. numpy cannot index device memory,
     so a row change (beam reordering, finished sentences) copies the past through the host.
-    Only log-probabilities come to the host every step.
+    Only log-probabilities come to the host every step. IO binding cannot bind inputs that have
+    defaults (ORT 1.32: "Failed to find NodeArg ... in the def list"), so this path feeds neither
+    vocab_ids nor top_k: it scores every id and ranks on the host, as before the top-k head.
     """
 
     DEVICE = "cuda"  # ORT device name of the KV tensors (tests run this class with "cpu")
 
-    def __init__(self, sessions: Sessions, src_ids: np.ndarray, src_mask: np.ndarray, repeat: int):
+    def __init__(self, sessions: Sessions, src_ids: np.ndarray, src_mask: np.ndarray, repeat: int,
+                 vocab_ids: np.ndarray | None = None):
         super().__init__(sessions, src_ids, src_mask, repeat)  # encoder outputs once through host: small
+        self.head = False  # see the class docstring
         self._upload_source()
 
     def _upload_source(self) -> None:
         upload = lambda a: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), self.DEVICE, 0)  # noqa: E731
         self.cross_ov, self.src_mask_ov = [upload(c) for c in self.cross], upload(self.src_mask)
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:
+    def _run(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
+        """One step with IO binding: `host_outputs` come back as numpy, the present K/V stay on the device."""
         binding = self.sessions.decoder.io_binding()
+        for name, value in self._head_feeds(k).items():
+            binding.bind_cpu_input(name, value)
         binding.bind_cpu_input("tgt_ids", np.ascontiguousarray(tokens[:, None]))
         binding.bind_ortvalue_input("src_mask", self.src_mask_ov)
+        if self.feeds_mask:
+            binding.bind_cpu_input(PAST_MASK, self.full_mask(len(tokens)))
         for name, value in zip(self.cross_names, self.cross_ov):
             binding.bind_ortvalue_input(name, value)
         for name, value in zip(self.past_names, self.past):
@@ -188,12 +232,14 @@ class _CudaCache(_HostCache):
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             else:
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output("log_probs", "cpu")
+        for name in host_outputs:
+            binding.bind_output(name, "cpu")
         for name in self.outputs[1:]:
             binding.bind_output(name, self.DEVICE, 0)
         self.sessions.decoder.run_with_iobinding(binding)
-        log_probs, *self.past = binding.get_outputs()
-        return log_probs.numpy()
+        found = binding.get_outputs()
+        self.past = found[len(host_outputs):]
+        return [value.numpy() for value in found[: len(host_outputs)]]
 
     def select(self, rows: np.ndarray, source_rows: np.ndarray | None) -> None:
         self.past = [p if isinstance(p, np.ndarray) else p.numpy() for p in self.past]  # device -> host
@@ -209,6 +255,18 @@ def _force_eos(log_probs: np.ndarray, rows: np.ndarray) -> None:
     log_probs[rows, ..., EOS_ID] = eos
 
 
+def _row_top_k(log_probs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the graph's top-k head returns, from log_probs (R, V): values, ids (R, k), EOS (R,)."""
+    if k == 1:
+        ids = log_probs.argmax(axis=1)[:, None]  # the first of equal maxima, as TopK
+    else:
+        part = np.argpartition(log_probs, -k, axis=1)[:, -k:]
+        values = np.take_along_axis(log_probs, part, axis=1)
+        ids = np.take_along_axis(part, np.lexsort((part, -values), axis=1), axis=1)  # best first, ties by id
+        # (which of several values equal to the k-th gets in is np.argpartition's choice, as before the head)
+    return np.take_along_axis(log_probs, ids, axis=1), ids, log_probs[:, EOS_ID].copy()
+
+
 def _greedy(cache: _HostCache, sources: list[list[int]], max_len_extra: int) -> tuple[list[list[Hypothesis]], int]:
     """Most probable next token at each step; finished rows leave the batch."""
     n = len(sources)
@@ -219,12 +277,11 @@ def _greedy(cache: _HostCache, sources: list[list[int]], max_len_extra: int) -> 
     outputs: list[list[int]] = [[] for _ in sources]
     step = 0
     while active.size:
-        log_probs = cache.step(last)  # (R, V)
+        values, ids, eos = cache.step_top(last, 1)  # (R, 1), (R, 1), (R,)
+        last, best = ids[:, 0].copy(), values[:, 0].copy()
         at_limit = np.flatnonzero(step + 1 >= max_lens[active])
-        if at_limit.size:
-            _force_eos(log_probs, at_limit)
-        last = log_probs.argmax(axis=1)
-        scores[active] += log_probs[np.arange(len(last)), last]
+        last[at_limit], best[at_limit] = EOS_ID, eos[at_limit]  # only EOS may follow at the limit
+        scores[active] += best
         for row, token in zip(active.tolist(), last.tolist()):
             if token != EOS_ID:
                 outputs[row].append(token)
@@ -246,6 +303,17 @@ def _top_candidates(scores: np.ndarray, log_probs: np.ndarray, count: int) -> tu
     return np.take_along_axis(top, order, axis=1), np.take_along_axis(index, order, axis=1)
 
 
+def _best_candidates(scores: np.ndarray, values: np.ndarray, ids: np.ndarray,
+                     count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The `count` best extensions per sentence from each beam's own best k (exact: module docstring
+    of export/decoder_head.py): scores (A, K), values and ids (A, K, k) -> scores, beams, tokens (A, count)."""
+    A, K, k = values.shape
+    candidates = (scores[:, :, None] + values).reshape(A, K * k)
+    order = np.argsort(-candidates, axis=1, kind="stable")[:, :count]  # K*k is small (2 * K * K)
+    tokens = np.take_along_axis(ids.reshape(A, K * k), order, axis=1)
+    return np.take_along_axis(candidates, order, axis=1), order // k, tokens
+
+
 @dataclass
 class _Beams:
     """Per-sentence beam search bookkeeping (sub-batch indices)."""
@@ -265,14 +333,15 @@ def _beam(cache: _HostCache, sources: list[list[int]], options: DecodeOptions) -
     last = np.full(len(sources) * K, BOS_ID, dtype=np.int64)
     step = 0
     while active:
-        log_probs = cache.step(last)
-        V = log_probs.shape[1]
-        log_probs = log_probs.reshape(len(active), K, V)
+        values, ids, eos = cache.step_top(last, 2 * K)
+        values, ids = values.reshape(len(active), K, -1), ids.reshape(len(active), K, -1)
         at_limit = np.array([step + 1 >= max_lens[s] for s in active])
-        if at_limit.any():
-            _force_eos(log_probs, np.flatnonzero(at_limit))
-        top_scores, top_index = _top_candidates(scores, log_probs, 2 * K)
-        origin, token, top_list = (top_index // V).tolist(), (top_index % V).tolist(), top_scores.tolist()
+        if at_limit.any():  # only EOS may follow: it becomes each row's one finite candidate
+            limited = np.flatnonzero(at_limit)
+            values[limited] = -np.inf
+            values[limited, :, 0], ids[limited, :, 0] = eos.reshape(len(active), K)[limited], EOS_ID
+        top_scores, top_beams, top_tokens = _best_candidates(scores, values, ids, 2 * K)
+        origin, token, top_list = top_beams.tolist(), top_tokens.tolist(), top_scores.tolist()
         next_rows, next_tokens, next_scores, kept = [], [], [], []
         for a, sentence in enumerate(active):
             alive = _advance(beams, sentence, origin[a], token[a], top_list[a], K, alpha)
@@ -335,7 +404,9 @@ class Decoder:
             chunk = order[start : start + per_batch]
             batch = [sources[i] for i in chunk]
             t0 = time.perf_counter()
-            cache = self._cache(self.sessions, *pad_sources(batch), options.beam_size)
+            shortlist = self.sessions.shortlist
+            vocab_ids = None if shortlist is None else shortlist.vocab_ids(batch)
+            cache = self._cache(self.sessions, *pad_sources(batch), options.beam_size, vocab_ids)
             t1 = time.perf_counter()
             if options.beam_size == 1:
                 found, n = _greedy(cache, batch, options.max_len_extra)

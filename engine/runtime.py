@@ -14,13 +14,16 @@ onnxruntime has it, else CPU), then the precision picks the variant among those 
 (first one the bundle has; with device auto, a precision only the CPU has, int8, runs there).
 Device auto falls back to the CPU, with a warning, when CUDA is missing or does not start.
 One log line says which variant and provider are active. Sessions also carries what the search
-needs from the graphs (layers, heads, d_head, KV dtype, vocabulary), read from their inputs.
+needs from the graphs (layers, heads, d_head, KV dtype, vocabulary, whether the decoder has the
+top-k head), read from their inputs, the bundle's vocabulary shortlist (engine/shortlist.py; on
+unless RuntimeConfig.shortlist is False), and on the CPU with more than one intra-op thread a
+second, single-threaded decoder session for steps of few rows (SINGLE_THREAD_ROWS).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,9 @@ import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
-from .bundle import BundleError, cross_names, decoder_outputs, manifest_variants, past_names, verify_bundle
+from . import shortlist as shortlist_
+from .bundle import (VOCAB_SIZE_KEY, BundleError, cross_names, decoder_outputs, has_head, head_outputs,
+                     manifest_variants, past_names, shortlist_file, verify_bundle)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +52,12 @@ PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
 ORT_ERRORS: tuple[type[Exception], ...] = tuple(
     getattr(ort_state, name) for name in ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "InvalidGraph",
                                           "NotImplemented", "RuntimeException", "EPFail") if hasattr(ort_state, name))
+# Measured (models/default, 2 AMD EPYC cores, intra-op spinning off, engine end to end, the two
+# settings taking turns per batch): one thread for steps of <= 64 rows was 1.05-1.28x faster at
+# greedy b=1..32 and beam 4 b=1..8, and a tie at beam 4 b=32 (128 rows, shrinking as sentences
+# end); thresholds 32, 48 and 96 did no better. ORT wakes its sleeping worker for every parallel
+# op; on a step of a few rows that wake-up costs more than the second core saves.
+SINGLE_THREAD_ROWS = 64
 KV_TYPES: dict[str, np.dtype] = {"tensor(float)": np.dtype(np.float32), "tensor(float16)": np.dtype(np.float16)}
 
 
@@ -61,6 +72,10 @@ class RuntimeConfig:
     intra_op_threads: int = 0  # 0 = ORT's default (one per physical core)
     inter_op_threads: int = 1
     spinning: bool = False  # intra-op workers busy-wait between ops: only for experiments (nmt-bench decode)
+    shortlist: bool = True  # score only the bundle's vocabulary shortlist per batch, when it has one
+    # Decoder steps of at most this many rows run on a second, single-threaded CPU session (0: never):
+    # waking a sleeping worker costs more than it saves on small steps (SINGLE_THREAD_ROWS).
+    single_thread_rows: int = SINGLE_THREAD_ROWS
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -71,6 +86,8 @@ class RuntimeConfig:
             raise ValueError(f"intra_op_threads must be >= 0, got {self.intra_op_threads}")
         if self.inter_op_threads < 0:
             raise ValueError(f"inter_op_threads must be >= 0, got {self.inter_op_threads}")
+        if self.single_thread_rows < 0:
+            raise ValueError(f"single_thread_rows must be >= 0, got {self.single_thread_rows}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,15 @@ class Sessions:
     n_heads: int
     d_head: int
     vocab_size: int
+    has_head: bool = False  # the decoder has the top-k head (bundle.has_head): the search feeds vocab_ids, top_k
+    shortlist: shortlist_.Shortlist | None = None  # loaded when the bundle has one and RuntimeConfig.shortlist
+    decoder_small: ort.InferenceSession | None = None  # one intra-op thread, for steps of few rows
+    single_thread_rows: int = 0  # steps of at most this many rows use decoder_small
+
+    def decoder_for(self, rows: int) -> ort.InferenceSession:
+        """The decoder session for a step of `rows` rows."""
+        small = self.decoder_small is not None and rows <= self.single_thread_rows
+        return self.decoder_small if small else self.decoder  # type: ignore[return-value]
 
     @property
     def on_cuda(self) -> bool:
@@ -140,14 +166,22 @@ def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1, spinni
 def _session(path: Path, provider: str, cfg: RuntimeConfig) -> ort.InferenceSession:
     # CPU stays listed after CUDA: ORT places the few nodes CUDA lacks (shape ops) there.
     providers = [CUDA, CPU] if provider == CUDA else [CPU]
+    options = session_options(cfg.intra_op_threads, cfg.inter_op_threads, cfg.spinning)
     try:
-        options = session_options(cfg.intra_op_threads, cfg.inter_op_threads, cfg.spinning)
-        session = ort.InferenceSession(str(path), options, providers=providers)
-    except ORT_ERRORS as e:
+        # enable_fallback=0: when CUDA fails to start (no device, driver too old), ORT would print a
+        # banner on stdout and quietly retry on the CPU; raise instead, with its reason.
+        session = ort.InferenceSession(str(path), options, providers=providers,
+                                       **({"enable_fallback": 0} if provider == CUDA else {}))
+    except (*ORT_ERRORS, RuntimeError) as e:
+        if provider == CUDA:
+            raise ProviderError(f"{path.name}: onnxruntime {ort.__version__} could not start {provider}: "
+                                f"{' '.join(str(e).split())}; is a GPU visible (docker run --gpus all)? Else use "
+                                "device 'cpu'") from e
         raise BundleError(f"{path.name}: onnxruntime cannot load it: {e}") from e
-    if session.get_providers()[0] != provider:
-        raise ProviderError(f"{path.name}: onnxruntime could not start {provider} (got {session.get_providers()}); "
-                            "check the CUDA/cuDNN libraries or use device 'cpu'")
+    if session.get_providers()[0] != provider:  # the CUDA provider library did not load: ORT logged why
+        raise ProviderError(f"{path.name}: onnxruntime {ort.__version__} could not start {provider} (got "
+                            f"{session.get_providers()}): its CUDA/cuDNN libraries did not load (onnxruntime's log "
+                            "above names the missing one); use the CUDA image, or device 'cpu'")
     return session
 
 
@@ -157,7 +191,8 @@ def _describe(encoder: ort.InferenceSession, decoder: ort.InferenceSession) -> d
     n_layers = sum(1 for name in inputs if name.startswith("past_key_"))
     missing = [n for n in past_names(n_layers) + cross_names(n_layers) + ["tgt_ids", "src_mask"] if n not in inputs]
     outputs = [o.name for o in decoder.get_outputs()]
-    if not n_layers or missing or outputs != decoder_outputs(n_layers):
+    head = has_head(outputs)
+    if not n_layers or missing or outputs != decoder_outputs(n_layers) + (head_outputs() if head else []):
         raise BundleError(f"the decoder graph does not have the bundle interface (inputs missing: {missing}, "
                           f"outputs: {outputs})")
     encoder_outputs = [o.name for o in encoder.get_outputs()]
@@ -166,10 +201,13 @@ def _describe(encoder: ort.InferenceSession, decoder: ort.InferenceSession) -> d
     past = inputs["past_key_0"]
     _, n_heads, _, d_head = past.shape  # (batch, n_heads, past_len, d_head): heads and d_head are static
     vocab = decoder.get_outputs()[0].shape[-1]
+    if head:  # log_probs has V' columns: the graph states the vocabulary size apart
+        stated = decoder.get_modelmeta().custom_metadata_map.get(VOCAB_SIZE_KEY, "")
+        vocab = int(stated) if stated.isdigit() else vocab
     if past.type not in KV_TYPES or not all(isinstance(x, int) for x in (n_heads, d_head, vocab)):
         raise BundleError(f"unsupported decoder KV input {past.name}: {past.type} {past.shape}, log_probs {vocab}")
     return {"n_layers": n_layers, "n_heads": n_heads, "d_head": d_head, "kv_dtype": KV_TYPES[past.type],
-            "vocab_size": vocab}
+            "vocab_size": vocab, "has_head": head}
 
 
 def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers: list[str] | str = CPU,
@@ -187,7 +225,11 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
         raise ValueError(f"this onnxruntime has no {provider} (available: {', '.join(ort.get_available_providers())})")
     encoder = _session(Path(encoder_path), provider, cfg)
     decoder = _session(Path(decoder_path), provider, cfg)
+    small = None
+    if provider == CPU and cfg.single_thread_rows and cfg.intra_op_threads != 1:
+        small = _session(Path(decoder_path), provider, replace(cfg, intra_op_threads=1))
     return Sessions(encoder=encoder, decoder=decoder, variant=variant, provider=provider, manifest=manifest,
+                    decoder_small=small, single_thread_rows=cfg.single_thread_rows if small else 0,
                     **_describe(encoder, decoder))
 
 
@@ -205,6 +247,9 @@ def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig
     declared = entry.get("kv_dtype", "float32")
     if np.dtype(declared) != sessions.kv_dtype:
         raise BundleError(f"variant {name}: manifest says kv_dtype {declared}, the decoder takes {sessions.kv_dtype}")
+    found = shortlist_file(manifest)
+    if cfg.shortlist and sessions.has_head and found is not None:
+        sessions = replace(sessions, shortlist=shortlist_.load(bundle_dir / found, sessions.vocab_size))
     return sessions
 
 
@@ -221,6 +266,7 @@ def load_sessions(bundle_dir: str | Path, cfg: RuntimeConfig | None = None) -> S
             raise
         log.warning("device 'auto': %s; falling back to %s", e, CPU)
         sessions = _open_variant(bundle_dir, manifest, cfg, [CPU])
-    log.info("bundle %s: variant %s on %s (intra_op_threads=%d, inter_op_threads=%d)", bundle_dir.name,
-             sessions.variant, sessions.provider, cfg.intra_op_threads, cfg.inter_op_threads)
+    log.info("bundle %s: variant %s on %s (intra_op_threads=%d, inter_op_threads=%d, vocabulary shortlist %s)",
+             bundle_dir.name, sessions.variant, sessions.provider, cfg.intra_op_threads, cfg.inter_op_threads,
+             "on" if sessions.shortlist is not None else "off")
     return sessions

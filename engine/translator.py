@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .bundle import TOKENIZER, BundleError
+from .continuous import RunningBatch
 from .decoding import DecodeOptions, Decoder, SearchResult
 from .runtime import RuntimeConfig, Sessions, load_sessions
 from .tokenizer import SentencePiece
@@ -84,6 +85,10 @@ class Translator:
 
     def search(self, sources: list[list[int]], options: DecodeOptions) -> SearchResult:
         return self.decoder.search(sources, options)
+
+    def running_batch(self) -> RunningBatch:
+        """An empty batch for continuous batching (NoPastMask for bundles before format 3)."""
+        return RunningBatch(self.sessions)
 
     def translate(self, texts: list[str], options: DecodeOptions) -> list[list[Translation]]:
         """n_best translations per text, best first, in input order. A blank text (nothing left after

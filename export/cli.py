@@ -2,6 +2,7 @@
 
     nmt-export CHECKPOINT OUT [--variants fp32-cpu,int8-cpu,fp16-cuda | --no-optimize]
                [--attention onnx|mha|none] [--data-dir DIR] [--parity-limit N] [--quiet] [--force]
+               [--no-shortlist | --shortlist-corpus SRC TGT]
     nmt-export --verify BUNDLE
 """
 
@@ -38,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
                                            "without one, a few built-in sentences)")
     parser.add_argument("--parity-limit", type=int, metavar="N", help="check only the first N parity sentences")
     parser.add_argument("--max-len-extra", type=int, default=50, help="greedy length limit in the parity check")
+    shortlist = parser.add_mutually_exclusive_group()
+    shortlist.add_argument("--no-shortlist", action="store_true", help="write no vocabulary shortlist")
+    shortlist.add_argument("--shortlist-corpus", nargs=2, metavar=("SRC", "TGT"),
+                           help="parallel text for the vocabulary shortlist (default: Multi30k train in --data-dir)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     return parser
@@ -53,7 +58,9 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     variants = (FP32,) if args.no_optimize else parse_variants(args.variants)
     return ExportOptions(attention=args.attention, variants=variants, validate=not args.no_validate,
                          sentences=sentences, data_dir=args.data_dir, parity_limit=args.parity_limit,
-                         max_len_extra=args.max_len_extra, progress=not args.quiet)
+                         max_len_extra=args.max_len_extra, progress=not args.quiet,
+                         shortlist=not args.no_shortlist,
+                         shortlist_corpus=tuple(args.shortlist_corpus) if args.shortlist_corpus else None)
 
 
 def _verify(bundle_dir: str) -> int:

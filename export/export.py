@@ -3,9 +3,13 @@
 encoder.onnx  (src_ids, src_mask) -> cross-attention keys/values of every decoder layer,
               computed once per sentence (model.cross_kv(model.encode(...))).
 decoder.onnx  one graph for every step, the first included (past_len 0, no If node):
-              (tgt_ids, src_mask, past keys/values, cross keys/values)
+              (tgt_ids, src_mask, past keys/values, cross keys/values, past_mask)
               -> (log-probabilities at the last position, present keys/values).
               It returns log-probs, not logits: both greedy and beam search need them.
+              past_mask (batch, past_len + tgt_len) marks each row's real keys, so rows that
+              joined a running batch at different steps share one cache (continuous batching).
+              Optional inputs vocab_ids and top_k (defaults: every id, 0) and outputs top_log_probs,
+              top_ids, eos_log_probs: the output head of export/decoder_head.py.
 
 Named dynamic axes: batch, src_len, tgt_len, past_len. Attention is fused (export/fuse.py).
 
@@ -30,7 +34,6 @@ from typing import Any, TextIO
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -39,7 +42,8 @@ from nmt.training.model import KV, Transformer
 
 from nmt.engine import bundle
 
-from . import fuse
+from . import decoder_head, fuse
+from . import shortlist as shortlist_
 from . import variants as variants_
 from .validate import ParityRun, parity_set
 
@@ -61,6 +65,8 @@ class ExportOptions:
     parity_limit: int | None = None  # only the first N parity sentences
     max_len_extra: int = 50  # greedy length limit during the parity check
     progress: bool = False  # a progress bar on stderr (only when it is a terminal)
+    shortlist: bool = True  # build shortlist.npz when a training corpus is found (export/shortlist.py)
+    shortlist_corpus: tuple[str, str] | None = None  # (source, target) files; None: Multi30k train in data_dir
 
     def __post_init__(self) -> None:
         if self.attention not in fuse.ATTENTION_FORMS:
@@ -116,10 +122,11 @@ class DecoderGraph(nn.Module):
         self.model = model
 
     def forward(
-        self, tgt_ids: torch.Tensor, src_mask: torch.Tensor, past: list[torch.Tensor], cross: list[torch.Tensor]
+        self, tgt_ids: torch.Tensor, src_mask: torch.Tensor, past: list[torch.Tensor], cross: list[torch.Tensor],
+        past_mask: torch.Tensor, vocab_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits, present = self.model.decode(tgt_ids, _pairs(cross), src_mask, _pairs(past))
-        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)  # (B, V)
+        states, present = self.model.decoder_states(tgt_ids, _pairs(cross), src_mask, _pairs(past), past_mask)
+        log_probs = decoder_head.log_probs(self.model, states[:, -1], vocab_ids)  # (B, V'); top-k: add_top_k
         return log_probs, [t for kv in present for t in kv]
 
 
@@ -134,7 +141,10 @@ def _example_inputs(model: Transformer) -> tuple[tuple[torch.Tensor, ...], tuple
     kv = lambda n: torch.randn(B, cfg.n_heads, n, cfg.d_head, generator=generator)  # noqa: E731
     n = 2 * cfg.n_decoder_layers
     tgt = torch.randint(4, cfg.vocab_size, (B, T), generator=generator)
-    return (src, src_mask), (tgt, src_mask, [kv(P) for _ in range(n)], [kv(S) for _ in range(n)])
+    past_mask = torch.ones(B, P + T, dtype=torch.bool)
+    past_mask[1, : P - 2] = False  # a row that joined later: padded cache slots in front
+    return (src, src_mask), (tgt, src_mask, [kv(P) for _ in range(n)], [kv(S) for _ in range(n)], past_mask,
+                             decoder_head.example_vocab_ids(cfg.vocab_size))
 
 
 def _export(module: nn.Module, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...],
@@ -163,6 +173,20 @@ def _axes() -> dict[str, Any]:
     return {name: torch.export.Dim(name) for name in ("batch", "src_len", "tgt_len", "past_len")}
 
 
+def _total_len(axes: dict[str, Any]) -> Any:
+    """past_len + tgt_len, the width of past_mask: a sum of two dims cannot be declared, so the
+    exporter infers it (the mask must broadcast against the keys)."""
+    return torch.export.Dim.AUTO
+
+
+def _name_axis(model: onnx.ModelProto, input_name: str, axis: int, name: str, path: Path) -> None:
+    """Give an inferred (Dim.AUTO) axis of a graph input its name, and save the graph again."""
+    value = next(i for i in model.graph.input if i.name == input_name)
+    value.type.tensor_type.shape.dim[axis].dim_param = name
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
 def export_encoder(model: Transformer, path: Path, attention: str = fuse.DEFAULT_FORM) -> onnx.ModelProto:
     """encoder.onnx: (src_ids, src_mask) -> cross K/V per decoder layer; fusion asserted."""
     (src, src_mask), _ = _example_inputs(model)
@@ -180,9 +204,13 @@ def export_decoder(model: Transformer, path: Path, attention: str = fuse.DEFAULT
     axes, L = _axes(), model.cfg.n_decoder_layers
     kv_past, kv_src = {0: axes["batch"], 2: axes["past_len"]}, {0: axes["batch"], 2: axes["src_len"]}
     shapes = ({0: axes["batch"], 1: axes["tgt_len"]}, {0: axes["batch"], 1: axes["src_len"]},
-              [kv_past] * 2 * L, [kv_src] * 2 * L)
-    names = (bundle.decoder_inputs(L), bundle.decoder_outputs(L))
+              [kv_past] * 2 * L, [kv_src] * 2 * L, {0: axes["batch"], 1: _total_len(axes)},
+              {0: torch.export.Dim("vocab")})
+    names = ([*bundle.decoder_inputs(L), bundle.VOCAB_IDS], bundle.decoder_outputs(L))
     decoder = _export(DecoderGraph(model), args, shapes, names, attention, path)
+    _name_axis(decoder, bundle.PAST_MASK, 1, "past_len + tgt_len", path)  # the exporter's own name: "s22"
+    decoder_head.add_top_k(decoder, model.cfg.vocab_size)
+    onnx.save(decoder, str(path))
     fuse.check_fused(decoder, attention, 2 * L, path.name)
     return decoder
 
@@ -212,9 +240,11 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bo
         counts = variants_.FusionCounts(options.attention, cfg.n_encoder_layers, 2 * cfg.n_decoder_layers)
         variants_.build(staging, options.variants, counts, progress.step)
         shutil.copyfile(checkpoint_dir / loaded.config["tokenizer"], staging / bundle.TOKENIZER)
+        shortlist = _shortlist(loaded, staging, options)
         parity = _parity(loaded, staging, options, progress) if options.validate else {"checked": False}
         with progress.step("write manifest"):
-            manifest = bundle.write_manifest(staging, _manifest_fields(loaded, checkpoint_dir, options, parity))
+            fields = _manifest_fields(loaded, checkpoint_dir, options, parity)
+            manifest = bundle.write_manifest(staging, {**fields, "shortlist": shortlist})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the error itself is re-raised below
         raise
@@ -222,6 +252,15 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bo
         progress.close()
     bundle.swap_in(staging, out_dir)
     return manifest
+
+
+def _shortlist(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions) -> dict[str, Any]:
+    """shortlist.npz from the training corpus; manifest["shortlist"] (or why there is none)."""
+    if not options.shortlist:
+        return {"skipped": "disabled (--no-shortlist)"}
+    config = loaded.config
+    return shortlist_.write(staging, loaded.tokenizer, loaded.model.cfg.vocab_size, config["src_lang"],
+                            config["tgt_lang"], options.shortlist_corpus, options.data_dir)
 
 
 def _parity(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions, progress: Progress) -> dict[str, Any]:

@@ -8,9 +8,9 @@ training/model.py) into one node per attention block. Three forms:
 - "mha":  com.microsoft.MultiHeadAttention (ORT contrib op). Query is passed as
           (B, T, d_model); keys/values stay (B, H, S, d_head) ("BNSH", already projected).
           A padding mask (B, 1, 1, S) becomes `key_padding_mask` (B, S) int32; any other mask
-          (the decoder's causal mask with past offset, (T, P+T)) becomes an additive
-          `attention_bias` (1, 1, T, P+T).
-- "onnx": standard ONNX Attention (opset 23), which takes the bool mask as it is.
+          (the decoder's self-attention mask: past_mask and causality, (B, 1, T, P+T)) becomes an
+          additive `attention_bias` (B, 1, T, P+T).
+- "onnx": standard ONNX Attention (opset 23), which takes the bool mask as it is (broadcast over heads).
 - "none": torchlib's own decomposition (MatMul, Softmax, ...), kept for benchmarks.
 
 Measured on this machine (2 CPU cores shared with a training job; ORT 1.32 CPU, 1 intra-op
@@ -194,5 +194,6 @@ def optimize_for_cpu(source: Path, dest: Path) -> onnx.ModelProto:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.optimized_model_filepath = str(dest)
     options.intra_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: the head's defaults are initializers on purpose (decoder_head.py)
     ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
     return onnx.load(str(dest))

@@ -7,6 +7,8 @@ Exact variants (fp32, fp32-cpu; run on the CPU provider):
 - log-probabilities and cross-attention K/V within TOLERANCE (max absolute difference) on the
   first TOLERANCE_SENTENCES sentences: encoder outputs; the decoder fed one token at a time
   through the KV cache from an empty past; the whole prefix at once (past_len 0, tgt_len > 1);
+  decoders with past_mask (format 3): one token at a time behind masked cache slots of garbage,
+  as rows that joined a running batch late (continuous batching);
 - greedy search over the graphs (the server's engine, engine/decoding.py) gives exactly torch's
   greedy_search tokens on at least MIN_IDENTICAL of the parity set. Every differing sentence is
   recorded, failing or not.
@@ -15,6 +17,11 @@ Approximate variants (int8-cpu, fp16-cuda; run on their own providers, skipped w
   recorded, and with references, cased sacreBLEU of both; more than MAX_BLEU_LOSS lost fails.
 Greedy runs in batches of BATCH_SIZE sentences of similar length, torch and ONNX alike. Every
 problem of every variant is collected, and one ParityError lists them all.
+
+The summary also stores a reference for the server's start-up check (engine/selfcheck.py) of a
+variant skipped here, e.g. fp16-cuda without a GPU: REFERENCE_SENTENCES of the first
+REFERENCE_CANDIDATES sentences with torch's greedy token ids, those whose smallest gap between the
+best and the second-best log-probability along the output is widest (fp16 rounding cannot flip them).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ MIN_IDENTICAL = 0.99  # fraction of greedy outputs equal to torch's (exact varia
 MAX_BLEU_LOSS = 0.3  # BLEU an approximate variant may lose against the fp32 graphs
 BATCH_SIZE = 64
 PARITY_SPLIT = "test_2016_flickr"
+REFERENCE_CANDIDATES = 64  # parity sentences considered for the start-up reference
+REFERENCE_SENTENCES = 4
 
 DEFAULT_SENTENCES: dict[str, list[str]] = {
     "en": [
@@ -108,6 +117,7 @@ class OnnxGraphs:
         _, n_heads, _, d_head = past_key.shape  # (batch, n_heads, past_len, d_head)
         self.n_heads, self.d_head = int(n_heads), int(d_head)
         self.kv_dtype = np.float16 if past_key.type == "tensor(float16)" else np.float32
+        self.takes_past_mask = bundle.takes_past_mask([i.name for i in decoder.get_inputs()])
 
     @classmethod
     def of(cls, sessions: Sessions) -> OnnxGraphs:
@@ -119,12 +129,15 @@ class OnnxGraphs:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.n_heads, 0, self.d_head), self.kv_dtype) for _ in range(2 * self.n_layers)]
 
-    def step(self, tgt_ids: np.ndarray, src_mask: np.ndarray, past: list[np.ndarray],
-             cross: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """-> log-probs (B, V) at the last position, present K/V."""
+    def step(self, tgt_ids: np.ndarray, src_mask: np.ndarray, past: list[np.ndarray], cross: list[np.ndarray],
+             past_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """-> log-probs (B, V) at the last position, present K/V. past_mask None: every slot is real."""
         L = self.n_layers
         feeds = {"tgt_ids": tgt_ids, "src_mask": src_mask,
                  **dict(zip(bundle.past_names(L), past)), **dict(zip(bundle.cross_names(L), cross))}
+        if self.takes_past_mask:
+            width = past[0].shape[2] + tgt_ids.shape[1]
+            feeds[bundle.PAST_MASK] = np.ones((len(tgt_ids), width), bool) if past_mask is None else past_mask
         log_probs, *present = self.decoder.run(bundle.decoder_outputs(L), feeds)
         return log_probs, present
 
@@ -159,7 +172,8 @@ def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
 @torch.no_grad()
 def log_prob_diffs(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]],
                    targets: list[list[int]]) -> dict[str, float]:
-    """Max abs differences: cross K/V, incremental log-probs, whole-prefix log-probs."""
+    """Max abs differences: cross K/V, incremental log-probs, whole-prefix log-probs, and (past_mask)
+    incremental log-probs of rows that joined late."""
     src, src_mask = pad_batch([s + [EOS_ID] for s in sources])
     tgt, _ = pad_batch([[BOS_ID] + t for t in targets])  # pads decode harmlessly: both sides see them
     cross_ref = model.cross_kv(model.encode(src, src_mask))
@@ -174,7 +188,43 @@ def log_prob_diffs(model: Transformer, graphs: OnnxGraphs, sources: list[list[in
     diffs["log_probs_incremental"] = step_diff
     whole, _ = graphs.step(tgt.numpy(), src_mask.numpy(), graphs.empty_past(len(sources)), cross)
     diffs["log_probs_whole_prefix"] = _max_diff(whole, ref[:, -1])
+    if graphs.takes_past_mask:
+        diffs["log_probs_joined_late"] = _joined_late_diff(graphs, tgt.numpy(), src_mask.numpy(), cross, ref)
     return diffs
+
+
+JOINED_LATE_SLOTS = 3  # masked cache slots in front of the rows, as when they join a running batch
+
+
+def _joined_late_diff(graphs: OnnxGraphs, tgt: np.ndarray, src_mask: np.ndarray, cross: list[np.ndarray],
+                      ref: torch.Tensor) -> float:
+    """Incremental decoding behind masked slots of garbage (continuous batching) against torch."""
+    shape = (len(tgt), graphs.n_heads, JOINED_LATE_SLOTS, graphs.d_head)
+    past = [np.ones(shape, graphs.kv_dtype) for _ in range(2 * graphs.n_layers)]  # garbage under the mask
+    mask, diff = np.zeros((len(tgt), JOINED_LATE_SLOTS), bool), 0.0
+    for t in range(tgt.shape[1]):
+        mask = np.concatenate([mask, np.ones((len(tgt), 1), bool)], axis=1)
+        log_probs, past = graphs.step(tgt[:, t : t + 1], src_mask, past, cross, mask)
+        diff = max(diff, _max_diff(log_probs, ref[:, t]))
+    return diff
+
+
+@torch.no_grad()
+def greedy_margins(model: Transformer, sources: list[list[int]], outputs: list[list[int]],
+                   max_len_extra: int) -> list[float]:
+    """Per greedy output: the smallest gap between torch's best and second-best log-prob over the steps
+    the search chose (EOS too, unless forced at the length limit); -inf where a choice was not the best."""
+    src, src_mask = pad_batch([s + [EOS_ID] for s in sources])
+    tgt, _ = pad_batch([[BOS_ID] + t for t in outputs])  # pads decode harmlessly: causal attention
+    logits, _ = model.decode(tgt, model.cross_kv(model.encode(src, src_mask)), src_mask)
+    top2 = F.log_softmax(logits.float(), dim=-1).topk(2, dim=-1)  # (B, T, 2)
+    margins = []
+    for i, (source, tokens) in enumerate(zip(sources, outputs)):
+        chosen = tokens if len(tokens) + 1 >= len(source) + max_len_extra else [*tokens, EOS_ID]
+        values, best = top2.values[i, : len(chosen)], top2.indices[i, : len(chosen), 0]
+        agrees = best.tolist() == chosen
+        margins.append(float((values[:, 0] - values[:, 1]).min()) if agrees else float("-inf"))
+    return margins
 
 
 def greedy_verdict(expected: list[list[int]], got: list[list[int]], sources: tuple[str, ...],
@@ -252,6 +302,7 @@ class ParityRun:
         assert self._baseline is not None, "check an exact variant (fp32) first"
         available = [p for p in providers if p in ort.get_available_providers()]
         if not available:
+            # nmt-serve checks summary()["reference"] when it starts on that provider (engine/selfcheck.py).
             return self._record(name, {"skipped": f"no {_provider_label(providers[0])} execution provider"}, [])
         base_name, base, base_bleu = self._baseline
         got = graph_greedy(open_graphs(encoder, decoder, available[0]), self.sources, self.max_len_extra)
@@ -279,7 +330,22 @@ class ParityRun:
                 "references": refs is not None, "max_len_extra": self.max_len_extra, "tolerance": TOLERANCE,
                 "tolerance_sentences": min(TOLERANCE_SENTENCES, len(self.sources)), "min_identical": MIN_IDENTICAL,
                 "max_bleu_loss": MAX_BLEU_LOSS,
-                **(self._torch_bleu() if refs else {}), "variants": self.results}
+                **(self._torch_bleu() if refs else {}), "variants": self.results, "reference": self.reference()}
+
+    def reference(self) -> dict[str, Any] | None:
+        """The start-up self-check's sentences: the widest-margin ones among the first candidates."""
+        candidates = [i for i in range(min(REFERENCE_CANDIDATES, len(self.sources))) if self.sources[i]]
+        if not candidates:
+            return None
+        outputs = self.torch_outputs()
+        margins = greedy_margins(self.model, [self.sources[i] for i in candidates], [outputs[i] for i in candidates],
+                                 self.max_len_extra)
+        ranked = sorted((m, i) for m, i in zip(margins, candidates) if m > float("-inf"))[::-1]
+        chosen = sorted(ranked[:REFERENCE_SENTENCES], key=lambda pair: pair[1])
+        if not chosen:
+            return None
+        return {"sources": [self.parity.sources[i] for _, i in chosen], "tokens": [outputs[i] for _, i in chosen],
+                "max_len_extra": self.max_len_extra, "min_margin": round(min(m for m, _ in chosen), 4)}
 
     def _torch_bleu(self) -> dict[str, Any]:
         bleu = self._bleu_of(self.torch_outputs())

@@ -13,7 +13,10 @@ projection is a constant, so it is quantized too: the portable source leaves tha
 Re-optimizing the quantized graph offline changes nothing (ORT makes the same fusions,
 DynamicQuantizeMatMul / MatMulIntegerToFloat, when it loads it). Per-channel weights with
 reduce_range (7-bit, no u8s8 saturation on CPUs without VNNI) kept BLEU best; all settings
-tried were within noise of fp32.
+tried were within noise of fp32. The decoder's full-vocabulary projection sits in an If branch
+(export/decoder_head.py): EnableSubgraph quantizes it too (without it the int8 decoder kept an
+fp32 copy of the weight and was larger than fp32-cpu's). Static (QDQ) quantization calibrated
+on training sentences lost 4-5 BLEU for no speed: export/quantize.py.
 
 Measured with the trained default model (preset small: d_model 256, 4+4 layers, vocab 8000) on
 this machine (2 shared AMD EPYC cores, AVX2 without VNNI; ORT 1.32, 1 intra-op thread,
@@ -50,7 +53,7 @@ from onnx import TensorProto
 
 from nmt.engine import bundle
 
-from . import fuse
+from . import decoder_head, fuse
 
 FP32, FP32_CPU, INT8_CPU, FP16_CUDA = "fp32", "fp32-cpu", "int8-cpu", "fp16-cuda"
 VARIANTS: tuple[str, ...] = (FP32, FP32_CPU, INT8_CPU, FP16_CUDA)
@@ -58,6 +61,12 @@ CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
 # Kept in fp32 by the fp16 conversion: the final log-softmax (a sum over the whole vocabulary).
 FP16_OP_BLOCK_LIST = ("LogSoftmax",)
 INT8_OP_TYPES = ["MatMul", "Gather"]  # never "Attention": see the module docstring
+# The output head (export/decoder_head.py) has the same types in every variant: its TopK and EOS
+# nodes stay fp32 in fp16-cuda (node_block_list), so beam scores add up unrounded log-probs.
+HEAD_IO_TYPES = {bundle.VOCAB_IDS: TensorProto.INT64, bundle.TOP_K: TensorProto.INT64,
+                 bundle.TOP_LOG_PROBS: TensorProto.FLOAT, bundle.TOP_IDS: TensorProto.INT64,
+                 bundle.EOS_LOG_PROBS: TensorProto.FLOAT}
+FP32_OUTPUTS = ["log_probs", bundle.TOP_LOG_PROBS, bundle.EOS_LOG_PROBS]
 
 
 @dataclass(frozen=True)
@@ -144,34 +153,34 @@ def build_int8_cpu(directory: Path, counts: FusionCounts) -> None:
     spec, source = SPECS[INT8_CPU], SPECS[FP32_CPU]
     with _quiet_root_logger():
         for src, dest in ((source.encoder, spec.encoder), (source.decoder, spec.decoder)):
+            # EnableSubgraph: the output head's full-vocabulary projection sits in an If branch.
             quantize_dynamic(directory / src, directory / dest, op_types_to_quantize=INT8_OP_TYPES,
-                             per_channel=True, reduce_range=True, weight_type=QuantType.QInt8)
+                             per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
+                             extra_options={"EnableSubgraph": True})
     encoder, decoder = onnx.load(str(directory / spec.encoder)), onnx.load(str(directory / spec.decoder))
     counts.check(spec, encoder, decoder)
 
 
 def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
     """Cast(fp32 -> fp16) -> Cast(-> fp32) becomes Identity: the converter writes this pair after
-    a blocked op that feeds a kept-fp32 output, which would round log_probs to fp16."""
+    a blocked op that feeds kept-fp32 outputs or blocked nodes (log_probs feeds the head's TopK),
+    which would round log_probs to fp16. The first Cast goes once nothing reads it."""
     graph = model.graph
     producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
     outputs = {o.name for o in graph.output}
-    dropped = []
+    firsts = []
     for node in graph.node:
         first = producers.get(node.input[0]) if node.op_type == "Cast" and node.input else None
         if (first is None or first.op_type != "Cast" or _cast_to(node) != TensorProto.FLOAT
-                or _cast_to(first) != TensorProto.FLOAT16 or consumers[first.output[0]] != 1
-                or first.output[0] in outputs):
+                or _cast_to(first) != TensorProto.FLOAT16 or first.output[0] in outputs):
             continue
         node.op_type, node.input[0] = "Identity", first.input[0]
         del node.attribute[:]
-        dropped.append(first)
-    for node in dropped:
-        graph.node.remove(node)
+        firsts.append(first)
+    read = {name for node in graph.node for name in node.input}
+    for node in {id(n): n for n in firsts}.values():
+        if node.output[0] not in read:
+            graph.node.remove(node)
 
 
 def _cast_to(node: onnx.NodeProto) -> int:
@@ -187,7 +196,8 @@ def check_io_dtypes(model: onnx.ModelProto, kv_dtype: str, name: str) -> None:
     """KV tensors have kv_dtype; ids int64, masks bool, log_probs float32 in every variant."""
     kv = TensorProto.FLOAT16 if kv_dtype == "float16" else TensorProto.FLOAT
     fixed = {"src_ids": TensorProto.INT64, "tgt_ids": TensorProto.INT64, "src_mask": TensorProto.BOOL,
-             "log_probs": TensorProto.FLOAT}
+             "past_mask": TensorProto.BOOL,
+             "log_probs": TensorProto.FLOAT, **HEAD_IO_TYPES}
     wrong = [f"{io} is {TensorProto.DataType.Name(dtype)}" for io, dtype in _elem_types(model).items()
              if dtype != fixed.get(io, kv)]
     if wrong:
@@ -202,8 +212,9 @@ def build_fp16_cuda(directory: Path, counts: FusionCounts) -> None:
     spec, source = SPECS[FP16_CUDA], SPECS[FP32]
     converted = []
     for src, dest in ((source.encoder, spec.encoder), (source.decoder, spec.decoder)):
-        model = convert_float_to_float16(onnx.load(str(directory / src)), keep_io_types=["log_probs"],
-                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_OP_BLOCK_LIST])
+        model = convert_float_to_float16(onnx.load(str(directory / src)), keep_io_types=FP32_OUTPUTS,
+                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_OP_BLOCK_LIST],
+                                         node_block_list=decoder_head.node_names())
         OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end
         _drop_cast_round_trips(model)
         onnx.checker.check_model(model, full_check=True)

@@ -5,7 +5,8 @@
 # chroot` runs nmt-serve in a working container on the host network. The test then checks, from
 # the host: gRPC health SERVING, a translation, model info, /metrics, the image's own HEALTHCHECK
 # command, a non-root user and no torch inside, and exit code 0 on SIGTERM. It prints the image
-# size and the build time, and removes its container.
+# size and the build time, and removes its container, the builder stage's images (label
+# nmt.stage=builder: torch and the exporter, ~1.7 GB) and the image the tag pointed to before.
 #
 # Needs buildah and a local python:3.11-slim (on a machine that cannot pull it, run
 # ../shared/tools/container-base first; this script does when the tool is there).
@@ -40,11 +41,33 @@ if [ -n "$wheel" ] && [ ! -f "build/wheels/$(basename "$wheel")" ]; then
   ln -f "$wheel" build/wheels/ 2>/dev/null || cp "$wheel" build/wheels/
 fi
 
+# --layers caches each step as an image; the builder stage's (torch, the exporter: ~1.7 GB) are not
+# needed once the bundle is in the runtime image, and go whether the build passed or failed. The
+# runtime stage's share their layers with $IMAGE.
+builder_images() { buildah images --all --noheading --format '{{.ID}}' --filter label=nmt.stage=builder | sort -u; }
+remove_builder_images() {
+  local before ids id
+  before=$(builder_images | wc -l)
+  for _ in $(seq 30); do  # children before parents: an image another one builds on is refused until then
+    ids=$(builder_images)
+    [ -n "$ids" ] || break
+    for id in $ids; do buildah rmi "$id" >/dev/null 2>&1 || true; done
+  done
+  echo "removed $(( before - $(builder_images | wc -l) )) builder stage images"
+}
+trap remove_builder_images EXIT
+
 say "buildah bud -t $IMAGE"
+previous=$(buildah images --noheading --format '{{.ID}}' "$IMAGE" 2>/dev/null || true)
 started=$(date +%s)
 # shellcheck disable=SC2086 # BUILDAH_FLAGS: extra words, e.g. --no-cache
-buildah bud --isolation chroot --pull=never --format docker --layers ${BUILDAH_FLAGS:-} -t "$IMAGE" .
+buildah bud --isolation chroot --pull=never --format docker --layers --force-rm ${BUILDAH_FLAGS:-} -t "$IMAGE" .
 build_seconds=$(( $(date +%s) - started ))
+remove_builder_images
+current=$(buildah images --noheading --format '{{.ID}}' "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  buildah rmi "$previous" >/dev/null 2>&1 && echo "removed the previous $IMAGE ($previous)" || true
+fi
 
 free_port() { "$BIN/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 PORT=$(free_port)
@@ -63,6 +86,7 @@ serve_pid() {  # the Python process, not buildah-chroot-exec (whose arguments na
   done
 }
 cleanup() {
+  remove_builder_images >/dev/null
   if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
     pid=$(serve_pid)
     [ -z "$pid" ] || kill -TERM "$pid" 2>/dev/null || true
@@ -105,11 +129,11 @@ echo "$out"
 [ "$(printf '%s\n' "$out" | grep -c .)" = 2 ] || fail "expected two translations"
 "$BIN/nmt-client" info --target "$TARGET" | grep -E '^(name|precision|provider):'
 
-say "the image's HEALTHCHECK command, run inside the container"
-check=$(buildah inspect --type image "$IMAGE" | "$BIN/python" -c \
-  'import json, sys; t = json.load(sys.stdin)["Docker"]["config"]["Healthcheck"]["Test"]; assert t[0] == "CMD-SHELL", t; print(t[1])')
-echo "$check"
-buildah run --isolation chroot --env NMT_PORT="$PORT" "$CONTAINER" -- sh -c "$check" \
+say "the image's HEALTHCHECK command (exec form), run inside the container"
+mapfile -t check < <(buildah inspect --type image "$IMAGE" | "$BIN/python" -c \
+  'import json, sys; t = json.load(sys.stdin)["Docker"]["config"]["Healthcheck"]["Test"]; assert t[0] == "CMD", t; print("\n".join(t[1:]))')
+echo "${check[*]}"
+buildah run --isolation chroot --env NMT_PORT="$PORT" "$CONTAINER" -- "${check[@]}" \
   || fail "the HEALTHCHECK command failed"
 
 say "/metrics"
@@ -129,4 +153,6 @@ tail -n 3 "$log"
 echo "exit code 0 after SIGTERM"
 
 size=$(buildah images --format '{{.Size}}' "$IMAGE" | head -n 1)
-say "image-test: OK: $IMAGE, size $size, build ${build_seconds}s"
+left=$(builder_images | wc -l)
+[ "$left" = 0 ] || fail "$left builder stage images are left"
+say "image-test: OK: $IMAGE, size $size, build ${build_seconds}s, no builder images left"

@@ -3,7 +3,9 @@
     nmt-client translate "A man rides a bike." [--beam 4] [--n-best 1] [--deadline 10]
     nmt-client translate < lines.txt             (one translation per input line)
     nmt-client info | health
-Common flags: --target HOST:PORT (env NMT_TARGET), --token (env NMT_AUTH_TOKEN), TLS: --tls,
+    nmt-client --target HOST:PORT translate ...  (connection flags before or after the command)
+Common flags: --target HOST:PORT (env NMT_TARGET; else localhost:$NMT_PORT when nmt-serve's NMT_PORT is
+set, as in the image, whose HEALTHCHECK is `nmt-client health`), --token (env NMT_AUTH_TOKEN), TLS: --tls,
 --ca FILE (trust it), --cert/--key FILES (mutual TLS). With --n-best > 1 or --scores, lines are
 `INDEX<TAB>NORMALIZED_SCORE<TAB>TRANSLATION`. Errors: one line with the status code, exit 1.
 
@@ -16,7 +18,7 @@ import argparse
 import itertools
 import os
 import sys
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,18 +170,39 @@ def _stream_item(r: pb.TranslateStreamResponse) -> tuple[str, list[list[Hypothes
 
 # ---- CLI ----
 
+def default_target(env: Mapping[str, str]) -> str:
+    """NMT_TARGET; else the port nmt-serve reads (NMT_PORT) on localhost, so a HEALTHCHECK in exec
+    form (no shell to expand variables) finds the server wherever NMT_PORT puts it; else 50051."""
+    if env.get("NMT_TARGET"):
+        return env["NMT_TARGET"]
+    port = env.get("NMT_PORT", "")
+    return f"localhost:{port}" if port.isdigit() else DEFAULT_TARGET
+
+
+def _connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """--target, --token, TLS and --deadline. The subcommands get them too (default SUPPRESS), so
+    they work before the subcommand (as grpcurl and kubectl users type them) and after it; given
+    after, they win; unset after, the values before it (or the defaults) stay."""
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)  # noqa: E731
+    target = default_target(os.environ)
+    parser.add_argument("--target", default=default(target),
+                        help=f"server host:port [env NMT_TARGET] (default: {target})")
+    parser.add_argument("--token", default=default(os.environ.get("NMT_AUTH_TOKEN")),
+                        help="bearer token [env NMT_AUTH_TOKEN]")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="use TLS (implied by --ca/--cert/--key)")
+    parser.add_argument("--ca", default=default(None), help="PEM CA certificates to trust")
+    parser.add_argument("--cert", default=default(None), help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--key", default=default(None), help="PEM private key of --cert")
+    parser.add_argument("--deadline", type=float, default=default(30.0), help="seconds per call (default: 30)")
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", default=os.environ.get("NMT_TARGET", DEFAULT_TARGET),
-                        help="server host:port [env NMT_TARGET] (default: %(default)s)")
-    common.add_argument("--token", default=os.environ.get("NMT_AUTH_TOKEN"),
-                        help="bearer token [env NMT_AUTH_TOKEN]")
-    common.add_argument("--tls", action="store_true", help="use TLS (implied by --ca/--cert/--key)")
-    common.add_argument("--ca", help="PEM CA certificates to trust")
-    common.add_argument("--cert", help="PEM client certificate (mutual TLS)")
-    common.add_argument("--key", help="PEM private key of --cert")
-    common.add_argument("--deadline", type=float, default=30.0, help="seconds per call (default: %(default)s)")
-    parser = argparse.ArgumentParser(prog="nmt-client", description="Translate with an nmt-serve server over gRPC.")
+    _connection_flags(common, defaults=False)
+    parser = argparse.ArgumentParser(prog="nmt-client", description="Translate with an nmt-serve server over gRPC. "
+                                     "Connection flags go before or after the command.")
+    _connection_flags(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     tr = commands.add_parser("translate", parents=[common], help="translate texts (arguments, else stdin lines)")
     tr.add_argument("texts", nargs="*", help="texts to translate; none: read lines from stdin")

@@ -11,7 +11,7 @@ from typing import Any
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.runtime import DEVICES, PRECISIONS, RuntimeConfig
-from .scheduler import SchedulerConfig
+from .scheduler import BATCHING, SchedulerConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # A SentencePiece piece is at most 16 characters of at most 4 UTF-8 bytes: a text longer than this
@@ -31,9 +31,11 @@ class ServerConfig:
     max_wait_ms: float = 5.0  # how long the oldest queued sentence waits for others to join it
     max_queue_size: int = 1024  # queued sentences; beyond it requests get RESOURCE_EXHAUSTED
     workers: int = 1  # engine threads (concurrent batches)
+    batching: str = "continuous"  # continuous: join/leave between decoder steps; static: whole batches
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = its default)
+    shortlist: str = "on"  # on: score the bundle's vocabulary shortlist per batch (engine/shortlist.py); off: every id
     max_texts: int = 64  # texts per request
     max_tokens_per_text: int = 256
     max_text_bytes: int | None = None  # UTF-8 bytes per text, checked before tokenizing; None: 64 x the above
@@ -70,6 +72,10 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_ca is not None and self.tls_cert is None:
             raise ValueError("tls_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        if self.shortlist not in ("on", "off"):
+            raise ValueError(f"shortlist must be on or off, got {self.shortlist!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         RuntimeConfig(self.device, self.precision, self.threads)  # validates device and precision
@@ -83,11 +89,12 @@ class ServerConfig:
         return self.tls_cert is not None
 
     def runtime(self) -> RuntimeConfig:
-        return RuntimeConfig(device=self.device, precision=self.precision, intra_op_threads=self.threads)
+        return RuntimeConfig(device=self.device, precision=self.precision, intra_op_threads=self.threads,
+                             shortlist=self.shortlist == "on")
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_batch_size, self.max_batch_tokens, self.max_wait_ms / 1000.0,
-                               self.max_queue_size, self.workers)
+                               self.max_queue_size, self.workers, self.batching)
 
     def default_options(self, bundle_defaults: DecodeOptions | None = None) -> DecodeOptions:
         """The bundle's inference settings, with --default-beam-size in place of its beam when given."""
@@ -103,14 +110,19 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "gRPC port; 0 = any free port"),
     ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off"),
-    ("--max-batch-size", "max_batch_size", int, "most sentences in one engine batch"),
+    ("--max-batch-size", "max_batch_size", int, "most sentences in one engine batch (being decoded at once)"),
     ("--max-batch-tokens", "max_batch_tokens", int, "most padded source tokens (sentences x longest) in one batch"),
-    ("--max-wait-ms", "max_wait_ms", float, "longest a queued sentence waits for a batch to fill; 0 = no waiting"),
+    ("--max-wait-ms", "max_wait_ms", float, "static batching: longest a queued sentence waits for a batch to fill; "
+     "0 = no waiting"),
     ("--max-queue-size", "max_queue_size", int, "most queued sentences; more -> RESOURCE_EXHAUSTED"),
     ("--workers", "workers", int, "engine threads, i.e. batches computed at once"),
+    ("--batching", "batching", str, "continuous: requests join and leave the running batch between decoder steps; "
+     "static: a batch runs until its last sentence ends (bundles before format 3 always)"),
     ("--device", "device", str, f"execution device: {'|'.join(DEVICES)} (auto: CUDA when available)"),
     ("--precision", "precision", str, f"bundle variant precision: {'|'.join(PRECISIONS)}"),
     ("--threads", "threads", int, "ONNX Runtime intra-op threads; 0 = its default"),
+    ("--shortlist", "shortlist", str, "on: score only the bundle's vocabulary shortlist per batch (faster; BLEU "
+     "within 0.3); off: every id, as the torch reference"),
     ("--max-texts", "max_texts", int, "most texts in one request"),
     ("--max-tokens-per-text", "max_tokens_per_text", int, "most source tokens in one text"),
     ("--max-text-bytes", "max_text_bytes", int,

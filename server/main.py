@@ -1,7 +1,9 @@
 """nmt-serve: the gRPC translation server (grpc.aio) with health, reflection and Prometheus metrics.
 
-Lifecycle: load and verify the bundle (a bad one: a one-line error naming the file, exit 2),
-bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT, within --grace-seconds:
+Lifecycle: load and verify the bundle (a bad one, or --device cuda without a working CUDA provider:
+a one-line error, exit 2); a variant the export could not check on this provider (fp16-cuda built
+without a GPU) translates the bundle's reference sentences first (engine/selfcheck.py; a mismatch:
+exit 2); bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT, within --grace-seconds:
 NOT_SERVING; new translations are answered UNAVAILABLE (which retry policies retry) while the
 accepted ones finish; then gRPC stops (new connections refused) and the process exits 0.
 """
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import grpc
+import onnxruntime as ort
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry
@@ -27,8 +30,9 @@ from .kserve import add_inference_service
 from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
-from .scheduler import Scheduler
+from .scheduler import create_scheduler
 from .transport import SERVICE, Limits, TranslationServicer
+from nmt.engine.selfcheck import startup_check
 from nmt.engine.translator import Translator
 
 log = logging.getLogger("nmt-serve")
@@ -141,13 +145,19 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     Returns the server and its bound gRPC port (useful with port 0). Raises ValueError (a bad
     bundle or config: BundleError is one) or OSError (unreadable files, a port in use).
     """
+    checked = "not-run"  # a given translator is the caller's to check
     if translator is None:
         translator = await asyncio.to_thread(Translator.from_bundle, cfg.model_dir, cfg.runtime())
+        # A variant the export could not check on this provider (fp16-cuda built without a GPU) is
+        # checked here against the bundle's torch reference; a mismatch is a SelfCheckError (exit 2).
+        checked = await asyncio.to_thread(startup_check, translator)
     metrics = Metrics(CollectorRegistry() if registry is None else registry)
     info = translator.info
     metrics.set_model(name=info.name, version=info.version, src_lang=info.src_lang, tgt_lang=info.tgt_lang,
                       bundle_sha256=info.bundle_sha256, precision=info.precision, provider=info.provider)
-    scheduler = Scheduler(translator, cfg.scheduler(), metrics)
+    metrics.set_engine(device=cfg.device, provider=info.provider, variant=info.precision,
+                       onnxruntime=ort.__version__, selfcheck=checked)
+    scheduler = create_scheduler(translator, cfg.scheduler(), metrics)
     # The token check runs first: without the token a client gets UNAUTHENTICATED whatever it sends.
     guard = RequestGuard(cfg.max_message_bytes, metrics, SERVICE)
     interceptors: list[grpc.aio.ServerInterceptor] = [guard]

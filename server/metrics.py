@@ -12,6 +12,10 @@
     nmt_encode_duration_seconds / nmt_decode_duration_seconds   engine compute per batch
     nmt_input_tokens_total / nmt_generated_tokens_total         source tokens in, hypothesis tokens out
     nmt_model_info{name,version,...} 1          the model being served
+    nmt_engine_info{device,provider,variant,onnxruntime,selfcheck} 1
+                                                what runs it: the device asked for, the execution provider
+                                                and graph variant in use (a GPU deployment can alert on
+                                                provider!="CUDAExecutionProvider"), the start-up self-check
 plus process_* and python_* (the default process, platform and GC collectors) in the same registry.
 """
 
@@ -54,6 +58,7 @@ class Metrics:
         self.input_tokens = Counter("nmt_input_tokens", "Source tokens translated.", **r)
         self.generated_tokens = Counter("nmt_generated_tokens", "Tokens in the returned hypotheses.", **r)
         self.model = Info("nmt_model", "The model being served.", **r)
+        self.engine = Info("nmt_engine", "The execution provider and graph variant serving requests.", **r)
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
@@ -61,6 +66,9 @@ class Metrics:
 
     def set_model(self, **labels: str) -> None:
         self.model.info({k: str(v) for k, v in labels.items()})
+
+    def set_engine(self, **labels: str) -> None:
+        self.engine.info({k: str(v) for k, v in labels.items()})
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> MetricsServer:
         """Serve /metrics of this registry on its own HTTP port (0 = any free port), in a thread."""

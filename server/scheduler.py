@@ -1,6 +1,14 @@
-"""Dynamic batching: sentences from every caller are queued and run through the engine together.
+"""Batching: sentences from every caller are queued and run through the engine together.
 
-Policy (one dispatcher task; `workers` engine threads):
+Two policies (SchedulerConfig.batching; create_scheduler picks the class):
+- "continuous" (server/continuous.py, the default): iteration-level batching. Between two decoder
+  steps, queued sentences run the encoder and join the running batch, and finished ones leave and
+  are answered at once; see that module.
+- "static" (Scheduler, below): a batch is formed, decoded until its last sentence ends, and only
+  then is the next one formed. Bundles whose decoder has no past_mask input (format < 3) can
+  only be served this way.
+
+Static policy (one dispatcher task; `workers` engine threads):
 - A batch is formed only when a worker is free, so while the engine is busy the queue fills
   and the next batch is as large as the limits allow (batching grows with load by itself).
 - A batch always contains the oldest queued sentence (no starvation) and only sentences with
@@ -22,14 +30,15 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from nmt.engine.decoding import DecodeOptions, Hypothesis, SearchResult
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = (0.05, 30.0)  # bounds of QueueFull.retry_after_s
+BATCHING = ("continuous", "static")
 SECONDS_PER_SENTENCE = 0.05  # the drain estimate before the first batch has been timed
 
 
@@ -60,6 +69,7 @@ class SchedulerConfig:
     max_wait_s: float = 0.005
     max_queue_size: int = 1024  # sentences
     workers: int = 1
+    batching: str = "continuous"  # or "static"; continuous batching never waits (max_wait_s is static's)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens", "max_queue_size", "workers"):
@@ -67,6 +77,8 @@ class SchedulerConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_s < 0:
             raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
+        if self.batching not in BATCHING:
+            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
 
 
 class Engine(Protocol):
@@ -121,6 +133,7 @@ class Scheduler:
             wait = self.retry_after_s()
             raise QueueFull(f"the queue holds {self.depth} sentences and this request has {len(sources)}; "
                             f"max_queue_size is {self.cfg.max_queue_size}, retry in {wait * 1000:.0f} ms", wait)
+        self._validate(sources, options)
         request = _Request(asyncio.get_running_loop().create_future(), len(sources), deadline)
         now = time.monotonic()
         self._queue.extend(_Item(request, i, tokens, options, now) for i, tokens in enumerate(sources))
@@ -154,9 +167,12 @@ class Scheduler:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
 
+    def _validate(self, sources: list[list[int]], options: DecodeOptions) -> None:
+        """Refuse a request before it is queued (EngineError); static batching lets the engine find out."""
+
     def _changed(self) -> None:
         if self.metrics is not None:
-            self.metrics.queue_depth.set(len(self._queue))
+            self.metrics.queue_depth.set(self.depth)
         self._wakeup.set()
 
     def _forget(self, request: _Request) -> None:
@@ -320,3 +336,17 @@ class Scheduler:
 def _requests(batch: list[_Item]) -> list[_Request]:
     """The distinct requests with a sentence in `batch`."""
     return list({id(item.request): item.request for item in batch}.values())
+
+
+def create_scheduler(engine: Any, cfg: SchedulerConfig, metrics: Metrics | None = None) -> Scheduler:
+    """The scheduler of cfg.batching. Continuous batching needs an engine with running_batch() and a
+    bundle whose decoder takes past_mask (format 3); otherwise static batching, said in a log line."""
+    from .continuous import ContinuousScheduler, continuous_unsupported  # it subclasses Scheduler
+
+    if cfg.batching == "continuous":
+        reason = continuous_unsupported(engine)
+        if reason is None:
+            return ContinuousScheduler(engine, cfg, metrics)
+        log.warning("continuous batching is not possible (%s): serving with static batching", reason)
+        cfg = replace(cfg, batching="static")
+    return Scheduler(engine, cfg, metrics)

@@ -41,5 +41,5 @@ def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
                       dropout=0.0)
     ckpt = write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
-    export_checkpoint(ckpt, root / "bundle", options=ExportOptions(variants=("fp32",), validate=False))
+    export_checkpoint(ckpt, root / "bundle", options=ExportOptions(variants=("fp32",), validate=False, shortlist=False))
     return root / "bundle"

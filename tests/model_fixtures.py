@@ -1,5 +1,6 @@
-"""Session fixtures for the engine tests: a tiny checkpoint that stops at varied lengths, its bundle,
-the torch model (the reference), and ORT sessions on the bundle (one thread).
+"""Session fixtures for the engine tests: a tiny checkpoint that stops at varied lengths, its bundle
+(and the same bundle as format 2 wrote it, without past_mask), the torch model (the reference), and
+ORT sessions on the bundle (one thread).
 
 A random tiny model almost never emits EOS (1 of 600 tokens), so every hypothesis would run to
 the length limit and the beam's finalize rule would go untested. Scaling the EOS embedding row
@@ -9,11 +10,16 @@ then end at many lengths, and the length penalty reorders them.
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
+from onnx import TensorProto, helper
 
+from nmt.engine import bundle
 from nmt.export.export import ExportOptions, export_checkpoint
 from nmt.engine.decoding import Decoder
 from nmt.engine.runtime import RuntimeConfig, Sessions, load_sessions
@@ -45,7 +51,8 @@ def server_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def server_bundle(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Never modified: tests that damage or rewrite a bundle copy it first."""
     out = tmp_path_factory.mktemp("server_bundle") / "tiny-en-de"
-    export_checkpoint(server_checkpoint, out, options=ExportOptions(validate=False))
+    # No shortlist: these tests compare the engine with torch over the whole vocabulary.
+    export_checkpoint(server_checkpoint, out, options=ExportOptions(validate=False, shortlist=False))
     return out
 
 
@@ -74,3 +81,37 @@ def sources(tokenizer: Tokenizer, data_dir: Path) -> list[list[int]]:
     """Real sentences of many lengths, a one-token source and an empty one."""
     lines = multi30k("val", "en", "de", data_dir).src[:10]
     return [*tokenizer.encode(lines), [17], []]
+
+
+def without_past_mask(decoder: onnx.ModelProto) -> onnx.ModelProto:
+    """The format-2 interface: past_mask computed inside (all True) instead of taken as an input."""
+    graph = decoder.graph
+    inputs = [i for i in graph.input if i.name != bundle.PAST_MASK]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    true = helper.make_tensor("true", TensorProto.BOOL, [1], [True])
+    nodes = [helper.make_node("Shape", ["tgt_ids"], ["pm_batch"], start=0, end=1),
+             helper.make_node("Shape", ["tgt_ids"], ["pm_tgt"], start=1, end=2),
+             helper.make_node("Shape", ["past_key_0"], ["pm_past"], start=2, end=3),
+             helper.make_node("Add", ["pm_past", "pm_tgt"], ["pm_width"]),
+             helper.make_node("Concat", ["pm_batch", "pm_width"], ["pm_shape"], axis=0),
+             helper.make_node("ConstantOfShape", ["pm_shape"], [bundle.PAST_MASK], value=true)]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    return decoder
+
+
+@pytest.fixture(scope="session")
+def format2_bundle(server_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test bundle as format 2 wrote it: every decoder without past_mask, manifest version 2."""
+    out = Path(shutil.copytree(server_bundle, tmp_path_factory.mktemp("format2") / "bundle"))
+    manifest = json.loads((out / bundle.MANIFEST).read_text())
+    for entry in manifest["variants"].values():
+        path = out / entry["decoder"]
+        onnx.save(without_past_mask(onnx.load(str(path))), str(path))
+        manifest["files"][entry["decoder"]] = {"sha256": bundle.sha256_file(path), "size": path.stat().st_size}
+    manifest["format_version"] = 2
+    manifest["interface"]["decoder"]["inputs"].pop(bundle.PAST_MASK)
+    manifest[bundle.SELF_HASH] = bundle._content_hash(manifest)
+    (out / bundle.MANIFEST).write_text(json.dumps(manifest))
+    return out

@@ -225,9 +225,11 @@ class Transformer(nn.Module):
         with torch.no_grad():
             self.embedding.weight[self.cfg.pad_id].zero_()
 
-    def embed(self, ids: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        """Token embeddings plus positions: from `offset` on (int), or given per token ((B, T) long)."""
         T = ids.shape[1]
-        x = self.embedding(ids) * math.sqrt(self.cfg.d_model) + self.positions[offset : offset + T]  # (B, T, d_model)
+        positions = self.positions[offset] if isinstance(offset, torch.Tensor) else self.positions[offset : offset + T]
+        x = self.embedding(ids) * math.sqrt(self.cfg.d_model) + positions  # (B, T, d_model)
         return self.embed_dropout(x)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
@@ -248,24 +250,36 @@ class Transformer(nn.Module):
         cross: list[KV],
         src_mask: torch.Tensor,
         past: list[KV] | None = None,
+        past_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
-        """tgt: (B, T) new target ids after `past` (P cached positions) -> logits (B, T, V), present KV."""
-        states, present = self.decoder_states(tgt, cross, src_mask, past)
+        """tgt: (B, T) new target ids after `past` (P cached positions) -> logits (B, T, V), present KV.
+
+        past_mask: (B, P+T) bool, True for the cache slots a row really has and for its new tokens
+        (which must be True). Rows that joined a running batch later have masked (padding) slots
+        in front; each token's position is the number of real keys before it. None: all real.
+        """
+        states, present = self.decoder_states(tgt, cross, src_mask, past, past_mask)
         return self.project(states), present
 
     def decoder_states(
-        self, tgt: torch.Tensor, cross: list[KV], src_mask: torch.Tensor, past: list[KV] | None = None
+        self, tgt: torch.Tensor, cross: list[KV], src_mask: torch.Tensor, past: list[KV] | None = None,
+        past_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """The decoder stack's output (B, T, d_model) before the output projection, and present KV."""
         T = tgt.shape[1]
         P = 0 if past is None else past[0][0].shape[2]
-        # Query i (absolute position P+i) sees keys 0..P+i.
-        causal = torch.ones(T, P + T, dtype=torch.bool, device=tgt.device).tril(diagonal=P)
+        # Query i (absolute slot P+i) sees keys 0..P+i.
+        self_mask = torch.ones(T, P + T, dtype=torch.bool, device=tgt.device).tril(diagonal=P)
         cross_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
-        x = self.embed(tgt, P)
+        if past_mask is None:
+            x = self.embed(tgt, P)
+        else:
+            self_mask = past_mask[:, None, None, :] & self_mask  # (B, 1, T, P+T)
+            real = past_mask.long()
+            x = self.embed(tgt, (real.cumsum(dim=1) - real)[:, P:])  # positions (B, T): real keys before
         present: list[KV] = []
         for i, layer in enumerate(self.decoder_layers):
-            x, kv = layer(x, None if past is None else past[i], causal, cross[i], cross_mask)
+            x, kv = layer(x, None if past is None else past[i], self_mask, cross[i], cross_mask)
             present.append(kv)
         return self.decoder_norm(x), present
 

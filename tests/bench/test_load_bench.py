@@ -22,14 +22,14 @@ def test_load_bench_runs_and_writes_its_report(tiny_bundle: Path, data_dir: Path
     assert sorted(p.name for p in out.iterdir()) == ["load.json", "load.md", "load.png"]
     results = json.loads((out / "load.json").read_text())
     assert [(lv["setting"], lv["clients"]) for lv in results["levels"]] == [
-        ("batching", 1), ("unbatched", 1), ("batching", 3), ("unbatched", 3)]
+        (setting, clients) for clients in (1, 3) for setting in ("continuous", "static", "unbatched")]
     for level in results["levels"]:
         assert level["requests"] > 0 and level["errors"] == 0, level
         assert level["p50_ms"] <= level["p99_ms"]
         assert 0 < level["peak_rss_mb"] < 2000
     assert all(lv["mean_batch"] == 1.0 for lv in results["levels"] if lv["setting"] == "unbatched")
     assert [e["clients"] for e in results["engine"]] == [1, 3]
-    assert {g["goal"].split(" ")[0] for g in results["goals"]} == {"batching", "gRPC", "p99", "server"}
+    assert {g["goal"].split(" ")[0] for g in results["goals"]} == {"continuous", "static", "gRPC", "server"}
 
 
 def test_missing_bundle_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -46,14 +46,22 @@ def test_goals_compare_the_right_rows() -> None:
     results = {
         "config": {"bundle": "b", "beam_size": 4, "split": "s", "warmup": 1, "duration": 2, "threads": 0},
         "machine": {"cpus": 2, "platform": "p", "load_average_at_end": [1.0, 1.0, 1.0]}, "sentences": 5,
-        "levels": [_level("batching", 1, 10.0, 110.0, 1.0), _level("unbatched", 1, 11.0, 100.0, 1.0),
-                   _level("batching", 64, 60.0, 900.0, 31.6), _level("unbatched", 64, 10.0, 5000.0, 1.0)],
+        "levels": [_level("continuous", 1, 10.0, 104.0, 1.0), _level("static", 1, 10.0, 110.0, 1.0),
+                   _level("unbatched", 1, 11.0, 100.0, 1.0),
+                   _level("continuous", 16, 40.0, 600.0, 14.2), _level("static", 16, 30.0, 800.0, 9.0),
+                   _level("unbatched", 16, 10.0, 2000.0, 1.0),
+                   _level("continuous", 64, 60.0, 900.0, 31.6), _level("static", 64, 40.0, 1200.0, 30.0),
+                   _level("unbatched", 64, 10.0, 5000.0, 1.0)],
         "engine": [{"clients": 1, "batch_size": 1, "sentences_per_s": 12.0, "p50_ms": 50.0, "p99_ms": 100.0},
+                   {"clients": 16, "batch_size": 14, "sentences_per_s": 50.0, "p50_ms": 300.0, "p99_ms": 400.0},
                    {"clients": 64, "batch_size": 32, "sentences_per_s": 80.0, "p50_ms": 400.0, "p99_ms": 500.0}],
     }
-    found = {g["goal"].split(" ")[0]: g for g in goals(results)}
-    assert found["batching"]["value"] == pytest.approx(6.0) and found["batching"]["met"]
-    assert found["gRPC"]["value"] == pytest.approx(0.75) and not found["gRPC"]["met"]
-    assert found["p99"]["value"] == pytest.approx(1.1) and found["p99"]["met"]
-    assert found["server"]["value"] == 414.0 and not found["server"]["met"]
-    assert "| batching | 64 | 60.00 | 450 | 900 | 31.60 | 80.00 (b=32) | 0.75 | 300 |" in markdown(results)
+    found = {g["goal"]: g for g in goals(results)}
+    assert [(g["value"], g["met"]) for g in found.values()] == [
+        (pytest.approx(6.0), True), (pytest.approx(4.0), False),  # continuous, static / unbatched at 64
+        (pytest.approx(52 / 50), True), (pytest.approx(1.04), True),  # p50 and p99 at 1 client / engine
+        (pytest.approx(0.75), True), (pytest.approx(4 / 3), True),  # continuous / static at 16: p99, speed
+        (pytest.approx(0.75), False), (414.0, False)]  # gRPC / engine at 64, peak RSS
+    assert list(found)[2] == "continuous p50 latency at 1 client / engine p50 (batch 1)"
+    assert list(found)[4] == "continuous / static p99 latency at 16 clients"
+    assert "| continuous | 64 | 60.00 | 450 | 900 | 31.60 | 80.00 (b=32) | 0.75 | 300 |" in markdown(results)

@@ -112,8 +112,12 @@ def server_container(resources: dict[str, dict]) -> dict:
 
 # ---- what the image sets (Dockerfile) ----
 def dockerfile_env() -> dict[str, str]:
-    lines = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("ENV ")]
-    return dict(re.findall(r"(NMT_\w+)=(\S+)", " ".join(lines)))
+    """The image's NMT_* variables, ${ARG}s resolved to their defaults (DEVICE=cpu: the CPU image)."""
+    text = DOCKERFILE.read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE))
+    lines = [line for line in text.splitlines() if line.startswith("ENV ")]
+    env = dict(re.findall(r"(NMT_\w+)=(\S+)", " ".join(lines)))
+    return {name: re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value) for name, value in env.items()}
 
 
 def dockerfile_directive(name: str) -> list[str]:

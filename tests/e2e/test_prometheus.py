@@ -122,8 +122,9 @@ async def test_prometheus_scrapes_the_server(nmt_server: NmtServer, tmp_path: Pa
         await wait_for(base, 'up{job="nmt"}', 1.0, proc, log)
         await wait_for(base, 'nmt_requests_total{method="Translate",code="OK"}', float(ok), proc, log)
         await wait_for(base, 'nmt_requests_total{method="Translate",code="INVALID_ARGUMENT"}', 1.0, proc, log)
-        # Every sentence went through some batch (the warm-up's do not count: it bypasses the scheduler).
-        await wait_for(base, "nmt_batch_sentences_sum", float(len(TEXTS)), proc, log)
+        # Every sentence joined a batch once (the warm-up's do not count: it bypasses the scheduler);
+        # nmt_batch_sentences counts decoder steps' batches under continuous batching.
+        await wait_for(base, "nmt_queue_wait_seconds_count", float(len(TEXTS)), proc, log)
         await wait_for(base, 'count(nmt_model_info{precision!=""})', 1.0, proc, log)
         assert await asyncio.to_thread(query, base, "process_resident_memory_bytes") > 0
         # A second scrape sees the counter move: the series is live, not a stale first sample.

@@ -11,7 +11,7 @@ from nmt.engine.bundle import BundleError, read_manifest, sha256_file, staging_d
 from nmt.export.export import export_checkpoint
 
 FILES = [bundle.ENCODER, bundle.DECODER, bundle.ENCODER_CPU, bundle.DECODER_CPU, bundle.ENCODER_INT8,
-         bundle.DECODER_INT8, bundle.ENCODER_FP16, bundle.DECODER_FP16, bundle.TOKENIZER]
+         bundle.DECODER_INT8, bundle.ENCODER_FP16, bundle.DECODER_FP16, bundle.TOKENIZER, bundle.SHORTLIST]
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def copy(bundle_dir: Path, tmp_path: Path) -> Path:
 
 def test_manifest_describes_the_bundle(bundle_dir: Path, checkpoint: Path) -> None:
     manifest = verify_bundle(bundle_dir)
-    assert manifest["format"] == "nmt-bundle" and manifest["format_version"] == 2
+    assert manifest["format"] == "nmt-bundle" and manifest["format_version"] == 3
     assert sorted(manifest["files"]) == sorted(FILES)
     assert manifest["files"][bundle.TOKENIZER]["sha256"] == sha256_file(checkpoint / "spm.model")
     assert manifest["model"]["d_model"] == 32 and manifest["special_ids"] == {"pad": 0, "unk": 1, "bos": 2, "eos": 3}
@@ -29,7 +29,10 @@ def test_manifest_describes_the_bundle(bundle_dir: Path, checkpoint: Path) -> No
     assert (manifest["attention"], manifest["opset"]) == ("onnx", 23)
     assert set(manifest["versions"]) == {"onnx", "onnxruntime", "torch"}
     assert len(manifest["source_checkpoint"]["sha256"]) == 64
-    assert list(manifest["interface"]["decoder"]["inputs"]) == bundle.decoder_inputs(2)
+    assert list(manifest["interface"]["decoder"]["inputs"]) == [*bundle.decoder_inputs(2), bundle.VOCAB_IDS,
+                                                                bundle.TOP_K]
+    assert manifest["shortlist"] == {"file": bundle.SHORTLIST, "corpus": "multi30k train", "sentence_pairs": 29000,
+                                     "per_source": 20, "frequent": 300}
 
 
 @pytest.mark.parametrize("name", [*FILES, bundle.MANIFEST])
@@ -59,7 +62,7 @@ def test_an_unknown_format_version_is_refused(copy: Path) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
     with pytest.raises(BundleError) as e:
         read_manifest(copy)
-    assert str(e.value) == f"{path}: format_version 99 is not supported (this code reads versions 1, 2)"
+    assert str(e.value) == f"{path}: format_version 99 is not supported (this code reads versions 1, 2, 3)"
 
 
 def test_export_refuses_to_overwrite_without_force(checkpoint: Path, bundle_dir: Path) -> None:

@@ -13,7 +13,7 @@ from nmt.export.export import ExportOptions, Progress
 
 def test_cli_verifies_a_bundle(bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--verify", str(bundle_dir)]) == 0
-    assert capsys.readouterr().out == f"{bundle_dir}: 9 files verified\n"
+    assert capsys.readouterr().out == f"{bundle_dir}: 10 files verified\n"  # 8 graphs, spm.model, shortlist.npz
 
 
 def test_cli_reports_a_damaged_bundle(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -44,6 +44,8 @@ def test_cli_flags_become_export_options(tmp_path: Path) -> None:
     assert _options("--variants", "int8-cpu", "--quiet").variants == ("fp32", "int8-cpu")
     assert _options("--quiet").progress is False
     assert _options("--no-optimize").variants == ("fp32",)
+    assert _options("--no-shortlist").shortlist is False
+    assert _options("--shortlist-corpus", "a.en", "a.de").shortlist_corpus == ("a.en", "a.de")
     options = _options("--data-dir", "/d", "--parity-limit", "7", "--max-len-extra", "9", "--no-validate",
                        "--attention", "mha")
     assert (options.data_dir, options.parity_limit, options.max_len_extra) == ("/d", 7, 9)

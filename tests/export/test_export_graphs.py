@@ -37,7 +37,8 @@ def test_every_attention_block_is_one_fused_node(bundle_dir: Path, name: str, ex
     counts = op_counts(onnx.load(str(bundle_dir / name)))
     assert counts[ATTENTION] == expected
     assert counts["Softmax"] == counts[MHA] == 0
-    assert counts["If"] == counts["Loop"] == 0
+    # One If in the decoder: the output head's projection, full vocabulary or shortlist (decoder_head.py).
+    assert counts["If"] == (1 if name.startswith("decoder") else 0) and counts["Loop"] == 0
 
 
 def test_ort_optimization_fuses_layer_norms(bundle_dir: Path) -> None:
@@ -58,11 +59,13 @@ def test_graphs_have_named_dynamic_axes(bundle_dir: Path) -> None:
     assert [o.name for o in encoder.output] == bundle.cross_names(N_DEC)
     assert [_dims(i) for i in encoder.input] == [["batch", "src_len"]] * 2
     assert _dims(encoder.output[0]) == ["batch", 4, "src_len", 8]
-    assert [i.name for i in decoder.input] == bundle.decoder_inputs(N_DEC)
-    assert [o.name for o in decoder.output] == bundle.decoder_outputs(N_DEC)
+    assert [i.name for i in decoder.input] == [*bundle.decoder_inputs(N_DEC), bundle.VOCAB_IDS, bundle.TOP_K]
+    assert [o.name for o in decoder.output] == bundle.decoder_outputs(N_DEC) + bundle.head_outputs()
     assert _dims(decoder.input[0]) == ["batch", "tgt_len"]
     assert _dims(decoder.input[2]) == ["batch", 4, "past_len", 8]
-    assert _dims(decoder.output[0]) == ["batch", VOCAB]
+    assert _dims(decoder.output[0]) == ["batch", "vocab"]  # the ids of vocab_ids (all VOCAB by default)
+    head = {v.name: _dims(v) for v in [*decoder.input, *decoder.output]}
+    assert (head[bundle.VOCAB_IDS], head[bundle.TOP_K], head[bundle.TOP_IDS]) == (["vocab"], [1], ["batch", "top_k"])
 
 
 def _sources(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

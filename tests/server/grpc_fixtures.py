@@ -1,5 +1,6 @@
 """Fixtures and helpers for the gRPC server tests: a real bundle, a real Translator, a real server on
-127.0.0.1 with an ephemeral port, and an engine gate to hold batches while a test lines up requests.
+127.0.0.1 with an ephemeral port, and an engine gate to hold batches while a test lines up requests
+(static batching: each search call; continuous batching: each admission into the running batch).
 
 Import into a test module with `from grpc_fixtures import *` (pytest puts tests/server on sys.path).
 """
@@ -23,6 +24,7 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from nmt.server.config import ServerConfig
+from nmt.engine.continuous import RunningBatch
 from nmt.engine.decoding import DecodeOptions, SearchResult
 from nmt.server.main import NmtServer, create_server
 from nmt.server.nmt_pb import translation_pb2 as pb
@@ -35,8 +37,8 @@ TEXTS = ["A man rides a bike.", "Two dogs play in the snow.", "A girl in a red d
          "People.", "An old man with a hat sits on a bench next to a small brown dog and reads a newspaper.",
          "A woman sings.", "Children are playing football in a park.", "A cat."]
 
-__all__ = ["ONE_THREAD", "TEXTS", "Gate", "grpc_bundle", "grpc_translator", "gate", "server_config", "serve", "stub",
-           "alone", "channel"]
+__all__ = ["ONE_THREAD", "TEXTS", "Gate", "GatedBatch", "Translator", "grpc_bundle", "grpc_translator", "gate",
+           "server_config", "serve", "stub", "alone", "channel"]
 
 
 @pytest.fixture(scope="session")
@@ -51,7 +53,11 @@ def grpc_translator(grpc_bundle: Path) -> Translator:
 
 
 class Gate:
-    """The real Translator; engine calls are recorded and wait while the gate is closed."""
+    """The real Translator; engine calls are recorded and wait while the gate is closed.
+
+    With continuous batching a call is an admission into the running batch: one (sources, options)
+    per distinct options among the sentences that join together.
+    """
 
     def __init__(self, translator: Translator):
         self.translator = translator
@@ -64,10 +70,16 @@ class Gate:
 
     def search(self, sources: list[list[int]], options: DecodeOptions) -> SearchResult:
         self.calls.append(([list(s) for s in sources], options))
+        self.wait()
+        return self.translator.search(sources, options)
+
+    def running_batch(self) -> GatedBatch:
+        return GatedBatch(self, self.translator.running_batch())
+
+    def wait(self) -> None:
         self.entered.set()
         if not self.opened.wait(timeout=30):
             raise TimeoutError("the test never opened the gate")
-        return self.translator.search(sources, options)
 
     def close(self) -> None:
         """Hold engine calls from now on; forget the calls so far (e.g. the server's warm-up)."""
@@ -77,6 +89,28 @@ class Gate:
 
     def open(self) -> None:
         self.opened.set()
+
+
+class GatedBatch:
+    """A real RunningBatch whose admissions are recorded in the gate and wait while it is closed."""
+
+    def __init__(self, gate: Gate, batch: RunningBatch):
+        self.gate, self.batch = gate, batch
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.batch, name)
+
+    def __len__(self) -> int:
+        return len(self.batch)
+
+    def admit(self, entries: list[tuple[Any, list[int], DecodeOptions]]) -> None:
+        if entries:
+            by_options: dict[DecodeOptions, list[list[int]]] = {}
+            for _, source, options in entries:
+                by_options.setdefault(options, []).append(list(source))
+            self.gate.calls += [(sources, options) for options, sources in by_options.items()]
+            self.gate.wait()
+        self.batch.admit(entries)
 
 
 @pytest.fixture

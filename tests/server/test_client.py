@@ -73,3 +73,20 @@ async def test_cli_errors_are_one_line_with_the_status_code(default_server, caps
     assert err == ["nmt-client: error: INVALID_ARGUMENT: beam_size must be between 1 and max_beam_size=16, got 0"]
     assert await asyncio.to_thread(client_module.main, ["info", "--target", "127.0.0.1:1", "--deadline", "2"]) == 1
     assert capsys.readouterr().err.startswith("nmt-client: error: UNAVAILABLE: ")
+
+
+async def test_cli_connection_flags_before_or_after_the_command(default_server, grpc_translator, capsys) -> None:
+    """`nmt-client --target HOST:PORT translate ...` (as grpcurl and kubectl users type it) works as the
+    flags after the command do; given on both sides, the one after the command wins."""
+    target = f"127.0.0.1:{default_server.port}"
+    expected = [a[0] for a in alone(grpc_translator, TEXTS[:2], DecodeOptions(beam_size=1))]  # noqa: F405
+    run = lambda argv: asyncio.to_thread(client_module.main, argv)  # noqa: E731
+    assert await run(["--target", target, "--deadline", "10", "translate", *TEXTS[:2], "--beam", "1"]) == 0  # noqa
+    assert capsys.readouterr().out.splitlines() == expected
+    assert await run(["--target", "127.0.0.1:1", "health", "--target", target]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    assert await run(["--target", target, "info"]) == 0
+    assert f'name: "{grpc_translator.info.name}"' in capsys.readouterr().out
+    # A flag given only before the command is not reset by the command's own (suppressed) default.
+    assert await run(["--target", "127.0.0.1:1", "--deadline", "2", "health"]) == 1
+    assert capsys.readouterr().err.startswith("nmt-client: error: UNAVAILABLE: ")

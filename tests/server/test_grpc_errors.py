@@ -129,8 +129,8 @@ async def test_engine_failure_is_internal_not_unknown(grpc_bundle, grpc_translat
         def search(self, sources, options):
             return self.translator.search([s + [10**6] for s in sources], options)
 
-    async with serve(server_config(grpc_bundle), grpc_translator) as server:  # noqa: F405
-        server.scheduler.engine = Broken(grpc_translator)  # noqa: F405
+    async with serve(server_config(grpc_bundle, batching="static"), grpc_translator) as server:  # noqa: F405
+        server.scheduler.engine = Broken(grpc_translator)  # static: search() is called per batch
         async with channel(server) as ch:  # noqa: F405
             code, details = await status(stub(ch).Translate(pb.TranslateRequest(texts=["A dog."])))  # noqa: F405
             stream = stub(ch).TranslateStream(iter([pb.TranslateStreamRequest(id="1", texts=["x"])]))  # noqa

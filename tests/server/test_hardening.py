@@ -57,7 +57,7 @@ async def test_length_penalty_out_of_range_is_invalid_argument(default_server) -
 async def test_a_failing_request_does_not_fail_its_batch_mates(grpc_bundle, gate) -> None:
     """The engine raises on a batch holding a poisoned source (a token outside the vocabulary)."""
     poison = gate.translator.tokenize(["poison"])[0]
-    cfg = server_config(grpc_bundle, max_wait_ms=1000.0, max_batch_size=2)  # noqa: F405 - one batch of both
+    cfg = server_config(grpc_bundle, max_wait_ms=1000.0, max_batch_size=2, batching="static")  # noqa: F405 - one batch
     async with serve(cfg, gate) as server, channel(server) as ch:  # noqa: F405
         gate.tokenize = lambda texts: [s + [10**6] if s == poison else s for s in gate.translator.tokenize(texts)]
         gate.close()

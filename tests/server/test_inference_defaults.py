@@ -27,7 +27,8 @@ def tuned_bundle(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("tuned")
     shutil.copytree(server_checkpoint, root / "ckpt")
     update_inference(root / "ckpt", TUNED)
-    export_checkpoint(root / "ckpt", root / "bundle", options=ExportOptions(variants=("fp32",), validate=False))
+    export_checkpoint(root / "ckpt", root / "bundle",
+                      options=ExportOptions(variants=("fp32",), validate=False, shortlist=False))
     return root / "bundle"
 
 
