@@ -3,8 +3,8 @@ the engine alone.
 
     nmt-bench load [--bundle bundles/default] [--clients 1,4,16,64] [--beam 4] [--duration 20] [--out bench/results]
 
-Three `nmt-serve` subprocesses run on loopback: `continuous` (the default config: iteration-level
-batching), `static` (`--batching static`: a batch runs until its last sentence ends) and
+Three `nmt-serve` subprocesses run on loopback: `continuous` (`--batching continuous`: iteration-level
+batching), `static` (the default config: a batch runs until its last sentence ends) and
 `unbatched` (`--batching static --max-batch-size 1`). For each client count N, each server in turn
 gets N asyncio clients on one
 channel, each sending one test_2016_flickr sentence per Translate call and the next as soon as

@@ -10,7 +10,7 @@ from typing import Any
 RESULT_FILES = ("load.json", "load.md", "load.png")
 GOALS = {"batching_speedup": 5.0, "p50_over_engine": 1.05, "p99_continuous_over_static": 1.0,
          "speed_continuous_over_static": 1.0, "grpc_over_engine": 0.85, "p99_over_engine": 1.2, "peak_rss_mb": 400.0}
-BATCHED = ("continuous", "static")  # the batching settings, the first being the server's default
+BATCHED = ("continuous", "static")  # the batching settings compared
 P99_CLIENTS = 16  # where continuous batching's p99 is compared with static batching's
 
 
@@ -97,9 +97,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"warm-up then {cfg['duration']:g} s measured per client count; ORT threads {cfg['threads'] or 'default'}. "
         f"Machine: {machine['cpus']} CPUs, {machine['platform']}, shared with the load generator "
         f"(load average at the end: {', '.join(f'{x:.1f}' for x in machine['load_average_at_end'])}).", "",
-        "`continuous`: the server's default config (iteration-level batching: requests join and leave the running "
-        "batch between decoder steps); `static`: `--batching static` (a batch runs until its last sentence ends); "
-        "`unbatched`: `--batching static --max-batch-size 1`. Mean batch: sentences per engine batch (static) or per "
+        "`continuous`: `--batching continuous` (iteration-level batching: requests join and leave the running "
+        "batch between decoder steps); `static`: the server's default config (a batch runs until its last sentence "
+        "ends; it forms as soon as the engine is free, --max-wait-ms 0); `unbatched`: `--max-batch-size 1`. Mean batch: sentences per engine batch (static) or per "
         "decoder step (continuous) in the measured window (the server's histogram). "
         "Engine: `nmt.engine.translator.Translator.translate` alone, in-process, on consecutive batches of the "
         "continuous server's mean size, measured right after the servers at that client count (the unbatched rows "

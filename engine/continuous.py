@@ -13,7 +13,7 @@ oldest row. The design is Orca's (OSDI '22) iteration-level scheduling; the budg
 the server's scheduler.
 
 The rules and scores are engine/decoding.py's, built from its pieces (the graph's top-k head or
-_row_top_k, _best_candidates, _advance, _compact): without a vocabulary shortlist a sentence gets
+row_top_k, _best_candidates, _advance, compact): without a vocabulary shortlist a sentence gets
 the same hypotheses as from Decoder.search alone, scores within float rounding (the padded
 attention sums its terms in another order). With one, the batch scores the union of its
 sentences' shortlists, as a static batch does.
@@ -29,8 +29,8 @@ import numpy as np
 
 from .bundle import (PAST_MASK, TOP_K, VOCAB_IDS, cross_names, decoder_outputs, head_outputs, past_names,
                      present_names, takes_past_mask)
-from .decoding import (BOS_ID, EOS_ID, DecodeOptions, Decoder, Hypothesis, _advance, _Beams, _best_candidates,
-                       _compact, _row_top_k, pad_sources)
+from .cache import compact, row_top_k
+from .decoding import BOS_ID, EOS_ID, DecodeOptions, Decoder, Hypothesis, _advance, _Beams, _best_candidates, pad_sources
 from .runtime import Sessions
 from .shortlist import Shortlist
 
@@ -121,8 +121,8 @@ class _SourceSide:
     def keep(self, rows: np.ndarray) -> None:
         """Keep `rows` (ascending), in place."""
         for buffer in self.cross:
-            _compact(buffer[: self.rows], rows)
-        _compact(self.mask[: self.rows], rows)
+            compact(buffer[: self.rows], rows)
+        compact(self.mask[: self.rows], rows)
         self.rows = len(rows)
 
     def narrow(self, width: int) -> None:
@@ -250,7 +250,7 @@ class RunningBatch:
                 values, ids, eos, *self.past = decoder.run(self._top_outputs, feeds)
                 return values, ids, eos
         log_probs, *self.past = decoder.run(self._outputs, feeds)  # (R, V'), V' = len(vocab_ids)
-        values, ids, eos = _row_top_k(log_probs, k)
+        values, ids, eos = row_top_k(log_probs, k)
         return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
 
     def _advance(self, values: np.ndarray, ids: np.ndarray,
@@ -366,7 +366,7 @@ class RunningBatch:
             ascending = bool((rows[1:] > rows[:-1]).all())
             if ascending and len(rows) == len(self.past[0]):
                 return  # every row stays where it is
-            self.past = [_compact(p, rows) if ascending else p[rows] for p in self.past]
+            self.past = [compact(p, rows) if ascending else p[rows] for p in self.past]
             return
         out = []
         for past in self.past:

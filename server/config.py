@@ -28,10 +28,13 @@ class ServerConfig:
     metrics_port: int = 9090  # 0 = any free port; -1 = no metrics HTTP server
     max_batch_size: int = 32  # sentences per engine call
     max_batch_tokens: int = 4096  # padded source tokens per engine call (sentences x longest)
-    max_wait_ms: float = 5.0  # how long the oldest queued sentence waits for others to join it
+    # Static batching: how long the oldest queued sentence waits for others. 0: the batch forms when
+    # the engine is free, so load alone makes batches grow (5 ms halved 1-client throughput:
+    # README "Batching policy").
+    max_wait_ms: float = 0.0
     max_queue_size: int = 1024  # queued sentences; beyond it requests get RESOURCE_EXHAUSTED
     workers: int = 1  # engine threads (concurrent batches)
-    batching: str = "continuous"  # continuous: join/leave between decoder steps; static: whole batches
+    batching: str = "static"  # static: whole batches (faster here, README); continuous: join/leave between steps
     device: str = "auto"
     precision: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = its default)
@@ -113,11 +116,11 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-batch-size", "max_batch_size", int, "most sentences in one engine batch (being decoded at once)"),
     ("--max-batch-tokens", "max_batch_tokens", int, "most padded source tokens (sentences x longest) in one batch"),
     ("--max-wait-ms", "max_wait_ms", float, "static batching: longest a queued sentence waits for a batch to fill; "
-     "0 = no waiting"),
+     "0 (default) = a batch forms as soon as the engine is free"),
     ("--max-queue-size", "max_queue_size", int, "most queued sentences; more -> RESOURCE_EXHAUSTED"),
     ("--workers", "workers", int, "engine threads, i.e. batches computed at once"),
-    ("--batching", "batching", str, "continuous: requests join and leave the running batch between decoder steps; "
-     "static: a batch runs until its last sentence ends (bundles before format 3 always)"),
+    ("--batching", "batching", str, "static (default): a batch runs until its last sentence ends; continuous: "
+     "requests join and leave the running batch between decoder steps (bundle format 3)"),
     ("--device", "device", str, f"execution device: {'|'.join(DEVICES)} (auto: CUDA when available)"),
     ("--precision", "precision", str, f"bundle variant precision: {'|'.join(PRECISIONS)}"),
     ("--threads", "threads", int, "ONNX Runtime intra-op threads; 0 = its default"),

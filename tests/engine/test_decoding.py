@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nmt.engine.decoding import DecodeOptions, Decoder, Hypothesis, _compact, _CudaCache, length_penalty
+from nmt.engine.cache import CudaCache, compact
+from nmt.engine.decoding import DecodeOptions, Decoder, Hypothesis, length_penalty
 from nmt.training.search import beam_search, greedy_search
 
 TOLERANCE = 1e-4  # scores: fp32 ORT vs torch
@@ -123,7 +124,7 @@ def test_bad_sources_are_refused(decoder, sessions):
         Decoder(sessions, max_batch_rows=0)
 
 
-class _BoundOnCpu(_CudaCache):
+class _BoundOnCpu(CudaCache):
     DEVICE = "cpu"
 
 
@@ -146,7 +147,7 @@ def test_compact_equals_fancy_indexing():
         array = rng.standard_normal((n, 2, 3)).astype(np.float32)
         rows = np.sort(rng.choice(n, int(rng.integers(1, n + 1)), replace=False))
         expected = array[rows].copy()
-        got = _compact(array, rows)
+        got = compact(array, rows)
         assert np.array_equal(got, expected) and got.flags.c_contiguous
 
 

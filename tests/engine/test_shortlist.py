@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from nmt.engine import bundle
 from nmt.engine.bundle import BundleError
-from nmt.engine.decoding import DecodeOptions, Decoder, _row_top_k
+from nmt.engine.cache import row_top_k
+from nmt.engine.decoding import DecodeOptions, Decoder
 from nmt.engine.runtime import RuntimeConfig, Sessions, load_sessions
 from nmt.engine.shortlist import Shortlist, load, save
 from nmt.export.export import ExportOptions, export_checkpoint
@@ -114,11 +115,11 @@ def test_row_top_k_matches_the_graphs_topk_order() -> None:
     """The fallback for graphs without the head: best first, equal values by lower id (as ONNX TopK;
     which of several values equal to the k-th is kept is np.argpartition's choice)."""
     log_probs = np.log(np.array([[0.1, 0.3, 0.3, 0.2, 0.1], [0.4, 0.1, 0.2, 0.2, 0.1]], np.float32))
-    values, ids, eos = _row_top_k(log_probs, 3)
+    values, ids, eos = row_top_k(log_probs, 3)
     assert ids.tolist() == [[1, 2, 3], [0, 2, 3]]
     np.testing.assert_array_equal(values, np.take_along_axis(log_probs, ids, 1))
     np.testing.assert_array_equal(eos, log_probs[:, 3])
-    assert _row_top_k(log_probs, 1)[1].tolist() == [[1], [0]]
+    assert row_top_k(log_probs, 1)[1].tolist() == [[1], [0]]
 
 
 def test_the_export_builds_from_given_files_or_says_why_there_is_none(tokenizer, tmp_path: Path,

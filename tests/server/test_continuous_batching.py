@@ -62,7 +62,8 @@ class Stepped(GatedBatch):  # noqa: F405
 
 
 async def started(engine: Any, **kw: Any) -> ContinuousScheduler:
-    cfg = SchedulerConfig(**{"max_batch_size": 32, "max_batch_tokens": 4096, "max_queue_size": 64, **kw})
+    cfg = SchedulerConfig(**{"max_batch_size": 32, "max_batch_tokens": 4096, "max_queue_size": 64, "batching": "continuous",
+                             **kw})
     scheduler = create_scheduler(engine, cfg, Metrics(CollectorRegistry(), process=False))
     assert isinstance(scheduler, ContinuousScheduler)
     await scheduler.start()
@@ -199,10 +200,11 @@ async def test_static_batching_is_still_there(grpc_translator) -> None:
     assert tokens_of(got) == tokens_of(grpc_translator.search(sources, BEAM).hypotheses)
 
 
-async def test_a_format_2_bundle_is_served_with_static_batching(format2_bundle, caplog) -> None:
+async def test_a_format_2_bundle_asked_for_continuous_batching_is_served_static(format2_bundle, caplog) -> None:
     caplog.set_level(logging.WARNING)
     translator = Translator.from_bundle(format2_bundle, ONE_THREAD)  # noqa: F405
-    async with serve(server_config(format2_bundle), translator) as server, channel(server) as ch:  # noqa: F405
+    cfg = server_config(format2_bundle, batching="continuous")  # noqa: F405
+    async with serve(cfg, translator) as server, channel(server) as ch:  # noqa: F405
         assert type(server.scheduler) is Scheduler and server.scheduler.cfg.batching == "static"
         response = await stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:2]))  # noqa: F405
     assert len(response.translations) == 2
@@ -211,7 +213,7 @@ async def test_a_format_2_bundle_is_served_with_static_batching(format2_bundle, 
 
 
 async def test_the_batching_flag_and_its_environment_variable() -> None:
-    assert from_args([], {"NMT_MODEL_DIR": "/b"}).scheduler().batching == "continuous"
+    assert from_args([], {"NMT_MODEL_DIR": "/b"}).scheduler().batching == "static"
     assert from_args([], {"NMT_MODEL_DIR": "/b", "NMT_BATCHING": "static"}).batching == "static"
     assert from_args(["--batching", "continuous"], {"NMT_MODEL_DIR": "/b", "NMT_BATCHING": "static"}).batching == \
         "continuous"
