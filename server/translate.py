@@ -2,7 +2,7 @@
 
     nmt-translate --bundle DIR [--beam 4] [--length-penalty 0.6] [--max-len-extra 50]
                   [--n-best 1] [--batch-size 32] [--device cpu|cuda|auto]
-                  [--precision auto|fp32|int8|fp16] [--threads 0] [--no-shortlist] [--quiet]
+                  [--precision auto|fp32|int8|fp16] [--threads 0] [--shortlist] [--quiet]
 
 One translation per input line. With --n-best N > 1, N lines per input:
 `INDEX<TAB>NORMALIZED_SCORE<TAB>TRANSLATION` (INDEX counts input lines from 0).
@@ -39,8 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
-    parser.add_argument("--no-shortlist", action="store_true",
-                        help="score the whole vocabulary, not the bundle's shortlist (exact torch parity)")
+    parser.add_argument("--shortlist", action="store_true",
+                        help="score only the bundle's vocabulary shortlist per batch (faster; outputs may differ "
+                             "from the torch reference and depend on the batch)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no log lines")
     return parser
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1:
         parser.error(f"--batch-size must be at least 1, got {args.batch_size}")
     try:
-        cfg = RuntimeConfig(args.device, args.precision, args.threads, shortlist=not args.no_shortlist)
+        cfg = RuntimeConfig(args.device, args.precision, args.threads, shortlist=args.shortlist)
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="nmt-translate: %(message)s")

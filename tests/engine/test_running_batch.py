@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def shortlisted(server_checkpoint, data_dir, tmp_path_factory) -> Sessions:
     out = tmp_path_factory.mktemp("shortlisted") / "bundle"
     export_checkpoint(server_checkpoint, out, options=ExportOptions(variants=("fp32",), validate=False,
                                                                     data_dir=str(data_dir)))
-    sessions = load_sessions(out, ONE_THREAD)
+    sessions = load_sessions(out, replace(ONE_THREAD, shortlist=True))
     assert sessions.shortlist is not None
     return sessions
 

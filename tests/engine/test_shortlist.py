@@ -23,7 +23,7 @@ from nmt.export.shortlist import ShortlistOptions, build
 from nmt.training.model import Transformer
 from nmt.training.search import beam_search, greedy_search
 
-ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1)
+ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1, shortlist=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from nmt.server.config import ServerConfig, from_args
 
 
 def test_the_shortlist_flag_and_its_environment_variable() -> None:
-    assert from_args([], {"NMT_MODEL_DIR": "/b"}).runtime().shortlist is True
-    assert from_args([], {"NMT_MODEL_DIR": "/b", "NMT_SHORTLIST": "off"}).runtime().shortlist is False
-    assert from_args(["--shortlist", "on"], {"NMT_MODEL_DIR": "/b", "NMT_SHORTLIST": "off"}).runtime().shortlist
+    assert from_args([], {"NMT_MODEL_DIR": "/b"}).runtime().shortlist is False
+    assert from_args([], {"NMT_MODEL_DIR": "/b", "NMT_SHORTLIST": "on"}).runtime().shortlist is True
+    assert not from_args(["--shortlist", "off"], {"NMT_MODEL_DIR": "/b", "NMT_SHORTLIST": "on"}).runtime().shortlist
     with pytest.raises(SystemExit):
         from_args(["--shortlist", "maybe"], {"NMT_MODEL_DIR": "/b"})
     with pytest.raises(ValueError, match="^shortlist must be on or off, got 'yes'$"):
