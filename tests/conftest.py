@@ -28,18 +28,10 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1+1-layer random model exported fp32-only without parity: fast, for server-level tests."""
+    from model_fixtures import tiny_checkpoint
     from nmt.export.export import ExportOptions, export_checkpoint
-    from nmt.training.checkpoint import CheckpointMeta, write_checkpoint
-    from nmt.training.data import multi30k
-    from nmt.training.model import ModelConfig, Transformer
-    from nmt.training.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("tiny_model")
-    corpus = multi30k("train", "en", "de", data_dir)
-    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=1, n_decoder_layers=1,
-                      dropout=0.0)
-    ckpt = write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
+    ckpt = tiny_checkpoint(root, data_dir, layers=1)
     export_checkpoint(ckpt, root / "bundle", options=ExportOptions(variants=("fp32",), validate=False, shortlist=False))
     return root / "bundle"

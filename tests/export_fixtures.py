@@ -5,27 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from nmt.export.export import ExportOptions, export_checkpoint
-from nmt.training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint
-from nmt.training.data import multi30k
-from nmt.training.model import ModelConfig, Transformer
-from nmt.training.tokenizer import Tokenizer
+from nmt.training.checkpoint import load_checkpoint
+from nmt.training.model import Transformer
 
-VOCAB = 600
-N_ENC, N_DEC = 2, 2
+from model_fixtures import tiny_checkpoint
+
+N_ENC = 2  # encoder and decoder layers
 
 
 @pytest.fixture(scope="session")
 def checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("export_ckpt")
-    corpus = multi30k("train", "en", "de", data_dir)
-    Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=VOCAB)
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=N_ENC,
-                      n_decoder_layers=N_DEC, dropout=0.0)
-    return write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
+    return tiny_checkpoint(tmp_path_factory.mktemp("export_ckpt"), data_dir, layers=N_ENC)
 
 
 @pytest.fixture(scope="session")

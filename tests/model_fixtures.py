@@ -33,18 +33,22 @@ EOS_SCALE = 3.0
 ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1)
 
 
-@pytest.fixture(scope="session")
-def server_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("server_ckpt")
+def tiny_checkpoint(root: Path, data_dir: Path, layers: int = 2, eos_scale: float = 1.0) -> Path:
+    """A random d_model-32 model (seed 0) with a 600-piece SentencePiece trained on 600 Multi30k lines."""
     corpus = multi30k("train", "en", "de", data_dir)
     Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=VOCAB)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
-                      dropout=0.0)
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=layers,
+                      n_decoder_layers=layers, dropout=0.0)
     model = Transformer(cfg)
     with torch.no_grad():
-        model.embedding.weight[EOS_ID] *= EOS_SCALE
+        model.embedding.weight[EOS_ID] *= eos_scale
     return write_checkpoint(root / "ckpt", model, root / "spm.model", CheckpointMeta("en", "de"))
+
+
+@pytest.fixture(scope="session")
+def server_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("server_ckpt"), data_dir, eos_scale=EOS_SCALE)
 
 
 @pytest.fixture(scope="session")
