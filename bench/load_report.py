@@ -133,7 +133,6 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import ScalarFormatter
 
     fig, (speed, latency) = plt.subplots(1, 2, figsize=(11, 4.2))

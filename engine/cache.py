@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import (PAST_MASK, TOP_K, VOCAB_IDS, cross_names, decoder_outputs, head_outputs, past_names,
-                     takes_past_mask)
+from .bundle import PAST_MASK, TOP_K, VOCAB_IDS, cross_names, decoder_outputs, head_outputs, past_names, takes_past_mask
 from .runtime import Sessions
 from .tokenizer import EOS_ID
 

@@ -27,10 +27,29 @@ from collections.abc import Hashable
 
 import numpy as np
 
-from .bundle import (PAST_MASK, TOP_K, VOCAB_IDS, cross_names, decoder_outputs, head_outputs, past_names,
-                     present_names, takes_past_mask)
+from .bundle import (
+    PAST_MASK,
+    TOP_K,
+    VOCAB_IDS,
+    cross_names,
+    decoder_outputs,
+    head_outputs,
+    past_names,
+    present_names,
+    takes_past_mask,
+)
 from .cache import compact, row_top_k
-from .decoding import BOS_ID, EOS_ID, DecodeOptions, Decoder, Hypothesis, _advance, _Beams, _best_candidates, pad_sources
+from .decoding import (
+    BOS_ID,
+    EOS_ID,
+    DecodeOptions,
+    Decoder,
+    Hypothesis,
+    _advance,
+    _Beams,
+    _best_candidates,
+    pad_sources,
+)
 from .runtime import Sessions
 from .shortlist import Shortlist
 

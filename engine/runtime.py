@@ -32,8 +32,18 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from . import shortlist as shortlist_
-from .bundle import (VOCAB_SIZE_KEY, BundleError, cross_names, decoder_outputs, has_head, head_outputs,
-                     manifest_variants, past_names, shortlist_file, verify_bundle)
+from .bundle import (
+    VOCAB_SIZE_KEY,
+    BundleError,
+    cross_names,
+    decoder_outputs,
+    has_head,
+    head_outputs,
+    manifest_variants,
+    past_names,
+    shortlist_file,
+    verify_bundle,
+)
 
 log = logging.getLogger(__name__)
 

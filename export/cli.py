@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import fuse
 from nmt.engine.bundle import BundleError, verify_bundle
+
+from . import fuse
 from .variants import FP32, VARIANTS, parse_variants
 
 if TYPE_CHECKING:

@@ -37,10 +37,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from nmt.engine import bundle
 from nmt.training.checkpoint import CONFIG, WEIGHTS, LoadedCheckpoint, load_checkpoint
 from nmt.training.model import KV, Transformer
-
-from nmt.engine import bundle
 
 from . import decoder_head, fuse
 from . import shortlist as shortlist_

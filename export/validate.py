@@ -38,14 +38,13 @@ import sacrebleu
 import torch
 import torch.nn.functional as F
 
+from nmt.engine import bundle
 from nmt.engine.decoding import DecodeOptions, Decoder
 from nmt.engine.runtime import CPU, RuntimeConfig, Sessions, open_sessions, session_options
 from nmt.training.data import MULTI30K_SPLITS, multi30k
 from nmt.training.model import Transformer
 from nmt.training.search import greedy_search, pad_batch
 from nmt.training.tokenizer import BOS_ID, EOS_ID, Tokenizer
-
-from nmt.engine import bundle
 
 TOLERANCE = 1e-4  # fp32, max absolute difference of log-probs and cross K/V
 TOLERANCE_SENTENCES = 5

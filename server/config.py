@@ -11,6 +11,7 @@ from typing import Any
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.runtime import DEVICES, PRECISIONS, RuntimeConfig
+
 from .scheduler import BATCHING, SchedulerConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")

@@ -39,6 +39,7 @@ from typing import Any
 
 from nmt.engine.continuous import Finished, NoPastMask, RunningBatch
 from nmt.engine.decoding import DecodeOptions
+
 from .metrics import Metrics
 from .scheduler import EngineError, Scheduler, SchedulerClosed, SchedulerConfig, _Item, _requests
 

@@ -28,12 +28,13 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
+from nmt.engine.translator import ModelInfo
+
 from .interceptors import abort
 from .kserve_pb import grpc_predict_v2_pb2 as kpb
 from .kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from .nmt_pb import translation_pb2 as pb
 from .transport import SERVICE, Status, TranslationServicer, deadline_of, status_of
-from nmt.engine.translator import ModelInfo
 
 SERVER_NAME = "nmt-service"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for the engine's runtime and model format

@@ -23,8 +23,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from prometheus_client import CollectorRegistry
 
-from .config import ServerConfig, from_args
 from nmt.engine.decoding import DecodeOptions
+from nmt.engine.selfcheck import startup_check
+from nmt.engine.translator import Translator
+
+from .config import ServerConfig, from_args
 from .interceptors import BearerTokenInterceptor, RequestGuard
 from .kserve import add_inference_service
 from .metrics import Metrics, MetricsServer
@@ -32,8 +35,6 @@ from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
 from .scheduler import create_scheduler
 from .transport import SERVICE, Limits, TranslationServicer
-from nmt.engine.selfcheck import startup_check
-from nmt.engine.translator import Translator
 
 log = logging.getLogger("nmt-serve")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from nmt.engine.decoding import DecodeOptions, Hypothesis, SearchResult
+
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)

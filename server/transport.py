@@ -27,12 +27,13 @@ from typing import NamedTuple
 import grpc
 
 from nmt.engine.decoding import DecodeOptions, Hypothesis
+from nmt.engine.translator import Translator
+
 from .interceptors import Refused, abort
 from .metrics import Metrics
 from .nmt_pb import translation_pb2 as pb
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .scheduler import DeadlineExceeded, EngineError, QueueFull, Scheduler, SchedulerClosed
-from nmt.engine.translator import Translator
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TranslationService"].full_name  # "nmt.v1.TranslationService"
 DEADLINE_SLACK_S = 0.1

@@ -15,7 +15,6 @@ against, so its rules are spelled out:
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -26,17 +26,30 @@ import torch
 from tqdm import tqdm
 
 from . import distributed as dist
-from .checkpoint import CheckpointMeta, InferenceSettings, average_weights, load_checkpoint, read_train_state, write_checkpoint
+from .checkpoint import (
+    CheckpointMeta,
+    InferenceSettings,
+    average_weights,
+    load_checkpoint,
+    read_train_state,
+    write_checkpoint,
+)
 from .cli import TrainConfig, parse_config
 from .cpu import cpu_has_fast_bf16, cpu_summary
 from .data import DataError, ParallelCorpus, multi30k, read_parallel, token_batches
 from .evaluate import SearchOptions, score, translate
 from .examples import Examples, encode_corpus, make_batch
 from .model import Transformer
-from .output_loss import projected_cross_entropy
 from .optim import (
-    load_optimizer_state, load_rng_state, make_optimizer, noam_lr, optimizer_state, rng_state, smoothed_loss,
+    load_optimizer_state,
+    load_rng_state,
+    make_optimizer,
+    noam_lr,
+    optimizer_state,
+    rng_state,
+    smoothed_loss,
 )
+from .output_loss import projected_cross_entropy
 from .report import append_jsonl, plot_curves, read_jsonl
 from .tokenizer import MODEL_FILENAME, PAD_ID, Tokenizer
 
