@@ -42,12 +42,13 @@ def goals(results: dict[str, Any]) -> list[dict[str, Any]]:
         if batched and unbatched:
             rows.append(_ratio(f"{setting} / unbatched sentences/s at {top} clients",
                                batched["sentences_per_s"] / unbatched["sentences_per_s"], "batching_speedup", True))
-    first = _level(results, BATCHED[0], one)
-    if first and (engine := _engine(results, first)) and engine["batch_size"] == 1:
-        rows.append(_ratio(f"{BATCHED[0]} p50 latency at {one} client / engine p50 (batch 1)",
-                           first["p50_ms"] / engine["p50_ms"], "p50_over_engine", False))
-        rows.append(_ratio(f"{BATCHED[0]} p99 latency at {one} client / engine p99 (batch 1)",
-                           first["p99_ms"] / engine["p99_ms"], "p99_over_engine", False))
+    for setting in BATCHED:
+        first = _level(results, setting, one)
+        if first and (engine := _engine(results, first)) and engine["batch_size"] == 1:
+            rows.append(_ratio(f"{setting} p50 latency at {one} client / engine p50 (batch 1)",
+                               first["p50_ms"] / engine["p50_ms"], "p50_over_engine", False))
+            rows.append(_ratio(f"{setting} p99 latency at {one} client / engine p99 (batch 1)",
+                               first["p99_ms"] / engine["p99_ms"], "p99_over_engine", False))
     cont, static = _level(results, "continuous", P99_CLIENTS), _level(results, "static", P99_CLIENTS)
     if cont and static:
         rows.append(_ratio(f"continuous / static p99 latency at {P99_CLIENTS} clients",
