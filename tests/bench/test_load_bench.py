@@ -59,9 +59,11 @@ def test_goals_compare_the_right_rows() -> None:
     found = {g["goal"]: g for g in goals(results)}
     assert [(g["value"], g["met"]) for g in found.values()] == [
         (pytest.approx(6.0), True), (pytest.approx(4.0), False),  # continuous, static / unbatched at 64
-        (pytest.approx(52 / 50), True), (pytest.approx(1.04), True),  # p50 and p99 at 1 client / engine
+        (pytest.approx(52 / 50), True), (pytest.approx(1.04), True),  # continuous p50, p99 at 1 client / engine
+        (pytest.approx(1.1), False), (pytest.approx(1.1), True),  # static p50, p99 at 1 client / engine
         (pytest.approx(0.75), True), (pytest.approx(4 / 3), True),  # continuous / static at 16: p99, speed
         (pytest.approx(0.75), False), (414.0, False)]  # gRPC / engine at 64, peak RSS
     assert list(found)[2] == "continuous p50 latency at 1 client / engine p50 (batch 1)"
-    assert list(found)[4] == "continuous / static p99 latency at 16 clients"
+    assert list(found)[4] == "static p50 latency at 1 client / engine p50 (batch 1)"
+    assert list(found)[6] == "continuous / static p99 latency at 16 clients"
     assert "| continuous | 64 | 60.00 | 450 | 900 | 31.60 | 80.00 (b=32) | 0.75 | 300 |" in markdown(results)
