@@ -48,6 +48,7 @@ from .decoding import (
     _advance,
     _Beams,
     _best_candidates,
+    only_eos,
     pad_sources,
 )
 from .runtime import Sessions
@@ -278,10 +279,9 @@ class RunningBatch:
         sentences = self.sentences
         starts = [0, *itertools.accumulate(s.rows for s in sentences)][:-1]
         limited = [i for i, s in enumerate(sentences) if s.step + 1 >= s.max_len]
-        if limited:  # only EOS may follow: it becomes each row's one finite candidate
-            rows = np.concatenate([np.arange(starts[i], starts[i] + sentences[i].rows) for i in limited])
-            values[rows] = -np.inf
-            values[rows, 0], ids[rows, 0] = eos[rows], EOS_ID
+        if limited:
+            only_eos(values, ids, eos, np.concatenate([np.arange(starts[i], starts[i] + sentences[i].rows)
+                                                       for i in limited]))
         candidates = self._beam_candidates(values, ids, starts)
         greedy = [i for i, s in enumerate(sentences) if s.rows == 1]
         greedy_rows = np.array([starts[i] for i in greedy], np.int64)

@@ -103,13 +103,6 @@ def pad_sources(sources: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, ids != PAD_ID  # a PAD inside a source is masked, as in training.search.pad_batch
 
 
-def _force_eos(log_probs: np.ndarray, rows: np.ndarray) -> None:
-    """At the length limit only EOS may follow: every other token gets -inf (in place)."""
-    eos = log_probs[rows, ..., EOS_ID].copy()
-    log_probs[rows] = -np.inf
-    log_probs[rows, ..., EOS_ID] = eos
-
-
 def _greedy(cache: HostCache, sources: list[list[int]], max_len_extra: int) -> tuple[list[list[Hypothesis]], int]:
     """Most probable next token at each step; finished rows leave the batch."""
     n = len(sources)
@@ -136,14 +129,10 @@ def _greedy(cache: HostCache, sources: list[list[int]], max_len_extra: int) -> t
     return [[Hypothesis(out, float(s), float(s))] for out, s in zip(outputs, scores)], step
 
 
-def _top_candidates(scores: np.ndarray, log_probs: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `count` best (beam, token) extensions per sentence, best first -> (scores, flat index) (A, count)."""
-    A = scores.shape[0]
-    candidates = (scores[:, :, None] + log_probs).reshape(A, -1)  # (A, K*V)
-    index = np.argpartition(candidates, -count, axis=1)[:, -count:]
-    top = np.take_along_axis(candidates, index, axis=1)
-    order = np.argsort(-top, axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1), np.take_along_axis(index, order, axis=1)
+def only_eos(values: np.ndarray, ids: np.ndarray, eos: np.ndarray, rows: np.ndarray) -> None:
+    """At the length limit only EOS may follow: it becomes each of `rows`' one finite candidate (in place)."""
+    values[rows] = -np.inf
+    values[rows, 0], ids[rows, 0] = eos[rows], EOS_ID
 
 
 def _best_candidates(scores: np.ndarray, values: np.ndarray, ids: np.ndarray,
@@ -177,12 +166,10 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
     step = 0
     while active:
         values, ids, eos = cache.step_top(last, 2 * K)
-        values, ids = values.reshape(len(active), K, -1), ids.reshape(len(active), K, -1)
         at_limit = np.array([step + 1 >= max_lens[s] for s in active])
-        if at_limit.any():  # only EOS may follow: it becomes each row's one finite candidate
-            limited = np.flatnonzero(at_limit)
-            values[limited] = -np.inf
-            values[limited, :, 0], ids[limited, :, 0] = eos.reshape(len(active), K)[limited], EOS_ID
+        if at_limit.any():
+            only_eos(values, ids, eos, (np.flatnonzero(at_limit)[:, None] * K + np.arange(K)).ravel())
+        values, ids = values.reshape(len(active), K, -1), ids.reshape(len(active), K, -1)
         top_scores, top_beams, top_tokens = _best_candidates(scores, values, ids, 2 * K)
         origin, token, top_list = top_beams.tolist(), top_tokens.tolist(), top_scores.tolist()
         next_rows, next_tokens, next_scores, kept = [], [], [], []

@@ -247,14 +247,10 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
 
 
 def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig, providers: list[str]) -> Sessions:
+    """`manifest` is verify_bundle's: it has variants, and each one's graphs are listed files."""
     variants = manifest_variants(manifest)
-    if not variants:
-        raise BundleError("manifest.json has neither 'variants' nor a 'graphs' table with encoder and decoder")
     name, provider = choose_variant(variants, cfg.precision, providers)
     entry = variants[name]
-    for role in ("encoder", "decoder"):
-        if entry.get(role) not in manifest["files"]:
-            raise BundleError(f"variant {name}: {role} file {entry.get(role)!r} is not listed in the manifest")
     sessions = open_sessions(bundle_dir / entry["encoder"], bundle_dir / entry["decoder"], provider, cfg,
                              variant=name, manifest=manifest)
     declared = entry.get("kv_dtype", "float32")

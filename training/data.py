@@ -6,7 +6,6 @@ Bad input raises `DataError` with a message that names the file.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import os
 import random
 import shutil
@@ -14,6 +13,8 @@ import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from nmt.engine.bundle import sha256_file
 
 MULTI30K_URL = "https://raw.githubusercontent.com/multi30k/dataset/master/data/task1/raw/"
 MULTI30K_SPLITS = {
@@ -50,19 +51,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "nmt" / "multi30k"
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_verified(name: str, cache_dir: Path, base_url: str = MULTI30K_URL) -> Path:
     """Fetch one Multi30k file into `cache_dir` unless a verified copy is already there."""
     expected = MULTI30K_SHA256[name]
     target = cache_dir / name
-    if target.is_file() and sha256_of(target) == expected:
+    if target.is_file() and sha256_file(target) == expected:
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Download beside the target and rename only once verified: never a corrupt file in the cache.
@@ -73,7 +66,7 @@ def download_verified(name: str, cache_dir: Path, base_url: str = MULTI30K_URL) 
         except OSError as e:
             os.unlink(tmp.name)
             raise DataError(f"cannot download {base_url + name}: {e}") from e
-    actual = sha256_of(Path(tmp.name))
+    actual = sha256_file(Path(tmp.name))
     if actual != expected:
         os.unlink(tmp.name)
         raise DataError(f"checksum mismatch for downloaded {name}: expected sha256 {expected}, got {actual}")
@@ -95,7 +88,7 @@ def multi30k_path(split: str, lang: str, data_dir: str | Path | None = None) -> 
     if data_dir:
         for candidate in (Path(data_dir) / name, Path(data_dir) / name[: -len(".gz")]):
             if candidate.is_file():
-                if candidate.name in MULTI30K_SHA256 and sha256_of(candidate) != MULTI30K_SHA256[candidate.name]:
+                if candidate.name in MULTI30K_SHA256 and sha256_file(candidate) != MULTI30K_SHA256[candidate.name]:
                     raise DataError(f"checksum mismatch for {candidate}: expected sha256 {MULTI30K_SHA256[candidate.name]}")
                 return candidate
         raise DataError(_missing_split_message(split, lang, Path(data_dir)))
