@@ -51,6 +51,7 @@ from .decoding import (
     only_eos,
     pad_sources,
 )
+from .hypothesis import MAX_REPEAT_NGRAM, blocked_tokens, mask_blocked
 from .runtime import Sessions
 from .shortlist import Shortlist
 
@@ -244,12 +245,25 @@ class RunningBatch:
         """One decoder run for every row; the sentences that finished leave and are returned."""
         if not self.sentences:
             return []
-        values, ids, eos = self._run()
+        blocked = self._blocked()
+        values, ids, eos = self._run(0 if blocked is None else int((blocked >= 0).sum(axis=1).max()))
+        if blocked is not None:
+            mask_blocked(values, ids, blocked)
         finished, survivors, rows, tokens = self._advance(values, ids, eos)
         self._retain(survivors, np.array(rows, np.int64), np.array(tokens, np.int64))
         return finished
 
-    def _run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _blocked(self) -> np.ndarray | None:
+        """The repetition guard's tokens per row (R, MAX_REPEAT_NGRAM), -1 for none; None: none at all."""
+        per_row = [blocked_tokens(prefix) for s in self.sentences for prefix in s.beams.prefixes[0][: s.rows]]
+        if not any(per_row):
+            return None
+        blocked = np.full((len(per_row), MAX_REPEAT_NGRAM), -1, dtype=np.int64)
+        for row, tokens in enumerate(per_row):
+            blocked[row, : len(tokens)] = tokens
+        return blocked
+
+    def _run(self, extra: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each row's k best log-probs and ids (R, k), best first, and its EOS log-prob (R,), k the
         largest any sentence needs (greedy 1, beam 2·beam); from the graph's head when it has one."""
         self._materialize(0)
@@ -258,7 +272,7 @@ class RunningBatch:
         feeds = {"tgt_ids": self.tokens[:, None], "src_mask": src_mask, PAST_MASK: mask,
                  **dict(zip(self._past_names, self.past)), **dict(zip(self._cross_names, cross))}
         self.past_mask = mask
-        k = max(1 if s.rows == 1 else 2 * s.rows for s in self.sentences)
+        k = max(1 if s.rows == 1 else 2 * s.rows for s in self.sentences) + extra  # extra: blocked tokens
         decoder = self.sessions.decoder_for(self.rows)  # as the static search: one thread for few rows
         vocab_ids = self._vocab.ids()
         if self.sessions.has_head:

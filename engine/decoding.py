@@ -8,6 +8,8 @@ The rules are training/search.py's, so results match the torch reference token f
   per step, finalizes an EOS candidate only when it ranks among the best `beam_size`, and a
   sentence is done once it has `beam_size` finished hypotheses (fairseq's rule);
 - finished hypotheses rank by score / ((5 + length) / 6) ** alpha, length counting EOS (GNMT);
+- the repetition guard: no n-gram of up to 6 tokens may occur 4 times in a row
+  (engine/hypothesis.py; a row asks for as many more candidates as it has blocked tokens);
 - sentences that are done leave the batch (their rows leave every cached tensor).
 One deliberate difference: a sentence whose limit is reached is done even with fewer than
 `beam_size` finished hypotheses. That only happens when the limit is 1 (empty source,
@@ -55,7 +57,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .cache import CudaCache, HostCache
-from .hypothesis import Hypothesis, length_penalty
+from .hypothesis import Hypothesis, blocked_matrix, length_penalty, mask_blocked
 from .runtime import Sessions
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -111,13 +113,19 @@ def _greedy(cache: HostCache, sources: list[list[int]], max_len_extra: int) -> t
     last = np.full(n, BOS_ID, dtype=np.int64)
     scores = np.zeros(n, dtype=np.float32)
     outputs: list[list[int]] = [[] for _ in sources]
+    history = np.zeros((n, int(max_lens.max())), dtype=np.int64)  # each sentence's tokens so far
     step = 0
     while active.size:
-        values, ids, eos = cache.step_top(last, 1)  # (R, 1), (R, 1), (R,)
+        blocked = blocked_matrix(history[active, :step])  # the repetition guard (engine/hypothesis.py)
+        k = 1 if blocked is None else 1 + int((blocked >= 0).sum(axis=1).max())
+        values, ids, eos = cache.step_top(last, k)  # (R, k), (R, k), (R,)
+        if blocked is not None:
+            mask_blocked(values, ids, blocked)
         last, best = ids[:, 0].copy(), values[:, 0].copy()
         at_limit = np.flatnonzero(step + 1 >= max_lens[active])
         last[at_limit], best[at_limit] = EOS_ID, eos[at_limit]  # only EOS may follow at the limit
         scores[active] += best
+        history[active, step] = last
         for row, token in zip(active.tolist(), last.tolist()):
             if token != EOS_ID:
                 outputs[row].append(token)
@@ -163,9 +171,14 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
     scores[:, 1:] = -np.inf  # all beams start identical: expand only the first
     beams = _Beams([[[] for _ in range(K)] for _ in sources], [[] for _ in sources])
     last = np.full(len(sources) * K, BOS_ID, dtype=np.int64)
+    history = np.zeros((len(last), 0), dtype=np.int64)  # each row's tokens so far
     step = 0
     while active:
-        values, ids, eos = cache.step_top(last, 2 * K)
+        blocked = blocked_matrix(history)  # the repetition guard: a few more candidates, then masked
+        extra = 0 if blocked is None else int((blocked >= 0).sum(axis=1).max())
+        values, ids, eos = cache.step_top(last, 2 * K + extra)
+        if blocked is not None:
+            mask_blocked(values, ids, blocked)
         at_limit = np.array([step + 1 >= max_lens[s] for s in active])
         if at_limit.any():
             only_eos(values, ids, eos, (np.flatnonzero(at_limit)[:, None] * K + np.arange(K)).ravel())
@@ -188,6 +201,7 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
             source_rows = None if len(kept) == len(active) else (np.array(kept)[:, None] * K + np.arange(K)).ravel()
             cache.select(np.array(next_rows), source_rows)
             last = np.array(next_tokens, dtype=np.int64)
+            history = np.concatenate([history[next_rows], last[:, None]], axis=1)
             scores = np.array(next_scores, dtype=np.float32)
         active = [active[a] for a in kept]
     ranked = [sorted(f, key=lambda h: -h.normalized_score)[: options.n_best] for f in beams.finished]

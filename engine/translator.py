@@ -8,8 +8,9 @@ from typing import Any
 
 from .bundle import TOKENIZER, BundleError
 from .continuous import RunningBatch
-from .decoding import DecodeOptions, Decoder, SearchResult
+from .decoding import DecodeOptions, Decoder, Hypothesis, SearchResult
 from .runtime import RuntimeConfig, Sessions, load_sessions
+from .text import PreparedText, TextOptions, prepare
 from .tokenizer import SentencePiece
 
 
@@ -46,6 +47,47 @@ def model_info(bundle_dir: Path, manifest: dict[str, Any], sessions: Sessions) -
         precision=sessions.variant,
         provider=sessions.provider,
     )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Request texts ready for the model: each split into sentences, each sentence tokenized."""
+
+    texts: list[PreparedText | None]  # None: a blank text (one empty translation, no engine work)
+    sources: list[list[int]]  # the sentences the engine decodes (never empty)
+    owners: list[tuple[int, int]]  # (text, sentence) of each source
+
+    def sentence_count(self) -> int:
+        return sum(len(t.sentences) for t in self.texts if t is not None)
+
+    def finish(self, tokenizer: SentencePiece, found: list[list[Hypothesis]], n_best: int) -> list[list[Translation]]:
+        """n_best translations per text from each source's hypotheses: the k-th joins every sentence's
+        k-th best (its last when it has fewer); tokens and scores add up over the sentences."""
+        per_text: dict[int, dict[int, list[Hypothesis]]] = {}
+        for (text, sentence), hyps in zip(self.owners, found):
+            per_text.setdefault(text, {})[sentence] = hyps
+        strings = iter(tokenizer.decode([h.tokens for hyps in found for h in hyps]))
+        decoded = {id(h): next(strings) for hyps in found for h in hyps}
+        results = []
+        for index, prepared in enumerate(self.texts):
+            if prepared is None:
+                results.append([Translation("", 0, 0.0, 0.0)])
+                continue
+            hyps = per_text.get(index, {})
+            results.append([self._join(prepared, hyps, k, decoded) for k in range(max(1, min(n_best, _most(hyps))))])
+        return results
+
+    @staticmethod
+    def _join(prepared: PreparedText, hyps: dict[int, list[Hypothesis]], k: int,
+              decoded: dict[int, str]) -> Translation:
+        chosen = {i: h[min(k, len(h) - 1)] for i, h in hyps.items()}
+        text = prepared.finish([decoded[id(chosen[i])] if i in chosen else "" for i in range(len(prepared.sentences))])
+        return Translation(text, sum(len(h.tokens) for h in chosen.values()), sum(h.score for h in chosen.values()),
+                           sum(h.normalized_score for h in chosen.values()))
+
+
+def _most(hyps: dict[int, list[Hypothesis]]) -> int:
+    return max((len(h) for h in hyps.values()), default=1)
 
 
 class Translator:
@@ -90,18 +132,25 @@ class Translator:
         """An empty batch for continuous batching (NoPastMask for bundles before format 3)."""
         return RunningBatch(self.sessions)
 
-    def translate(self, texts: list[str], options: DecodeOptions) -> list[list[Translation]]:
-        """n_best translations per text, best first, in input order. A blank text (nothing left after
-        the tokenizer's normalization: spaces, U+200B, U+FEFF, NUL, ...) gets one empty translation
-        without the engine, as the server answers it; the model would invent a sentence for it."""
+    def prepare(self, texts: list[str], options: TextOptions) -> Prepared:
+        """The text pipeline (engine/text.py) and the tokenizer. A blank text, or a sentence that is
+        blank after the tokenizer's normalization (spaces, U+200B, U+FEFF, NUL, ...), gets an empty
+        translation without the engine, as the server answers it: the model would invent one."""
+        lang = self.info.src_lang or "en"
+        prepared = [prepare(text, options, lang) if text.strip() else None for text in texts]
+        wanted = [(t, s) for t, p in enumerate(prepared) if p is not None
+                  for s, sentence in enumerate(p.sentences) if sentence.source]
+        tokens = self.tokenize([prepared[t].sentences[s].source for t, s in wanted]) if wanted else []  # type: ignore[union-attr]
+        kept = [(owner, source) for owner, source in zip(wanted, tokens) if source]
+        texts_out = [p if p is None or p.sentences else None for p in prepared]
+        return Prepared(texts_out, [source for _, source in kept], [owner for owner, _ in kept])
+
+    def translate(self, texts: list[str], options: DecodeOptions,
+                  text_options: TextOptions = TextOptions()) -> list[list[Translation]]:
+        """n_best translations per text, best first, in input order; each text's sentences are
+        decoded together with every other text's (one search), then joined back."""
         if not texts:
             return []
-        sources = self.tokenize(texts)
-        todo = [i for i, source in enumerate(sources) if source]
-        found = self.search([sources[i] for i in todo], options).hypotheses if todo else []
-        flat = [h for hyps in found for h in hyps]
-        strings = iter(self.detokenize([h.tokens for h in flat]))
-        results: list[list[Translation]] = [[Translation("", 0, 0.0, 0.0)] for _ in texts]
-        for i, hyps in zip(todo, found):
-            results[i] = [Translation(next(strings), len(h.tokens), h.score, h.normalized_score) for h in hyps]
-        return results
+        prepared = self.prepare(texts, text_options)
+        found = self.search(prepared.sources, options).hypotheses if prepared.sources else []
+        return prepared.finish(self.tokenizer, found, options.n_best)

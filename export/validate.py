@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from nmt.engine import bundle
 from nmt.engine.decoding import DecodeOptions, Decoder
+from nmt.engine.hypothesis import blocked_tokens
 from nmt.engine.runtime import CPU, RuntimeConfig, Sessions, open_sessions, session_options
 from nmt.training.data import MULTI30K_SPLITS, multi30k
 from nmt.training.model import Transformer
@@ -216,7 +217,12 @@ def greedy_margins(model: Transformer, sources: list[list[int]], outputs: list[l
     src, src_mask = pad_batch([s + [EOS_ID] for s in sources])
     tgt, _ = pad_batch([[BOS_ID] + t for t in outputs])  # pads decode harmlessly: causal attention
     logits, _ = model.decode(tgt, model.cross_kv(model.encode(src, src_mask)), src_mask)
-    top2 = F.log_softmax(logits.float(), dim=-1).topk(2, dim=-1)  # (B, T, 2)
+    log_probs = F.log_softmax(logits.float(), dim=-1)  # (B, T, V)
+    for i, tokens in enumerate(outputs):  # the search's repetition guard: blocked tokens are no choice
+        for t in range(len(tokens) + 1):
+            if blocked := blocked_tokens(tokens[:t]):
+                log_probs[i, t, blocked] = float("-inf")
+    top2 = log_probs.topk(2, dim=-1)  # (B, T, 2)
     margins = []
     for i, (source, tokens) in enumerate(zip(sources, outputs)):
         chosen = tokens if len(tokens) + 1 >= len(source) + max_len_extra else [*tokens, EOS_ID]

@@ -10,6 +10,8 @@ against, so its rules are spelled out:
   sentence is done once it has `beam_size` finished hypotheses (fairseq's rule);
 - finished hypotheses are ranked by log-probability / lp, with the GNMT length penalty
   lp = ((5 + length) / 6) ** alpha, length counting EOS (alpha 0.6 in the paper);
+- no n-gram of up to 6 tokens may occur 4 times in a row (the repetition guard,
+  nmt.engine.hypothesis.blocked_tokens): its completing token gets -inf;
 - sentences that are done leave the batch (their rows are dropped from every cached tensor).
 """
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nmt.engine.hypothesis import Hypothesis, length_penalty
+from nmt.engine.hypothesis import Hypothesis, blocked_tokens, length_penalty
 
 from .model import Transformer
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -78,6 +80,9 @@ def greedy_search(
         log_probs[at_limit] = torch.where(
             torch.arange(log_probs.shape[1], device=device) == EOS_ID, log_probs[at_limit], float("-inf")
         )
+        for i, row in enumerate(active.tolist()):  # the repetition guard (nmt.engine.hypothesis)
+            if blocked := blocked_tokens(outputs[row]):
+                log_probs[i, blocked] = float("-inf")
         best, last = log_probs.max(dim=-1)
         scores[active] += best
         finished = last == EOS_ID
@@ -130,6 +135,10 @@ def beam_search(
                 eos = log_probs[a, :, EOS_ID].clone()
                 log_probs[a] = float("-inf")
                 log_probs[a, :, EOS_ID] = eos
+        for a, sentence in enumerate(active):  # the repetition guard (nmt.engine.hypothesis)
+            for beam, prefix in enumerate(prefixes[sentence]):
+                if blocked := blocked_tokens(prefix):
+                    log_probs[a, beam, blocked] = float("-inf")
         candidates = (scores[:, :, None] + log_probs).view(len(active), K * V)
         top_scores, top_index = candidates.topk(2 * K, dim=1)  # (A, 2K)
         origin, token = (top_index // V).tolist(), (top_index % V).tolist()
