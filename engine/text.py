@@ -109,8 +109,9 @@ def prepare(text: str, options: TextOptions, lang: str = "en") -> PreparedText:
 def prepare_sentence(sentence: str, options: TextOptions) -> Sentence:
     """Spans are masked first, so that neither the case rules nor the model touch them."""
     masked, spans = mask_spans(sentence) if options.protect_spans else (sentence, [])
-    if not any(c.isalpha() for c in masked):
-        return Sentence("", verbatim=sentence)
+    if not any(c.isalpha() for c in masked):  # invisible characters only (U+200B, NUL, ...): blank
+        visible = any(c.isprintable() and not c.isspace() for c in sentence)
+        return Sentence("", verbatim=sentence if visible else "")
     case = case_of(masked) if options.normalize_case else Case.AS_IS
     source = normalize_case(masked, case)
     free = iter(p for p in PLACEHOLDERS if p.lower() not in sentence.lower())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,14 @@ class Prepared:
     def sentence_count(self) -> int:
         return sum(len(t.sentences) for t in self.texts if t is not None)
 
-    def finish(self, tokenizer: SentencePiece, found: list[list[Hypothesis]], n_best: int) -> list[list[Translation]]:
+    def finish(self, detokenize: Callable[[list[list[int]]], list[str]], found: list[list[Hypothesis]],
+               n_best: int) -> list[list[Translation]]:
         """n_best translations per text from each source's hypotheses: the k-th joins every sentence's
         k-th best (its last when it has fewer); tokens and scores add up over the sentences."""
         per_text: dict[int, dict[int, list[Hypothesis]]] = {}
         for (text, sentence), hyps in zip(self.owners, found):
             per_text.setdefault(text, {})[sentence] = hyps
-        strings = iter(tokenizer.decode([h.tokens for hyps in found for h in hyps]))
+        strings = iter(detokenize([h.tokens for hyps in found for h in hyps]))
         decoded = {id(h): next(strings) for hyps in found for h in hyps}
         results = []
         for index, prepared in enumerate(self.texts):
@@ -133,17 +135,7 @@ class Translator:
         return RunningBatch(self.sessions)
 
     def prepare(self, texts: list[str], options: TextOptions) -> Prepared:
-        """The text pipeline (engine/text.py) and the tokenizer. A blank text, or a sentence that is
-        blank after the tokenizer's normalization (spaces, U+200B, U+FEFF, NUL, ...), gets an empty
-        translation without the engine, as the server answers it: the model would invent one."""
-        lang = self.info.src_lang or "en"
-        prepared = [prepare(text, options, lang) if text.strip() else None for text in texts]
-        wanted = [(t, s) for t, p in enumerate(prepared) if p is not None
-                  for s, sentence in enumerate(p.sentences) if sentence.source]
-        tokens = self.tokenize([prepared[t].sentences[s].source for t, s in wanted]) if wanted else []  # type: ignore[union-attr]
-        kept = [(owner, source) for owner, source in zip(wanted, tokens) if source]
-        texts_out = [p if p is None or p.sentences else None for p in prepared]
-        return Prepared(texts_out, [source for _, source in kept], [owner for owner, _ in kept])
+        return prepare_texts(self, texts, options)
 
     def translate(self, texts: list[str], options: DecodeOptions,
                   text_options: TextOptions = TextOptions()) -> list[list[Translation]]:
@@ -153,4 +145,20 @@ class Translator:
             return []
         prepared = self.prepare(texts, text_options)
         found = self.search(prepared.sources, options).hypotheses if prepared.sources else []
-        return prepared.finish(self.tokenizer, found, options.n_best)
+        return prepared.finish(self.detokenize, found, options.n_best)
+
+
+def prepare_texts(translator: Translator, texts: list[str], options: TextOptions) -> Prepared:
+    """The text pipeline (engine/text.py), then `translator.tokenize`. A blank text, or one whose
+    sentences are all blank after the tokenizer's normalization (spaces, U+200B, U+FEFF, NUL, ...),
+    gets an empty translation without the engine, as the server answers it: the model would invent one."""
+    lang = translator.info.src_lang or "en"
+    prepared = [prepare(text, options, lang) if text.strip() else None for text in texts]
+    wanted = [(t, s) for t, p in enumerate(prepared) if p is not None
+              for s, sentence in enumerate(p.sentences) if sentence.source]
+    tokens = translator.tokenize([prepared[t].sentences[s].source for t, s in wanted]) if wanted else []  # type: ignore[union-attr]
+    kept = [(owner, source) for owner, source in zip(wanted, tokens) if source]
+    translated = {text for (text, _), _ in kept}
+    texts_out = [p if p is not None and (i in translated or any(s.verbatim for s in p.sentences)) else None
+                 for i, p in enumerate(prepared)]  # nothing to translate or keep: blank
+    return Prepared(texts_out, [source for _, source in kept], [owner for owner, _ in kept])

@@ -27,6 +27,7 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051  # 0 = any free port (the bound one is logged)
     metrics_port: int = 9090  # 0 = any free port; -1 = no metrics HTTP server
+    port_file: str | None = None  # once serving: the bound ports, as JSON (how a parent learns ports bound with 0)
     max_batch_size: int = 32  # sentences per engine call
     max_batch_tokens: int = 4096  # padded source tokens per engine call (sentences x longest)
     # Static batching: how long the oldest queued sentence waits for others. 0: the batch forms when
@@ -41,6 +42,7 @@ class ServerConfig:
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = its default)
     shortlist: str = "off"  # on: score the bundle's vocabulary shortlist per batch (engine/shortlist.py); off: every id
     max_texts: int = 64  # texts per request
+    max_sentences: int = 256  # sentences per request, all texts together, after sentence splitting
     max_tokens_per_text: int = 256
     max_text_bytes: int | None = None  # UTF-8 bytes per text, checked before tokenizing; None: 64 x the above
     max_beam_size: int = 16
@@ -56,7 +58,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not self.model_dir:
             raise ValueError("model_dir is required (--model-dir or NMT_MODEL_DIR)")
-        for name in ("port", "max_batch_size", "max_batch_tokens", "max_queue_size", "workers", "max_texts",
+        for name in ("port", "max_batch_size", "max_batch_tokens", "max_queue_size", "workers", "max_texts", "max_sentences",
                      "max_tokens_per_text", "max_text_bytes", "max_beam_size", "default_beam_size",
                      "max_message_bytes"):
             low = 0 if name == "port" else 1
@@ -114,6 +116,8 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "gRPC port; 0 = any free port"),
     ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off"),
+    ("--port-file", "port_file", str, "once serving, write {\"pid\": P, \"port\": N, \"metrics_port\": M or null} "
+     "(JSON) to this file, removed at exit: how a parent learns the ports bound with 0"),
     ("--max-batch-size", "max_batch_size", int, "most sentences in one engine batch (being decoded at once)"),
     ("--max-batch-tokens", "max_batch_tokens", int, "most padded source tokens (sentences x longest) in one batch"),
     ("--max-wait-ms", "max_wait_ms", float, "static batching: longest a queued sentence waits for a batch to fill; "
@@ -128,7 +132,10 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--shortlist", "shortlist", str, "on: score only the bundle's vocabulary shortlist per batch (up to 1.3x faster, "
      "BLEU within 0.3, outputs depend on batch mates); off (default): every id, as the torch reference"),
     ("--max-texts", "max_texts", int, "most texts in one request"),
-    ("--max-tokens-per-text", "max_tokens_per_text", int, "most source tokens in one text"),
+    ("--max-sentences-per-request", "max_sentences", int,
+     "most sentences in one request, all its texts split into sentences together"),
+    ("--max-tokens-per-text", "max_tokens_per_text", int,
+     "most source tokens in one sentence (in one text when a request turns split_sentences off)"),
     ("--max-text-bytes", "max_text_bytes", int,
      f"most UTF-8 bytes in one text, checked before tokenizing (default: {BYTES_PER_TOKEN} x --max-tokens-per-text)"),
     ("--max-beam-size", "max_beam_size", int, "largest beam a request may ask for"),

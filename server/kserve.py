@@ -8,7 +8,9 @@ BYTES, shape [N] or [N, 1], in contents.bytes_contents or in raw_input_contents 
 with NumPy 2), shaped like the input, or [N, n_best] when n_best > 1 (a blank text's extra
 hypotheses are empty strings). Request parameters beam_size, max_len_extra, n_best (int64 or
 uint64) and length_penalty (double, int64, or a string holding a number: tritonclient 2.41 cannot
-send doubles) become DecodeOptions; other parameters are ignored, as Triton leaves them to the model.
+send doubles) become DecodeOptions, and so do the text pipeline's switches split_sentences,
+normalize_case and protect_spans (bool, or the string "true"/"false"); other parameters are
+ignored, as Triton leaves them to the model.
 
 The texts go through TranslationServicer.translate: the same limits, scheduler, drain and metrics
 as Translate (nmt_requests_total{method="ModelInfer"}). Errors are Triton's: an unknown model or
@@ -40,6 +42,7 @@ SERVER_NAME = "nmt-service"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for the engine's runtime and model format
 INPUT, OUTPUT, BYTES = "TEXT", "TRANSLATION", "BYTES"
 INT_PARAMETERS = ("beam_size", "max_len_extra", "n_best")
+BOOL_PARAMETERS = ("split_sentences", "normalize_case", "protect_spans")  # the text pipeline (engine/text.py)
 INT32 = (-(2**31), 2**31 - 1)  # DecodeOptions' integer fields are int32
 LENGTH = struct.Struct("<I")  # Triton's BYTES element prefix
 Parameters = Mapping[str, kpb.InferParameter]
@@ -88,6 +91,16 @@ def _float_parameter(name: str, parameter: kpb.InferParameter) -> float:
     raise ValueError(f"parameter '{name}' must be a double parameter, got {kind or 'no value'}")
 
 
+def _bool_parameter(name: str, parameter: kpb.InferParameter) -> bool:
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind == "bool_param":
+        return parameter.bool_param
+    if kind == "string_param" and parameter.string_param.lower() in ("true", "false"):
+        return parameter.string_param.lower() == "true"
+    raise ValueError(f"parameter '{name}' must be a bool parameter, got {kind or 'no value'}"
+                     + (f" {parameter.string_param[:40]!r}" if kind == "string_param" else ""))
+
+
 def decode_options(parameters: Parameters) -> pb.DecodeOptions:
     """Our DecodeOptions message from request parameters; ranges are checked where Translate's are."""
     options = pb.DecodeOptions()
@@ -96,6 +109,9 @@ def decode_options(parameters: Parameters) -> pb.DecodeOptions:
             setattr(options, name, _int_parameter(name, parameters[name]))
     if "length_penalty" in parameters:
         options.length_penalty = _float_parameter("length_penalty", parameters["length_penalty"])
+    for name in BOOL_PARAMETERS:
+        if name in parameters:
+            setattr(options, name, _bool_parameter(name, parameters[name]))
     return options
 
 

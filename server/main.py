@@ -6,12 +6,19 @@ without a GPU) translates the bundle's reference sentences first (engine/selfche
 exit 2); bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT, within --grace-seconds:
 NOT_SERVING; new translations are answered UNAVAILABLE (which retry policies retry) while the
 accepted ones finish; then gRPC stops (new connections refused) and the process exits 0.
+
+--port-file: once SERVING, the bound ports are written there as JSON ({"pid", "port", "metrics_port"},
+written whole: a reader never sees half of it) and the file is removed at exit. A parent starts
+nmt-serve with --port 0 --metrics-port 0 and waits for the file: no port is picked before the server
+binds it, so none can be taken meanwhile (picking a "free" port first and passing it races).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -34,7 +41,8 @@ from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
 from .scheduler import create_scheduler
-from .transport import SERVICE, Limits, TranslationServicer
+from .service import Limits
+from .transport import SERVICE, TranslationServicer
 
 log = logging.getLogger("nmt-serve")
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
@@ -133,7 +141,7 @@ def bundle_defaults(translator: Translator) -> DecodeOptions | None:
 
 def limits_of(cfg: ServerConfig, translator: Translator) -> Limits:
     sessions = getattr(translator, "sessions", None)
-    return Limits(max_texts=cfg.max_texts, max_tokens_per_text=cfg.max_tokens_per_text,
+    return Limits(max_texts=cfg.max_texts, max_sentences=cfg.max_sentences, max_tokens_per_text=cfg.max_tokens_per_text,
                   max_text_bytes=cfg.text_bytes_limit, max_beam_size=cfg.max_beam_size,
                   defaults=cfg.default_options(bundle_defaults(translator)),
                   max_positions=getattr(sessions, "max_positions", None))
@@ -188,6 +196,18 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     return NmtServer(cfg, servicer, guard, server, metrics, health, port), port
 
 
+def write_port_file(path: Path, server: NmtServer) -> None:
+    """The bound ports as JSON, replacing `path` whole (written beside it, then renamed)."""
+    ports = {"pid": os.getpid(), "port": server.port, "metrics_port": server.metrics_port}
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(json.dumps(ports) + "\n")
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise OSError(f"cannot write the port file {path}: {e}") from e
+
+
 def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
@@ -202,6 +222,8 @@ async def serve(cfg: ServerConfig) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await server.start()
+        if cfg.port_file:
+            write_port_file(Path(cfg.port_file), server)
     except Exception as e:  # noqa: BLE001 - a bad bundle, port or file: one line, not a traceback
         print(f"nmt-serve: error: {one_line(e)}", file=sys.stderr)
         if server is not None:
@@ -209,7 +231,11 @@ async def serve(cfg: ServerConfig) -> int:
         return 2
     await stop.wait()
     log.info("shutting down: finishing accepted requests (grace %.1f s)", cfg.grace_seconds)
-    await server.stop(cfg.grace_seconds)
+    try:
+        await server.stop(cfg.grace_seconds)
+    finally:
+        if cfg.port_file:
+            Path(cfg.port_file).unlink(missing_ok=True)  # the ports it names are closed
     log.info("stopped")
     return 0
 

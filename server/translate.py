@@ -3,8 +3,9 @@
     nmt-translate --bundle DIR [--beam 4] [--length-penalty 0.6] [--max-len-extra 50]
                   [--n-best 1] [--batch-size 32] [--device cpu|cuda|auto]
                   [--precision auto|fp32|int8|fp16] [--threads 0] [--shortlist] [--quiet]
+                  [--no-split-sentences] [--no-normalize-case] [--no-protect-spans]
 
-One translation per input line. With --n-best N > 1, N lines per input:
+One translation per input line: the line's sentences are translated and joined back (engine/text.py). With --n-best N > 1, N lines per input:
 `INDEX<TAB>NORMALIZED_SCORE<TAB>TRANSLATION` (INDEX counts input lines from 0).
 A progress bar goes to stderr when it is a terminal (never with --quiet).
 Exit codes: 0 done, 2 bad arguments or a bundle that cannot be loaded.
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.runtime import DEVICES, PRECISIONS, RuntimeConfig
+from nmt.engine.text import TextOptions
 from nmt.engine.translator import Translation, Translator
 
 
@@ -42,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shortlist", action="store_true",
                         help="score only the bundle's vocabulary shortlist per batch (faster; outputs may differ "
                              "from the torch reference and depend on the batch)")
+    parser.add_argument("--no-split-sentences", action="store_true",
+                        help="translate each line as one sentence (default: split it, join the translations back)")
+    parser.add_argument("--no-normalize-case", action="store_true",
+                        help="give ALL CAPS and Title Case lines to the model as they are")
+    parser.add_argument("--no-protect-spans", action="store_true",
+                        help="let the model translate URLs, e-mail addresses, handles, paths and numbers")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no log lines")
     return parser
 
@@ -63,13 +71,13 @@ def one_line(error: Exception) -> str:
 
 
 def translate_stream(translator: Translator, options: DecodeOptions, source: TextIO, out: TextIO,
-                     batch_size: int, progress: bool) -> int:
+                     batch_size: int, progress: bool, text_options: TextOptions = TextOptions()) -> int:
     """Translate every line of `source` to `out` (flushed per batch); returns the number of lines."""
     done = 0
     lines = (line.rstrip("\r\n") for line in source)
     with tqdm(unit="line", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
         for batch in batches(lines, batch_size):
-            for translations in translator.translate(batch, options):
+            for translations in translator.translate(batch, options, text_options):
                 out.write(format_output(done, translations, options.n_best) + "\n")
                 done += 1
             out.flush()
@@ -104,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     progress = not args.quiet and sys.stderr.isatty()
     try:
-        translate_stream(translator, options, sys.stdin, sys.stdout, args.batch_size, progress)
+        text_options = TextOptions(not args.no_split_sentences, not args.no_normalize_case, not args.no_protect_spans)
+        translate_stream(translator, options, sys.stdin, sys.stdout, args.batch_size, progress, text_options)
     except ValueError as e:  # e.g. a line longer than the model's positions
         print(f"nmt-translate: error: {one_line(e)}", file=sys.stderr)
         return 2

@@ -1,11 +1,7 @@
-"""The gRPC servicer: proto <-> Python, request validation, status codes, request metrics.
+"""The gRPC servicer: proto <-> Python, status codes, request metrics, over server/service.py's path.
 
 Every exception becomes an explicit status code (status_of): nothing reaches a client as UNKNOWN.
-Checks run cheapest first, and only cheap ones on the event loop: the options, the number of texts,
-then per text whether it is blank (whitespace only: an empty hypothesis whatever its length) and
-its UTF-8 size (max_text_bytes), all before tokenizing. Tokenizing runs in a worker thread (3 MB of
-text took over a second of CPU, and health checks share this loop); a text that normalization
-leaves empty (invisible characters, NUL) is blank too. Then the token count and the model's positions.
+The options are checked here (cheapest first); the rest of the checks are the service's.
 
 nmt_requests_total counts what clients saw: a Translate, GetModelInfo or KServe ModelInfer call
 once by its status code, each TranslateStream answer once by the code in it (when it was sent),
@@ -26,28 +22,20 @@ from typing import NamedTuple
 
 import grpc
 
-from nmt.engine.decoding import DecodeOptions, Hypothesis
-from nmt.engine.translator import Translator
+from nmt.engine.decoding import DecodeOptions
+from nmt.engine.text import TextOptions
+from nmt.engine.translator import Translation, Translator
 
 from .interceptors import Refused, abort
 from .metrics import Metrics
 from .nmt_pb import translation_pb2 as pb
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .scheduler import DeadlineExceeded, EngineError, QueueFull, Scheduler, SchedulerClosed
+from .service import Limits, TranslationService
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TranslationService"].full_name  # "nmt.v1.TranslationService"
 DEADLINE_SLACK_S = 0.1
 RETRY_PUSHBACK = "grpc-retry-pushback-ms"  # gRPC retry design A6: when a retry policy may try again
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_texts: int = 64
-    max_tokens_per_text: int = 256
-    max_text_bytes: int = 64 * 256
-    max_beam_size: int = 16
-    defaults: DecodeOptions = DecodeOptions()
-    max_positions: int | None = None  # the model's: source tokens + max_len_extra must fit
 
 
 class Status(NamedTuple):
@@ -88,28 +76,19 @@ def decode_options(proto: pb.DecodeOptions, limits: Limits) -> DecodeOptions:
     )
 
 
-def check_texts(texts: list[str], limits: Limits) -> list[bool]:
-    """Count and UTF-8 size, before any tokenizing; whether each text is blank (skips its size check)."""
-    if not texts:
-        raise ValueError("texts is empty: send at least one text")
-    if len(texts) > limits.max_texts:
-        raise ValueError(f"{len(texts)} texts; the limit is max_texts_per_request={limits.max_texts}")
-    blank = [not text.strip() for text in texts]
-    for i, text in enumerate(texts):
-        if not blank[i] and (size := len(text.encode("utf-8"))) > limits.max_text_bytes:
-            raise ValueError(f"text {i} has {size} bytes; the limit is max_text_bytes={limits.max_text_bytes}")
-    return blank
+def text_options(proto: pb.DecodeOptions) -> TextOptions:
+    """The text pipeline's switches from a request (unset: on)."""
+    on = lambda name: getattr(proto, name) if proto.HasField(name) else True  # noqa: E731
+    return TextOptions(split_sentences=on("split_sentences"), normalize_case=on("normalize_case"),
+                       protect_spans=on("protect_spans"))
 
 
-def check_sources(sources: dict[int, list[int]], options: DecodeOptions, limits: Limits) -> None:
-    """Token counts of the texts (by request index) that are not blank."""
-    for i, source in sources.items():
-        if len(source) > limits.max_tokens_per_text:
-            raise ValueError(f"text {i} has {len(source)} tokens; the limit is "
-                             f"max_tokens_per_text={limits.max_tokens_per_text}")
-        if limits.max_positions is not None and len(source) + options.max_len_extra > limits.max_positions:
-            raise ValueError(f"text {i}: {len(source)} tokens + max_len_extra {options.max_len_extra} exceed the "
-                             f"model's {limits.max_positions} positions")
+def translate_response(results: list[list[Translation]], return_scores: bool) -> pb.TranslateResponse:
+    return pb.TranslateResponse(translations=[
+        pb.Translation(hypotheses=[
+            pb.Hypothesis(text=t.text, tokens=t.tokens, score=t.score if return_scores else 0.0,
+                          normalized_score=t.normalized_score if return_scores else 0.0) for t in hyps])
+        for hyps in results])
 
 
 @dataclass
@@ -119,11 +98,19 @@ class _Call:
 
 class TranslationServicer(pb_grpc.TranslationServiceServicer):
     def __init__(self, translator: Translator, scheduler: Scheduler, limits: Limits, metrics: Metrics | None = None):
+        self.service = TranslationService(translator, scheduler, limits)
         self.translator, self.scheduler, self.limits, self.metrics = translator, scheduler, limits, metrics
-        self.draining = False  # set on shutdown: new translations get UNAVAILABLE
-        self._active = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+
+    @property
+    def draining(self) -> bool:
+        return self.service.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:  # set on shutdown: new translations get UNAVAILABLE
+        self.service.draining = value
+
+    async def wait_idle(self, timeout: float) -> bool:
+        return await self.service.wait_idle(timeout)
 
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         deadline = deadline_of(context)
@@ -157,52 +144,17 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
                 name=i.name, version=i.version, src_lang=i.src_lang, tgt_lang=i.tgt_lang, vocab_size=i.vocab_size,
                 bundle_sha256=i.bundle_sha256, precision=i.precision, provider=i.provider,
                 max_texts_per_request=lim.max_texts, max_tokens_per_text=lim.max_tokens_per_text,
+                max_sentences_per_request=lim.max_sentences,
                 max_beam_size=lim.max_beam_size,
                 default_options=pb.DecodeOptions(beam_size=d.beam_size, length_penalty=d.length_penalty,
                                                  max_len_extra=d.max_len_extra, n_best=d.n_best))
 
     async def translate(self, texts: list[str], options_pb: pb.DecodeOptions,
                         deadline: float | None) -> pb.TranslateResponse:
-        """Validate, tokenize, queue, detokenize. Raises ValueError for bad input, scheduler errors otherwise."""
-        if self.draining:
-            raise SchedulerClosed("the server is shutting down: retry on another replica")
-        with self._working():
-            options = decode_options(options_pb, self.limits)
-            blank = check_texts(texts, self.limits)
-            todo = [i for i, b in enumerate(blank) if not b]
-            tokens = await asyncio.to_thread(self.translator.tokenize, [texts[i] for i in todo]) if todo else []
-            sources = {i: source for i, source in zip(todo, tokens) if source}  # empty: blank after normalization
-            check_sources(sources, options, self.limits)
-            found = await self.scheduler.submit(list(sources.values()), options, deadline)
-        hypotheses: list[list[Hypothesis]] = [[Hypothesis([], 0.0, 0.0)] for _ in texts]
-        for i, hyps in zip(sources, found):
-            hypotheses[i] = hyps
-        strings = iter(self.translator.detokenize([h.tokens for hyps in hypotheses for h in hyps]))
-        scores = options_pb.return_scores
-        return pb.TranslateResponse(translations=[
-            pb.Translation(hypotheses=[
-                pb.Hypothesis(text=next(strings), tokens=len(h.tokens), score=h.score if scores else 0.0,
-                              normalized_score=h.normalized_score if scores else 0.0) for h in hyps])
-            for hyps in hypotheses])
-
-    async def wait_idle(self, timeout: float) -> bool:
-        """Wait until no translation is being worked on (at most `timeout` s); whether that happened."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    @contextlib.contextmanager
-    def _working(self) -> Iterator[None]:
-        self._active += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self._active -= 1
-            if self._active == 0:
-                self._idle.set()
+        """The service's path from proto options to a proto response (KServe's ModelInfer uses it too)."""
+        options = decode_options(options_pb, self.limits)
+        results = await self.service.translate(texts, options, text_options(options_pb), deadline)
+        return translate_response(results, options_pb.return_scores)
 
     async def _stream(self, requests: AsyncIterator[pb.TranslateStreamRequest],
                       deadline: float | None) -> AsyncIterator[pb.TranslateStreamResponse]:

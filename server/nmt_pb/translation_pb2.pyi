@@ -7,18 +7,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DecodeOptions(_message.Message):
-    __slots__ = ("beam_size", "length_penalty", "max_len_extra", "n_best", "return_scores")
+    __slots__ = ("beam_size", "length_penalty", "max_len_extra", "n_best", "return_scores", "split_sentences", "normalize_case", "protect_spans")
     BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     LENGTH_PENALTY_FIELD_NUMBER: _ClassVar[int]
     MAX_LEN_EXTRA_FIELD_NUMBER: _ClassVar[int]
     N_BEST_FIELD_NUMBER: _ClassVar[int]
     RETURN_SCORES_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZE_CASE_FIELD_NUMBER: _ClassVar[int]
+    PROTECT_SPANS_FIELD_NUMBER: _ClassVar[int]
     beam_size: int
     length_penalty: float
     max_len_extra: int
     n_best: int
     return_scores: bool
-    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_len_extra: _Optional[int] = ..., n_best: _Optional[int] = ..., return_scores: _Optional[bool] = ...) -> None: ...
+    split_sentences: bool
+    normalize_case: bool
+    protect_spans: bool
+    def __init__(self, beam_size: _Optional[int] = ..., length_penalty: _Optional[float] = ..., max_len_extra: _Optional[int] = ..., n_best: _Optional[int] = ..., return_scores: _Optional[bool] = ..., split_sentences: _Optional[bool] = ..., normalize_case: _Optional[bool] = ..., protect_spans: _Optional[bool] = ...) -> None: ...
 
 class TranslateRequest(_message.Message):
     __slots__ = ("texts", "options")
@@ -85,7 +91,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "src_lang", "tgt_lang", "vocab_size", "bundle_sha256", "precision", "provider", "max_texts_per_request", "max_tokens_per_text", "max_beam_size", "default_options")
+    __slots__ = ("name", "version", "src_lang", "tgt_lang", "vocab_size", "bundle_sha256", "precision", "provider", "max_texts_per_request", "max_tokens_per_text", "max_beam_size", "default_options", "max_sentences_per_request")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SRC_LANG_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +104,7 @@ class ModelInfo(_message.Message):
     MAX_TOKENS_PER_TEXT_FIELD_NUMBER: _ClassVar[int]
     MAX_BEAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SENTENCES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     src_lang: str
@@ -110,4 +117,5 @@ class ModelInfo(_message.Message):
     max_tokens_per_text: int
     max_beam_size: int
     default_options: DecodeOptions
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., src_lang: _Optional[str] = ..., tgt_lang: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bundle_sha256: _Optional[str] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., max_texts_per_request: _Optional[int] = ..., max_tokens_per_text: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., default_options: _Optional[_Union[DecodeOptions, _Mapping]] = ...) -> None: ...
+    max_sentences_per_request: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., src_lang: _Optional[str] = ..., tgt_lang: _Optional[str] = ..., vocab_size: _Optional[int] = ..., bundle_sha256: _Optional[str] = ..., precision: _Optional[str] = ..., provider: _Optional[str] = ..., max_texts_per_request: _Optional[int] = ..., max_tokens_per_text: _Optional[int] = ..., max_beam_size: _Optional[int] = ..., default_options: _Optional[_Union[DecodeOptions, _Mapping]] = ..., max_sentences_per_request: _Optional[int] = ...) -> None: ...
