@@ -11,8 +11,8 @@ normalise their case, protect spans that must come out verbatim; then restore an
 - Case: the model saw sentence case only (Multi30k). An ALL CAPS or Title Case sentence is
   lower-cased (first letter and the word "I" upper) before the model, and the translation gets
   the source's case back: ALL CAPS in, ALL CAPS out; Title Case in, each word capitalised out.
-- Spans: URLs, e-mail addresses, @handles, file paths and numbers written with digits are taken
-  out of the sentence and replaced by a placeholder word the model tends to copy (a name it saw
+- Spans: URLs, e-mail addresses, @handles, file paths, numbers written with digits, words in
+  another script than the model's (Cyrillic, CJK, ...) and emoji are taken out of the sentence and replaced by a placeholder word the model tends to copy (a name it saw
   in training). A placeholder the model dropped or changed is put back at the span's relative
   position, so every span comes out verbatim exactly once.
 """
@@ -25,7 +25,7 @@ from enum import Enum
 
 from sentencex import segment
 
-__all__ = ["Case", "PreparedText", "Sentence", "TextOptions", "find_spans", "prepare", "split_sentences"]
+__all__ = ["Case", "PreparedText", "Sentence", "TextOptions", "degenerate", "find_spans", "prepare", "split_sentences"]
 
 # Line breaks and literal backslash escapes (a JSON text escaped twice) end a sentence.
 _HARD_BREAK = re.compile(r"(?:\r\n|[\n\r\u2028\u2029]|\\[nrt])+")
@@ -38,6 +38,9 @@ _SPAN_PATTERNS = [
     r"(?<![\w:/])[A-Za-z]:\\[^\s\"'<>|]+",  # Windows path
     r"(?<![\w/])(?:~|\.{1,2})?/[\w.\-~]+(?:/[\w.\-~]*)+|(?<![\w/])(?:~|\.{1,2})/[\w.\-~]+",  # POSIX path
     r"(?<![\w.])\d+(?:[.,:/-]\d+)*(?:%|(?=\W|$))",  # number with digits: 25, 3.5, 1,000, 2026-12-02, 10:30, 50%
+    # Letters outside the Latin script, and emoji: a Latin-script model can only invent text for them.
+    r"[^\W\d_a-zA-Z\u00C0-\u024F\u1E00-\u1EFF]+(?:[\s-]+[^\W\d_a-zA-Z\u00C0-\u024F\u1E00-\u1EFF]+)*",
+    r"[\U0001F000-\U0001FAFF\u2600-\u27BF][\uFE0F\u200D]*(?:\s*[\U0001F000-\U0001FAFF\u2600-\u27BF][\uFE0F\u200D]*)*",
 ]
 _SPANS = re.compile("|".join(f"({p})" for p in _SPAN_PATTERNS), re.IGNORECASE)
 _TRAILING = ".,;:!?)]}\"'"  # sentence punctuation after a URL or path belongs to the sentence
@@ -85,12 +88,14 @@ class PreparedText:
     def sources(self) -> list[str]:
         return [s.source for s in self.sentences]
 
-    def finish(self, translations: list[str]) -> str:
-        """The text with each sentence replaced by its restored translation; separators unchanged."""
+    def finish(self, translations: list[str | None]) -> str:
+        """The text with each sentence replaced by its restored translation (None: the sentence as it
+        was); separators unchanged."""
         assert len(translations) == len(self.sentences), "one translation per sentence"
         out, cursor = [], 0
         for (start, end), sentence, translation in zip(self.bounds, self.sentences, translations):
-            out += [self.text[cursor:start], sentence.restore(translation)]
+            restored = self.text[start:end] if translation is None else sentence.restore(translation)
+            out += [self.text[cursor:start], restored]
             cursor = end
         out.append(self.text[cursor:])
         return "".join(out)
@@ -127,7 +132,8 @@ def split_sentences(text: str, lang: str = "en") -> list[tuple[int, int]]:
     """[start, end) of each sentence, whitespace excluded: everything between them is a separator."""
     bounds: list[tuple[int, int]] = []
     line_start = 0
-    for brk in [*_HARD_BREAK.finditer(text), None]:
+    masked = _opaque_spans(text)  # the backslash-n in C:\\Users\\anna\\notes.txt breaks no line
+    for brk in [*_HARD_BREAK.finditer(masked), None]:
         line_end = len(text) if brk is None else brk.start()
         _segment_line(text, line_start, line_end, lang, bounds)
         if brk is not None:
@@ -139,8 +145,7 @@ def _segment_line(text: str, start: int, end: int, lang: str, bounds: list[tuple
     line = text[start:end]
     if not line.strip():
         return
-    # Spans are opaque to the segmenter (the dots of WWW.EXAMPLE.ORG end no sentence): same length, no dots.
-    line = _SPANS.sub(lambda m: "x" * len(m.group(0)), line)
+    line = _opaque_spans(line)  # the dots of WWW.EXAMPLE.ORG end no sentence
     cursor = 0
     for piece in segment(lang, line):
         core = piece.strip()
@@ -150,6 +155,11 @@ def _segment_line(text: str, start: int, end: int, lang: str, bounds: list[tuple
         assert found >= 0, "sentencex returns pieces of its input"
         bounds.append((start + found, start + found + len(core)))
         cursor = found + len(core)
+
+
+def _opaque_spans(text: str) -> str:
+    """The text with each protected span replaced by as many x's: same offsets, no breaks inside."""
+    return _SPANS.sub(lambda m: "x" * len(m.group(0)), text)
 
 
 def case_of(sentence: str) -> Case:
@@ -175,12 +185,13 @@ def normalize_case(sentence: str, case: Case) -> str:
     else:
         lowered = sentence.lower()
     lowered = re.sub(r"\bi\b", "I", lowered)
-    return re.sub(r"[^\W\d_]", lambda m: m.group(0).upper(), lowered, count=1)
+    # The first letter goes up when it starts the sentence (after quotes or brackets), not after a span.
+    return re.sub(r"^([^\w\ue000]*)([^\W\d_])", lambda m: m.group(1) + m.group(2).upper(), lowered, count=1)
 
 
 def restore_case(translation: str, case: Case) -> str:
-    if case is Case.UPPER:
-        return translation.upper()
+    if case is Case.UPPER:  # ß as capital ẞ (German orthography since 2017): "SS" would not lower back
+        return translation.replace("ß", "\u1e9e").upper()
     if case is Case.TITLE:
         return re.sub(r"\b([^\W\d_])", lambda m: m.group(1).upper(), translation)
     return translation
@@ -244,3 +255,25 @@ def _insert_at(text: str, piece: str, position: float) -> str:
     if at >= len(body):
         return body + " " + piece + text[len(body):]
     return text[:at] + piece + " " + text[at:]
+
+
+# An output is degenerate when it is absurdly long for its source or loops. The length rule never
+# fires on Multi30k's validation references (the longest is 2.3x its source's characters).
+_LOOP = re.compile(r"(\S{2,}?)\1{3,}")  # a piece of 2+ characters 4+ times in a row, within a word run
+
+
+def degenerate(source: str, output: str) -> str | None:
+    """Why a translation is degenerate, or None: over 3x the source's characters + 30, the same word
+    4+ times in a row, or a piece of 2+ characters 4+ times in a row (unless the source loops so)."""
+    if len(output) > 3 * len(source) + 30:
+        return f"{len(output)} characters for a {len(source)}-character source"
+    words = output.lower().split()
+    for n in range(1, 5):
+        for start in range(len(words) - 4 * n + 1):
+            if all(words[start + j * n : start + (j + 1) * n] == words[start : start + n] for j in range(1, 4)):
+                if " ".join(words[start : start + n] * 4) not in " ".join(source.lower().split()):
+                    return f"{' '.join(words[start:start + n])!r} 4 times in a row"
+    for match in _LOOP.finditer(output):
+        if match.group(1) * 4 not in source:
+            return f"{match.group(1)!r} {len(match.group(0)) // len(match.group(1))} times in a row"
+    return None

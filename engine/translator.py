@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from .bundle import TOKENIZER, BundleError
 from .continuous import RunningBatch
 from .decoding import DecodeOptions, Decoder, Hypothesis, SearchResult
 from .runtime import RuntimeConfig, Sessions, load_sessions
-from .text import PreparedText, TextOptions, prepare
+from .text import PreparedText, TextOptions, degenerate, prepare
 from .tokenizer import SentencePiece
 
 
@@ -63,13 +64,20 @@ class Prepared:
 
     def finish(self, detokenize: Callable[[list[list[int]]], list[str]], found: list[list[Hypothesis]],
                n_best: int) -> list[list[Translation]]:
-        """n_best translations per text from each source's hypotheses: the k-th joins every sentence's
-        k-th best (its last when it has fewer); tokens and scores add up over the sentences."""
+        """n_best translations per text from each source's hypotheses (ask the search for all of its
+        beam: degenerate ones are dropped here). The k-th joins every sentence's k-th best (its last
+        when it has fewer); tokens and scores add up over the sentences. A sentence whose every
+        hypothesis is degenerate (engine/text.py: degenerate) comes back as it was sent."""
+        strings = iter(detokenize([h.tokens for hyps in found for h in hyps]))
+        decoded: dict[int, str | None] = {id(h): next(strings) for hyps in found for h in hyps}
         per_text: dict[int, dict[int, list[Hypothesis]]] = {}
         for (text, sentence), hyps in zip(self.owners, found):
-            per_text.setdefault(text, {})[sentence] = hyps
-        strings = iter(detokenize([h.tokens for hyps in found for h in hyps]))
-        decoded = {id(h): next(strings) for hyps in found for h in hyps}
+            source = self.texts[text].sentences[sentence].source  # type: ignore[union-attr]
+            fluent = [h for h in hyps if degenerate(source, decoded[id(h)] or "") is None]
+            if not fluent:
+                fluent = [Hypothesis([], 0.0, 0.0)]
+                decoded[id(fluent[0])] = None  # verbatim
+            per_text.setdefault(text, {})[sentence] = fluent
         results = []
         for index, prepared in enumerate(self.texts):
             if prepared is None:
@@ -81,7 +89,7 @@ class Prepared:
 
     @staticmethod
     def _join(prepared: PreparedText, hyps: dict[int, list[Hypothesis]], k: int,
-              decoded: dict[int, str]) -> Translation:
+              decoded: dict[int, str | None]) -> Translation:
         chosen = {i: h[min(k, len(h) - 1)] for i, h in hyps.items()}
         text = prepared.finish([decoded[id(chosen[i])] if i in chosen else "" for i in range(len(prepared.sentences))])
         return Translation(text, sum(len(h.tokens) for h in chosen.values()), sum(h.score for h in chosen.values()),
@@ -144,7 +152,7 @@ class Translator:
         if not texts:
             return []
         prepared = self.prepare(texts, text_options)
-        found = self.search(prepared.sources, options).hypotheses if prepared.sources else []
+        found = self.search(prepared.sources, whole_beam(options)).hypotheses if prepared.sources else []
         return prepared.finish(self.detokenize, found, options.n_best)
 
 
@@ -162,3 +170,8 @@ def prepare_texts(translator: Translator, texts: list[str], options: TextOptions
     texts_out = [p if p is not None and (i in translated or any(s.verbatim for s in p.sentences)) else None
                  for i, p in enumerate(prepared)]  # nothing to translate or keep: blank
     return Prepared(texts_out, [source for _, source in kept], [owner for owner, _ in kept])
+
+
+def whole_beam(options: DecodeOptions) -> DecodeOptions:
+    """The search options for Prepared.finish: every finished hypothesis of the beam, to pick from."""
+    return dataclasses.replace(options, n_best=options.beam_size)

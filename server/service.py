@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.text import TextOptions
-from nmt.engine.translator import Prepared, Translation, Translator, prepare_texts
+from nmt.engine.translator import Prepared, Translation, Translator, prepare_texts, whole_beam
 
 from .scheduler import Scheduler, SchedulerClosed
 
@@ -78,7 +78,7 @@ class TranslationService:
             check_texts(texts, self.limits)
             prepared = await asyncio.to_thread(prepare_texts, self.translator, texts, text_options)
             check_prepared(prepared, options, self.limits, text_options.split_sentences)
-            found = await self.scheduler.submit(prepared.sources, options, deadline) if prepared.sources else []
+            found = await self.scheduler.submit(prepared.sources, whole_beam(options), deadline) if prepared.sources else []
         return prepared.finish(self.translator.detokenize, found, options.n_best)
 
     async def wait_idle(self, timeout: float) -> bool:

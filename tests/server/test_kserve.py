@@ -103,7 +103,8 @@ async def test_decode_parameters_reach_the_engine(grpc_bundle, gate) -> None:
         name = server.translator.info.name
         parameters = {"beam_size": 3, "n_best": 2, "max_len_extra": 7, "length_penalty": "0.5"}
         result = await client.infer(name, [text_input([*texts, ""])], parameters=parameters)
-        assert gate.calls[-1][1] == DecodeOptions(beam_size=3, length_penalty=0.5, max_len_extra=7, n_best=2)
+        # The engine is asked for the whole beam; the service drops degenerate ones and answers n_best.
+        assert gate.calls[-1][1] == DecodeOptions(beam_size=3, length_penalty=0.5, max_len_extra=7, n_best=3)
         greedy = await client.infer(name, [text_input(texts)], parameters={"beam_size": 1, "length_penalty": 0})
         assert (gate.calls[-1][1].beam_size, gate.calls[-1][1].length_penalty) == (1, 0.0)
         async with channel(server) as ch:  # noqa: F405 - tritonclient 2.41 cannot send a double parameter
