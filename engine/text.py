@@ -30,6 +30,19 @@ __all__ = ["Case", "PreparedText", "Sentence", "TextOptions", "degenerate", "fin
 # Line breaks and literal backslash escapes (a JSON text escaped twice) end a sentence.
 _HARD_BREAK = re.compile(r"(?:\r\n|[\n\r\u2028\u2029]|\\[nrt])+")
 
+# English sentences without final punctuation run on ("A dog runs on the beach Two men talk"): a
+# word that starts sentences, capitalised right after a lower-case word that cannot end one, and
+# followed by a lower-case word, starts a new sentence. Of Multi30k's 29,000 training captions it
+# splits one that sentencex keeps whole ("A black Dog, in a Alley maybe, He might be lost, ...").
+_RUN_ON = re.compile(r"(?<=[a-z,] )(?=(?:A|An|The|This|These|Those|There|Two|Three|Four|Five|Six|Several|Many|Some"
+                     r"|One|He|She|They|We|It) [a-z])")
+_NO_END = frozenset("the a an of in on at to for with by and or from as is are was were".split())
+
+
+def _run_on_cuts(sentence: str) -> list[int]:
+    return [m.start() for m in _RUN_ON.finditer(sentence)
+            if sentence[: m.start()].split()[-1].strip(",").lower() not in _NO_END]
+
 # Order matters: the first pattern that matches at a position wins (a URL holds digits and slashes).
 _SPAN_PATTERNS = [
     r"(?:https?|ftp)://[^\s<>\"']+|www\.[^\s<>\"']+",  # URL
@@ -153,7 +166,10 @@ def _segment_line(text: str, start: int, end: int, lang: str, bounds: list[tuple
             continue
         found = line.find(core, cursor)
         assert found >= 0, "sentencex returns pieces of its input"
-        bounds.append((start + found, start + found + len(core)))
+        cuts = _run_on_cuts(core) if lang == "en" else []
+        for a, b in zip([0, *cuts], [*cuts, len(core)]):
+            piece_start = found + a + (len(core[a:b]) - len(core[a:b].lstrip()))
+            bounds.append((start + piece_start, start + found + len(core[:b].rstrip())))
         cursor = found + len(core)
 
 

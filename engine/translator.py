@@ -68,16 +68,22 @@ class Prepared:
         beam: degenerate ones are dropped here). The k-th joins every sentence's k-th best (its last
         when it has fewer); tokens and scores add up over the sentences. A sentence whose every
         hypothesis is degenerate (engine/text.py: degenerate) comes back as it was sent."""
-        strings = iter(detokenize([h.tokens for hyps in found for h in hyps]))
-        decoded: dict[int, str | None] = {id(h): next(strings) for hyps in found for h in hyps}
+        decoded: dict[int, str | None] = {}
+        fluent: list[list[Hypothesis]] = [[] for _ in found]
+        rank = 0  # detokenize rank by rank, and only the sentences still short of n_best fluent ones
+        while todo := [i for i, hyps in enumerate(found) if len(fluent[i]) < n_best and rank < len(hyps)]:
+            for i, string in zip(todo, detokenize([found[i][rank].tokens for i in todo])):
+                text, sentence = self.owners[i]
+                if degenerate(self.texts[text].sentences[sentence].source, string) is None:  # type: ignore[union-attr]
+                    decoded[id(found[i][rank])] = string
+                    fluent[i].append(found[i][rank])
+            rank += 1
         per_text: dict[int, dict[int, list[Hypothesis]]] = {}
-        for (text, sentence), hyps in zip(self.owners, found):
-            source = self.texts[text].sentences[sentence].source  # type: ignore[union-attr]
-            fluent = [h for h in hyps if degenerate(source, decoded[id(h)] or "") is None]
-            if not fluent:
-                fluent = [Hypothesis([], 0.0, 0.0)]
-                decoded[id(fluent[0])] = None  # verbatim
-            per_text.setdefault(text, {})[sentence] = fluent
+        for (text, sentence), hyps in zip(self.owners, fluent):
+            if not hyps:
+                hyps = [Hypothesis([], 0.0, 0.0)]
+                decoded[id(hyps[0])] = None  # verbatim
+            per_text.setdefault(text, {})[sentence] = hyps
         results = []
         for index, prepared in enumerate(self.texts):
             if prepared is None:

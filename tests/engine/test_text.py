@@ -105,3 +105,11 @@ def test_a_sentence_of_spans_and_symbols_only_comes_back_as_it_is() -> None:
     prepared = prepare("25. See you.", TextOptions())
     assert prepared.sentences[0].source == "" and prepared.finish(["", "Bis dann."]) == "25. Bis dann."
     assert prepare("\u200b", TextOptions()).finish([""]) == ""
+
+
+def test_run_on_captions_without_final_punctuation_are_split() -> None:
+    text = "A waterfall in a forest with many trees Two dogs running along the beach A man sits."
+    assert [text[a:b] for a, b in split_sentences(text)] == [
+        "A waterfall in a forest with many trees", "Two dogs running along the beach", "A man sits."]
+    for whole in ("A man reads The Da Vinci Code.", "A person waits for the A bus.", "A Man Rides A Bike Down The Street."):
+        assert split_sentences(whole) == [(0, len(whole))]

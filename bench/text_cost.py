@@ -1,0 +1,194 @@
+"""`nmt-bench text-cost`: what the text pipeline (engine/text.py) costs a loaded server, on against off
+in one run, and how a long text's sentences batch.
+
+    nmt-bench text-cost [--bundle bundles/default] [--clients 1,64] [--rounds 3] [--duration 8]
+                        [--paragraph 64] [--repeats 5] [--out bench/results] [--force]
+
+One `nmt-serve` (the default static batching) on loopback. Each round runs, per client count, a
+closed loop of one-sentence Translate calls with the pipeline on (the default) and then off
+(split_sentences, normalize_case and protect_spans false), in alternating order per round, so
+load from other processes hits both alike: p50 latency and sentences/s, pooled over the rounds.
+Then --repeats times, alternating: one request whose one text holds --paragraph test sentences,
+and the same sentences as that many concurrent one-sentence requests; the median wall time of each.
+Writes text_cost.json and text_cost.md into --out, with the CPU model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from nmt.server.nmt_pb import translation_pb2 as pb
+from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
+
+from nmt.training.cpu import cpu_info, cpu_summary
+
+from .load import LoadBenchConfig, ServerProcess, load_sentences
+
+
+@dataclass(frozen=True)
+class TextCostConfig:
+    load: LoadBenchConfig
+    rounds: int = 3
+    paragraph: int = 64  # sentences in the one long text
+    repeats: int = 5
+    force: bool = False
+
+
+def options(pipeline: bool, beam: int) -> pb.DecodeOptions:
+    return pb.DecodeOptions(beam_size=beam, split_sentences=pipeline, normalize_case=pipeline, protect_spans=pipeline)
+
+
+async def closed_loop(stub: pb_grpc.TranslationServiceStub, sentences: list[str], clients: int, pipeline: bool,
+                      cfg: LoadBenchConfig) -> tuple[list[float], int]:
+    """Latencies (s) of the calls finished inside the measured window, and failed calls."""
+    start = time.perf_counter()
+    window = (start + cfg.warmup, start + cfg.warmup + cfg.duration)
+    latencies: list[float] = []
+    errors = 0
+    request_options = options(pipeline, cfg.beam_size)
+
+    async def client(offset: int) -> None:
+        nonlocal errors
+        i = offset
+        while time.perf_counter() < window[1]:
+            request = pb.TranslateRequest(texts=[sentences[i % len(sentences)]], options=request_options)
+            i += clients
+            sent = time.perf_counter()
+            try:
+                await stub.Translate(request, timeout=120)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            if window[0] <= (done := time.perf_counter()) <= window[1]:
+                latencies.append(done - sent)
+
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return latencies, errors
+
+
+async def paragraph_against_requests(stub: pb_grpc.TranslationServiceStub, sentences: list[str],
+                                     cfg: TextCostConfig) -> dict[str, Any]:
+    """Wall seconds: one text of N sentences in one request vs N concurrent one-sentence requests."""
+    chosen = [s for s in sentences if s.rstrip().endswith((".", "!", "?"))][: cfg.paragraph]
+    beam = cfg.load.beam_size
+    text = " ".join(chosen)
+    one, many = [], []
+    for repeat in range(cfg.repeats):
+        for kind in (("one", "many") if repeat % 2 == 0 else ("many", "one")):
+            started = time.perf_counter()
+            if kind == "one":
+                reply = await stub.Translate(pb.TranslateRequest(texts=[text], options=options(True, beam)), timeout=600)
+                assert len(reply.translations) == 1
+                one.append(time.perf_counter() - started)
+            else:
+                await asyncio.gather(*(stub.Translate(pb.TranslateRequest(texts=[s], options=options(True, beam)),
+                                                      timeout=600) for s in chosen))
+                many.append(time.perf_counter() - started)
+    return {"sentences": len(chosen), "one_request_s": float(np.median(one)), "concurrent_requests_s":
+            float(np.median(many)), "ratio": float(np.median(one) / np.median(many)), "runs_one": one, "runs_many": many}
+
+
+def summarize(latencies: list[float], errors: int, seconds: float) -> dict[str, float]:
+    return {"calls": len(latencies), "errors": errors, "sentences_per_s": len(latencies) / seconds,
+            "p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies else float("nan"),
+            "p99_ms": float(np.percentile(latencies, 99) * 1e3) if latencies else float("nan")}
+
+
+async def measure(cfg: TextCostConfig, target: str, sentences: list[str]) -> dict[str, Any]:
+    pooled: dict[tuple[int, bool], tuple[list[float], int]] = {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.TranslationServiceStub(channel)
+        for r in range(cfg.rounds):
+            for clients in cfg.load.clients:
+                for pipeline in ((True, False) if r % 2 == 0 else (False, True)):
+                    lat, err = await closed_loop(stub, sentences, clients, pipeline, cfg.load)
+                    old = pooled.get((clients, pipeline), ([], 0))
+                    pooled[(clients, pipeline)] = (old[0] + lat, old[1] + err)
+        paragraph = await paragraph_against_requests(stub, sentences, cfg)
+    seconds = cfg.rounds * cfg.load.duration
+    levels = []
+    for clients in cfg.load.clients:
+        on, off = (summarize(*pooled[(clients, p)], seconds) for p in (True, False))
+        levels.append({"clients": clients, "on": on, "off": off, "p50_ratio": on["p50_ms"] / off["p50_ms"],
+                       "throughput_ratio": on["sentences_per_s"] / off["sentences_per_s"]})
+    return {"levels": levels, "paragraph": paragraph}
+
+
+def write_report(result: dict[str, Any], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "text_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    cfg, p = result["config"], result["paragraph"]
+    lines = ["# Text pipeline cost (`nmt-bench text-cost`)", "",
+             f"CPU: {result['cpu_summary']}", "",
+             f"Bundle `{cfg['load']['bundle']}`, beam {cfg['load']['beam_size']}, {cfg['rounds']} rounds of "
+             f"{cfg['load']['duration']:g} s per setting (on and off alternating), static batching.", "",
+             "| clients | p50 on (ms) | p50 off (ms) | p50 on/off | sent/s on | sent/s off | throughput on/off | errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for lv in result["levels"]:
+        on, off = lv["on"], lv["off"]
+        lines.append(f"| {lv['clients']} | {on['p50_ms']:.1f} | {off['p50_ms']:.1f} | {lv['p50_ratio']:.3f} | "
+                     f"{on['sentences_per_s']:.1f} | {off['sentences_per_s']:.1f} | {lv['throughput_ratio']:.3f} | "
+                     f"{on['errors'] + off['errors']} |")
+    lines += ["", f"One text of {p['sentences']} sentences in one request: {p['one_request_s']:.2f} s (median of "
+              f"{len(p['runs_one'])}); the same sentences as {p['sentences']} concurrent requests: "
+              f"{p['concurrent_requests_s']:.2f} s; ratio **{p['ratio']:.3f}** (goal: at most 1.1).", ""]
+    (out / "text_cost.md").write_text("\n".join(lines))
+
+
+def run(cfg: TextCostConfig) -> dict[str, Any]:
+    sentences = load_sentences(cfg.load)
+    server = ServerProcess(cfg.load, ["--batching", "static", "--max-sentences-per-request", str(max(256, cfg.paragraph))])
+    try:
+        server.wait_serving()
+        measured = asyncio.run(measure(cfg, server.target, sentences))
+    finally:
+        server.close()
+    config = asdict(cfg)
+    config["load"] = {k: str(v) if isinstance(v, Path) else v for k, v in config["load"].items()}
+    return {"config": config, "cpu": cpu_info(), "cpu_summary": cpu_summary(), "python": platform.python_version(),
+            **measured}
+
+
+def parse_args(argv: list[str] | None) -> TextCostConfig:
+    d = TextCostConfig(LoadBenchConfig(clients=(1, 64), duration=8.0, warmup=2.0))
+    p = argparse.ArgumentParser(prog="nmt-bench text-cost", description=__doc__.splitlines()[0])
+    p.add_argument("--bundle", type=Path, default=d.load.bundle)
+    p.add_argument("--data-dir", type=Path, help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
+    p.add_argument("--clients", default="1,64", help="concurrent clients (default: %(default)s)")
+    p.add_argument("--beam", type=int, default=d.load.beam_size, help="beam size (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=d.rounds, help="on/off rounds (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=d.load.warmup, help="seconds before each window")
+    p.add_argument("--duration", type=float, default=d.load.duration, help="measured seconds per setting and round")
+    p.add_argument("--paragraph", type=int, default=d.paragraph, help="sentences in the long text (default: 64)")
+    p.add_argument("--repeats", type=int, default=d.repeats, help="long-text runs of each kind (default: 5)")
+    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads; 0 = ORT default")
+    p.add_argument("--out", type=Path, default=d.load.out)
+    p.add_argument("--force", action="store_true", help="overwrite existing results")
+    a = p.parse_args(argv)
+    load = replace(d.load, bundle=a.bundle, data_dir=a.data_dir, clients=tuple(int(c) for c in a.clients.split(",")),
+                   beam_size=a.beam, warmup=a.warmup, duration=a.duration, threads=a.threads, out=a.out)
+    return TextCostConfig(load, a.rounds, a.paragraph, a.repeats, a.force)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    if (cfg.load.out / "text_cost.json").exists() and not cfg.force:
+        raise SystemExit(f"nmt-bench text-cost: {cfg.load.out / 'text_cost.json'} exists (use --force)")
+    result = run(cfg)
+    write_report(result, cfg.load.out)
+    print((cfg.load.out / "text_cost.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
