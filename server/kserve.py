@@ -12,8 +12,8 @@ send doubles) become DecodeOptions, and so do the text pipeline's switches split
 normalize_case and protect_spans (bool, or the string "true"/"false"); other parameters are
 ignored, as Triton leaves them to the model.
 
-The texts go through TranslationServicer.translate: the same limits, scheduler, drain and metrics
-as Translate (nmt_requests_total{method="ModelInfer"}). Errors are Triton's: an unknown model or
+The texts go through the same service (server/service.py) as Translate: the same limits, text
+pipeline, scheduler, drain and metrics as Translate (nmt_requests_total{method="ModelInfer"}). Errors are Triton's: an unknown model or
 version NOT_FOUND ("Request for unknown model: ..."), a bad tensor or parameter INVALID_ARGUMENT,
 and ModelReady answers ready=false for an unknown model. Ready means the health service says
 SERVING for our service (not while warming up or draining). The other RPCs are not counted: like
@@ -30,13 +30,13 @@ import grpc
 from grpc_health.v1 import health_pb2
 from grpc_health.v1._async import HealthServicer
 
-from nmt.engine.translator import ModelInfo
+from nmt.engine.translator import ModelInfo, Translation
 
 from .interceptors import abort
 from .kserve_pb import grpc_predict_v2_pb2 as kpb
 from .kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from .nmt_pb import translation_pb2 as pb
-from .transport import SERVICE, Status, TranslationServicer, deadline_of, status_of
+from .transport import SERVICE, Status, TranslationServicer, deadline_of, decode_options, status_of, text_options
 
 SERVER_NAME = "nmt-service"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for the engine's runtime and model format
@@ -101,7 +101,7 @@ def _bool_parameter(name: str, parameter: kpb.InferParameter) -> bool:
                      + (f" {parameter.string_param[:40]!r}" if kind == "string_param" else ""))
 
 
-def decode_options(parameters: Parameters) -> pb.DecodeOptions:
+def options_message(parameters: Parameters) -> pb.DecodeOptions:
     """Our DecodeOptions message from request parameters; ranges are checked where Translate's are."""
     options = pb.DecodeOptions()
     for name in INT_PARAMETERS:
@@ -185,9 +185,9 @@ def check_outputs(request: kpb.ModelInferRequest, model: str) -> None:
 
 
 def infer_response(request: kpb.ModelInferRequest, info: ModelInfo, shape: list[int], n_best: int,
-                   response: pb.TranslateResponse) -> kpb.ModelInferResponse:
+                   results: list[list[Translation]]) -> kpb.ModelInferResponse:
     """TRANSLATION: the input's shape, or [N, n_best]; blank texts (one empty hypothesis) padded with ""."""
-    rows = [[h.text for h in t.hypotheses] + [""] * (n_best - len(t.hypotheses)) for t in response.translations]
+    rows = [[t.text for t in hyps] + [""] * (n_best - len(hyps)) for hyps in results]
     encoded = [text.encode("utf-8") for row in rows for text in row]
     raw = b"".join(LENGTH.pack(len(e)) + e for e in encoded)
     out_shape = shape if n_best == 1 else [shape[0], n_best]
@@ -255,10 +255,10 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         check_model(info, request.model_name, request.model_version)
         texts, shape = input_texts(request, info.name, self.translation.limits.max_texts)
         check_outputs(request, info.name)
-        options = decode_options(request.parameters)
-        response = await self.translation.translate(texts, options, deadline)
-        n_best = options.n_best if options.HasField("n_best") else 1  # as transport.decode_options
-        return infer_response(request, info, shape, n_best, response)
+        message = options_message(request.parameters)
+        options = decode_options(message, self.translation.limits)
+        results = await self.translation.service.translate(texts, options, text_options(message), deadline)
+        return infer_response(request, info, shape, options.n_best, results)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
         # The health service's public Check; our service's status is always set (create_server).
