@@ -56,6 +56,9 @@ _SPAN_PATTERNS = [
     r"[\U0001F000-\U0001FAFF\u2600-\u27BF][\uFE0F\u200D]*(?:\s*[\U0001F000-\U0001FAFF\u2600-\u27BF][\uFE0F\u200D]*)*",
 ]
 _SPANS = re.compile("|".join(f"({p})" for p in _SPAN_PATTERNS), re.IGNORECASE)
+# A character no span can do without: most sentences have none, and skip the spans' regex.
+_MAYBE_SPAN = re.compile(r"[\d@/\\:]|www|[^\x00-\u024F\u1E00-\u1EFF]", re.IGNORECASE)
+_LETTER = re.compile(r"[^\W\d_]")
 _TRAILING = ".,;:!?)]}\"'"  # sentence punctuation after a URL or path belongs to the sentence
 # Names the default model copies to its output most often (measured on test_2016_flickr templates).
 PLACEHOLDERS = ("Elmo", "Obama", "London", "Nike", "Seattle", "Mickey", "Texas", "Boston")
@@ -148,17 +151,17 @@ def split_sentences(text: str, lang: str = "en") -> list[tuple[int, int]]:
     masked = _opaque_spans(text)  # the backslash-n in C:\\Users\\anna\\notes.txt breaks no line
     for brk in [*_HARD_BREAK.finditer(masked), None]:
         line_end = len(text) if brk is None else brk.start()
-        _segment_line(text, line_start, line_end, lang, bounds)
+        _segment_line(masked, line_start, line_end, lang, bounds)
         if brk is not None:
             line_start = brk.end()
     return bounds
 
 
-def _segment_line(text: str, start: int, end: int, lang: str, bounds: list[tuple[int, int]]) -> None:
-    line = text[start:end]
+def _segment_line(masked: str, start: int, end: int, lang: str, bounds: list[tuple[int, int]]) -> None:
+    """Sentences of masked[start:end]: spans are opaque there (the dots of WWW.EXAMPLE.ORG end none)."""
+    line = masked[start:end]
     if not line.strip():
         return
-    line = _opaque_spans(line)  # the dots of WWW.EXAMPLE.ORG end no sentence
     cursor = 0
     for piece in segment(lang, line):
         core = piece.strip()
@@ -175,12 +178,15 @@ def _segment_line(text: str, start: int, end: int, lang: str, bounds: list[tuple
 
 def _opaque_spans(text: str) -> str:
     """The text with each protected span replaced by as many x's: same offsets, no breaks inside."""
+    if not _MAYBE_SPAN.search(text):
+        return text
     return _SPANS.sub(lambda m: "x" * len(m.group(0)), text)
 
 
 def case_of(sentence: str) -> Case:
-    letters = [c for c in sentence if c.isalpha() and c.lower() != c.upper()]
-    if len(letters) >= 4 and all(c.isupper() for c in letters):
+    if (rest := sentence[1:]) == rest.lower():  # the common case, decided in C: no capital after the first
+        return Case.AS_IS
+    if sentence.isupper() and len(_LETTER.findall(sentence)) >= 4:  # isupper: no lower-case letter at all
         return Case.UPPER
     words = [w for w in re.findall(r"[^\W\d_][\w'’-]*", sentence)][1:]
     content = [w for w in words if w.lower() not in _MINOR_WORDS]
@@ -215,6 +221,8 @@ def restore_case(translation: str, case: Case) -> str:
 
 def find_spans(sentence: str) -> list[tuple[int, int]]:
     """[start, end) of each span that must come out verbatim."""
+    if not _MAYBE_SPAN.search(sentence):
+        return []
     found = []
     for match in _SPANS.finditer(sentence):
         start, end = match.span()
