@@ -25,12 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import platform
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -41,7 +43,7 @@ import grpc
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from nmt.server.client import TranslationClient, request_options
+from nmt.server.client import request_options
 from nmt.server.continuous import continuous_unsupported
 from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
@@ -98,36 +100,36 @@ def load_sentences(cfg: LoadBenchConfig) -> list[str]:
     return lines[:cfg.sentences] if cfg.sentences else lines
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class ServerProcess:
-    """`nmt-serve` on loopback in a subprocess; SIGTERM on close."""
+    """`nmt-serve` on loopback in a subprocess; SIGTERM on close.
+
+    The server binds port 0 for gRPC and for /metrics itself and names the ports in its --port-file
+    once SERVING: no port is picked here first (a port found free and released can be taken, or be
+    found twice, before the server binds it). `port`, `metrics_port` and `target` are set by
+    wait_serving()."""
 
     def __init__(self, cfg: LoadBenchConfig, extra: list[str]):
-        self.port, self.metrics_port = free_port(), free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="nmt-serve-"))
+        self.port_file = self.workdir / "ports.json"
+        self.port = self.metrics_port = 0
+        self.target = ""
         cmd = [sys.executable, "-m", "nmt.server.main", "--model-dir", str(cfg.bundle), "--host", "127.0.0.1",
-               "--port", str(self.port), "--metrics-port", str(self.metrics_port), "--threads", str(cfg.threads),
+               "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file), "--threads", str(cfg.threads),
                "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING", *extra]
         self.proc = subprocess.Popen(cmd)
-        self.target = f"127.0.0.1:{self.port}"
 
     def wait_serving(self) -> None:
+        """Until the server has written its port file (it does once SERVING)."""
         deadline = time.monotonic() + SERVER_START_TIMEOUT
-        with TranslationClient(target=self.target) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"nmt-serve exited with {self.proc.returncode} before SERVING")
-                try:
-                    if client.health(timeout=1) == "SERVING":
-                        return
-                except grpc.RpcError:
-                    pass
-                time.sleep(0.5)
-        raise RuntimeError(f"nmt-serve not SERVING after {SERVER_START_TIMEOUT:.0f} s")
+        while not self.port_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nmt-serve exited with {self.proc.returncode} before SERVING")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nmt-serve not SERVING after {SERVER_START_TIMEOUT:.0f} s")
+            time.sleep(0.1)
+        ports = json.loads(self.port_file.read_text())
+        self.port, self.metrics_port = int(ports["port"]), int(ports["metrics_port"])
+        self.target = f"127.0.0.1:{self.port}"
 
     def memory_mb(self) -> tuple[float, float]:
         """(VmRSS, VmHWM) of the server process in MB (1e6 bytes)."""
@@ -151,6 +153,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 async def closed_loop(server: ServerProcess, sentences: list[str], clients: int,

@@ -146,6 +146,13 @@ class ContinuousScheduler(Scheduler):
         waiting = sum(1 for engine in self._engines for item in engine.waiting if not item.request.future.done())
         return len(self._queue) + waiting
 
+    @property
+    def running(self) -> int:
+        """Sentences sent to an engine thread and not yet finished or sent to be dropped (the event loop's
+        view, which changes the moment a join or a drop is sent: the engine applies it at its next step
+        boundary). Tests wait on it to know that a join or a leave has reached the engine."""
+        return sum(len(engine.running) for engine in self._engines)
+
     def _validate(self, sources: list[list[int]], options: DecodeOptions) -> None:
         try:
             self._checker.check(sources, options)

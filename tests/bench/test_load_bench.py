@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from nmt.bench import cli
+from nmt.bench.load import LoadBenchConfig, ServerProcess
 from nmt.bench.load_report import goals, markdown
-
+from nmt.server.client import TranslationClient
 
 
 @pytest.mark.slow
@@ -30,6 +31,20 @@ def test_load_bench_runs_and_writes_its_report(tiny_bundle: Path, data_dir: Path
     assert all(lv["mean_batch"] == 1.0 for lv in results["levels"] if lv["setting"] == "unbatched")
     assert [e["clients"] for e in results["engine"]] == [1, 3]
     assert {g["goal"].split(" ")[0] for g in results["goals"]} == {"continuous", "static", "gRPC", "server"}
+
+
+def test_server_process_serves_on_the_ports_it_bound_itself(server_bundle: Path) -> None:
+    """No port is picked before nmt-serve binds it: it binds port 0 twice and names the ports in its port file."""
+    server = ServerProcess(LoadBenchConfig(bundle=server_bundle, beam_size=1, threads=1), ["--batching", "static"])
+    try:
+        server.wait_serving()
+        assert 0 not in (server.port, server.metrics_port) and server.port != server.metrics_port
+        with TranslationClient(target=server.target) as client:
+            assert client.health(timeout=10) == "SERVING"
+        assert server.batch_histogram() == (0.0, 0.0)  # /metrics answers on the other port
+    finally:
+        code = server.close()
+    assert code == 0 and not server.workdir.exists()
 
 
 def test_missing_bundle_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

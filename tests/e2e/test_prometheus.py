@@ -4,14 +4,17 @@ The server runs in-process on loopback (create_server, ephemeral gRPC and metric
 exported bundle; Prometheus (the `prometheus` binary, Debian package `prometheus`) is started here
 with a generated config, a 1 s scrape interval and a temporary storage directory, and killed at
 the end. Skipped when the binary is absent.
+
+Every port is bound as port 0 by the process that listens on it (nothing picks a "free" port first,
+which another process could take before it is bound): Prometheus' own port is read from /proc.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -49,13 +52,36 @@ async def nmt_server(tiny_bundle: Path) -> AsyncIterator[NmtServer]:
         await server.stop(0)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def listening_port(pid: int) -> int | None:
+    """The TCP port process `pid` listens on over IPv4 (None while it listens on none), from Linux's /proc:
+    its socket inodes among the LISTEN sockets of its network namespace."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:  # closed meanwhile
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()  # sl local_address rem_address st ... inode
+        if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+            return int(fields[1].rsplit(":", 1)[1], 16)
+    return None
 
 
-def start_prometheus(url: str, root: Path, metrics_port: int) -> subprocess.Popen[bytes]:
+async def prometheus_url(proc: subprocess.Popen[bytes], log: Path) -> str:
+    """Prometheus' address once it listens (it was told to bind 127.0.0.1:0)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:  # a state to wait for
+        assert proc.poll() is None, f"prometheus exited with {proc.returncode}: {log.read_text()[-2000:]}"
+        if (port := listening_port(proc.pid)) is not None:
+            return f"http://127.0.0.1:{port}"
+        assert time.monotonic() < deadline, f"prometheus not listening within {TIMEOUT} s: {log.read_text()[-2000:]}"
+        await asyncio.sleep(0.1)
+
+
+def start_prometheus(root: Path, metrics_port: int) -> subprocess.Popen[bytes]:
     config = root / "prometheus.yml"
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -65,7 +91,7 @@ def start_prometheus(url: str, root: Path, metrics_port: int) -> subprocess.Pope
     with (root / "prometheus.log").open("wb") as log:
         return subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
-             f"--web.listen-address={url.removeprefix('http://')}", "--log.level=warn"],
+             "--web.listen-address=127.0.0.1:0", "--log.level=warn"],
             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -113,12 +139,13 @@ async def send_requests(port: int) -> int:
 
 @pytest.mark.asyncio
 async def test_prometheus_scrapes_the_server(nmt_server: NmtServer, tmp_path: Path) -> None:
-    base, root = f"http://127.0.0.1:{free_port()}", tmp_path
+    root = tmp_path
     assert nmt_server.metrics_port is not None
     ok = await send_requests(nmt_server.port)
-    proc = start_prometheus(base, root, nmt_server.metrics_port)
+    proc = start_prometheus(root, nmt_server.metrics_port)
     log = root / "prometheus.log"
     try:
+        base = await prometheus_url(proc, log)
         await wait_for(base, 'up{job="nmt"}', 1.0, proc, log)
         await wait_for(base, 'nmt_requests_total{method="Translate",code="OK"}', float(ok), proc, log)
         await wait_for(base, 'nmt_requests_total{method="Translate",code="INVALID_ARGUMENT"}', 1.0, proc, log)

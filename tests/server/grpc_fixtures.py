@@ -8,11 +8,12 @@ Import into a test module with `from grpc_fixtures import *` (pytest puts tests/
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import re
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
@@ -162,10 +163,10 @@ async def default_server(grpc_bundle: Path, grpc_translator: Translator) -> Asyn
 __all__ += ["default_server", "pb"]
 
 
-async def eventually(predicate: Any, timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll `predicate()` until it is true (the event loop keeps running meanwhile)."""
+async def eventually(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll `predicate()` until it is true (the event loop keeps running meanwhile). A wait on a state,
+    not on time: `timeout` only bounds how long a failing test takes to fail."""
     import asyncio
-    import time
 
     end = time.monotonic() + timeout
     while not predicate():
@@ -177,34 +178,38 @@ async def eventually(predicate: Any, timeout: float = 10.0, what: str = "conditi
 __all__ += ["eventually"]
 
 
-def start_nmt_serve(bundle: Path, **env: str) -> tuple[subprocess.Popen[str], int, int | None, list[str]]:
+SERVE_START_S = 120.0  # a failure, not a race: a loaded machine may take this long to load and warm up
+
+
+def start_nmt_serve(bundle: Path, port_file: Path,
+                    **env: str) -> tuple[subprocess.Popen[str], int, int | None, list[str]]:
     """nmt-serve in a subprocess on 127.0.0.1 (one CPU thread; `env` adds or overrides NMT_* variables);
-    returns it once it serves, with its gRPC port, metrics port (None when off) and its log lines."""
+    returns it once it serves, with its gRPC port, metrics port (None when off) and its log lines (still
+    growing). It binds port 0 itself (and metrics port 0 when NMT_METRICS_PORT=0) and names the ports it
+    bound in `port_file` once SERVING: no port is picked before the server binds it."""
     env = {**os.environ, "NMT_MODEL_DIR": str(bundle), "NMT_HOST": "127.0.0.1", "NMT_PORT": "0",
-           "NMT_THREADS": "1", "NMT_DEVICE": "cpu", **env}
+           "NMT_PORT_FILE": str(port_file), "NMT_THREADS": "1", "NMT_DEVICE": "cpu", **env}
+    port_file.unlink(missing_ok=True)
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "nmt.server.main"], cwd=root, env=env, stderr=subprocess.PIPE,
                             text=True)
     lines: list[str] = []
-    ready = threading.Event()
 
     def read() -> None:
         assert proc.stderr is not None
         for line in proc.stderr:
             lines.append(line)
-            if "serving nmt.v1" in line:
-                ready.set()
-        ready.set()
 
     threading.Thread(target=read, daemon=True).start()
-    if not ready.wait(60) or proc.poll() is not None:
-        proc.kill()
-        raise AssertionError("nmt-serve did not start:\n" + "".join(lines))
-    log = "".join(lines)
-    found = re.search(r"on port (\d+)", log)
-    assert found, lines
-    metrics = re.search(r"metrics on port (\d+)", log)
-    return proc, int(found.group(1)), int(metrics.group(1)) if metrics else None, lines
+    end = time.monotonic() + SERVE_START_S
+    while not port_file.exists():  # a state to wait for, checked every 50 ms: nothing depends on the timing
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            raise AssertionError("nmt-serve did not start:\n" + "".join(lines))
+        time.sleep(0.05)
+    ports = json.loads(port_file.read_text())
+    assert ports["pid"] == proc.pid, ports
+    return proc, ports["port"], ports["metrics_port"], lines
 
 
 __all__ += ["start_nmt_serve"]

@@ -1,5 +1,10 @@
 """Continuous batching (server/continuous.py) on the real Translator; steps held by a permit where a test
-needs to know exactly when a request joins or leaves."""
+needs to know exactly when a request joins or leaves.
+
+No test here depends on timing: a test that joins or leaves mid-decode waits until the engine thread
+is held before a step (held_before: the step boundary, where joins and drops are taken, is behind it),
+sends the change, waits until the scheduler has sent it to the engine (ContinuousScheduler.running),
+and only then lets the step run. A deadline passes by moving the event loop's clock, not by waiting."""
 
 from __future__ import annotations
 
@@ -23,12 +28,14 @@ from grpc_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.asyncio
 GREEDY, BEAM = DecodeOptions(beam_size=1, max_len_extra=12), DecodeOptions(beam_size=4, n_best=2, max_len_extra=12)
+HOUR = 3600.0  # a deadline no test run reaches by itself
 
 
 class Stepper(Gate):  # noqa: F405 - the real engine; records every decoder step, runs one per permit when held
     def __init__(self, translator: Any):
         super().__init__(translator)
         self.steps: list[tuple[int, int]] = []  # (sentences, rows) of each step
+        self.arrived = 0  # steps the engine thread has come to (the last one may be waiting for its permit)
         self.permits: threading.Semaphore | None = None  # None: steps run freely
         self.fail_next = False
 
@@ -52,6 +59,7 @@ class Stepper(Gate):  # noqa: F405 - the real engine; records every decoder step
 class Stepped(GatedBatch):  # noqa: F405
     def step(self) -> Any:
         stepper: Stepper = self.gate  # type: ignore[assignment]
+        stepper.arrived += 1  # only the engine thread writes it
         if stepper.permits is not None and not stepper.permits.acquire(timeout=30):
             raise TimeoutError("the test never allowed the step")
         if stepper.fail_next:
@@ -80,8 +88,21 @@ def longest(translator: Any, options: DecodeOptions) -> list[int]:
     return max(sources, key=lambda s: translator.search([s], options).steps)
 
 
-async def steps_reach(stepper: Stepper, n: int) -> None:
-    await eventually(lambda: len(stepper.steps) >= n, what=f"{n} steps")  # noqa: F405
+async def held_before(stepper: Stepper, n: int) -> None:
+    """Wait until the engine thread, held with exactly n - 1 permits, waits for the permit of step n: steps
+    1..n-1 ran, and step n's boundary (joins and drops taken from the inbox) is behind it, so whatever is
+    sent from now on is taken at the boundary after step n."""
+    await eventually(lambda: stepper.arrived == n, what=f"the engine to wait before step {n}")  # noqa: F405
+    assert len(stepper.steps) == n - 1, "the test allowed more steps than it waits for"
+
+
+def jump_the_loop_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Move the running event loop's clock `seconds` ahead (as aiotools' VirtualClock does): its timers that
+    fall due meanwhile, such as a request's deadline (asyncio.timeout in Scheduler.submit), fire at its next
+    turn. Undone when the test ends, with the test's own loop."""
+    loop = asyncio.get_running_loop()
+    clock = loop.time
+    monkeypatch.setattr(loop, "time", lambda: clock() + seconds)
 
 
 @pytest.mark.parametrize("options", [GREEDY, BEAM], ids=["greedy", "beam"])
@@ -93,9 +114,11 @@ async def test_a_request_joining_a_running_batch_gets_its_answer_alone(grpc_tran
     scheduler = await started(stepper)
     running = asyncio.create_task(scheduler.submit([first], options))
     stepper.allow(2)
-    await steps_reach(stepper, 2)
+    await held_before(stepper, 3)
+    assert scheduler.running == 1
     joining = asyncio.create_task(scheduler.submit([second], options))
-    await eventually(lambda: scheduler.depth == 0, what="the second request to join")  # noqa: F405
+    await eventually(lambda: scheduler.running == 2, what="the second request to be sent")  # noqa: F405
+    assert scheduler.depth == 1  # sent, not yet taken: it waits for the engine's next step boundary
     stepper.run_freely()
     got = await asyncio.gather(running, joining)
     await scheduler.close()
@@ -104,30 +127,32 @@ async def test_a_request_joining_a_running_batch_gets_its_answer_alone(grpc_tran
     for g, a in zip(got, alone):
         assert [h.score for h in g[0]] == pytest.approx([h.score for h in a[0]], abs=1e-4)
     K = options.beam_size
-    assert stepper.steps[:3] == [(1, K)] * 3  # the third step was under way when the second request came
+    assert stepper.steps[:3] == [(1, K)] * 3  # the third step's boundary had passed when the second request came
     assert stepper.steps[3] == (2, 2 * K)  # it joined at the next step boundary
     assert scheduler.metrics.registry.get_sample_value("nmt_batch_sentences_count") == len(stepper.steps)
 
 
 @pytest.mark.parametrize("how", ["cancelled", "deadline"])
-async def test_a_request_leaving_mid_decode_frees_its_rows(grpc_translator, how) -> None:
+async def test_a_request_leaving_mid_decode_frees_its_rows(grpc_translator, how, monkeypatch) -> None:
     stepper = Stepper(grpc_translator)
     source = longest(grpc_translator, BEAM)
     stepper.hold()
     scheduler = await started(stepper)
     kept = asyncio.create_task(scheduler.submit([source], BEAM))
-    deadline = time.monotonic() + 0.3 if how == "deadline" else None
+    deadline = time.monotonic() + HOUR if how == "deadline" else None  # passes only when the test says so
     leaving = asyncio.create_task(scheduler.submit([source], BEAM, deadline=deadline))
     stepper.allow(2)
-    await steps_reach(stepper, 2)
-    assert stepper.steps == [(2, 8), (2, 8)]
+    await held_before(stepper, 3)
+    assert stepper.steps == [(2, 8), (2, 8)] and scheduler.running == 2
     if how == "cancelled":
         leaving.cancel()
         with pytest.raises(asyncio.CancelledError):
             await leaving
     else:
+        jump_the_loop_clock(monkeypatch, HOUR)
         with pytest.raises(DeadlineExceeded):
             await leaving
+    await eventually(lambda: scheduler.running == 1, what="the drop to be sent")  # noqa: F405
     stepper.run_freely()
     got = await kept
     await scheduler.close()
@@ -180,9 +205,9 @@ async def test_close_finishes_running_and_queued_requests_then_refuses(grpc_tran
     scheduler = await started(stepper, max_batch_size=1)
     jobs = [asyncio.create_task(scheduler.submit([[5 + i, 6, 7]], GREEDY)) for i in range(3)]
     stepper.allow(1)
-    await steps_reach(stepper, 1)
+    await held_before(stepper, 2)  # the first request is being decoded
     closing = asyncio.create_task(scheduler.close(timeout=30))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # one turn of the loop (no waiting): close() has begun
     with pytest.raises(SchedulerClosed):
         await scheduler.submit([[5]], GREEDY)
     stepper.run_freely()

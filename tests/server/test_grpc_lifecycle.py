@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -113,9 +117,11 @@ async def test_bad_bundle_is_one_line_naming_the_file(grpc_bundle, tmp_path: Pat
     assert "manifest.json" in capsys.readouterr().err
 
 
-async def test_sigterm_under_load_loses_no_accepted_request(grpc_bundle) -> None:
+async def test_sigterm_under_load_loses_no_accepted_request(grpc_bundle, tmp_path: Path) -> None:
+    port_file = tmp_path / "ports.json"
     proc, port, metrics_port, log = await asyncio.to_thread(  # noqa: F405
-        start_nmt_serve, grpc_bundle, NMT_METRICS_PORT="0", NMT_MAX_BATCH_SIZE="1")
+        start_nmt_serve, grpc_bundle, port_file, NMT_METRICS_PORT="0", NMT_MAX_BATCH_SIZE="1")
+    assert metrics_port is not None and metrics_port != port  # both bound by the server itself (port 0)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
             options = pb.DecodeOptions(beam_size=4, max_len_extra=40)  # noqa: F405
@@ -130,10 +136,12 @@ async def test_sigterm_under_load_loses_no_accepted_request(grpc_bundle) -> None
                 return in_flight, done
 
             tasks = [asyncio.ensure_future(c) for c in calls]
-            while sum(await asyncio.to_thread(accepted)) < n:
+            end = time.monotonic() + 60  # bounds a failure only
+            while sum(seen := await asyncio.to_thread(accepted)) < n:  # a state to wait for
+                assert time.monotonic() < end, f"the server accepted {sum(seen)} of {n} calls"
                 await asyncio.sleep(0.02)
-            in_flight, _ = await asyncio.to_thread(accepted)
             proc.send_signal(signal.SIGTERM)
+            in_flight, _ = seen  # 96 beam searches one at a time take seconds; the scrape took milliseconds
             responses = await asyncio.gather(*tasks)
             assert in_flight > 0, "SIGTERM came after every request was done: the test proves nothing"
             assert all(len(r.translations) == len(TEXTS) for r in responses)  # noqa: F405
@@ -141,6 +149,20 @@ async def test_sigterm_under_load_loses_no_accepted_request(grpc_bundle) -> None
                 await stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]), timeout=5)  # noqa: F405
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
         assert await asyncio.to_thread(proc.wait, 30) == 0, "".join(log)
+        assert not port_file.exists()  # removed at exit: the ports it named are closed
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+async def test_an_unwritable_port_file_is_one_line(grpc_bundle, tmp_path: Path) -> None:
+    port_file = tmp_path / "missing" / "ports.json"
+    argv = ["--model-dir", str(grpc_bundle), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+            "--threads", "1", "--device", "cpu", "--port-file", str(port_file)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NMT_")}
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "nmt.server.main", *argv], env=env,
+                                   cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
+                                   timeout=120)
+    errors = [line for line in done.stderr.splitlines() if "error" in line.lower()]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and errors[0].startswith(f"nmt-serve: error: cannot write the port file {port_file}: ")

@@ -26,16 +26,25 @@ def texts_of(response: pb.TranslateResponse) -> list[list[str]]:  # noqa: F405
 
 
 @pytest.mark.parametrize("batching", ["continuous", "static"])
-async def test_concurrent_clients_get_their_own_answers_in_shared_batches(grpc_bundle, grpc_translator,
+async def test_concurrent_clients_get_their_own_answers_in_shared_batches(grpc_bundle, grpc_translator, gate,
                                                                           batching) -> None:
-    """Clients sending at once share batches (read from the histogram) yet get what they would get alone."""
+    """Clients sending at once share batches (read from the histogram) yet get what they would get alone.
+    The engine's first calls wait until every sentence has reached the scheduler: however slowly the
+    calls arrive, the sentences behind them are there to batch together."""
     cases = [(text, BEAM if i % 2 else GREEDY) for i, text in enumerate(TEXTS * 2)]  # noqa: F405
     expected = {(text, o): alone(grpc_translator, [text], o)[0] for text, o in set(cases)}  # noqa: F405
-    cfg = server_config(grpc_bundle, max_wait_ms=300.0, max_batch_size=64, workers=2, batching=batching)  # noqa: F405
-    async with serve(cfg, grpc_translator) as server, channel(server) as ch:  # noqa: F405
+    cfg = server_config(grpc_bundle, max_batch_size=64, workers=2, batching=batching)  # noqa: F405
+    async with serve(cfg, gate) as server, channel(server) as ch:  # noqa: F405
+        gate.close()
         calls = [stub(ch).Translate(pb.TranslateRequest(texts=[t], options=options_pb(o)))  # noqa: F405
                  for t, o in cases]
-        responses = await asyncio.gather(*calls)
+        responses = asyncio.gather(*calls)
+        # Queued (or sent to an engine thread), or in an engine call held at the gate (a sentence being
+        # admitted may count twice for a moment; one sentence late changes nothing: the others batch).
+        arrived = lambda: server.scheduler.depth + sum(len(sources) for sources, _ in gate.calls)  # noqa: E731
+        await eventually(lambda: arrived() >= len(cases), what="every sentence to reach the scheduler")  # noqa
+        gate.open()
+        responses = await responses
         registry = server.registry
     for (text, o), response in zip(cases, responses):
         assert texts_of(response) == [expected[(text, o)]], text

@@ -57,7 +57,8 @@ async def test_length_penalty_out_of_range_is_invalid_argument(default_server) -
 async def test_a_failing_request_does_not_fail_its_batch_mates(grpc_bundle, gate) -> None:
     """The engine raises on a batch holding a poisoned source (a token outside the vocabulary)."""
     poison = gate.translator.tokenize(["poison"])[0]
-    cfg = server_config(grpc_bundle, max_wait_ms=1000.0, max_batch_size=2, batching="static")  # noqa: F405 - one batch
+    # One batch of both, however long the second takes to arrive: a batch goes only when full (an hour's wait).
+    cfg = server_config(grpc_bundle, max_wait_ms=3.6e6, max_batch_size=2, batching="static")  # noqa: F405
     async with serve(cfg, gate) as server, channel(server) as ch:  # noqa: F405
         gate.tokenize = lambda texts: [s + [10**6] if s == poison else s for s in gate.translator.tokenize(texts)]
         gate.close()
@@ -109,14 +110,23 @@ async def test_oversized_messages_are_resource_exhausted_and_counted(grpc_bundle
     assert count(server, "TranslateStream", "RESOURCE_EXHAUSTED") == 1
 
 
-class Recording(Gate):  # noqa: F405 - the real translator; records where tokenize runs, and can be slow
-    def __init__(self, translator: Any, delay: float = 0.0):
+class Recording(Gate):  # noqa: F405 - the real translator; records where tokenize runs, and can hold it
+    def __init__(self, translator: Any):
         super().__init__(translator)
-        self.delay, self.tokenized = delay, list[tuple[str, list[int]]]()
+        self.tokenized = list[tuple[str, list[int]]]()
+        self.held: set[int] = set()  # the threads whose tokenize waits for `release` now (set.add is atomic)
+        self.release = threading.Event()  # cleared: tokenize waits (on the event loop it would stall everything)
+        self.release.set()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         self.tokenized.append((threading.current_thread().name, [len(t) for t in texts]))
-        time.sleep(self.delay)  # a tokenizer this slow on the event loop would stall every health check
+        if not self.release.is_set():
+            self.held.add(threading.get_ident())
+            try:
+                if not self.release.wait(timeout=30):
+                    raise TimeoutError("the test never released the tokenizer")
+            finally:
+                self.held.discard(threading.get_ident())
         return self.translator.tokenize(texts)
 
 
@@ -161,15 +171,23 @@ async def test_texts_over_max_text_bytes_are_refused_before_tokenizing(grpc_bund
     print(f"health during the flood: {len(latencies)} checks, p99 {p99(latencies) * 1000:.1f} ms")
 
 
-async def test_health_stays_fast_while_texts_are_tokenized(grpc_bundle, grpc_translator) -> None:
-    engine = Recording(grpc_translator, delay=0.5)
+async def test_health_is_answered_while_texts_are_tokenized(grpc_bundle, grpc_translator) -> None:
+    """Tokenize is held until a health check has been answered: on the event loop it would hold the loop,
+    and the check would be answered only after the tokenizer's 30 s timeout (the requests failing)."""
+    engine = Recording(grpc_translator)
     async with serve(server_config(grpc_bundle), engine) as server, channel(server) as ch:  # noqa: F405
-        calls = [stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:3])) for _ in range(12)]  # noqa: F405
-        latencies, outcomes = await health_latencies(ch, calls)
+        engine.tokenized.clear()  # the warm-up's
+        engine.release.clear()
+        calls = [asyncio.ensure_future(status(stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:3]))))  # noqa
+                 for _ in range(12)]
+        await eventually(lambda: engine.held, what="a tokenize to start")  # noqa: F405
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        held = len(engine.held)  # tokenize calls still waiting when the answer came
+        engine.release.set()
+        outcomes = await asyncio.gather(*calls)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING and held > 0
     assert {code for code, _ in outcomes} == {CODE.OK}
-    print(f"health while tokenizing: {len(latencies)} checks, p99 {p99(latencies) * 1000:.1f} ms, "
-          f"max {max(latencies) * 1000:.1f} ms")
-    assert len(latencies) >= 10 and max(latencies) < 0.4  # on the loop, each tokenize would stall it 0.5 s
+    assert threading.current_thread().name not in {name for name, _ in engine.tokenized}
 
 
 async def test_request_counts_match_what_clients_saw(grpc_bundle, gate) -> None:
