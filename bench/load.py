@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -157,41 +157,52 @@ class ServerProcess:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+@dataclass
+class Window:
+    """A closed loop's measured window: latencies (s) of the calls that finished inside it; failed calls."""
+    start: float
+    end: float
+    latencies: list[float] = field(default_factory=list)
+    errors: int = 0
+
+    @classmethod
+    def after(cls, warmup: float, duration: float) -> Window:
+        start = time.perf_counter() + warmup
+        return cls(start, start + duration)
+
+    async def call(self, stub: pb_grpc.TranslationServiceStub, request: pb.TranslateRequest) -> None:
+        sent = time.perf_counter()
+        try:
+            await stub.Translate(request, timeout=120)
+        except grpc.aio.AioRpcError:
+            self.errors += 1
+            return
+        if self.start <= (done := time.perf_counter()) <= self.end:
+            self.latencies.append(done - sent)
+
+
 async def closed_loop(server: ServerProcess, sentences: list[str], clients: int,
                       cfg: LoadBenchConfig) -> tuple[list[float], int, tuple[float, float]]:
     """Latencies (s) of the calls that finished in the window, failed calls, and the batch-histogram delta."""
     texts = itertools.cycle(sentences)
     options = request_options(beam_size=cfg.beam_size)
-    start = time.perf_counter()
-    window = (start + cfg.warmup, start + cfg.warmup + cfg.duration)
-    latencies: list[float] = []
-    errors = 0
+    measured = Window.after(cfg.warmup, cfg.duration)
 
     async def client(stub: pb_grpc.TranslationServiceStub) -> None:
-        nonlocal errors
-        while time.perf_counter() < window[1]:
-            request = pb.TranslateRequest(texts=[next(texts)], options=options)
-            sent = time.perf_counter()
-            try:
-                await stub.Translate(request, timeout=120)
-            except grpc.aio.AioRpcError:
-                errors += 1
-                continue
-            done = time.perf_counter()
-            if window[0] <= done <= window[1]:
-                latencies.append(done - sent)
+        while time.perf_counter() < measured.end:
+            await measured.call(stub, pb.TranslateRequest(texts=[next(texts)], options=options))
 
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = pb_grpc.TranslationServiceStub(channel)
         tasks = [asyncio.create_task(client(stub)) for _ in range(clients)]
-        await asyncio.sleep(max(0.0, window[0] - time.perf_counter()))
+        await asyncio.sleep(max(0.0, measured.start - time.perf_counter()))
         before = await asyncio.to_thread(server.batch_histogram)
-        await asyncio.sleep(max(0.0, window[1] - time.perf_counter()))
+        await asyncio.sleep(max(0.0, measured.end - time.perf_counter()))
         after = await asyncio.to_thread(server.batch_histogram)
         for task in tasks:  # calls still running past the window do not count: cancel them
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-    return latencies, errors, (after[0] - before[0], after[1] - before[1])
+    return measured.latencies, measured.errors, (after[0] - before[0], after[1] - before[1])
 
 
 def measure_level(name: str, clients: int, measured: tuple[list[float], int, tuple[float, float]],

@@ -32,7 +32,7 @@ from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from nmt.training.cpu import cpu_info, cpu_summary
 
-from .load import LoadBenchConfig, ServerProcess, load_sentences
+from .load import LoadBenchConfig, ServerProcess, Window, load_sentences
 
 
 @dataclass(frozen=True)
@@ -51,29 +51,17 @@ def options(pipeline: bool, beam: int) -> pb.DecodeOptions:
 async def closed_loop(stub: pb_grpc.TranslationServiceStub, sentences: list[str], clients: int, pipeline: bool,
                       cfg: LoadBenchConfig) -> tuple[list[float], int]:
     """Latencies (s) of the calls finished inside the measured window, and failed calls."""
-    start = time.perf_counter()
-    window = (start + cfg.warmup, start + cfg.warmup + cfg.duration)
-    latencies: list[float] = []
-    errors = 0
+    measured = Window.after(cfg.warmup, cfg.duration)
     request_options = options(pipeline, cfg.beam_size)
 
     async def client(offset: int) -> None:
-        nonlocal errors
         i = offset
-        while time.perf_counter() < window[1]:
-            request = pb.TranslateRequest(texts=[sentences[i % len(sentences)]], options=request_options)
+        while time.perf_counter() < measured.end:
+            await measured.call(stub, pb.TranslateRequest(texts=[sentences[i % len(sentences)]], options=request_options))
             i += clients
-            sent = time.perf_counter()
-            try:
-                await stub.Translate(request, timeout=120)
-            except grpc.aio.AioRpcError:
-                errors += 1
-                continue
-            if window[0] <= (done := time.perf_counter()) <= window[1]:
-                latencies.append(done - sent)
 
     await asyncio.gather(*(client(c) for c in range(clients)))
-    return latencies, errors
+    return measured.latencies, measured.errors
 
 
 async def paragraph_against_requests(stub: pb_grpc.TranslationServiceStub, sentences: list[str],
