@@ -13,7 +13,7 @@ oldest row. The design is Orca's (OSDI '22) iteration-level scheduling; the budg
 the server's scheduler.
 
 The rules and scores are engine/decoding.py's, built from its pieces (the graph's top-k head or
-row_top_k, _best_candidates, _advance, compact): without a vocabulary shortlist a sentence gets
+row_top_k, best_candidates, advance_beams, compact): without a vocabulary shortlist a sentence gets
 the same hypotheses as from Decoder.search alone, scores within float rounding (the padded
 attention sums its terms in another order). With one, the batch scores the union of its
 sentences' shortlists, as a static batch does.
@@ -42,12 +42,12 @@ from .cache import compact, row_top_k
 from .decoding import (
     BOS_ID,
     EOS_ID,
+    Beams,
     DecodeOptions,
     Decoder,
     Hypothesis,
-    _advance,
-    _Beams,
-    _best_candidates,
+    advance_beams,
+    best_candidates,
     only_eos,
     pad_sources,
 )
@@ -72,7 +72,7 @@ class _Sentence:
         self.key, self.options, self.rows, self.vocab, self.step = key, options, K, vocab, 0
         self.max_len = len(source) + options.max_len_extra  # hypothesis length limit, EOS included
         self.src_width = len(source) + 1  # source tokens + EOS
-        self.beams = _Beams([[[] for _ in range(K)]], [[]])  # this sentence's prefixes and finished (index 0)
+        self.beams = Beams([[[] for _ in range(K)]], [[]])  # this sentence's prefixes and finished (index 0)
         # Greedy: the running score, float32 as the static search adds it. Beam: each beam's score, the
         # beams after the first at -inf (all beams start identical: expand only the first).
         self.scores: np.ndarray | list[float] = np.zeros(1, np.float32) if K == 1 else [0.0] + [-np.inf] * (K - 1)
@@ -209,7 +209,7 @@ class RunningBatch:
 
     def check(self, sources: list[list[int]], options: DecodeOptions) -> None:
         """ValueError (naming the source by its index in `sources`) for what admit() must not get."""
-        self._checker._check(sources, options)
+        self._checker.check(sources, options)
 
     def admit(self, entries: list[tuple[Hashable, list[int], DecodeOptions]]) -> None:
         """Encode the new sentences (key, source token ids without EOS, options) and append their rows."""
@@ -341,7 +341,7 @@ class RunningBatch:
                 rows = np.concatenate([np.arange(starts[i], starts[i] + K) for i in members])
             group = lambda a: a[rows, : 2 * K].reshape(len(members), K, 2 * K)  # noqa: E731 - each row's best 2K
             scores = np.array([self.sentences[i].scores for i in members], dtype=np.float32)
-            top_scores, top_beams, top_tokens = _best_candidates(scores, group(values), group(ids), 2 * K)
+            top_scores, top_beams, top_tokens = best_candidates(scores, group(values), group(ids), 2 * K)
             found.update(zip(members, zip(top_beams.tolist(), top_tokens.tolist(), top_scores.tolist())))
         return found
 
@@ -350,7 +350,7 @@ class RunningBatch:
                    values: list[float]) -> list[tuple[int, int, float]] | None:
         """decoding._beam's rule for one sentence: its next (beam, token, score), or None when it is done."""
         K = sentence.rows
-        alive = _advance(sentence.beams, 0, origin, token, values, K, sentence.options.length_penalty)
+        alive = advance_beams(sentence.beams, 0, origin, token, values, K, sentence.options.length_penalty)
         if len(sentence.beams.finished[0]) >= K or sentence.step + 1 >= sentence.max_len:
             return None
         prefixes = sentence.beams.prefixes[0]

@@ -143,10 +143,13 @@ def only_eos(values: np.ndarray, ids: np.ndarray, eos: np.ndarray, rows: np.ndar
     values[rows, 0], ids[rows, 0] = eos[rows], EOS_ID
 
 
-def _best_candidates(scores: np.ndarray, values: np.ndarray, ids: np.ndarray,
-                     count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def best_candidates(scores: np.ndarray, values: np.ndarray, ids: np.ndarray,
+                    count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The `count` best extensions per sentence from each beam's own best k (exact: module docstring
-    of export/decoder_head.py): scores (A, K), values and ids (A, K, k) -> scores, beams, tokens (A, count)."""
+    of export/decoder_head.py): scores (A, K), values and ids (A, K, k) -> scores, beams, tokens (A, count).
+
+    A beam-search step's ranking, shared by the static search (_beam) and RunningBatch
+    (engine/continuous.py). Ties keep the lower beam, then the better of its own k (stable sort)."""
     A, K, k = values.shape
     candidates = (scores[:, :, None] + values).reshape(A, K * k)
     order = np.argsort(-candidates, axis=1, kind="stable")[:, :count]  # K*k is small (2 * K * K)
@@ -155,11 +158,12 @@ def _best_candidates(scores: np.ndarray, values: np.ndarray, ids: np.ndarray,
 
 
 @dataclass
-class _Beams:
-    """Per-sentence beam search bookkeeping (sub-batch indices)."""
+class Beams:
+    """Beam search bookkeeping of some sentences, indexed by sentence (the static search: its sub-batch
+    index; RunningBatch: 0, one Beams per sentence). advance_beams() updates it."""
 
-    prefixes: list[list[list[int]]]
-    finished: list[list[Hypothesis]]
+    prefixes: list[list[list[int]]]  # per sentence, per beam: the tokens so far (without BOS)
+    finished: list[list[Hypothesis]]  # per sentence: its finished hypotheses, in the order found
 
 
 def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) -> tuple[list[list[Hypothesis]], int]:
@@ -169,7 +173,7 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
     active = list(range(len(sources)))  # sub-batch index of each live group of K rows
     scores = np.zeros((len(sources), K), dtype=np.float32)
     scores[:, 1:] = -np.inf  # all beams start identical: expand only the first
-    beams = _Beams([[[] for _ in range(K)] for _ in sources], [[] for _ in sources])
+    beams = Beams([[[] for _ in range(K)] for _ in sources], [[] for _ in sources])
     last = np.full(len(sources) * K, BOS_ID, dtype=np.int64)
     history = np.zeros((len(last), 0), dtype=np.int64)  # each row's tokens so far
     step = 0
@@ -183,11 +187,11 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
         if at_limit.any():
             only_eos(values, ids, eos, (np.flatnonzero(at_limit)[:, None] * K + np.arange(K)).ravel())
         values, ids = values.reshape(len(active), K, -1), ids.reshape(len(active), K, -1)
-        top_scores, top_beams, top_tokens = _best_candidates(scores, values, ids, 2 * K)
+        top_scores, top_beams, top_tokens = best_candidates(scores, values, ids, 2 * K)
         origin, token, top_list = top_beams.tolist(), top_tokens.tolist(), top_scores.tolist()
         next_rows, next_tokens, next_scores, kept = [], [], [], []
         for a, sentence in enumerate(active):
-            alive = _advance(beams, sentence, origin[a], token[a], top_list[a], K, alpha)
+            alive = advance_beams(beams, sentence, origin[a], token[a], top_list[a], K, alpha)
             if len(beams.finished[sentence]) >= K or at_limit[a]:
                 continue
             kept.append(a)
@@ -208,9 +212,12 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
     return ranked, step
 
 
-def _advance(beams: _Beams, sentence: int, origin: list[int], token: list[int], score: list[float], K: int,
-             alpha: float) -> list[tuple[int, int, float]]:
-    """Finalize EOS candidates ranked among the best K; return the K best non-EOS (beam, token, score)."""
+def advance_beams(beams: Beams, sentence: int, origin: list[int], token: list[int], score: list[float], K: int,
+                  alpha: float) -> list[tuple[int, int, float]]:
+    """One beam-search step of sentence `sentence` of `beams`, from its candidates best first (the
+    (beam, token, score) triples of best_candidates, as lists): an EOS candidate ranked among the best
+    K (and finite) becomes a finished Hypothesis, normalized by length_penalty(length + EOS, alpha);
+    returns the K best non-EOS candidates (beam, token, score). The caller extends the prefixes."""
     alive: list[tuple[int, int, float]] = []
     for rank, (beam, tok, value) in enumerate(zip(origin, token, score)):
         if tok == EOS_ID:
@@ -238,7 +245,7 @@ class Decoder:
 
     def search(self, sources: list[list[int]], options: DecodeOptions) -> SearchResult:
         """Decode token-id sources (without EOS; may be empty); results in input order."""
-        self._check(sources, options)
+        self.check(sources, options)
         results: list[list[Hypothesis]] = [[] for _ in sources]
         order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
         per_batch = max(1, self.max_batch_rows // options.beam_size)
@@ -263,7 +270,9 @@ class Decoder:
                 results[i] = hyps
         return SearchResult(results, encode, decode, steps)
 
-    def _check(self, sources: list[list[int]], options: DecodeOptions) -> None:
+    def check(self, sources: list[list[int]], options: DecodeOptions) -> None:
+        """ValueError, naming the source by its index in `sources`, for a token id outside the vocabulary
+        or a source too long for the model's positions; search() and RunningBatch run it first."""
         vocab, limit = self.sessions.vocab_size, self.sessions.max_positions
         for i, source in enumerate(sources):
             if any(not 0 <= t < vocab for t in source):

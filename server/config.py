@@ -12,7 +12,7 @@ from typing import Any
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.runtime import DEVICES, PRECISIONS, RuntimeConfig
 
-from .scheduler import BATCHING, SchedulerConfig
+from .batching import BATCHING, SchedulerConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 # A SentencePiece piece is at most 16 characters of at most 4 UTF-8 bytes: a text longer than this

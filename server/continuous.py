@@ -24,6 +24,9 @@ batch fails with EngineError (a step computes all rows together) and the next ba
 Metrics: nmt_batch_sentences / nmt_batch_tokens and nmt_decode_duration_seconds are observed per
 decoder step (the batch that step ran), nmt_encode_duration_seconds per admission,
 nmt_queue_wait_seconds when a sentence is sent to the engine.
+
+create_scheduler (below) picks the policy: it lives here, beside the subclass, because this module
+already imports the static Scheduler; server/scheduler.py imports nothing of this one (no cycle).
 """
 
 from __future__ import annotations
@@ -34,14 +37,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nmt.engine.continuous import Finished, NoPastMask, RunningBatch
 from nmt.engine.decoding import DecodeOptions
 
+from .batching import EngineError, Item, SchedulerClosed, SchedulerConfig, distinct_requests
 from .metrics import Metrics
-from .scheduler import EngineError, Scheduler, SchedulerClosed, SchedulerConfig, _Item, _requests
+from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,8 @@ class _Report:
     encode_seconds: list[float] = field(default_factory=list)  # per admission
     steps: list[tuple[int, int, float]] = field(default_factory=list)  # per step: sentences, padded tokens, seconds
     finished: list[Finished] = field(default_factory=list)
-    failed: tuple[list[_Item], Exception] | None = None  # the batch's sentences, when the engine raised
-    taken: list[_Item] = field(default_factory=list)  # taken from the inbox (admitted, or dropped on the way)
+    failed: tuple[list[Item], Exception] | None = None  # the batch's sentences, when the engine raised
+    taken: list[Item] = field(default_factory=list)  # taken from the inbox (admitted, or dropped on the way)
 
 
 class _EngineThread:
@@ -74,15 +78,15 @@ class _EngineThread:
     def __init__(self, new_batch: Callable[[], RunningBatch], post: Callable[[_Report], None]):
         self.new_batch, self.post = new_batch, post
         self.batch = new_batch()
-        self.inbox: deque[tuple[list[_Item], set[_Item]]] = deque()  # (joining, leaving), thread-safe
+        self.inbox: deque[tuple[list[Item], set[Item]]] = deque()  # (joining, leaving), thread-safe
         self.wake = threading.Event()
         self.stopping = False
-        self.running: set[_Item] = set()  # the event loop's view: sent and not reported finished or dropped
-        self.waiting: set[_Item] = set()  # the event loop's view: sent and not yet taken from the inbox
+        self.running: set[Item] = set()  # the event loop's view: sent and not reported finished or dropped
+        self.waiting: set[Item] = set()  # the event loop's view: sent and not yet taken from the inbox
         self.report = _Report()  # posted when it has news: finished or failed sentences
-        self.joining: list[_Item] = []  # being admitted (not yet among the batch's keys)
+        self.joining: list[Item] = []  # being admitted (not yet among the batch's keys)
 
-    def send(self, joining: list[_Item], leaving: set[_Item]) -> None:
+    def send(self, joining: list[Item], leaving: set[Item]) -> None:
         """From the event loop: admit and drop at the next step boundary."""
         self.running.difference_update(leaving)
         self.running.update(joining)
@@ -105,7 +109,7 @@ class _EngineThread:
             try:
                 self._turn(self.report)
             except Exception as e:  # noqa: BLE001 - the event loop fails the batch's requests
-                items = [key for key in self.batch.keys() if isinstance(key, _Item)]
+                items = [key for key in self.batch.keys() if isinstance(key, Item)]
                 self.report.failed = (items + [i for i in self.joining if i not in items], e)
                 self.batch = self.new_batch()
             if self.report.finished or self.report.failed:
@@ -113,7 +117,7 @@ class _EngineThread:
                 self.post(report)
 
     def _turn(self, report: _Report) -> None:
-        leaving: set[_Item] = set()
+        leaving: set[Item] = set()
         self.joining = []
         while self.inbox:
             more, gone = self.inbox.popleft()
@@ -178,7 +182,7 @@ class ContinuousScheduler(Scheduler):
                 await self._wakeup.wait()
         except asyncio.CancelledError:  # close() gave up waiting: nobody may be left hanging
             for engine in self._engines:
-                for request in _requests(list(engine.running)):
+                for request in distinct_requests(list(engine.running)):
                     self._fail(request, SchedulerClosed("the server shut down before the request was computed"))
             raise
         finally:
@@ -191,7 +195,7 @@ class ContinuousScheduler(Scheduler):
         leaving = {item for item in engine.running if item.request.future.done()}
         count = len(engine.running) - len(leaving)
         width = max((len(item.tokens) + 1 for item in engine.running - leaving), default=0)
-        joining: list[_Item] = []
+        joining: list[Item] = []
         for item in self._queue:
             widest = max(width, len(item.tokens) + 1)
             if count and (count + 1 > self.cfg.max_batch_size or (count + 1) * widest > self.cfg.max_batch_tokens):
@@ -205,7 +209,7 @@ class ContinuousScheduler(Scheduler):
         if joining or leaving:
             engine.send(joining, leaving)
 
-    def _observe_joining(self, items: list[_Item]) -> None:
+    def _observe_joining(self, items: list[Item]) -> None:
         if self.metrics is None:
             return
         now = time.monotonic()
@@ -219,7 +223,7 @@ class ContinuousScheduler(Scheduler):
         for engine in self._engines:
             engine.waiting.difference_update(report.taken)
         for item, hypotheses in report.finished:
-            assert isinstance(item, _Item)
+            assert isinstance(item, Item)
             for engine in self._engines:
                 engine.running.discard(item)
             request = item.request
@@ -251,11 +255,23 @@ class ContinuousScheduler(Scheduler):
             m.decode_seconds.observe(step_seconds)
         m.generated_tokens.inc(sum(len(h.tokens) for _, hyps in report.finished for h in hyps))
 
-    def _batch_failed(self, items: list[_Item], error: Exception) -> None:
+    def _batch_failed(self, items: list[Item], error: Exception) -> None:
         log.error("engine failed on a running batch of %d sentences", len(items), exc_info=error)
         failure = EngineError(f"the engine failed on a running batch of {len(items)} sentences: {error}")
         for engine in self._engines:
             engine.running.difference_update(items)
             engine.waiting.difference_update(items)
-        for request in _requests(items):
+        for request in distinct_requests(items):
             self._fail(request, failure)
+
+
+def create_scheduler(engine: Any, cfg: SchedulerConfig, metrics: Metrics | None = None) -> Scheduler:
+    """The scheduler of cfg.batching. Continuous batching needs an engine with running_batch() and a
+    bundle whose decoder takes past_mask (format 3); otherwise static batching, said in a log line."""
+    if cfg.batching == "continuous":
+        reason = continuous_unsupported(engine)
+        if reason is None:
+            return ContinuousScheduler(engine, cfg, metrics)
+        log.warning("continuous batching is not possible (%s): serving with static batching", reason)
+        cfg = replace(cfg, batching="static")
+    return Scheduler(engine, cfg, metrics)

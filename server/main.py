@@ -35,12 +35,12 @@ from nmt.engine.selfcheck import startup_check
 from nmt.engine.translator import Translator
 
 from .config import ServerConfig, from_args
+from .continuous import create_scheduler
 from .interceptors import BearerTokenInterceptor, RequestGuard
 from .kserve import add_inference_service
 from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
-from .scheduler import create_scheduler
 from .service import Limits
 from .transport import SERVICE, TranslationServicer
 

@@ -1,6 +1,7 @@
 """Batching: sentences from every caller are queued and run through the engine together.
 
-Two policies (SchedulerConfig.batching; create_scheduler picks the class):
+Two policies (SchedulerConfig.batching; create_scheduler in server/continuous.py picks the class;
+what both share, config, errors, a request's queued sentences, is server/batching.py's):
 - "continuous" (server/continuous.py): iteration-level batching. Between two decoder
   steps, queued sentences run the encoder and join the running batch, and finished ones leave and
   are answered at once; see that module.
@@ -30,81 +31,39 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 from nmt.engine.decoding import DecodeOptions, Hypothesis, SearchResult
 
+from .batching import (
+    DeadlineExceeded,
+    EngineError,
+    Item,
+    QueueFull,
+    Request,
+    SchedulerClosed,
+    SchedulerConfig,
+    distinct_requests,
+)
 from .metrics import Metrics
 
+# The errors and SchedulerConfig are server/batching.py's; they are imported here too, by callers that
+# know the scheduler alone (server/service.py, server/transport.py).
+__all__ = ["DeadlineExceeded", "Engine", "EngineError", "QueueFull", "Scheduler", "SchedulerClosed",
+           "SchedulerConfig"]
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = (0.05, 30.0)  # bounds of QueueFull.retry_after_s
-BATCHING = ("continuous", "static")
 SECONDS_PER_SENTENCE = 0.05  # the drain estimate before the first batch has been timed
-
-
-class QueueFull(Exception):
-    """The queue has no room for a request's sentences; retry_after_s: when to try again."""
-
-    def __init__(self, message: str, retry_after_s: float):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class DeadlineExceeded(Exception):
-    """A request's deadline passed before its translations were done."""
-
-
-class EngineError(Exception):
-    """The engine raised while computing a batch."""
-
-
-class SchedulerClosed(Exception):
-    """The scheduler is shutting down and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch_size: int = 32  # sentences
-    max_batch_tokens: int = 4096  # padded source tokens: sentences x (longest + EOS)
-    max_wait_s: float = 0.0  # 0: a batch forms as soon as a worker is free
-    max_queue_size: int = 1024  # sentences
-    workers: int = 1
-    batching: str = "static"  # or "continuous", which never waits (max_wait_s is static's)
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_batch_tokens", "max_queue_size", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_s < 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {self.max_wait_s}")
-        if self.batching not in BATCHING:
-            raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
 
 
 class Engine(Protocol):
     def search(self, sources: list[list[int]], options: DecodeOptions) -> SearchResult: ...
 
 
-class _Request:
-    __slots__ = ("future", "results", "remaining", "deadline")
-
-    def __init__(self, future: asyncio.Future[list[list[Hypothesis]]], size: int, deadline: float | None):
-        self.future, self.deadline, self.remaining = future, deadline, size
-        self.results: list[list[Hypothesis]] = [[] for _ in range(size)]
-
-
-class _Item:
-    __slots__ = ("request", "index", "tokens", "options", "enqueued")
-
-    def __init__(self, request: _Request, index: int, tokens: list[int], options: DecodeOptions, enqueued: float):
-        self.request, self.index, self.tokens, self.options, self.enqueued = request, index, tokens, options, enqueued
-
-
 class Scheduler:
     def __init__(self, engine: Engine, cfg: SchedulerConfig, metrics: Metrics | None = None):
         self.engine, self.cfg, self.metrics = engine, cfg, metrics
-        self._queue: list[_Item] = []
+        self._queue: list[Item] = []
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(cfg.workers)
         self._running: set[asyncio.Task[None]] = set()
@@ -135,9 +94,9 @@ class Scheduler:
             raise QueueFull(f"the queue holds {self.depth} sentences and this request has {len(sources)}; "
                             f"max_queue_size is {self.cfg.max_queue_size}, retry in {wait * 1000:.0f} ms", wait)
         self._validate(sources, options)
-        request = _Request(asyncio.get_running_loop().create_future(), len(sources), deadline)
+        request = Request(asyncio.get_running_loop().create_future(), len(sources), deadline)
         now = time.monotonic()
-        self._queue.extend(_Item(request, i, tokens, options, now) for i, tokens in enumerate(sources))
+        self._queue.extend(Item(request, i, tokens, options, now) for i, tokens in enumerate(sources))
         self._changed()
         try:
             async with asyncio.timeout(None if deadline is None else max(0.0, deadline - now)):
@@ -176,13 +135,13 @@ class Scheduler:
             self.metrics.queue_depth.set(self.depth)
         self._wakeup.set()
 
-    def _forget(self, request: _Request) -> None:
+    def _forget(self, request: Request) -> None:
         if not request.future.done():
             request.future.cancel()
         self._queue = [item for item in self._queue if item.request is not request]
         self._changed()
 
-    def _fail(self, request: _Request, error: Exception) -> None:
+    def _fail(self, request: Request, error: Exception) -> None:
         if not request.future.done():
             request.future.set_exception(error)
         self._forget(request)
@@ -205,7 +164,7 @@ class Scheduler:
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
-    async def _next_batch(self) -> list[_Item] | None:
+    async def _next_batch(self) -> list[Item] | None:
         """Wait until a batch is due (full, or its oldest sentence has waited max_wait_s); take it."""
         while True:
             self._drop_expired()
@@ -229,7 +188,7 @@ class Scheduler:
             except TimeoutError:
                 pass
 
-    def _select(self) -> tuple[list[_Item], bool]:
+    def _select(self) -> tuple[list[Item], bool]:
         """The oldest sentence and the queued ones nearest its length with its options; whether that is full."""
         oldest = self._queue[0]
         size, budget = self.cfg.max_batch_size, self.cfg.max_batch_tokens
@@ -253,7 +212,7 @@ class Scheduler:
             if request.deadline is not None and request.deadline <= now:
                 self._fail(request, DeadlineExceeded("the deadline passed while the request was queued"))
 
-    async def _run(self, batch: list[_Item]) -> None:
+    async def _run(self, batch: list[Item]) -> None:
         started = time.monotonic()
         try:
             try:
@@ -264,14 +223,14 @@ class Scheduler:
                 await self._run_apart(batch, e)
                 return
         except asyncio.CancelledError:  # close() gave up waiting: nobody may be left hanging
-            for request in _requests(batch):
+            for request in distinct_requests(batch):
                 self._fail(request, SchedulerClosed("the server shut down before the request was computed"))
             raise
         finally:
             self._slots.release()
         self._done(batch, started, result)
 
-    async def _search(self, batch: list[_Item]) -> SearchResult:
+    async def _search(self, batch: list[Item]) -> SearchResult:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self._executor, self.engine.search, [item.tokens for item in batch],
@@ -279,9 +238,9 @@ class Scheduler:
         assert len(result.hypotheses) == len(batch), "the engine returned a result per source"
         return result
 
-    async def _run_apart(self, batch: list[_Item], error: Exception) -> None:
+    async def _run_apart(self, batch: list[Item], error: Exception) -> None:
         """The engine failed on `batch`: run each of its requests alone, so one bad request fails by itself."""
-        groups: dict[int, list[_Item]] = {}
+        groups: dict[int, list[Item]] = {}
         for item in batch:
             groups.setdefault(id(item.request), []).append(item)
         if len(groups) == 1:
@@ -300,13 +259,13 @@ class Scheduler:
                 continue
             self._done(items, started, result)
 
-    def _engine_failed(self, items: list[_Item], error: Exception) -> None:
+    def _engine_failed(self, items: list[Item], error: Exception) -> None:
         log.error("engine failed on a batch of %d sentences", len(items), exc_info=error)
         failure = EngineError(f"the engine failed on a batch of {len(items)} sentences: {error}")
-        for request in _requests(items):
+        for request in distinct_requests(items):
             self._fail(request, failure)
 
-    def _done(self, batch: list[_Item], started: float, result: SearchResult) -> None:
+    def _done(self, batch: list[Item], started: float, result: SearchResult) -> None:
         """Record the batch's pace and metrics; hand each sentence's hypotheses to its request."""
         per_sentence = (time.monotonic() - started) / len(batch)
         self._seconds_per_sentence = 0.8 * self._seconds_per_sentence + 0.2 * per_sentence
@@ -320,7 +279,7 @@ class Scheduler:
             if request.remaining == 0:
                 request.future.set_result(request.results)
 
-    def _observe(self, batch: list[_Item], started: float, result: SearchResult) -> None:
+    def _observe(self, batch: list[Item], started: float, result: SearchResult) -> None:
         m = self.metrics
         if m is None:
             return
@@ -332,22 +291,3 @@ class Scheduler:
         m.decode_seconds.observe(result.decode_seconds)
         m.input_tokens.inc(sum(len(item.tokens) for item in batch))
         m.generated_tokens.inc(sum(len(h.tokens) for hyps in result.hypotheses for h in hyps))
-
-
-def _requests(batch: list[_Item]) -> list[_Request]:
-    """The distinct requests with a sentence in `batch`."""
-    return list({id(item.request): item.request for item in batch}.values())
-
-
-def create_scheduler(engine: Any, cfg: SchedulerConfig, metrics: Metrics | None = None) -> Scheduler:
-    """The scheduler of cfg.batching. Continuous batching needs an engine with running_batch() and a
-    bundle whose decoder takes past_mask (format 3); otherwise static batching, said in a log line."""
-    from .continuous import ContinuousScheduler, continuous_unsupported  # it subclasses Scheduler
-
-    if cfg.batching == "continuous":
-        reason = continuous_unsupported(engine)
-        if reason is None:
-            return ContinuousScheduler(engine, cfg, metrics)
-        log.warning("continuous batching is not possible (%s): serving with static batching", reason)
-        cfg = replace(cfg, batching="static")
-    return Scheduler(engine, cfg, metrics)

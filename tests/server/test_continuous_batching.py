@@ -18,11 +18,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nmt.engine.decoding import DecodeOptions
+from nmt.server.batching import DeadlineExceeded, EngineError, SchedulerClosed, SchedulerConfig
 from nmt.server.config import from_args
-from nmt.server.continuous import ContinuousScheduler
+from nmt.server.continuous import ContinuousScheduler, create_scheduler
 from nmt.server.metrics import Metrics
-from nmt.server.scheduler import (DeadlineExceeded, EngineError, Scheduler, SchedulerClosed, SchedulerConfig,
-                                  create_scheduler)
+from nmt.server.scheduler import Scheduler
 
 from grpc_fixtures import *  # noqa: F403
 

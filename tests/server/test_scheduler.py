@@ -9,8 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nmt.engine.decoding import DecodeOptions
+from nmt.server.batching import DeadlineExceeded, EngineError, QueueFull, SchedulerClosed, SchedulerConfig
 from nmt.server.metrics import Metrics
-from nmt.server.scheduler import DeadlineExceeded, EngineError, QueueFull, Scheduler, SchedulerConfig, SchedulerClosed
+from nmt.server.scheduler import Scheduler
 
 from grpc_fixtures import *  # noqa: F403
 

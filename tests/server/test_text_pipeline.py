@@ -82,3 +82,12 @@ async def test_the_sentence_limit_and_the_per_sentence_token_limit(grpc_bundle, 
         assert code == grpc.StatusCode.OK
         info = await stub(ch).GetModelInfo(pb.GetModelInfoRequest())  # noqa: F405
         assert info.max_sentences_per_request == 4
+
+
+async def test_the_same_over_translate_stream(default_server, grpc_translator):
+    one, two, three = each_alone(grpc_translator, SENTENCES)
+    options = pb.DecodeOptions(beam_size=1, max_len_extra=12)  # noqa: F405
+    async with channel(default_server) as ch:  # noqa: F405
+        requests = [pb.TranslateStreamRequest(id="p", texts=[PARAGRAPH], options=options)]  # noqa: F405
+        answers = [a async for a in stub(ch).TranslateStream(iter(requests))]  # noqa: F405
+    assert [(a.id, a.response.translations[0].hypotheses[0].text) for a in answers] == [("p", f"{one} {two}\n\n{three}")]
