@@ -5,6 +5,9 @@ Every engine takes token-id sources (without EOS) and returns the best hypothesi
 with the GNMT length penalty ((5 + len) / 6) ** alpha (len counting EOS), fairseq's finishing
 rule, at most len(source) + max_len_extra tokens (EOS included).
 
+Every engine here runs without the repetition guard (no n-gram 4 times in a row, on in the
+service): CTranslate2 has no such rule, and the comparison is of equal work and equal outputs.
+
 CTranslate2 differs in two rules, and is driven so that the differences do not show:
 - its length penalty is len ** alpha (len without EOS). We ask for all `beam_size` finished
   hypotheses with raw scores (length_penalty 1e-9, which also keeps its fairseq-style finishing
@@ -57,8 +60,9 @@ class TorchEngine:
 
         extra = self.settings.max_len_extra
         if beam_size == 1:
-            return [h.tokens for h in greedy_search(self.model, sources, max_len_extra=extra)]
-        found = beam_search(self.model, sources, beam_size, self.settings.length_penalty, 1, extra)
+            return [h.tokens for h in greedy_search(self.model, sources, max_len_extra=extra, repetition_guard=False)]
+        found = beam_search(self.model, sources, beam_size, self.settings.length_penalty, 1, extra,
+                            repetition_guard=False)
         return [hyps[0].tokens for hyps in found]
 
     def encode(self, sources: list[list[int]]) -> None:
@@ -100,7 +104,7 @@ class OrtEngine:
         self.decoder = Decoder(self.sessions)
         self._options = {
             beam: DecodeOptions(beam_size=beam, length_penalty=settings.length_penalty,
-                                max_len_extra=settings.max_len_extra)
+                                max_len_extra=settings.max_len_extra, repetition_guard=False)
             for beam in {1, settings.beam_size}
         }
 

@@ -255,7 +255,8 @@ class RunningBatch:
 
     def _blocked(self) -> np.ndarray | None:
         """The repetition guard's tokens per row (R, MAX_REPEAT_NGRAM), -1 for none; None: none at all."""
-        per_row = [blocked_tokens(prefix) for s in self.sentences for prefix in s.beams.prefixes[0][: s.rows]]
+        per_row = [blocked_tokens(prefix) if s.options.repetition_guard else []
+                   for s in self.sentences for prefix in s.beams.prefixes[0][: s.rows]]
         if not any(per_row):
             return None
         blocked = np.full((len(per_row), MAX_REPEAT_NGRAM), -1, dtype=np.int64)

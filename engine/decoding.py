@@ -73,6 +73,9 @@ class DecodeOptions:
     beam_size: int = 4  # 1 = greedy
     length_penalty: float = 0.6  # GNMT alpha; 0 = rank by log-probability alone
     max_len_extra: int = 50  # hypothesis length limit: source length + this, EOS included
+    # No n-gram 4 times in a row (engine/hypothesis.py). Off only to compare with engines that have
+    # no such rule (nmt-bench decode against CTranslate2).
+    repetition_guard: bool = True
     n_best: int = 1
 
     def __post_init__(self) -> None:
@@ -105,7 +108,8 @@ def pad_sources(sources: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, ids != PAD_ID  # a PAD inside a source is masked, as in training.search.pad_batch
 
 
-def _greedy(cache: HostCache, sources: list[list[int]], max_len_extra: int) -> tuple[list[list[Hypothesis]], int]:
+def _greedy(cache: HostCache, sources: list[list[int]], max_len_extra: int,
+            guard: bool = True) -> tuple[list[list[Hypothesis]], int]:
     """Most probable next token at each step; finished rows leave the batch."""
     n = len(sources)
     max_lens = np.array([len(s) + max_len_extra for s in sources])
@@ -116,7 +120,7 @@ def _greedy(cache: HostCache, sources: list[list[int]], max_len_extra: int) -> t
     history = np.zeros((n, int(max_lens.max())), dtype=np.int64)  # each sentence's tokens so far
     step = 0
     while active.size:
-        blocked = blocked_matrix(history[active, :step])  # the repetition guard (engine/hypothesis.py)
+        blocked = blocked_matrix(history[active, :step]) if guard else None  # engine/hypothesis.py
         k = 1 if blocked is None else 1 + int((blocked >= 0).sum(axis=1).max())
         values, ids, eos = cache.step_top(last, k)  # (R, k), (R, k), (R,)
         if blocked is not None:
@@ -178,7 +182,8 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
     history = np.zeros((len(last), 0), dtype=np.int64)  # each row's tokens so far
     step = 0
     while active:
-        blocked = blocked_matrix(history)  # the repetition guard: a few more candidates, then masked
+        # the repetition guard: a few more candidates, then masked
+        blocked = blocked_matrix(history) if options.repetition_guard else None
         extra = 0 if blocked is None else int((blocked >= 0).sum(axis=1).max())
         values, ids, eos = cache.step_top(last, 2 * K + extra)
         if blocked is not None:
@@ -260,7 +265,7 @@ class Decoder:
             cache = self._cache(self.sessions, *pad_sources(batch), options.beam_size, vocab_ids)
             t1 = time.perf_counter()
             if options.beam_size == 1:
-                found, n = _greedy(cache, batch, options.max_len_extra)
+                found, n = _greedy(cache, batch, options.max_len_extra, options.repetition_guard)
             else:
                 found, n = _beam(cache, batch, options)
             decode += time.perf_counter() - t1

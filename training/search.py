@@ -60,7 +60,8 @@ class _Batch:
 
 @torch.no_grad()
 def greedy_search(
-    model: Transformer, sources: list[list[int]], max_len_extra: int = 50, device: str | torch.device = "cpu"
+    model: Transformer, sources: list[list[int]], max_len_extra: int = 50, device: str | torch.device = "cpu",
+    repetition_guard: bool = True,
 ) -> list[Hypothesis]:
     """Most probable next token at each step, for a batch of sources (token ids without EOS)."""
     if not sources:
@@ -80,7 +81,7 @@ def greedy_search(
         log_probs[at_limit] = torch.where(
             torch.arange(log_probs.shape[1], device=device) == EOS_ID, log_probs[at_limit], float("-inf")
         )
-        for i, row in enumerate(active.tolist()):  # the repetition guard (nmt.engine.hypothesis)
+        for i, row in enumerate(active.tolist() if repetition_guard else []):  # nmt.engine.hypothesis
             if blocked := blocked_tokens(outputs[row]):
                 log_probs[i, blocked] = float("-inf")
         best, last = log_probs.max(dim=-1)
@@ -109,6 +110,7 @@ def beam_search(
     n_best: int = 1,
     max_len_extra: int = 50,
     device: str | torch.device = "cpu",
+    repetition_guard: bool = True,
 ) -> list[list[Hypothesis]]:
     """The `n_best` best hypotheses per source, best first."""
     if not 1 <= n_best <= beam_size:
@@ -135,7 +137,7 @@ def beam_search(
                 eos = log_probs[a, :, EOS_ID].clone()
                 log_probs[a] = float("-inf")
                 log_probs[a, :, EOS_ID] = eos
-        for a, sentence in enumerate(active):  # the repetition guard (nmt.engine.hypothesis)
+        for a, sentence in enumerate(active if repetition_guard else []):  # the repetition guard (nmt.engine.hypothesis)
             for beam, prefix in enumerate(prefixes[sentence]):
                 if blocked := blocked_tokens(prefix):
                     log_probs[a, beam, blocked] = float("-inf")

@@ -50,3 +50,11 @@ def test_no_output_repeats_an_ngram_four_times_and_the_engine_equals_torch(decod
     assert [h.tokens for h in greedy_search(torch_model, sources, 40)] == [hyps[0].tokens for hyps in greedy]
     reference = beam_search(torch_model, sources, beam_size=4, alpha=0.6, n_best=4, max_len_extra=40)
     assert [[h.tokens for h in hyps] for hyps in reference] == [[h.tokens for h in hyps] for hyps in beam]
+
+
+def test_without_the_guard_the_model_loops_and_both_searches_still_agree(decoder, torch_model, sources) -> None:
+    """The switch nmt-bench decode uses against CTranslate2 (which has no such rule)."""
+    off = decoder.search(sources, DecodeOptions(beam_size=1, max_len_extra=40, repetition_guard=False)).hypotheses
+    assert max(longest_run(hyps[0].tokens) for hyps in off) >= MAX_REPEATS
+    reference = greedy_search(torch_model, sources, 40, repetition_guard=False)
+    assert [h.tokens for h in reference] == [hyps[0].tokens for hyps in off]
