@@ -2,7 +2,9 @@
 
     nmt-client translate "A man rides a bike." [--beam 4] [--n-best 1] [--deadline 10]
     nmt-client translate < lines.txt             (one translation per input line)
-    nmt-client info | health
+    nmt-client translate --model en-fr "..."    (a model of the server's repository; default: its default model)
+    nmt-client info [--model NAME] | health
+    nmt-client models list                      (name, versions, serving version, languages, state)
     nmt-client --target HOST:PORT translate ...  (connection flags before or after the command)
 Common flags: --target HOST:PORT (env NMT_TARGET; else localhost:$NMT_PORT when nmt-serve's NMT_PORT is
 set, as in the image, whose HEALTHCHECK is `nmt-client health`), --token (env NMT_AUTH_TOKEN), TLS: --tls,
@@ -72,6 +74,11 @@ def request_options(beam_size: int | None = None, n_best: int | None = None, len
     return pb.DecodeOptions(return_scores=return_scores, **{k: v for k, v in given.items() if v is not None})
 
 
+def translate_request(texts: list[str], model: str = "", version: int | None = None,
+                      **options: Any) -> pb.TranslateRequest:
+    return pb.TranslateRequest(texts=texts, options=request_options(**options), model=model, version=version)
+
+
 def from_proto(response: pb.TranslateResponse) -> list[list[Hypothesis]]:
     return [[Hypothesis(h.text, h.tokens, h.score, h.normalized_score) for h in t.hypotheses]
             for t in response.translations]
@@ -87,21 +94,30 @@ class TranslationClient:
                         else grpc.insecure_channel(c.target, c.channel_args()))
         self.stub = pb_grpc.TranslationServiceStub(self.channel)
 
-    def translate(self, texts: list[str], *, timeout: float | None = None, **options: Any) -> list[list[Hypothesis]]:
-        """Hypotheses per text, best first. options: beam_size, n_best, length_penalty, max_len_extra, return_scores."""
-        request = pb.TranslateRequest(texts=texts, options=request_options(**options))
+    def translate(self, texts: list[str], *, timeout: float | None = None, model: str = "",
+                  version: int | None = None, **options: Any) -> list[list[Hypothesis]]:
+        """Hypotheses per text, best first, from `model` (empty: the server's default) at `version` (None: the
+        served one). options: beam_size, n_best, length_penalty, max_len_extra, return_scores."""
+        request = translate_request(texts, model, version, **options)
         return from_proto(self.stub.Translate(request, timeout=timeout, metadata=self.connection.metadata()))
 
     def translate_stream(self, requests: Iterable[tuple[str, list[str]]], *, timeout: float | None = None,
+                         model: str = "", version: int | None = None,
                          **options: Any) -> Iterator[tuple[str, list[list[Hypothesis]] | grpc.StatusCode, str]]:
         """(id, hypotheses, "") per done request, or (id, status code, message) for a failed one; any order."""
         opts = request_options(**options)
-        stream = (pb.TranslateStreamRequest(id=i, texts=texts, options=opts) for i, texts in requests)
+        stream = (pb.TranslateStreamRequest(id=i, texts=texts, options=opts, model=model, version=version)
+                  for i, texts in requests)
         for r in self.stub.TranslateStream(stream, timeout=timeout, metadata=self.connection.metadata()):
             yield _stream_item(r)
 
-    def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self.connection.metadata())
+    def model_info(self, model: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout,
+                                      metadata=self.connection.metadata())
+
+    def list_models(self, *, timeout: float | None = None) -> list[pb.ModelEntry]:
+        response = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.connection.metadata())
+        return list(response.models)
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... of the server ("") or one service."""
@@ -129,22 +145,29 @@ class AsyncTranslationClient:
                         else grpc.aio.insecure_channel(c.target, c.channel_args()))
         self.stub = pb_grpc.TranslationServiceStub(self.channel)
 
-    async def translate(self, texts: list[str], *, timeout: float | None = None,
-                        **options: Any) -> list[list[Hypothesis]]:
-        request = pb.TranslateRequest(texts=texts, options=request_options(**options))
+    async def translate(self, texts: list[str], *, timeout: float | None = None, model: str = "",
+                        version: int | None = None, **options: Any) -> list[list[Hypothesis]]:
+        request = translate_request(texts, model, version, **options)
         return from_proto(await self.stub.Translate(request, timeout=timeout, metadata=self.connection.metadata()))
 
     async def translate_stream(self, requests: Iterable[tuple[str, list[str]]], *, timeout: float | None = None,
+                               model: str = "", version: int | None = None,
                                **options: Any) -> AsyncIterator[tuple[str, list[list[Hypothesis]] | grpc.StatusCode,
                                                                       str]]:
         opts = request_options(**options)
-        stream = (pb.TranslateStreamRequest(id=i, texts=texts, options=opts) for i, texts in requests)
+        stream = (pb.TranslateStreamRequest(id=i, texts=texts, options=opts, model=model, version=version)
+                  for i, texts in requests)
         async for r in self.stub.TranslateStream(stream, timeout=timeout, metadata=self.connection.metadata()):
             yield _stream_item(r)
 
-    async def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,
+    async def model_info(self, model: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout,
                                             metadata=self.connection.metadata())
+
+    async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelEntry]:
+        response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout,
+                                              metadata=self.connection.metadata())
+        return list(response.models)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -206,13 +229,19 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     tr = commands.add_parser("translate", parents=[common], help="translate texts (arguments, else stdin lines)")
     tr.add_argument("texts", nargs="*", help="texts to translate; none: read lines from stdin")
+    tr.add_argument("--model", default="", help="model name (nmt-client models list); default: the server's "
+                    "default model")
+    tr.add_argument("--version", type=int, help="model version (default: the one the server serves)")
     tr.add_argument("--beam", type=int, help="beam size (server default when unset); 1 = greedy")
     tr.add_argument("--n-best", type=int, help="translations per text")
     tr.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha")
     tr.add_argument("--max-len-extra", type=int, help="output may be this many tokens longer than the input")
     tr.add_argument("--scores", action="store_true", help="print INDEX, NORMALIZED_SCORE and TRANSLATION")
     tr.add_argument("--batch-size", type=int, default=32, help="stdin lines per request (default: %(default)s)")
-    commands.add_parser("info", parents=[common], help="print the served model's info")
+    info = commands.add_parser("info", parents=[common], help="print a served model's info")
+    info.add_argument("--model", default="", help="model name; default: the server's default model")
+    models = commands.add_parser("models", parents=[common], help="the models the server serves")
+    models.add_argument("action", choices=["list"], help="list: name, versions, serving version, languages, state")
     commands.add_parser("health", parents=[common], help="print the server's health status (exit 1 unless SERVING)")
     return parser
 
@@ -223,7 +252,8 @@ def _translate(client: TranslationClient, args: argparse.Namespace) -> int:
     index = 0
     iterator = iter(texts)
     while chunk := list(itertools.islice(iterator, max(1, args.batch_size))):
-        found = client.translate(chunk, timeout=args.deadline, beam_size=args.beam, n_best=args.n_best,
+        found = client.translate(chunk, timeout=args.deadline, model=args.model, version=args.version,
+                                 beam_size=args.beam, n_best=args.n_best,
                                  length_penalty=args.length_penalty, max_len_extra=args.max_len_extra,
                                  return_scores=detailed)
         for hypotheses in found:
@@ -236,6 +266,14 @@ def _translate(client: TranslationClient, args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_models(models: list[pb.ModelEntry]) -> None:
+    """One line per model: NAME, VERSIONS (the served one in brackets), SRC-TGT, STATE, and * for the default."""
+    print("NAME\tVERSIONS\tLANGUAGES\tSTATE\tDEFAULT")
+    for m in models:
+        versions = ",".join(f"[{v}]" if v == m.serving_version else str(v) for v in m.versions) or "-"
+        print(f"{m.name}\t{versions}\t{m.src_lang}-{m.tgt_lang}\t{m.state}\t{'*' if m.default_model else ''}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     connection = Connection(args.target, args.token, args.tls, args.ca, args.cert, args.key)
@@ -244,7 +282,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "translate":
                 return _translate(client, args)
             if args.command == "info":
-                print(str(client.model_info(timeout=args.deadline)).strip())
+                print(str(client.model_info(args.model, timeout=args.deadline)).strip())
+                return 0
+            if args.command == "models":
+                _print_models(client.list_models(timeout=args.deadline))
                 return 0
             status = client.health(timeout=args.deadline)
             print(status)

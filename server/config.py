@@ -23,7 +23,9 @@ BYTES_PER_TOKEN = 64
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model_dir: str
+    model_dir: str | None = None  # one bundle; or:
+    model_repository: str | None = None  # REPOSITORY/NAME/VERSION/ bundles (server/repository.py)
+    default_model: str | None = None  # the model of requests that name none (default: the only one)
     host: str = "[::]"
     port: int = 50051  # 0 = any free port (the bound one is logged)
     metrics_port: int = 9090  # 0 = any free port; -1 = no metrics HTTP server
@@ -56,8 +58,13 @@ class ServerConfig:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        if not self.model_dir:
-            raise ValueError("model_dir is required (--model-dir or NMT_MODEL_DIR)")
+        if not self.model_dir and not self.model_repository:
+            raise ValueError("a model is required: --model-dir (NMT_MODEL_DIR) or --model-repository "
+                             "(NMT_MODEL_REPOSITORY)")
+        if self.model_dir and self.model_repository:
+            raise ValueError("give --model-dir (NMT_MODEL_DIR) or --model-repository (NMT_MODEL_REPOSITORY), not both")
+        if self.default_model is not None and not self.default_model:
+            raise ValueError("default_model must not be empty (leave it unset for the only model)")
         for name in ("port", "max_batch_size", "max_batch_tokens", "max_queue_size", "workers", "max_texts", "max_sentences",
                      "max_tokens_per_text", "max_text_bytes", "max_beam_size", "default_beam_size",
                      "max_message_bytes"):
@@ -112,7 +119,10 @@ class ServerConfig:
 
 # (flag, field, type, help). A flag's default is its environment variable NMT_<FIELD>, else the field's.
 FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
-    ("--model-dir", "model_dir", str, "model bundle directory (from nmt-export)"),
+    ("--model-dir", "model_dir", str, "model bundle directory (from nmt-export); or --model-repository"),
+    ("--model-repository", "model_repository", str, "serve every model of this directory, laid out "
+     "NAME/VERSION/ (VERSION a positive integer; the highest version of each model is served)"),
+    ("--default-model", "default_model", str, "the model of requests that name none (default: the only model)"),
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "gRPC port; 0 = any free port"),
     ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off"),
@@ -176,11 +186,25 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def _one_model_source(values: dict[str, Any], env: Mapping[str, str]) -> None:
+    """A model source given on the command line wins over the other one's environment variable (the image
+    sets NMT_MODEL_DIR: `nmt-serve --model-repository DIR` there serves the repository); empty is unset."""
+    for name in ("model_dir", "model_repository", "default_model"):
+        values[name] = values[name] or None
+    if values["model_dir"] and values["model_repository"]:
+        from_env = {name: values[name] == env.get(env_var(name)) for name in ("model_dir", "model_repository")}
+        if from_env["model_dir"] and not from_env["model_repository"]:
+            values["model_dir"] = None
+        elif from_env["model_repository"] and not from_env["model_dir"]:
+            values["model_repository"] = None
+
+
 def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:
     """Parse flags (environment defaults); bad values exit through argparse with a message."""
     env = os.environ if env is None else env
     p = parser(env)
     values = vars(p.parse_args(argv))
+    _one_model_source(values, env)
     for name in SECRETS:
         values.setdefault(name, env.get(env_var(name)))
     try:

@@ -1,7 +1,9 @@
 """The Open Inference Protocol (KServe v2 gRPC, `inference.GRPCInferenceService`) as Triton speaks it,
 on the same port as our own service, so KServe and Triton clients work against this server.
 
-One model: the bundle, with the name and version GetModelInfo gives. ModelInfer takes input "TEXT":
+Every served model (server/repository.py), by the name and version ListModels and GetModelInfo give;
+a request names its model (model_name) and may name a version (model_version; empty: the served one),
+and is routed to that model's service and scheduler. ModelInfer takes input "TEXT":
 BYTES, shape [N] or [N, 1], in contents.bytes_contents or in raw_input_contents (each element a
 4-byte little-endian length, then its UTF-8 bytes, as Triton's clients send them). It answers output
 "TRANSLATION": BYTES in raw_output_contents, as Triton does (tritonclient reads only that form
@@ -16,7 +18,7 @@ The texts go through the same service (server/service.py) as Translate: the same
 pipeline, scheduler, drain and metrics as Translate (nmt_requests_total{method="ModelInfer"}). Errors are Triton's: an unknown model or
 version NOT_FOUND ("Request for unknown model: ..."), a bad tensor or parameter INVALID_ARGUMENT,
 and ModelReady answers ready=false for an unknown model. Ready means the health service says
-SERVING for our service (not while warming up or draining). The other RPCs are not counted: like
+SERVING for our service (not while warming up or draining) and the model is not draining. The other RPCs are not counted: like
 health checks, probes would drown the translations in nmt_requests_total.
 """
 
@@ -36,6 +38,7 @@ from .interceptors import abort
 from .kserve_pb import grpc_predict_v2_pb2 as kpb
 from .kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from .nmt_pb import translation_pb2 as pb
+from .repository import ModelEntry, ModelNotFound, Models
 from .transport import SERVICE, Status, TranslationServicer, deadline_of, decode_options, status_of, text_options
 
 SERVER_NAME = "nmt-service"
@@ -59,13 +62,16 @@ def server_version() -> str:
         return "unknown"
 
 
-def check_model(info: ModelInfo, name: str, version: str) -> None:
-    """Raises UnknownModel unless `name` is the served model and `version` is empty or its version."""
-    served = f"; this server serves model '{info.name}' version {info.version}"
-    if name != info.name:
-        raise UnknownModel(f"Request for unknown model: '{name}' is not found{served}")
-    if version and version != info.version:
-        raise UnknownModel(f"Request for unknown model: '{name}' version {version} is not found{served}")
+def find_model(models: Models, name: str, version: str) -> ModelEntry:
+    """The entry serving model `name` at `version` (empty: the served one); UnknownModel, in Triton's words,
+    for any other (a KServe request always names its model: an empty name is not the default model)."""
+    try:
+        if name:
+            return models.lookup(name, version)
+        raise ModelNotFound("no model named", models.served())
+    except ModelNotFound as e:
+        what = f"'{name}' version {version}" if version and any(m.name == name for m in models) else f"'{name}'"
+        raise UnknownModel(f"Request for unknown model: {what} is not found; this server serves: {e.served}") from None
 
 
 def _int_parameter(name: str, parameter: kpb.InferParameter) -> int:
@@ -203,8 +209,8 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         self.translation, self.health = translation, health
 
     @property
-    def info(self) -> ModelInfo:
-        return self.translation.translator.info
+    def models(self) -> Models:
+        return self.translation.models
 
     async def ServerLive(self, request: kpb.ServerLiveRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
@@ -217,10 +223,10 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: kpb.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
         try:
-            check_model(self.info, request.name, request.version)
+            entry = find_model(self.models, request.name, request.version)
         except UnknownModel:
             return kpb.ModelReadyResponse(ready=False)  # Triton: not ready, not an error
-        return kpb.ModelReadyResponse(ready=await self._ready(context))
+        return kpb.ModelReadyResponse(ready=not entry.service.draining and await self._ready(context))
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
@@ -228,9 +234,8 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
-        info = self.info
         try:
-            check_model(info, request.name, request.version)
+            info = find_model(self.models, request.name, request.version).info
         except UnknownModel as e:
             await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
         tensor = kpb.ModelMetadataResponse.TensorMetadata
@@ -251,13 +256,13 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         raise AssertionError("unreachable: abort raises")
 
     async def _infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
-        info = self.info
-        check_model(info, request.model_name, request.model_version)
-        texts, shape = input_texts(request, info.name, self.translation.limits.max_texts)
+        entry = find_model(self.models, request.model_name, request.model_version)
+        info = entry.info
+        texts, shape = input_texts(request, info.name, entry.limits.max_texts)
         check_outputs(request, info.name)
         message = options_message(request.parameters)
-        options = decode_options(message, self.translation.limits)
-        results = await self.translation.service.translate(texts, options, text_options(message), deadline)
+        options = decode_options(message, entry.limits)
+        results = await entry.service.translate(texts, options, text_options(message), deadline)
         return infer_response(request, info, shape, options.n_best, results)
 
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:

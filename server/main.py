@@ -1,6 +1,7 @@
 """nmt-serve: the gRPC translation server (grpc.aio) with health, reflection and Prometheus metrics.
 
-Lifecycle: load and verify the bundle (a bad one, or --device cuda without a working CUDA provider:
+Lifecycle: load and verify the bundle, or the highest version of every model of --model-repository
+(server/repository.py: one scheduler per model) (a bad one, or --device cuda without a working CUDA provider:
 a one-line error, exit 2); a variant the export could not check on this provider (fp16-cuda built
 without a GPU) translates the bundle's reference sentences first (engine/selfcheck.py; a mismatch:
 exit 2); bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT, within --grace-seconds:
@@ -22,6 +23,8 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -32,7 +35,7 @@ from prometheus_client import CollectorRegistry
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.selfcheck import startup_check
-from nmt.engine.translator import Translator
+from nmt.engine.translator import ModelInfo, Translator
 
 from .config import ServerConfig, from_args
 from .continuous import create_scheduler
@@ -41,7 +44,8 @@ from .kserve import add_inference_service
 from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
-from .service import Limits
+from .repository import ModelEntry, Models, discover
+from .service import Limits, TranslationService
 from .transport import SERVICE, TranslationServicer
 
 log = logging.getLogger("nmt-serve")
@@ -59,7 +63,10 @@ class NmtServer:
     def __init__(self, cfg: ServerConfig, servicer: TranslationServicer, guard: RequestGuard,
                  grpc_server: grpc.aio.Server, metrics: Metrics, health: HealthServicer, port: int):
         self.cfg, self.servicer, self.guard, self.grpc_server = cfg, servicer, guard, grpc_server
-        self.translator, self.scheduler = servicer.translator, servicer.scheduler
+        self.models = servicer.models
+        # The default model's (else the first one's): what a single-bundle server serves.
+        first = self.models.default or next(iter(self.models))
+        self.translator, self.scheduler = first.translator, first.scheduler
         self.metrics, self.health, self.port = metrics, health, port
         self.metrics_server: MetricsServer | None = None
         self._started = self._stopped = False
@@ -83,21 +90,24 @@ class NmtServer:
                 self.metrics_server = self.metrics.serve(self.cfg.metrics_port, self.cfg.host.strip("[]"))
             except OSError as e:
                 raise OSError(f"cannot serve metrics on {self.cfg.host}:{self.cfg.metrics_port}: {e}") from e
-        await self.scheduler.start()
+        await self.models.start()
         await self.grpc_server.start()
-        await asyncio.to_thread(self._warm_up)
+        for entry in self.models:
+            await asyncio.to_thread(self._warm_up, entry)
+        self.models.ready = True
         for service in ("", SERVICE):
             await self.health.set(service, SERVING)
         log.info("serving %s on port %d%s (metrics %s)", SERVICE, self.port, " with TLS" if self.cfg.tls else "",
                  f"on port {self.metrics_port}" if self.metrics_server else "off")
 
-    def _warm_up(self) -> None:
+    @staticmethod
+    def _warm_up(entry: ModelEntry) -> None:
         # The first run of each graph allocates and plans; do it before the first client waits for it.
-        options = self.cfg.default_options(self.translator.default_options())
-        sources = self.translator.tokenize([WARMUP_TEXT])
-        self.translator.search(sources, options)
+        translator, options = entry.translator, entry.limits.defaults
+        sources = translator.tokenize([WARMUP_TEXT])
+        translator.search(sources, options)
         if options.beam_size > 1:
-            self.translator.search(sources, type(options)(beam_size=1))
+            translator.search(sources, type(options)(beam_size=1))
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, answer new translations UNAVAILABLE, let accepted ones finish within `grace`
@@ -108,6 +118,7 @@ class NmtServer:
         grace = self.cfg.grace_seconds if grace is None else grace
         end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
+        self.models.ready = False
         # gRPC core's stop cancels the calls it has received but not handed over yet (clients see
         # CANCELLED, which retry policies do not retry): answer new calls UNAVAILABLE until the accepted
         # ones are done and no call has arrived for QUIET_S.
@@ -119,7 +130,7 @@ class NmtServer:
         while (quiet := time.monotonic() - max(self.guard.last_call, idle_at)) < QUIET_S and time.monotonic() < end:
             await asyncio.sleep(QUIET_S - quiet)
         await self.grpc_server.stop(max(0.0, end - time.monotonic()))  # cancels what is left at the grace's end
-        await self.scheduler.close(timeout=1.0)
+        await self.models.close(timeout=1.0)
         if self.metrics_server is not None:
             self.metrics_server.close()
 
@@ -147,26 +158,70 @@ def limits_of(cfg: ServerConfig, translator: Translator) -> Limits:
                   max_positions=getattr(sessions, "max_positions", None))
 
 
-async def create_server(cfg: ServerConfig, translator: Translator | None = None,
-                        registry: CollectorRegistry | None = None) -> tuple[NmtServer, int]:
-    """Load the bundle (unless a translator is given), build and bind the server; not started yet.
+Loader = Callable[[Path], Translator]
 
-    Returns the server and its bound gRPC port (useful with port 0). Raises ValueError (a bad
-    bundle or config: BundleError is one) or OSError (unreadable files, a port in use).
+
+async def _load(cfg: ServerConfig, path: Path, load: Loader | None) -> tuple[Translator, str]:
+    """A bundle's translator and its start-up check ("not-run" when `load` is the caller's: its to check)."""
+    if load is not None:
+        return await asyncio.to_thread(load, path), "not-run"
+    translator = await asyncio.to_thread(Translator.from_bundle, path, cfg.runtime())
+    # A variant the export could not check on this provider (fp16-cuda built without a GPU) is
+    # checked here against the bundle's torch reference; a mismatch is a SelfCheckError (exit 2).
+    return translator, await asyncio.to_thread(startup_check, translator)
+
+
+def _entry(cfg: ServerConfig, translator: Translator, metrics: Metrics, info: ModelInfo, versions: tuple[int, ...],
+           number: int, path: Path | None) -> ModelEntry:
+    """A model's own scheduler and service (a batch never mixes models)."""
+    scheduler = create_scheduler(translator, cfg.scheduler(), metrics)
+    service = TranslationService(translator, scheduler, limits_of(cfg, translator))
+    return ModelEntry(info, service, versions, number, path)
+
+
+async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translator | None = None,
+                      load: Loader | None = None) -> tuple[Models, str]:
+    """The registry of what cfg serves (a single bundle, or the highest version of every model in the
+    repository) and the start-up checks' outcome. `translator`: the single bundle's, already loaded."""
+    if cfg.model_repository is None:
+        assert cfg.model_dir is not None  # ServerConfig requires one of the two
+        checked = "not-run"  # a given translator is the caller's to check
+        if translator is None:
+            translator, checked = await _load(cfg, Path(cfg.model_dir), load)
+        info = translator.info
+        number = int(info.version) if info.version.isdigit() else 0
+        entry = _entry(cfg, translator, metrics, info, (number,) if number else (), number, Path(cfg.model_dir))
+        return Models([entry], cfg.default_model), checked
+    if translator is not None:
+        raise ValueError("a translator is given for a single bundle (model_dir), not a model repository")
+    entries, checks = [], set()
+    for model in discover(Path(cfg.model_repository)):
+        loaded, checked = await _load(cfg, model.path, load)
+        checks.add(checked)
+        info = replace(loaded.info, name=model.name, version=str(model.latest))  # the repository names it
+        entries.append(_entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path))
+        log.info("model %s version %d from %s", model.name, model.latest, model.path)
+    return Models(entries, cfg.default_model), "/".join(sorted(checks))
+
+
+async def create_server(cfg: ServerConfig, translator: Translator | None = None,
+                        registry: CollectorRegistry | None = None, load: Loader | None = None
+                        ) -> tuple[NmtServer, int]:
+    """Load the bundle or the model repository, build and bind the server; not started yet.
+
+    `translator`: the single bundle's (cfg.model_dir), already loaded; `load`: how to load a bundle
+    directory instead of Translator.from_bundle (tests wrap the translators). Both are the caller's to
+    check (no start-up self-check). Returns the server and its bound gRPC port (useful with port 0).
+    Raises ValueError (a bad bundle, repository or config: BundleError is one) or OSError (unreadable
+    files, a port in use).
     """
-    checked = "not-run"  # a given translator is the caller's to check
-    if translator is None:
-        translator = await asyncio.to_thread(Translator.from_bundle, cfg.model_dir, cfg.runtime())
-        # A variant the export could not check on this provider (fp16-cuda built without a GPU) is
-        # checked here against the bundle's torch reference; a mismatch is a SelfCheckError (exit 2).
-        checked = await asyncio.to_thread(startup_check, translator)
     metrics = Metrics(CollectorRegistry() if registry is None else registry)
-    info = translator.info
+    models, checked = await load_models(cfg, metrics, translator, load)
+    info = (models.default or next(iter(models))).info  # per-model labels: not yet
     metrics.set_model(name=info.name, version=info.version, src_lang=info.src_lang, tgt_lang=info.tgt_lang,
                       bundle_sha256=info.bundle_sha256, precision=info.precision, provider=info.provider)
     metrics.set_engine(device=cfg.device, provider=info.provider, variant=info.precision,
                        onnxruntime=ort.__version__, selfcheck=checked)
-    scheduler = create_scheduler(translator, cfg.scheduler(), metrics)
     # The token check runs first: without the token a client gets UNAUTHENTICATED whatever it sends.
     guard = RequestGuard(cfg.max_message_bytes, metrics, SERVICE)
     interceptors: list[grpc.aio.ServerInterceptor] = [guard]
@@ -178,7 +233,7 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
         ("grpc.max_send_message_length", cfg.max_message_bytes),
         ("grpc.so_reuseport", 0),  # a port in use is an error, not shared with another server
     ])
-    servicer = TranslationServicer(translator, scheduler, limits_of(cfg, translator), metrics)
+    servicer = TranslationServicer(models, metrics)
     pb_grpc.add_TranslationServiceServicer_to_server(servicer, server)
     health = HealthServicer()
     for service in ("", SERVICE):

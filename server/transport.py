@@ -3,7 +3,10 @@
 Every exception becomes an explicit status code (status_of): nothing reaches a client as UNKNOWN.
 The options are checked here (cheapest first); the rest of the checks are the service's.
 
-nmt_requests_total counts what clients saw: a Translate, GetModelInfo or KServe ModelInfer call
+Each request is routed to its model's service (Models.lookup: `model` empty is the default model; an
+unknown model or version is NOT_FOUND naming what is served).
+
+nmt_requests_total counts what clients saw: a Translate, GetModelInfo, ListModels or KServe ModelInfer call
 once by its status code, each TranslateStream answer once by the code in it (when it was sent),
 and a stream that ends with an error status once more by that code. A call cancelled within
 DEADLINE_SLACK_S of its deadline counts as DEADLINE_EXCEEDED: the client's clock and the server's
@@ -24,14 +27,15 @@ import grpc
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.text import TextOptions
-from nmt.engine.translator import Translation, Translator
+from nmt.engine.translator import Translation
 
 from .interceptors import Refused, abort
 from .metrics import Metrics
 from .nmt_pb import translation_pb2 as pb
 from .nmt_pb import translation_pb2_grpc as pb_grpc
-from .scheduler import DeadlineExceeded, EngineError, QueueFull, Scheduler, SchedulerClosed
-from .service import Limits, TranslationService
+from .repository import ModelEntry, ModelNotFound, Models
+from .scheduler import DeadlineExceeded, EngineError, QueueFull, SchedulerClosed
+from .service import Limits
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TranslationService"].full_name  # "nmt.v1.TranslationService"
 DEADLINE_SLACK_S = 0.1
@@ -50,6 +54,8 @@ def status_of(error: BaseException) -> Status:
         return Status(grpc.StatusCode.INVALID_ARGUMENT, str(error))
     if isinstance(error, Refused):
         return Status(error.code, str(error))
+    if isinstance(error, ModelNotFound):
+        return Status(grpc.StatusCode.NOT_FOUND, str(error))
     if isinstance(error, QueueFull):
         pushback = str(round(error.retry_after_s * 1000))
         return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ((RETRY_PUSHBACK, pushback),))
@@ -96,27 +102,33 @@ class _Call:
     code: grpc.StatusCode | None = grpc.StatusCode.OK  # None: counted elsewhere
 
 
+def version_of(request: pb.TranslateRequest | pb.TranslateStreamRequest) -> int | None:
+    return request.version if request.HasField("version") else None
+
+
 class TranslationServicer(pb_grpc.TranslationServiceServicer):
-    def __init__(self, translator: Translator, scheduler: Scheduler, limits: Limits, metrics: Metrics | None = None):
-        self.service = TranslationService(translator, scheduler, limits)
-        self.translator, self.scheduler, self.limits, self.metrics = translator, scheduler, limits, metrics
+    """Routes each request to its model's service (server/repository.py: Models.lookup)."""
+
+    def __init__(self, models: Models, metrics: Metrics | None = None):
+        self.models, self.metrics = models, metrics
 
     @property
     def draining(self) -> bool:
-        return self.service.draining
+        return self.models.draining
 
     @draining.setter
     def draining(self, value: bool) -> None:  # set on shutdown: new translations get UNAVAILABLE
-        self.service.draining = value
+        self.models.draining = value
 
     async def wait_idle(self, timeout: float) -> bool:
-        return await self.service.wait_idle(timeout)
+        return await self.models.wait_idle(timeout)
 
     async def Translate(self, request: pb.TranslateRequest, context: grpc.aio.ServicerContext) -> pb.TranslateResponse:
         deadline = deadline_of(context)
         with self.track("Translate", deadline) as call:
             try:
-                return await self.translate(list(request.texts), request.options, deadline)
+                entry = self.models.lookup(request.model, version_of(request))
+                return await self.translate(entry, list(request.texts), request.options, deadline)
             except Exception as e:  # noqa: BLE001 - mapped to a status code, never UNKNOWN
                 status = status_of(e)
             call.code = status.code
@@ -138,22 +150,29 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
                 await abort(context, *status)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        with self.track("GetModelInfo", None):
-            i, lim, d = self.translator.info, self.limits, self.limits.defaults
-            return pb.ModelInfo(
-                name=i.name, version=i.version, src_lang=i.src_lang, tgt_lang=i.tgt_lang, vocab_size=i.vocab_size,
-                bundle_sha256=i.bundle_sha256, precision=i.precision, provider=i.provider,
-                max_texts_per_request=lim.max_texts, max_tokens_per_text=lim.max_tokens_per_text,
-                max_sentences_per_request=lim.max_sentences,
-                max_beam_size=lim.max_beam_size,
-                default_options=pb.DecodeOptions(beam_size=d.beam_size, length_penalty=d.length_penalty,
-                                                 max_len_extra=d.max_len_extra, n_best=d.n_best))
+        with self.track("GetModelInfo", None) as call:
+            try:
+                return model_info(self.models.lookup(request.model))
+            except ModelNotFound as e:
+                status = status_of(e)
+            call.code = status.code
+            await abort(context, *status)
+        raise AssertionError("unreachable: abort raises")
 
-    async def translate(self, texts: list[str], options_pb: pb.DecodeOptions,
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        with self.track("ListModels", None):
+            default = self.models.default
+            return pb.ListModelsResponse(models=[
+                pb.ModelEntry(name=e.name, versions=list(e.versions), serving_version=e.number,
+                              src_lang=e.info.src_lang, tgt_lang=e.info.tgt_lang, state=self.models.state(e),
+                              default_model=e is default) for e in self.models])
+
+    async def translate(self, entry: ModelEntry, texts: list[str], options_pb: pb.DecodeOptions,
                         deadline: float | None) -> pb.TranslateResponse:
         """The service's path from proto options to a proto response (KServe's ModelInfer uses it too)."""
-        options = decode_options(options_pb, self.limits)
-        results = await self.service.translate(texts, options, text_options(options_pb), deadline)
+        options = decode_options(options_pb, entry.limits)
+        results = await entry.service.translate(texts, options, text_options(options_pb), deadline)
         return translate_response(results, options_pb.return_scores)
 
     async def _stream(self, requests: AsyncIterator[pb.TranslateStreamRequest],
@@ -166,7 +185,8 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
         async def answer(request: pb.TranslateStreamRequest) -> None:
             started = time.perf_counter()
             try:
-                response = await self.translate(list(request.texts), request.options, deadline)
+                entry = self.models.lookup(request.model, version_of(request))
+                response = await self.translate(entry, list(request.texts), request.options, deadline)
                 done.put_nowait((pb.TranslateStreamResponse(id=request.id, response=response), grpc.StatusCode.OK,
                                  started))
             except Exception as e:  # noqa: BLE001 - becomes this request's error
@@ -222,6 +242,17 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
                 m.in_flight.labels(method).dec()
             if call.code is not None and (count_ok or call.code != grpc.StatusCode.OK):
                 self._count(method, call.code, started)
+
+
+def model_info(entry: ModelEntry) -> pb.ModelInfo:
+    i, lim, d = entry.info, entry.limits, entry.limits.defaults
+    return pb.ModelInfo(
+        name=i.name, version=i.version, src_lang=i.src_lang, tgt_lang=i.tgt_lang, vocab_size=i.vocab_size,
+        bundle_sha256=i.bundle_sha256, precision=i.precision, provider=i.provider,
+        max_texts_per_request=lim.max_texts, max_tokens_per_text=lim.max_tokens_per_text,
+        max_sentences_per_request=lim.max_sentences, max_beam_size=lim.max_beam_size,
+        default_options=pb.DecodeOptions(beam_size=d.beam_size, length_penalty=d.length_penalty,
+                                         max_len_extra=d.max_len_extra, n_best=d.n_best))
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

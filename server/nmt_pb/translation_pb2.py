@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nmt/v1/translation.proto\x12\x06nmt.v1\"\xda\x02\n\rDecodeOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1a\n\rmax_len_extra\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06n_best\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\rreturn_scores\x18\x05 \x01(\x08\x12\x1c\n\x0fsplit_sentences\x18\x06 \x01(\x08H\x04\x88\x01\x01\x12\x1b\n\x0enormalize_case\x18\x07 \x01(\x08H\x05\x88\x01\x01\x12\x1a\n\rprotect_spans\x18\x08 \x01(\x08H\x06\x88\x01\x01\x42\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\x10\n\x0e_max_len_extraB\t\n\x07_n_bestB\x12\n\x10_split_sentencesB\x11\n\x0f_normalize_caseB\x10\n\x0e_protect_spans\"I\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12&\n\x07options\x18\x02 \x01(\x0b\x32\x15.nmt.v1.DecodeOptions\"S\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x18\n\x10normalized_score\x18\x04 \x01(\x02\"5\n\x0bTranslation\x12&\n\nhypotheses\x18\x01 \x03(\x0b\x32\x12.nmt.v1.Hypothesis\">\n\x11TranslateResponse\x12)\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x13.nmt.v1.Translation\"[\n\x16TranslateStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12&\n\x07options\x18\x03 \x01(\x0b\x32\x15.nmt.v1.DecodeOptions\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"~\n\x17TranslateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.nmt.v1.TranslateResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.nmt.v1.ErrorH\x00\x42\x08\n\x06result\"\x15\n\x13GetModelInfoRequest\"\xc4\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08src_lang\x18\x03 \x01(\t\x12\x10\n\x08tgt_lang\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\rbundle_sha256\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x10\n\x08provider\x18\x08 \x01(\t\x12\x1d\n\x15max_texts_per_request\x18\t \x01(\x05\x12\x1b\n\x13max_tokens_per_text\x18\n \x01(\x05\x12\x15\n\rmax_beam_size\x18\x0b \x01(\x05\x12.\n\x0f\x64\x65\x66\x61ult_options\x18\x0c \x01(\x0b\x32\x15.nmt.v1.DecodeOptions\x12!\n\x19max_sentences_per_request\x18\r \x01(\x05\x32\xee\x01\n\x12TranslationService\x12@\n\tTranslate\x12\x18.nmt.v1.TranslateRequest\x1a\x19.nmt.v1.TranslateResponse\x12V\n\x0fTranslateStream\x12\x1e.nmt.v1.TranslateStreamRequest\x1a\x1f.nmt.v1.TranslateStreamResponse(\x01\x30\x01\x12>\n\x0cGetModelInfo\x12\x1b.nmt.v1.GetModelInfoRequest\x1a\x11.nmt.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18nmt/v1/translation.proto\x12\x06nmt.v1\"\xda\x02\n\rDecodeOptions\x12\x16\n\tbeam_size\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x1b\n\x0elength_penalty\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x1a\n\rmax_len_extra\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x13\n\x06n_best\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x15\n\rreturn_scores\x18\x05 \x01(\x08\x12\x1c\n\x0fsplit_sentences\x18\x06 \x01(\x08H\x04\x88\x01\x01\x12\x1b\n\x0enormalize_case\x18\x07 \x01(\x08H\x05\x88\x01\x01\x12\x1a\n\rprotect_spans\x18\x08 \x01(\x08H\x06\x88\x01\x01\x42\x0c\n\n_beam_sizeB\x11\n\x0f_length_penaltyB\x10\n\x0e_max_len_extraB\t\n\x07_n_bestB\x12\n\x10_split_sentencesB\x11\n\x0f_normalize_caseB\x10\n\x0e_protect_spans\"z\n\x10TranslateRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12&\n\x07options\x18\x02 \x01(\x0b\x32\x15.nmt.v1.DecodeOptions\x12\r\n\x05model\x18\x03 \x01(\t\x12\x14\n\x07version\x18\x04 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"S\n\nHypothesis\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x18\n\x10normalized_score\x18\x04 \x01(\x02\"5\n\x0bTranslation\x12&\n\nhypotheses\x18\x01 \x03(\x0b\x32\x12.nmt.v1.Hypothesis\">\n\x11TranslateResponse\x12)\n\x0ctranslations\x18\x01 \x03(\x0b\x32\x13.nmt.v1.Translation\"\x8c\x01\n\x16TranslateStreamRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12&\n\x07options\x18\x03 \x01(\x0b\x32\x15.nmt.v1.DecodeOptions\x12\r\n\x05model\x18\x04 \x01(\t\x12\x14\n\x07version\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\n\n\x08_version\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"~\n\x17TranslateStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12-\n\x08response\x18\x02 \x01(\x0b\x32\x19.nmt.v1.TranslateResponseH\x00\x12\x1e\n\x05\x65rror\x18\x03 \x01(\x0b\x32\r.nmt.v1.ErrorH\x00\x42\x08\n\x06result\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11ListModelsRequest\"\x8f\x01\n\nModelEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0fserving_version\x18\x03 \x01(\x03\x12\x10\n\x08src_lang\x18\x04 \x01(\t\x12\x10\n\x08tgt_lang\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x15\n\rdefault_model\x18\x07 \x01(\x08\"8\n\x12ListModelsResponse\x12\"\n\x06models\x18\x01 \x03(\x0b\x32\x12.nmt.v1.ModelEntry\"\xc4\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08src_lang\x18\x03 \x01(\t\x12\x10\n\x08tgt_lang\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x15\n\rbundle_sha256\x18\x06 \x01(\t\x12\x11\n\tprecision\x18\x07 \x01(\t\x12\x10\n\x08provider\x18\x08 \x01(\t\x12\x1d\n\x15max_texts_per_request\x18\t \x01(\x05\x12\x1b\n\x13max_tokens_per_text\x18\n \x01(\x05\x12\x15\n\rmax_beam_size\x18\x0b \x01(\x05\x12.\n\x0f\x64\x65\x66\x61ult_options\x18\x0c \x01(\x0b\x32\x15.nmt.v1.DecodeOptions\x12!\n\x19max_sentences_per_request\x18\r \x01(\x05\x32\xb3\x02\n\x12TranslationService\x12@\n\tTranslate\x12\x18.nmt.v1.TranslateRequest\x1a\x19.nmt.v1.TranslateResponse\x12V\n\x0fTranslateStream\x12\x1e.nmt.v1.TranslateStreamRequest\x1a\x1f.nmt.v1.TranslateStreamResponse(\x01\x30\x01\x12>\n\x0cGetModelInfo\x12\x1b.nmt.v1.GetModelInfoRequest\x1a\x11.nmt.v1.ModelInfo\x12\x43\n\nListModels\x12\x19.nmt.v1.ListModelsRequest\x1a\x1a.nmt.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,23 +34,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEOPTIONS']._serialized_start=37
   _globals['_DECODEOPTIONS']._serialized_end=383
   _globals['_TRANSLATEREQUEST']._serialized_start=385
-  _globals['_TRANSLATEREQUEST']._serialized_end=458
-  _globals['_HYPOTHESIS']._serialized_start=460
-  _globals['_HYPOTHESIS']._serialized_end=543
-  _globals['_TRANSLATION']._serialized_start=545
-  _globals['_TRANSLATION']._serialized_end=598
-  _globals['_TRANSLATERESPONSE']._serialized_start=600
-  _globals['_TRANSLATERESPONSE']._serialized_end=662
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=664
-  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=755
-  _globals['_ERROR']._serialized_start=757
-  _globals['_ERROR']._serialized_end=795
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=797
-  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=923
-  _globals['_GETMODELINFOREQUEST']._serialized_start=925
-  _globals['_GETMODELINFOREQUEST']._serialized_end=946
-  _globals['_MODELINFO']._serialized_start=949
-  _globals['_MODELINFO']._serialized_end=1273
-  _globals['_TRANSLATIONSERVICE']._serialized_start=1276
-  _globals['_TRANSLATIONSERVICE']._serialized_end=1514
+  _globals['_TRANSLATEREQUEST']._serialized_end=507
+  _globals['_HYPOTHESIS']._serialized_start=509
+  _globals['_HYPOTHESIS']._serialized_end=592
+  _globals['_TRANSLATION']._serialized_start=594
+  _globals['_TRANSLATION']._serialized_end=647
+  _globals['_TRANSLATERESPONSE']._serialized_start=649
+  _globals['_TRANSLATERESPONSE']._serialized_end=711
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_start=714
+  _globals['_TRANSLATESTREAMREQUEST']._serialized_end=854
+  _globals['_ERROR']._serialized_start=856
+  _globals['_ERROR']._serialized_end=894
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_start=896
+  _globals['_TRANSLATESTREAMRESPONSE']._serialized_end=1022
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1024
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1060
+  _globals['_LISTMODELSREQUEST']._serialized_start=1062
+  _globals['_LISTMODELSREQUEST']._serialized_end=1081
+  _globals['_MODELENTRY']._serialized_start=1084
+  _globals['_MODELENTRY']._serialized_end=1227
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1229
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1285
+  _globals['_MODELINFO']._serialized_start=1288
+  _globals['_MODELINFO']._serialized_end=1612
+  _globals['_TRANSLATIONSERVICE']._serialized_start=1615
+  _globals['_TRANSLATIONSERVICE']._serialized_end=1922
 # @@protoc_insertion_point(module_scope)

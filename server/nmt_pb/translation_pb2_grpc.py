@@ -49,6 +49,11 @@ class TranslationServiceStub:
                 request_serializer=nmt_dot_v1_dot_translation__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=nmt_dot_v1_dot_translation__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/nmt.v1.TranslationService/ListModels',
+                request_serializer=nmt_dot_v1_dot_translation__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=nmt_dot_v1_dot_translation__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class TranslationServiceServicer:
@@ -71,7 +76,14 @@ class TranslationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """The model the server runs, and the limits it enforces.
+        """A model the server runs (the default model unless one is named), and the limits it enforces.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """Every model the server serves: name, versions, languages and state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +106,11 @@ def add_TranslationServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=nmt_dot_v1_dot_translation__pb2.GetModelInfoRequest.FromString,
                     response_serializer=nmt_dot_v1_dot_translation__pb2.ModelInfo.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=nmt_dot_v1_dot_translation__pb2.ListModelsRequest.FromString,
+                    response_serializer=nmt_dot_v1_dot_translation__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -177,6 +194,33 @@ class TranslationService:
             '/nmt.v1.TranslationService/GetModelInfo',
             nmt_dot_v1_dot_translation__pb2.GetModelInfoRequest.SerializeToString,
             nmt_dot_v1_dot_translation__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/nmt.v1.TranslationService/ListModels',
+            nmt_dot_v1_dot_translation__pb2.ListModelsRequest.SerializeToString,
+            nmt_dot_v1_dot_translation__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

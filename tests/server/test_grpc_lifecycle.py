@@ -58,7 +58,7 @@ async def test_reflection_lists_the_services(default_server) -> None:
     names, methods = await asyncio.to_thread(services)
     assert names == ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
                      "grpc.reflection.v1alpha.ServerReflection", "nmt.v1.TranslationService"]
-    assert methods == ["Translate", "TranslateStream", "GetModelInfo"]
+    assert methods == ["Translate", "TranslateStream", "GetModelInfo", "ListModels"]
 
 
 async def test_metrics_served_over_http(grpc_bundle, grpc_translator) -> None:
