@@ -69,7 +69,8 @@ def ort_sgemm_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
         [helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm",
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")],
         [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    # IR 10 as the bundles use: newer onnx writes an IR that older onnxruntime (-gpu 1.31) refuses.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     options = session_options(threads)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sgemm.onnx"
