@@ -7,14 +7,17 @@ normalise their case, protect spans that must come out verbatim; then restore an
 - Sentences: sentencex (Wikimedia's rule-based segmenter, maintained; bench/results/segmentation.md
   compares it with pysbd, blingfire and others), run per line: a newline always ends a sentence,
   so lists and paragraphs keep their layout. A literal backslash escape (`\\n`, `\\t`, `\\r`, as
-  left by double-escaped JSON) between sentences is a separator too, kept verbatim.
+  left by double-escaped JSON) between sentences is a separator too, kept verbatim. English
+  captions that run on without a full stop are cut before a sentence-starting word (_RUN_ON).
 - Case: the model saw sentence case only (Multi30k). An ALL CAPS or Title Case sentence is
   lower-cased (first letter and the word "I" upper) before the model, and the translation gets
   the source's case back: ALL CAPS in, ALL CAPS out; Title Case in, each word capitalised out.
 - Spans: URLs, e-mail addresses, @handles, file paths, numbers written with digits, words in
-  another script than the model's (Cyrillic, CJK, ...) and emoji are taken out of the sentence and replaced by a placeholder word the model tends to copy (a name it saw
-  in training). A placeholder the model dropped or changed is put back at the span's relative
-  position, so every span comes out verbatim exactly once.
+  another script than the model's (Cyrillic, CJK, ...) and emoji are taken out of the sentence
+  and replaced by a placeholder word the model tends to copy (a name it saw in training). A
+  placeholder the model dropped or changed is put back at the span's relative position, so every
+  span comes out verbatim exactly once.
+- degenerate(): the rule engine/translator.py uses to drop a looping or absurdly long hypothesis.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ _NO_END = frozenset("the a an of in on at to for with by and or from as is are w
 def _run_on_cuts(sentence: str) -> list[int]:
     return [m.start() for m in _RUN_ON.finditer(sentence)
             if sentence[: m.start()].split()[-1].strip(",").lower() not in _NO_END]
+
 
 # Order matters: the first pattern that matches at a position wins (a URL holds digits and slashes).
 _SPAN_PATTERNS = [
