@@ -5,6 +5,8 @@
     nmt-client translate --model en-fr "..."    (a model of the server's repository; default: its default model)
     nmt-client info [--model NAME] | health
     nmt-client models list                      (name, versions, serving version, languages, state)
+    nmt-client models load NAME | unload NAME   (load or reload a model of the server's repository: its highest
+                                                 version; unload: stop serving it; Triton's repository calls)
     nmt-client --target HOST:PORT translate ...  (connection flags before or after the command)
 Common flags: --target HOST:PORT (env NMT_TARGET; else localhost:$NMT_PORT when nmt-serve's NMT_PORT is
 set, as in the image, whose HEALTHCHECK is `nmt-client health`), --token (env NMT_AUTH_TOKEN), TLS: --tls,
@@ -28,6 +30,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .kserve_pb import grpc_predict_v2_pb2 as kpb
+from .kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from .nmt_pb import translation_pb2 as pb
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 
@@ -118,6 +122,19 @@ class TranslationClient:
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelEntry]:
         response = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.connection.metadata())
         return list(response.models)
+
+    def load_model(self, name: str, *, timeout: float | None = None) -> None:
+        """Load, or reload, model `name`'s highest version (Triton's RepositoryModelLoad); returns once new
+        requests go to it."""
+        request = kpb.RepositoryModelLoadRequest(model_name=name)
+        kpb_grpc.GRPCInferenceServiceStub(self.channel).RepositoryModelLoad(request, timeout=timeout,
+                                                                           metadata=self.connection.metadata())
+
+    def unload_model(self, name: str, *, timeout: float | None = None) -> None:
+        """Stop serving model `name` (Triton's RepositoryModelUnload)."""
+        request = kpb.RepositoryModelUnloadRequest(model_name=name)
+        kpb_grpc.GRPCInferenceServiceStub(self.channel).RepositoryModelUnload(request, timeout=timeout,
+                                                                             metadata=self.connection.metadata())
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... of the server ("") or one service."""
@@ -241,7 +258,10 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", parents=[common], help="print a served model's info")
     info.add_argument("--model", default="", help="model name; default: the server's default model")
     models = commands.add_parser("models", parents=[common], help="the models the server serves")
-    models.add_argument("action", choices=["list"], help="list: name, versions, serving version, languages, state")
+    models.add_argument("action", choices=["list", "load", "unload"],
+                        help="list: name, versions, serving version, languages, state; load NAME: load or reload "
+                        "its highest version; unload NAME: stop serving it")
+    models.add_argument("name", nargs="?", help="the model to load or unload")
     commands.add_parser("health", parents=[common], help="print the server's health status (exit 1 unless SERVING)")
     return parser
 
@@ -274,6 +294,22 @@ def _print_models(models: list[pb.ModelEntry]) -> None:
         print(f"{m.name}\t{versions}\t{m.src_lang}-{m.tgt_lang}\t{m.state}\t{'*' if m.default_model else ''}")
 
 
+def _models(client: TranslationClient, args: argparse.Namespace) -> int:
+    if args.action == "list":
+        _print_models(client.list_models(timeout=args.deadline))
+        return 0
+    if not args.name:
+        print(f"nmt-client: error: models {args.action} needs a model name", file=sys.stderr)
+        return 2
+    if args.action == "unload":
+        client.unload_model(args.name, timeout=args.deadline)
+        print(f"{args.name}: unloaded")
+        return 0
+    client.load_model(args.name, timeout=args.deadline)
+    print(f"{args.name}: serving version {client.model_info(args.name, timeout=args.deadline).version}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     connection = Connection(args.target, args.token, args.tls, args.ca, args.cert, args.key)
@@ -285,8 +321,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(str(client.model_info(args.model, timeout=args.deadline)).strip())
                 return 0
             if args.command == "models":
-                _print_models(client.list_models(timeout=args.deadline))
-                return 0
+                return _models(client, args)
             status = client.health(timeout=args.deadline)
             print(status)
             return 0 if status == "SERVING" else 1

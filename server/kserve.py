@@ -20,6 +20,16 @@ version NOT_FOUND ("Request for unknown model: ..."), a bad tensor or parameter 
 and ModelReady answers ready=false for an unknown model. Ready means the health service says
 SERVING for our service (not while warming up or draining) and the model is not draining. The other RPCs are not counted: like
 health checks, probes would drown the translations in nmt_requests_total.
+
+Triton's model repository extension (server/control.py does the work): RepositoryIndex lists every model of
+the repository with its served version and state (READY; UNAVAILABLE with a reason: "unloaded", "not
+loaded", "load failed: ..."), `ready` only the READY ones; RepositoryModelLoad loads, or reloads, a model's
+highest version beside the served one and switches to it; RepositoryModelUnload stops serving it. Both
+answer once new requests are routed accordingly (the old version finishes its requests in the background).
+Load parameters that override the model's files or configuration ("config", "file:...") are refused
+(INVALID_ARGUMENT: a model is read from its directory); other parameters (unload_dependents) and
+repository_name (there is one repository) are ignored. The --auth-token check covers these calls as every
+other one.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from grpc_health.v1._async import HealthServicer
 
 from nmt.engine.translator import ModelInfo, Translation
 
+from .control import ControlError, ModelControl
 from .interceptors import abort
 from .kserve_pb import grpc_predict_v2_pb2 as kpb
 from .kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
@@ -205,8 +216,8 @@ def infer_response(request: kpb.ModelInferRequest, info: ModelInfo, shape: list[
 class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
     """KServe v2 in front of a TranslationServicer; readiness from the server's health service."""
 
-    def __init__(self, translation: TranslationServicer, health: HealthServicer):
-        self.translation, self.health = translation, health
+    def __init__(self, translation: TranslationServicer, health: HealthServicer, control: ModelControl | None = None):
+        self.translation, self.health, self.control = translation, health, control
 
     @property
     def models(self) -> Models:
@@ -230,7 +241,9 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
-        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=[])
+        # Triton's name for the repository extension, listed where models can be loaded (a repository).
+        extensions = ["model_repository"] if self.control is not None and self.models.root is not None else []
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=extensions)
 
     async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
                             context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
@@ -265,12 +278,49 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         results = await entry.service.translate(texts, options, text_options(message), deadline)
         return infer_response(request, info, shape, options.n_best, results)
 
+    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
+                              context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
+        control = await self._control(context)
+        index = kpb.RepositoryIndexResponse.ModelIndex
+        return kpb.RepositoryIndexResponse(models=[index(name=m.name, version=m.version, state=m.state, reason=m.reason)
+                                                   for m in control.index(request.ready)])
+
+    async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
+                                  context: grpc.aio.ServicerContext) -> kpb.RepositoryModelLoadResponse:
+        control = await self._control(context)
+        overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
+        try:
+            if overrides:
+                raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load '{request.model_name}': "
+                                   f"parameters {', '.join(overrides)} are not supported: a model is read from its "
+                                   f"directory in the model repository")
+            await control.load(request.model_name)
+        except ControlError as e:
+            await abort(context, e.code, str(e))
+        return kpb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
+                                    context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
+        control = await self._control(context)
+        try:
+            await control.unload(request.model_name)
+        except ControlError as e:
+            await abort(context, e.code, str(e))
+        return kpb.RepositoryModelUnloadResponse()
+
+    async def _control(self, context: grpc.aio.ServicerContext) -> ModelControl:
+        if self.control is None:
+            await abort(context, grpc.StatusCode.UNIMPLEMENTED, "this server has no model control")
+        return self.control
+
     async def _ready(self, context: grpc.aio.ServicerContext) -> bool:
         # The health service's public Check; our service's status is always set (create_server).
         answer = await self.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), context)
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def add_inference_service(server: grpc.aio.Server, translation: TranslationServicer, health: HealthServicer) -> None:
-    """Serve KServe v2 on `server`, through `translation`'s path."""
-    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(translation, health), server)
+def add_inference_service(server: grpc.aio.Server, translation: TranslationServicer, health: HealthServicer,
+                          control: ModelControl | None = None) -> None:
+    """Serve KServe v2 on `server`, through `translation`'s path, and Triton's repository extension through
+    `control`."""
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(translation, health, control), server)

@@ -1,7 +1,8 @@
 """nmt-serve: the gRPC translation server (grpc.aio) with health, reflection and Prometheus metrics.
 
 Lifecycle: load and verify the bundle, or the highest version of every model of --model-repository
-(server/repository.py: one scheduler per model) (a bad one, or --device cuda without a working CUDA provider:
+(server/repository.py: one scheduler per model; models are loaded and unloaded while serving through
+server/control.py) (a bad one, or --device cuda without a working CUDA provider:
 a one-line error, exit 2); a variant the export could not check on this provider (fp16-cuda built
 without a GPU) translates the bundle's reference sentences first (engine/selfcheck.py; a mismatch:
 exit 2); bind, report NOT_SERVING while warming up, then SERVING. On SIGTERM/SIGINT, within --grace-seconds:
@@ -23,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,12 +40,13 @@ from nmt.engine.translator import ModelInfo, Translator
 
 from .config import ServerConfig, from_args
 from .continuous import create_scheduler
+from .control import ModelControl
 from .interceptors import BearerTokenInterceptor, RequestGuard
 from .kserve import add_inference_service
 from .metrics import Metrics, MetricsServer
 from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
-from .repository import ModelEntry, Models, discover
+from .repository import ModelEntry, Models, ModelVersions, discover
 from .service import Limits, TranslationService
 from .transport import SERVICE, TranslationServicer
 
@@ -68,6 +70,7 @@ class NmtServer:
         first = self.models.default or next(iter(self.models))
         self.translator, self.scheduler = first.translator, first.scheduler
         self.metrics, self.health, self.port = metrics, health, port
+        self.control: ModelControl | None = None  # set by create_server
         self.metrics_server: MetricsServer | None = None
         self._started = self._stopped = False
 
@@ -130,7 +133,7 @@ class NmtServer:
         while (quiet := time.monotonic() - max(self.guard.last_call, idle_at)) < QUIET_S and time.monotonic() < end:
             await asyncio.sleep(QUIET_S - quiet)
         await self.grpc_server.stop(max(0.0, end - time.monotonic()))  # cancels what is left at the grace's end
-        await self.models.close(timeout=1.0)
+        await self.models.close(timeout=1.0)  # the retiring versions' schedulers too
         if self.metrics_server is not None:
             self.metrics_server.close()
 
@@ -196,12 +199,35 @@ async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translato
         raise ValueError("a translator is given for a single bundle (model_dir), not a model repository")
     entries, checks = [], set()
     for model in discover(Path(cfg.model_repository)):
-        loaded, checked = await _load(cfg, model.path, load)
+        entry, checked = await repository_entry(cfg, metrics, model, load)
+        entries.append(entry)
         checks.add(checked)
-        info = replace(loaded.info, name=model.name, version=str(model.latest))  # the repository names it
-        entries.append(_entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path))
         log.info("model %s version %d from %s", model.name, model.latest, model.path)
-    return Models(entries, cfg.default_model), "/".join(sorted(checks))
+    return Models(entries, cfg.default_model, root=Path(cfg.model_repository)), "/".join(sorted(checks))
+
+
+async def repository_entry(cfg: ServerConfig, metrics: Metrics, model: ModelVersions,
+                           load: Loader | None = None) -> tuple[ModelEntry, str]:
+    """The entry of a repository model's highest version (loaded and checked; scheduler not started)."""
+    loaded, checked = await _load(cfg, model.path, load)
+    info = replace(loaded.info, name=model.name, version=str(model.latest))  # the repository names it
+    return _entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path), checked
+
+
+def live_builder(cfg: ServerConfig, metrics: Metrics, load: Loader | None = None
+                 ) -> Callable[[ModelVersions], Awaitable[ModelEntry]]:
+    """How server/control.py loads a model while serving: as at start (verify, build the sessions, self-check),
+    then warm it up and start its scheduler, all before any request can reach it."""
+    async def build(model: ModelVersions) -> ModelEntry:
+        entry, _ = await repository_entry(cfg, metrics, model, load)
+        try:
+            await asyncio.to_thread(NmtServer._warm_up, entry)
+            await entry.scheduler.start()
+        except BaseException:
+            await entry.scheduler.close(timeout=0)
+            raise
+        return entry
+    return build
 
 
 async def create_server(cfg: ServerConfig, translator: Translator | None = None,
@@ -239,7 +265,8 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     for service in ("", SERVICE):
         await health.set(service, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    add_inference_service(server, servicer, health)  # KServe v2 / Triton clients, same port
+    control = ModelControl(models, live_builder(cfg, metrics, load), metrics)
+    add_inference_service(server, servicer, health, control)  # KServe v2 / Triton clients, same port
     enable_reflection(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{cfg.host}:{cfg.port}"
     try:
@@ -248,7 +275,9 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
         raise OSError(f"cannot listen on {address}: {e}") from e
     if port == 0:
         raise OSError(f"cannot listen on {address}")
-    return NmtServer(cfg, servicer, guard, server, metrics, health, port), port
+    nmt_server = NmtServer(cfg, servicer, guard, server, metrics, health, port)
+    nmt_server.control = control
+    return nmt_server, port
 
 
 def write_port_file(path: Path, server: NmtServer) -> None:

@@ -11,6 +11,9 @@
     nmt_batch_sentences / nmt_batch_tokens      engine batch size: sentences, padded source tokens
     nmt_encode_duration_seconds / nmt_decode_duration_seconds   engine compute per batch
     nmt_input_tokens_total / nmt_generated_tokens_total         source tokens in, hypothesis tokens out
+    nmt_model_loads_total{outcome}              model loads over the control API (Triton's repository
+                                                extension): outcome="loaded" or "failed" (what served before
+                                                a failed load keeps serving)
     nmt_model_info{name,version,...} 1          the model being served
     nmt_engine_info{device,provider,variant,onnxruntime,selfcheck} 1
                                                 what runs it: the device asked for, the execution provider
@@ -57,6 +60,8 @@ class Metrics:
                                         buckets=COMPUTE_BUCKETS, **r)
         self.input_tokens = Counter("nmt_input_tokens", "Source tokens translated.", **r)
         self.generated_tokens = Counter("nmt_generated_tokens", "Tokens in the returned hypotheses.", **r)
+        self.model_loads = Counter("nmt_model_loads", "Model loads requested over the control API, by outcome.",
+                                   ["outcome"], **r)
         self.model = Info("nmt_model", "The model being served.", **r)
         self.engine = Info("nmt_engine", "The execution provider and graph variant serving requests.", **r)
         if process:

@@ -4,7 +4,7 @@ that routes each request to one model's service.
     REPOSITORY/NAME/VERSION/manifest.json    NAME: [A-Za-z0-9_.-]+, VERSION: a positive integer
 
 Every NAME/VERSION directory holding a bundle (a manifest.json) is a model version; the highest version of
-each model is loaded and served (live load/unload is not there yet). Entries that are not model versions
+each model is loaded and served at start. Entries that are not model versions
 (a file, a name with other characters, a version that is not a positive integer, a version without a
 manifest, a model without versions) are skipped, each with a log line saying why; a repository with no
 model at all is an error.
@@ -12,6 +12,12 @@ model at all is an error.
 A single bundle (--model-dir) is a registry of one model, named and versioned as its ModelInfo says: one
 code path for both. Each model has its own TranslationService (translator, scheduler, limits): a batch
 never mixes models.
+
+Live changes (server/control.py loads beside, then calls these): Models.put(entry) switches new requests to
+a new entry in one step (a request looks its entry up and starts working on its service with no await in
+between, so none is lost between the two); Models.remove(name) takes a model out of routing; either hands
+the entry it replaced to retire(), which drains it in a background task (service.draining, wait_idle,
+scheduler.close) while the requests it accepted finish on it.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ class ModelVersions:
         return self.versions[self.latest]
 
 
-def _version_dirs(model: Path) -> dict[int, Path]:
+def version_dirs(model: Path) -> dict[int, Path]:
     versions: dict[int, Path] = {}
     for entry in sorted(model.iterdir()):
         where = f"{model.name}/{entry.name}"
@@ -89,7 +95,7 @@ def discover(root: Path) -> list[ModelVersions]:
             log.warning("model repository: skipping %s: not a directory", entry.name)
         elif not NAME.fullmatch(entry.name):
             log.warning("model repository: skipping %r: a model name is made of A-Z a-z 0-9 _ . -", entry.name)
-        elif not (versions := _version_dirs(entry)):
+        elif not (versions := version_dirs(entry)):
             log.warning("model repository: skipping %s: no version directory with a bundle (%s/1/%s)",
                         entry.name, entry.name, MANIFEST)
         else:
@@ -138,16 +144,22 @@ class Models:
     entries: list[ModelEntry]
     default_name: str | None = None  # None: the only model, if there is one
     ready: bool = False  # set once the server has warmed every model up (and cleared when it stops)
+    root: Path | None = None  # the model repository (None: a single bundle, which cannot be reloaded)
     _by_name: dict[str, ModelEntry] = field(init=False, repr=False)
+    _retiring: dict[int, tuple[ModelEntry, asyncio.Task[None]]] = field(init=False, repr=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.entries, "a registry serves at least one model"
-        self.entries = sorted(self.entries, key=lambda e: e.name)
-        self._by_name = {e.name: e for e in self.entries}
+        self._route(self.entries)
         assert len(self._by_name) == len(self.entries), "model names are unique"
         if self.default_name is not None and self.default_name not in self._by_name:
             raise ValueError(f"default model {self.default_name!r} is not in the model repository; it holds: "
                              f"{', '.join(self._by_name)}")
+
+    def _route(self, entries: list[ModelEntry]) -> None:
+        # Both views replaced together, never edited in place: an iteration in progress sees the old ones.
+        self.entries = sorted(entries, key=lambda e: e.name)
+        self._by_name = {e.name: e for e in self.entries}
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self.entries)
@@ -158,18 +170,21 @@ class Models:
     @property
     def default(self) -> ModelEntry | None:
         if self.default_name is not None:
-            return self._by_name[self.default_name]
+            return self._by_name.get(self.default_name)  # None once it is unloaded
         return self.entries[0] if len(self.entries) == 1 else None
 
     def served(self) -> str:
         """"default (version 2), en-fr (version 1)": what error messages name."""
-        return ", ".join(f"{e.name} (version {e.version})" for e in self.entries)
+        return ", ".join(f"{e.name} (version {e.version})" for e in self.entries) or "no model"
 
     def lookup(self, name: str, version: str | int | None = None) -> ModelEntry:
         """The entry serving `name` (empty: the default model) at `version` (None, "" or 0: the served one).
         Raises ModelNotFound naming what is served."""
         if not name:
             entry = self.default
+            if entry is None and self.default_name is not None:
+                raise ModelNotFound(f"no model named and the default model '{self.default_name}' is not loaded",
+                                    self.served())
             if entry is None:
                 raise ModelNotFound("no model named and this server has no default model (--default-model): "
                                     "name one", self.served())
@@ -185,6 +200,52 @@ class Models:
     def state(self, entry: ModelEntry) -> str:
         return READY if self.ready and not entry.service.draining else UNAVAILABLE
 
+    def get(self, name: str) -> ModelEntry | None:
+        return self._by_name.get(name)
+
+    # ---- live changes: switch, remove, retire ----
+
+    def put(self, entry: ModelEntry) -> ModelEntry | None:
+        """Route `entry.name` to `entry` from now on (its scheduler started); the entry it replaces, if any,
+        is retired (drained in the background)."""
+        old = self._by_name.get(entry.name)
+        self._route([e for e in self.entries if e.name != entry.name] + [entry])
+        if old is not None:
+            self.retire(old)
+        return old
+
+    def remove(self, name: str) -> ModelEntry:
+        """Take model `name` out of routing (new requests: NOT_FOUND) and retire it; ModelNotFound if not served."""
+        old = self.lookup(name)
+        self._route([e for e in self.entries if e is not old])
+        self.retire(old)
+        return old
+
+    def retire(self, entry: ModelEntry) -> None:
+        """Drain `entry` in a background task: the requests it accepted finish on it, then its scheduler
+        closes. (No new request reaches it: it is out of routing.)"""
+        entry.service.draining = True
+        task = asyncio.get_running_loop().create_task(self._drain(entry), name=f"retire {entry.name}")
+        self._retiring[id(entry)] = (entry, task)
+        task.add_done_callback(lambda _: self._retiring.pop(id(entry), None))
+
+    @staticmethod
+    async def _drain(entry: ModelEntry) -> None:
+        while not await entry.service.wait_idle(60.0):
+            log.info("model %s version %s: still finishing accepted requests", entry.name, entry.version)
+        await entry.scheduler.close(timeout=None)
+        log.info("model %s version %s: released", entry.name, entry.version)
+
+    @property
+    def retiring(self) -> list[ModelEntry]:
+        """Entries out of routing, still finishing what they accepted."""
+        return [entry for entry, _ in self._retiring.values()]
+
+    async def wait_retired(self) -> None:
+        """Until every retired entry is released."""
+        while self._retiring:
+            await asyncio.gather(*(task for _, task in self._retiring.values()), return_exceptions=True)
+
     # ---- the services together: the drain and the schedulers ----
 
     @property
@@ -198,7 +259,7 @@ class Models:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no model works on a translation (at most `timeout` s in all); whether that happened."""
-        done = await asyncio.gather(*(e.service.wait_idle(timeout) for e in self.entries))
+        done = await asyncio.gather(*(e.service.wait_idle(timeout) for e in [*self.entries, *self.retiring]))
         return all(done)
 
     async def start(self) -> None:
@@ -206,4 +267,6 @@ class Models:
             await e.scheduler.start()
 
     async def close(self, timeout: float | None = None) -> None:
-        await asyncio.gather(*(e.scheduler.close(timeout=timeout) for e in self.entries))
+        await asyncio.gather(*(e.scheduler.close(timeout=timeout) for e in [*self.entries, *self.retiring]))
+        for _, task in list(self._retiring.values()):
+            task.cancel()
