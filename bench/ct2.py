@@ -1,6 +1,6 @@
 """Our checkpoint as a CTranslate2 model: the same weights, for a side-by-side benchmark.
 
-    python -m nmt.bench.ct2 models/default /tmp/ct2-int8 --quantization int8
+    python -m nmt.bench.ct2 models/default /tmp/ct2-int8 --quantization int8   (or float32, float16)
 
 The mapping, from training/model.py:
 - post-norm layers (`pre_norm=False`: CT2 then normalizes after each residual add), ReLU,
@@ -32,7 +32,7 @@ from nmt.training.model import Transformer
 from nmt.training.tokenizer import BOS_ID, EOS_ID, UNK_ID, Tokenizer
 
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which model.py uses
-QUANTIZATIONS = ("float32", "int8")
+QUANTIZATIONS = ("float32", "int8", "float16")  # float16: for device cuda (nmt-bench decode --device cuda)
 SPECIAL_PIECES = {UNK_ID: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 
 

@@ -1,6 +1,6 @@
 """`nmt-bench decode`: every decoder side by side on the same weights, in one run.
 
-    nmt-bench decode [--sentences 200] [--engines torch,ort-fp32,...] [--out bench/results]
+    nmt-bench decode [--sentences 200] [--engines torch,ort-fp32,...] [--device cpu|cuda] [--out bench/results]
 
 Engines: PyTorch eager with the KV cache (training/search.py), ONNX Runtime through the server's
 engine (engine/decoding.py) on an unfused fp32 bundle, the fused fp32 bundle and its int8
@@ -19,6 +19,11 @@ Writes decode.json, decode.md and decode.png into --out.
 
 Bundles are exported from the checkpoint into --cache-dir (git-ignored) when missing or stale;
 the CTranslate2 models are converted there on every run (under a second).
+
+--device cuda runs the engines on the GPU (bench/engines.py; default engines: torch, ORT fp32
+and fp16 (the bundle's fp32 and fp16-cuda variants), CT2 float32 and float16, and their shortlist
+and vmap forms) and refuses to start, in one line, when CUDA is missing here. There is no matmul
+peak on cuda (the CPU's sgemm is no yardstick for a GPU): the encoder rows give GFLOP/s alone.
 """
 
 from __future__ import annotations
@@ -36,19 +41,13 @@ from typing import Any
 
 import numpy as np
 
-from .engines import CT2Engine, Engine, OrtEngine, SearchSettings, TorchEngine
+from .engines import (ALL_ENGINES, CT2_ENGINES, CUDA_ENGINES, DEVICES, ENGINES, ONLY_ON, ORT_ENGINES, CT2Engine,
+                      Engine, OrtEngine, SearchSettings, TorchEngine, cuda_problem, default_engines, gpu_name,
+                      wrong_device)
 from .flops import encoder_flops, first_step_flops, sgemm_peaks
 
-ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-fp32-shortlist", "ort-int8",
-                            "ort-int8-shortlist", "ct2-float32", "ct2-float32-vmap", "ct2-int8", "ct2-int8-vmap")
-# ORT engines: (bundle in the cache, RuntimeConfig.precision, vocabulary shortlist on).
-ORT_ENGINES: dict[str, tuple[str, str, bool]] = {
-    "ort-fp32-unfused": ("unfused", "fp32", False), "ort-fp32": ("fused", "fp32", False),
-    "ort-fp32-shortlist": ("fused", "fp32", True), "ort-int8": ("fused", "int8", False),
-    "ort-int8-shortlist": ("fused", "int8", True)}
-# CT2 engines: (compute type, vocabulary map: the bundle's shortlist as CT2's vmap.txt).
-CT2_ENGINES: dict[str, tuple[str, bool]] = {"ct2-float32": ("float32", False), "ct2-float32-vmap": ("float32", True),
-                                            "ct2-int8": ("int8", False), "ct2-int8-vmap": ("int8", True)}
+# The variants a bundle must have for an ORT precision (fp32 runs on the fp32 every bundle has).
+PRECISION_VARIANT = {"int8": "int8-cpu", "fp16": "fp16-cuda"}
 BUNDLE_ATTENTION = {"fused": None, "unfused": "none"}  # None: the exporter's default fused form
 DEFAULT_SENTENCES = 200  # ~10 minutes for the whole grid on 2 cores (see README)
 ENCODER_ROUNDS = 3  # encoder passes over the sources; each engine's fastest counts
@@ -65,7 +64,8 @@ class DecodeBenchConfig:
     sentences: int = DEFAULT_SENTENCES
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     modes: tuple[str, ...] = ("greedy", "beam")
-    engines: tuple[str, ...] = ENGINES
+    engines: tuple[str, ...] | None = None  # None: default_engines(device)
+    device: str = "cpu"  # cpu | cuda
     threads: int = 2
     settings: SearchSettings = field(default_factory=SearchSettings)
     cache_dir: Path = Path("bundles/bench")
@@ -76,9 +76,17 @@ class DecodeBenchConfig:
     sgemm_size: int = 2048  # square matrices for the matmul peak
 
     def __post_init__(self) -> None:
-        unknown = [e for e in self.engines if e not in ENGINES]
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.engines is None:
+            object.__setattr__(self, "engines", default_engines(self.device))
+        unknown = [e for e in self.engines if e not in ALL_ENGINES]
         if unknown or not self.engines:
-            raise ValueError(f"unknown engines: {', '.join(unknown) or '(none given)'}; choose from {', '.join(ENGINES)}")
+            raise ValueError(f"unknown engines: {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {', '.join(ALL_ENGINES)}")
+        if wrong := wrong_device(self.engines, self.device):
+            raise ValueError(f"engines not for device {self.device}: "
+                             + ", ".join(f"{e} ({ONLY_ON[e]} only)" for e in wrong))
         bad_modes = [m for m in self.modes if m not in ("greedy", "beam")]
         if bad_modes or not self.modes:
             raise ValueError(f"unknown modes: {', '.join(bad_modes) or '(none given)'}; choose from greedy, beam")
@@ -105,7 +113,7 @@ def load_sources(cfg: DecodeBenchConfig, tokenizer, src_lang: str, tgt_lang: str
     return tokenizer.encode([lines[i] for i in picks]), len(lines)
 
 
-def _bundle_is_current(out: Path, digest: str, attention: str | None, need_int8: bool) -> bool:
+def _bundle_is_current(out: Path, digest: str, attention: str | None, need: tuple[str, ...]) -> bool:
     from nmt.engine.bundle import BUNDLE_FORMAT_VERSION, TOP_IDS, BundleError, shortlist_file, verify_bundle
 
     try:
@@ -117,24 +125,31 @@ def _bundle_is_current(out: Path, digest: str, attention: str | None, need_int8:
             and manifest.get("format_version") == BUNDLE_FORMAT_VERSION and TOP_IDS in outputs
             and shortlist_file(manifest) is not None
             and (manifest.get("attention") == attention if attention else manifest.get("attention") != "none")
-            and (not need_int8 or "int8-cpu" in manifest.get("variants", {})))
+            and all(name in manifest.get("variants", {}) for name in need))
 
 
-def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need_int8: bool, parity: bool = True,
-                  data_dir: Path | None = None) -> Path:
-    """Export `checkpoint` to `out` (with its shortlist, from Multi30k train in `data_dir`) unless a
-    verified bundle of the same weights is there."""
+def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need: tuple[str, ...] = (),
+                  parity: bool = True, data_dir: Path | None = None) -> Path:
+    """Export `checkpoint` to `out` (with its shortlist, from Multi30k train in `data_dir`; every
+    variant, so int8-cpu and fp16-cuda too) unless a verified bundle of the same weights with the
+    variants `need` is there."""
     from nmt.engine import bundle
     from nmt.export.export import ExportOptions, export_checkpoint
     from nmt.training.checkpoint import CONFIG, WEIGHTS, read_config
 
     digest = bundle.directory_digest(checkpoint, [WEIGHTS, CONFIG, read_config(checkpoint)["tokenizer"]])
-    if not out.exists() or not _bundle_is_current(out, digest, attention, need_int8):
+    if not out.exists() or not _bundle_is_current(out, digest, attention, need):
         print(f"exporting {checkpoint} -> {out} (attention {attention or 'default'})", file=sys.stderr)
         options = ExportOptions(validate=parity, data_dir=data_dir,
                                 **({} if attention is None else {"attention": attention}))
         export_checkpoint(checkpoint, out, force=True, options=options)
     return out
+
+
+def needed_variants(engines: tuple[str, ...], kind: str) -> tuple[str, ...]:
+    """The variants the ORT engines among `engines` need in the `kind` bundle, beyond fp32."""
+    precisions = {ORT_ENGINES[e][1] for e in engines if e in ORT_ENGINES and ORT_ENGINES[e][0] == kind}
+    return tuple(sorted(PRECISION_VARIANT[p] for p in precisions if p in PRECISION_VARIANT))
 
 
 class _EngineFactory:
@@ -145,9 +160,9 @@ class _EngineFactory:
 
     def bundle(self, kind: str) -> Path:
         if kind not in self.bundles:
-            need_int8 = any(ORT_ENGINES.get(e, ())[:2] == (kind, "int8") for e in self.cfg.engines)
+            need = needed_variants(self.cfg.engines, kind)
             self.bundles[kind] = ensure_bundle(self.cfg.checkpoint, self.cfg.cache_dir / kind,
-                                               BUNDLE_ATTENTION[kind], need_int8, self.cfg.parity, self.cfg.data_dir)
+                                               BUNDLE_ATTENTION[kind], need, self.cfg.parity, self.cfg.data_dir)
         return self.bundles[kind]
 
     def build(self, name: str) -> tuple[Engine, str]:
@@ -156,19 +171,21 @@ class _EngineFactory:
 
         cfg = self.cfg
         if name == "torch":
-            return TorchEngine(self.loaded.model, cfg.settings), "eager"
+            return TorchEngine(self.loaded.model, cfg.settings, device=cfg.device), "eager" + (
+                " on cuda" if cfg.device == "cuda" else "")
         if name in ORT_ENGINES:
             kind, precision, shortlist = ORT_ENGINES[name]
             engine = OrtEngine(name, self.bundle(kind), precision, cfg.threads, cfg.settings, cfg.ort_spinning,
-                               shortlist)
+                               shortlist, device=cfg.device)
             return engine, engine.variant
         quantization, vmap = CT2_ENGINES[name]
         pieces = ct2.vocabulary(self.loaded.tokenizer)
         vmap_file = ct2.write_vmap(self.bundle("fused"), pieces, cfg.cache_dir / "vmap.txt") if vmap else None
         model_dir = ct2.convert_checkpoint(cfg.checkpoint, cfg.cache_dir / name, quantization, force=True,
                                            vmap=vmap_file)
-        engine = CT2Engine(name, model_dir, quantization, cfg.threads, pieces, cfg.settings, use_vmap=vmap)
-        return engine, quantization + (", vmap" if vmap else "")
+        engine = CT2Engine(name, model_dir, quantization, cfg.threads, pieces, cfg.settings, use_vmap=vmap,
+                           device=cfg.device)
+        return engine, quantization + (" on cuda" if cfg.device == "cuda" else "") + (", vmap" if vmap else "")
 
 
 def build_engines(cfg: DecodeBenchConfig, loaded) -> tuple[list[Engine], dict[str, str], dict[str, str]]:
@@ -241,8 +258,9 @@ def run_decode_grid(engines: list[Engine], sources: list[list[int]], cfg: Decode
 
 
 def run_encoder(engines: list[Engine], sources: list[list[int]], cfg: DecodeBenchConfig, model_cfg,
-                peak: float) -> list[dict[str, Any]]:
-    """Encoder-only GFLOP/s per engine and batch size (CT2: encoder plus its first decoder step)."""
+                peak: float | None) -> list[dict[str, Any]]:
+    """Encoder-only GFLOP/s per engine and batch size (CT2: encoder plus its first decoder step);
+    the fraction of `peak` where there is one (None on cuda)."""
     rows = []
     for size in cfg.batch_sizes:
         batches = _batches(sources, size)
@@ -257,7 +275,8 @@ def run_encoder(engines: list[Engine], sources: list[list[int]], cfg: DecodeBenc
             gflops = total / seconds / 1e9
             rows.append({"engine": engine.name, "batch_size": size, "gflop": round(total / 1e9, 3),
                          "seconds": round(seconds, 4), "gflops_per_s": round(gflops, 2),
-                         "fraction_of_peak": round(gflops / peak, 3), "includes_first_decoder_step": plus_step})
+                         "fraction_of_peak": None if peak is None else round(gflops / peak, 3),
+                         "includes_first_decoder_step": plus_step})
     return rows
 
 
@@ -286,7 +305,8 @@ class CpuShare:
         return round(max(0.0, (busy1 - busy0) - (own1 - own0)) / (t1 - t0), 2)
 
 
-def machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
+    """The host (CPU, its flags, load), versions, and the device measured (on cuda: the GPU's name)."""
     import ctranslate2
     import onnxruntime
     import torch
@@ -295,7 +315,10 @@ def machine_info(threads: int) -> dict[str, Any]:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return {"cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags], "logical_cpus": os.cpu_count(),
+    gpu = {"gpu": gpu_name(), "onnxruntime_providers": onnxruntime.get_available_providers(),
+           "torch_cuda": torch.version.cuda} if device == "cuda" else {}
+    return {"device": device, **gpu, "cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+            "logical_cpus": os.cpu_count(),
             "threads": threads, "nice": os.nice(0),
             "load_average_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
@@ -314,12 +337,14 @@ def run(cfg: DecodeBenchConfig) -> dict[str, Any]:
     engines, skipped, variants = build_engines(cfg, loaded)
     if not engines:
         raise ValueError("no engine could be built: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    info = machine_info(cfg.threads)
-    peaks = sgemm_peaks(cfg.threads, cfg.sgemm_size)
+    info = machine_info(cfg.threads, cfg.device)
+    on_cpu = cfg.device == "cpu"  # the sgemm peak is the CPU's: no yardstick for GPU engines
+    peaks = sgemm_peaks(cfg.threads, cfg.sgemm_size) if on_cpu else None
     started, share = time.time(), CpuShare()
     decode_rows = run_decode_grid(engines, sources, cfg)
-    peaks = sgemm_peaks(cfg.threads, cfg.sgemm_size, earlier=peaks)  # again, at the end: the best of both
-    encoder_rows = run_encoder(engines, sources, cfg, loaded.model.cfg, peaks["peak"])
+    if peaks is not None:  # again, at the end: the best of both
+        peaks = {**sgemm_peaks(cfg.threads, cfg.sgemm_size, earlier=peaks), "device": "cpu"}
+    encoder_rows = run_encoder(engines, sources, cfg, loaded.model.cfg, None if peaks is None else peaks["peak"])
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     info["other_processes_cores"] = share.other_cores()  # average over the whole measurement
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
@@ -338,7 +363,11 @@ def _parse(argv: list[str] | None) -> DecodeBenchConfig:
                         help=f"evenly spaced subsample of the split (default {DEFAULT_SENTENCES}: ~10 min on 2 cores)")
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--modes", default="greedy,beam")
-    parser.add_argument("--engines", default=",".join(ENGINES))
+    parser.add_argument("--engines", default=None,
+                        help=f"comma-separated (default on cpu: {','.join(ENGINES)}; "
+                             f"on cuda: {','.join(CUDA_ENGINES)})")
+    parser.add_argument("--device", choices=DEVICES, default="cpu",
+                        help="where the engines run (cuda: ORT's CUDA provider, CT2 and torch on the GPU)")
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=0.6)
@@ -356,7 +385,8 @@ def _parse(argv: list[str] | None) -> DecodeBenchConfig:
         return DecodeBenchConfig(
             checkpoint=args.checkpoint, data_dir=args.data_dir, split=args.split, sentences=args.sentences,
             batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), modes=tuple(args.modes.split(",")),
-            engines=tuple(args.engines.split(",")), threads=args.threads,
+            engines=None if args.engines is None else tuple(args.engines.split(",")), device=args.device,
+            threads=args.threads,
             settings=SearchSettings(args.beam_size, args.length_penalty, args.max_len_extra),
             cache_dir=args.cache_dir, out=args.out, force=args.force,
             parity=not args.no_parity, ort_spinning=args.ort_spinning == "on",
@@ -369,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     from .report import RESULT_FILES, write_report
 
     cfg = _parse(argv)
+    if cfg.device == "cuda" and (problem := cuda_problem(cfg.engines)):
+        print(f"error: --device cuda cannot run here: {problem}; use --device cpu", file=sys.stderr)
+        return 2
     existing = [name for name in RESULT_FILES if (cfg.out / name).exists()]
     if existing and not cfg.force:
         print(f"error: {cfg.out} already has {', '.join(existing)}; pass --force to replace", file=sys.stderr)

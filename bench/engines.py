@@ -17,6 +17,10 @@ CTranslate2 differs in two rules, and is driven so that the differences do not s
   outputs are then cut to each sentence's own limit (len(source) + max_len_extra - 1 tokens
   before the forced EOS), which gives exactly our greedy tokens; a beam that reaches the limit
   (rare with a trained model) may differ.
+
+Devices (--device): on cpu every engine runs on the CPU; on cuda torch runs on the GPU (when its
+build has CUDA), the ORT engines through the runtime with device "cuda" (fp32: the portable fp32
+variant; fp16: fp16-cuda) and CT2 with device "cuda". int8 ORT is CPU only, fp16/float16 GPU only.
 """
 
 from __future__ import annotations
@@ -30,6 +34,86 @@ from nmt.engine.decoding import pad_sources
 from nmt.engine.hypothesis import length_penalty
 
 TINY_LENGTH_PENALTY = 1e-9  # CT2: raw scores, without its early exit (see the docstring)
+DEVICES: tuple[str, ...] = ("cpu", "cuda")
+# ORT engines: (bundle in the cache, RuntimeConfig.precision, vocabulary shortlist on).
+ORT_ENGINES: dict[str, tuple[str, str, bool]] = {
+    "ort-fp32-unfused": ("unfused", "fp32", False), "ort-fp32": ("fused", "fp32", False),
+    "ort-fp32-shortlist": ("fused", "fp32", True), "ort-int8": ("fused", "int8", False),
+    "ort-int8-shortlist": ("fused", "int8", True), "ort-fp16": ("fused", "fp16", False),
+    "ort-fp16-shortlist": ("fused", "fp16", True)}
+# CT2 engines: (compute type, vocabulary map: the bundle's shortlist as CT2's vmap.txt).
+CT2_ENGINES: dict[str, tuple[str, bool]] = {
+    "ct2-float32": ("float32", False), "ct2-float32-vmap": ("float32", True), "ct2-int8": ("int8", False),
+    "ct2-int8-vmap": ("int8", True), "ct2-float16": ("float16", False), "ct2-float16-vmap": ("float16", True)}
+# The default engines per device.
+ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-fp32-shortlist", "ort-int8",
+                            "ort-int8-shortlist", "ct2-float32", "ct2-float32-vmap", "ct2-int8", "ct2-int8-vmap")
+CUDA_ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-fp32-shortlist", "ort-fp16",
+                                 "ort-fp16-shortlist", "ct2-float32", "ct2-float32-vmap", "ct2-float16",
+                                 "ct2-float16-vmap")
+ALL_ENGINES: tuple[str, ...] = ("torch", *ORT_ENGINES, *CT2_ENGINES)
+# Engines that run on one device only: ORT's int8-cpu variant; fp16-cuda and CT2 float16 (no
+# efficient float16 on the CPU). CT2 int8 runs on both (not in the cuda default).
+ONLY_ON: dict[str, str] = {"ort-int8": "cpu", "ort-int8-shortlist": "cpu", "ort-fp16": "cuda",
+                           "ort-fp16-shortlist": "cuda", "ct2-float16": "cuda", "ct2-float16-vmap": "cuda"}
+
+
+def default_engines(device: str) -> tuple[str, ...]:
+    return CUDA_ENGINES if device == "cuda" else ENGINES
+
+
+def wrong_device(engines: Sequence[str], device: str) -> list[str]:
+    """The engines among `engines` that do not run on `device`."""
+    return [e for e in engines if ONLY_ON.get(e, device) != device]
+
+
+def _ct2_cuda_devices() -> int:
+    import ctranslate2
+
+    try:
+        return ctranslate2.get_cuda_device_count()
+    except RuntimeError:  # a CTranslate2 built without CUDA
+        return 0
+
+
+def cuda_problem(engines: Sequence[str]) -> str | None:
+    """Why `engines` cannot run on device cuda here, in one line; None when nothing is missing.
+    A GPU must be visible (to CTranslate2 or torch); ORT engines need onnxruntime's CUDA provider,
+    CT2 engines a GPU that CTranslate2 sees. (torch without CUDA only skips the torch row.)"""
+    import ctranslate2
+    import onnxruntime as ort
+    import torch
+
+    problems = []
+    ct2_gpus, torch_gpu = _ct2_cuda_devices(), torch.cuda.is_available()
+    if not ct2_gpus and not torch_gpu:
+        problems.append(f"no CUDA device is visible (CTranslate2 {ctranslate2.__version__} counts 0, "
+                        f"torch {torch.__version__} has none)")
+    elif not ct2_gpus and any(e in CT2_ENGINES for e in engines):
+        problems.append(f"CTranslate2 {ctranslate2.__version__} sees no CUDA device (engines ct2-*)")
+    if any(e in ORT_ENGINES for e in engines) and "CUDAExecutionProvider" not in ort.get_available_providers():
+        problems.append(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (has "
+                        f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu)")
+    return "; ".join(problems) or None
+
+
+def gpu_name() -> str | None:
+    """The first GPU's name, from torch or else nvidia-smi; None when neither says."""
+    import shutil
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    if smi := shutil.which("nvidia-smi"):
+        try:
+            done = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                  text=True, timeout=20, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -50,27 +134,36 @@ class Engine(Protocol):
 
 
 class TorchEngine:
-    """training/search.py: PyTorch eager with the KV cache (threads: torch.set_num_threads)."""
+    """training/search.py: PyTorch eager with the KV cache (threads: torch.set_num_threads).
 
-    def __init__(self, model, settings: SearchSettings, name: str = "torch"):
-        self.name, self.model, self.settings = name, model.eval(), settings
+    device "cuda" moves the model to the GPU (in place) and needs a CUDA build of torch."""
+
+    def __init__(self, model, settings: SearchSettings, name: str = "torch", device: str = "cpu"):
+        import torch
+
+        if device == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"torch {torch.__version__} has no CUDA (a CPU build, or no GPU visible)")
+        self.name, self.model, self.settings, self.device = name, model.eval().to(device), settings, device
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
         from nmt.training.search import beam_search, greedy_search
 
         extra = self.settings.max_len_extra
         if beam_size == 1:
-            return [h.tokens for h in greedy_search(self.model, sources, max_len_extra=extra, repetition_guard=False)]
+            found = greedy_search(self.model, sources, max_len_extra=extra, device=self.device, repetition_guard=False)
+            return [h.tokens for h in found]
         found = beam_search(self.model, sources, beam_size, self.settings.length_penalty, 1, extra,
-                            repetition_guard=False)
+                            device=self.device, repetition_guard=False)
         return [hyps[0].tokens for hyps in found]
 
     def encode(self, sources: list[list[int]]) -> None:
         import torch
 
-        ids, mask = (torch.from_numpy(a) for a in pad_sources(sources))
+        ids, mask = (torch.from_numpy(a).to(self.device) for a in pad_sources(sources))
         with torch.no_grad():
             self.model.cross_kv(self.model.encode(ids, mask))
+        if self.device == "cuda":
+            torch.cuda.synchronize()  # the timing covers the kernels, not only their launch
 
 
 def reopen_cpu_session(path: Path, threads: int, spinning: bool = False, profile_prefix: Path | None = None):
@@ -89,14 +182,15 @@ class OrtEngine:
     """The engine's Decoder on the sessions its runtime makes (one bundle, one precision).
 
     spinning=True turns intra-op spinning on, an experiment (the engine keeps it off); the variant
-    name says so."""
+    name says so. device "cuda": the runtime's CUDA provider (fp32 -> the portable fp32 variant,
+    fp16 -> fp16-cuda; engine/runtime.py PREFERENCE)."""
 
     def __init__(self, name: str, bundle_dir: Path, precision: str, threads: int, settings: SearchSettings,
-                 spinning: bool = False, shortlist: bool = False):
+                 spinning: bool = False, shortlist: bool = False, device: str = "cpu"):
         from nmt.engine.decoding import DecodeOptions, Decoder
         from nmt.engine.runtime import RuntimeConfig, load_sessions
 
-        cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, inter_op_threads=1,
+        cfg = RuntimeConfig(device=device, precision=precision, intra_op_threads=threads, inter_op_threads=1,
                             spinning=spinning, shortlist=shortlist)
         self.name, self.sessions, self.spinning = name, load_sessions(bundle_dir, cfg), spinning
         if shortlist and self.sessions.shortlist is None:
@@ -111,7 +205,8 @@ class OrtEngine:
     @property
     def variant(self) -> str:
         shortlist = ", shortlist" if self.sessions.shortlist is not None else ""
-        return str(self.sessions.variant) + shortlist + (", spinning on" if self.spinning else "")
+        cuda = " on CUDA" if self.sessions.on_cuda else ""
+        return str(self.sessions.variant) + cuda + shortlist + (", spinning on" if self.spinning else "")
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
         result = self.decoder.search(sources, self._options[beam_size])
@@ -126,12 +221,12 @@ class CT2Engine:
     """A CTranslate2 Translator on a model converted by bench/ct2.py (inter 1, intra `threads`)."""
 
     def __init__(self, name: str, model_dir: Path, compute_type: str, threads: int, pieces: Sequence[str],
-                 settings: SearchSettings, use_vmap: bool = False):
+                 settings: SearchSettings, use_vmap: bool = False, device: str = "cpu"):
         import ctranslate2
 
         self.name, self.settings, self.pieces, self.use_vmap = name, settings, list(pieces), use_vmap
         self.index = {piece: i for i, piece in enumerate(self.pieces)}
-        self.translator = ctranslate2.Translator(str(model_dir), device="cpu", compute_type=compute_type,
+        self.translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type,
                                                  inter_threads=1, intra_threads=threads)
 
     def _run(self, sources: list[list[int]], **options):

@@ -18,6 +18,18 @@ RATIOS: tuple[tuple[str, str, str, float], ...] = (
     ("ORT fp32 shortlist / ORT fp32", "ort-fp32-shortlist", "ort-fp32", 1.0),
     ("ORT fp32 fused / unfused", "ort-fp32", "ort-fp32-unfused", 1.0),
 )
+# --device cuda: ORT on CUDA (fp32 and fp16) against CTranslate2 on CUDA (float16 and float32).
+CUDA_RATIOS: tuple[tuple[str, str, str, float], ...] = (
+    ("ORT fp16 / CT2 float16", "ort-fp16", "ct2-float16", 1.0),
+    ("ORT fp32 / CT2 float32", "ort-fp32", "ct2-float32", 1.0),
+    ("ORT fp16 shortlist / CT2 float16 vmap", "ort-fp16-shortlist", "ct2-float16-vmap", 1.0),
+    ("ORT fp16 / ORT fp32", "ort-fp16", "ort-fp32", 1.0),
+    ("ORT fp32 fused / unfused", "ort-fp32", "ort-fp32-unfused", 1.0),
+)
+
+
+def _device(results: dict[str, Any]) -> str:
+    return results["config"].get("device", "cpu")  # results written before --device: cpu
 
 
 def _cells(results: dict[str, Any]) -> list[tuple[str, int]]:
@@ -37,7 +49,7 @@ def _lookup(results: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any
 def ratios(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Every goal ratio per (mode, batch size); None where an engine is missing."""
     rows, table = [], _lookup(results)
-    for label, top, bottom, goal in RATIOS:
+    for label, top, bottom, goal in CUDA_RATIOS if _device(results) == "cuda" else RATIOS:
         values = {}
         for mode, size in _cells(results):
             a, b = table.get((top, mode, size)), table.get((bottom, mode, size))
@@ -88,8 +100,9 @@ def _encoder_table(results: dict[str, Any]) -> list[str]:
     table = {(r["engine"], r["batch_size"]): r for r in results["encoder"]}
     lines = ["| engine | " + " | ".join(f"b={s}" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for engine in results["engines"]:
-        values = [f"{table[(engine, s)]['gflops_per_s']:.1f} ({100 * table[(engine, s)]['fraction_of_peak']:.0f}%)"
-                  for s in sizes]
+        values = [f"{row['gflops_per_s']:.1f}" + ("" if row["fraction_of_peak"] is None
+                                                  else f" ({100 * row['fraction_of_peak']:.0f}%)")
+                  for row in (table[(engine, s)] for s in sizes)]
         star = " *" if table[(engine, sizes[0])]["includes_first_decoder_step"] else ""
         lines.append(f"| {engine}{star} | " + " | ".join(values) + " |")
     return lines
@@ -107,17 +120,32 @@ def _warning(machine: dict[str, Any]) -> list[str]:
             "engines with many small operators the most; compare with care.**", ""]
 
 
-def markdown(results: dict[str, Any]) -> str:
+def _encoder_intro(results: dict[str, Any]) -> str:
     cfg, machine, peaks = results["config"], results["machine"], results["sgemm_gflops"]
+    ct2 = ("* CTranslate2's Python API has no encoder-only call: its time includes one greedy decoder step, "
+           "whose FLOPs are counted too.")
+    if peaks is None:
+        return (f"On {_device(results)} ({machine.get('gpu') or 'GPU unknown'}): no matmul peak (the CPU's fp32 "
+                f"sgemm is no yardstick for a GPU), so GFLOP/s alone. {ct2}")
+    return (f"Peak at {machine['threads']} threads, {cfg['sgemm_size']}×{cfg['sgemm_size']} fp32 on the "
+            f"{peaks.get('device', 'cpu').upper()} (best of a measurement before and after the decoding grid): "
+            f"torch.mm {peaks['torch_mm']} GFLOP/s, ONNX Runtime MatMul {peaks['ort_matmul']} GFLOP/s. The int8 "
+            f"engines are held against the same fp32 peak, so they can exceed 100%. {ct2}")
+
+
+def markdown(results: dict[str, Any]) -> str:
+    cfg, machine = results["config"], results["machine"]
     settings = cfg["settings"]
+    device = (f"Device: cuda, GPU {machine.get('gpu') or 'unknown'} (host " if _device(results) == "cuda"
+              else "")
     head = [
         "# Decoding benchmark (`nmt-bench decode`)", "", *_warning(machine),
         f"{results['sentences']} sentences of {cfg['split']} (evenly spaced out of {results['split_sentences']}; "
         f"{results['source_tokens']} source tokens), checkpoint `{cfg['checkpoint']}`. "
         f"Greedy and beam {settings['beam_size']} (GNMT length penalty {settings['length_penalty']}, at most "
         f"len(source) + {settings['max_len_extra']} tokens). {machine['threads']} threads for every engine; "
-        f"CPU: {machine['cpu']} ({machine['logical_cpus']} logical CPUs; "
-        f"{', '.join(machine.get('cpu_flags') or ['flags unknown'])}), load average "
+        f"{device}CPU: {machine['cpu']} ({machine['logical_cpus']} logical CPUs; "
+        f"{', '.join(machine.get('cpu_flags') or ['flags unknown'])}){')' if device else ''}, load average "
         f"{machine['load_average_start'][0]} at the start, {machine['load_average_end'][0]} at the end, other "
         f"processes kept {machine.get('other_processes_cores')} cores busy on average while it ran; "
         f"{', '.join(f'{k} {v}' for k, v in machine['versions'].items())}. Whole grid: {results['seconds']:.0f} s.",
@@ -126,12 +154,8 @@ def markdown(results: dict[str, Any]) -> str:
         "engines in turn.", "",
     ]
     ratio = ["", "## Goals (ratios of tokens per second, same run)", ""]
-    encoder = ["", "## Encoder: achieved GFLOP/s of its matrix products (% of the measured fp32 matmul peak)", "",
-               f"Peak at {machine['threads']} threads, {cfg['sgemm_size']}×{cfg['sgemm_size']} fp32 (best of a "
-               f"measurement before and after the decoding grid): torch.mm {peaks['torch_mm']} GFLOP/s, ONNX Runtime "
-               f"MatMul {peaks['ort_matmul']} GFLOP/s. The int8 engines are held against the same fp32 peak, so they "
-               "can exceed 100%. * CTranslate2's Python API has no encoder-only call: its time includes one greedy "
-               "decoder step, whose FLOPs are counted too.", ""]
+    of_peak = "" if results["sgemm_gflops"] is None else " (% of the measured fp32 matmul peak)"
+    encoder = ["", f"## Encoder: achieved GFLOP/s of its matrix products{of_peak}", "", _encoder_intro(results), ""]
     return "\n".join(head + _speed_table(results) + ratio + _ratio_table(results) + encoder
                      + _encoder_table(results)) + "\n"
 
@@ -154,7 +178,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
             ax.bar([x + i * width for x in range(len(sizes))], values, width, label=engine)
         ax.set_xticks([x + width * (len(engines) - 1) / 2 for x in range(len(sizes))], [f"batch {s}" for s in sizes])
         ax.set_yscale("log")
-        ax.set_title(f"{mode}, {results['machine']['threads']} threads")
+        on = results["machine"].get("gpu") if _device(results) == "cuda" else None
+        ax.set_title(f"{mode}, " + (f"cuda ({on})" if on else f"{results['machine']['threads']} threads"))
         ax.set_ylabel("target tokens / s")
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)

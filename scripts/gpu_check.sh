@@ -29,13 +29,14 @@
 #   GPU_CHECK_PARITY_LIMIT   parity sentences of test_2016_flickr (all 1000 / 16)
 #   GPU_CHECK_BENCH_SENTENCES, GPU_CHECK_BENCH_BATCHES, GPU_CHECK_BENCH_ENGINES, GPU_CHECK_BENCH_ARGS
 #                            nmt-bench decode's --sentences (64 / 4), --batch-sizes (1,8 / 2),
-#                            --engines (torch,ort-fp32,ct2-float32), extra flags (none)
+#                            --engines (ort-fp32,ort-fp16,ct2-float32,ct2-float16 / torch,ort-fp32,ct2-float32;
+#                            torch is left out on cuda: the venv's torch is normally the CPU build, and
+#                            a skipped engine fails the step), extra flags (none)
 #   GPU_CHECK_THREADS        ORT/CT2/torch threads of the server and the bench (4 / 1)
 #   GPU_CHECK_FORCE          1: replace this script's earlier results in a non-empty OUT_DIR
 #
-# nmt-bench decode runs its engines on the CPU only (no --device flag; no fp16 ORT or float16 CT2
-# engine). Step 4 passes `--device $GPU_CHECK_DEVICE` by itself once `nmt-bench decode --help` lists
-# --device; until then the summary says the GPU engines were not measured.
+# Step 4 passes `--device $GPU_CHECK_DEVICE` to nmt-bench decode when its --help lists --device (an
+# older one without it runs on the CPU only, and the summary then says the GPU engines were not measured).
 set -Eeuo pipefail
 
 if [ $# -ne 1 ] || [ "${1#-}" != "$1" ]; then
@@ -61,7 +62,7 @@ INSTALL=${GPU_CHECK_INSTALL:-$(small 1 0)}
 PARITY_LIMIT=${GPU_CHECK_PARITY_LIMIT:-$(small "" 16)}
 BENCH_SENTENCES=${GPU_CHECK_BENCH_SENTENCES:-$(small 64 4)}
 BENCH_BATCHES=${GPU_CHECK_BENCH_BATCHES:-$(small 1,8 2)}
-BENCH_ENGINES=${GPU_CHECK_BENCH_ENGINES:-torch,ort-fp32,ct2-float32}
+BENCH_ENGINES=${GPU_CHECK_BENCH_ENGINES:-$(small ort-fp32,ort-fp16,ct2-float32,ct2-float16 torch,ort-fp32,ct2-float32)}
 BENCH_ARGS=${GPU_CHECK_BENCH_ARGS:-}
 THREADS=${GPU_CHECK_THREADS:-$(small 4 1)}
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
