@@ -3,6 +3,7 @@
     nmt-bench decode ...   every decoder on the same weights (bench/decode.py)
     nmt-bench load ...     the server under load (bench/load.py)
     nmt-bench reload ...   new model versions loaded under load: failures, versions answering (bench/reload.py)
+    nmt-bench fairness ... two models, one under load: the other's latency; RSS per loaded model (bench/fairness.py)
     nmt-bench soak ...     the server at a steady load for minutes: memory and latency growth (bench/soak.py)
     nmt-bench train ...    training tokens/s per step, fp32/bf16, eager/compile (bench/train_speed.py)
     nmt-bench robustness ... the same test sentences as paragraphs, ALL CAPS, Title Case, without final
@@ -20,7 +21,7 @@ import argparse
 import importlib
 
 COMMANDS = {"decode": "nmt.bench.decode", "load": "nmt.bench.load", "soak": "nmt.bench.soak",
-            "reload": "nmt.bench.reload", "train": "nmt.bench.train_speed",
+            "reload": "nmt.bench.reload", "fairness": "nmt.bench.fairness", "train": "nmt.bench.train_speed",
             "segmentation": "nmt.bench.segmentation", "robustness": "nmt.bench.robustness",
             "text-cost": "nmt.bench.text_cost"}
 
@@ -28,7 +29,8 @@ COMMANDS = {"decode": "nmt.bench.decode", "load": "nmt.bench.load", "soak": "nmt
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nmt-bench", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=sorted(COMMANDS), help="decode: engines side by side; load: server load; "
-                        "reload: model versions loaded under load; soak: server growth over minutes; "
+                        "reload: model versions loaded under load; fairness: a model's latency while another is "
+                        "loaded; soak: server growth over minutes; "
                         "train: training speed; "
                         "segmentation: sentence splitters side by side; robustness: paragraphs, case, punctuation, "
                         "protected spans and odd inputs against plain sentences")

@@ -141,8 +141,11 @@ class ServerProcess:
         """(sum, count) of nmt_batch_sentences from /metrics."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-                  if s.name in ("nmt_batch_sentences_sum", "nmt_batch_sentences_count")}
+        values = {"nmt_batch_sentences_sum": 0.0, "nmt_batch_sentences_count": 0.0}  # every model's together
+        for f in text_string_to_metric_families(text):
+            for s in f.samples:
+                if s.name in values:
+                    values[s.name] += s.value
         return values["nmt_batch_sentences_sum"], values["nmt_batch_sentences_count"]
 
     def close(self) -> int:

@@ -139,12 +139,12 @@ class RepositoryServer(ServerProcess):
         """REPO/default/VERSION: the bundle, complete before this returns (written beside, then renamed in)."""
         final = self.repository / MODEL / str(version)
         partial = self.repository / MODEL / f".partial-{version}"  # not a version directory while it fills
-        shutil.copytree(self.bundle, partial, copy_function=_link_or_copy)
+        shutil.copytree(self.bundle, partial, copy_function=link_or_copy)
         partial.rename(final)
         return final
 
 
-def _link_or_copy(src: str, dst: str) -> str:
+def link_or_copy(src: str, dst: str) -> str:
     try:
         os.link(src, dst)
     except OSError:  # another filesystem, or links not allowed

@@ -151,8 +151,11 @@ def server_counts(server: ServerProcess) -> dict[str, float]:
     """nmt_requests_total{method="Translate"} by code, from /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5) as page:
         text = page.read().decode()
-    return {s.labels["code"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name == "nmt_requests_total" and s.labels.get("method") == "Translate"}
+    counts: dict[str, float] = {}  # summed over the model and version labels
+    for s in (s for f in text_string_to_metric_families(text) for s in f.samples):
+        if s.name == "nmt_requests_total" and s.labels.get("method") == "Translate":
+            counts[s.labels["code"]] = counts.get(s.labels["code"], 0.0) + s.value
+    return counts
 
 
 def run(cfg: SoakConfig) -> dict[str, Any]:

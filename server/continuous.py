@@ -44,7 +44,7 @@ from nmt.engine.continuous import Finished, NoPastMask, RunningBatch
 from nmt.engine.decoding import DecodeOptions
 
 from .batching import EngineError, Item, SchedulerClosed, SchedulerConfig, distinct_requests
-from .metrics import Metrics
+from .metrics import ModelMetrics
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class _EngineThread:
 
 
 class ContinuousScheduler(Scheduler):
-    def __init__(self, engine: Any, cfg: SchedulerConfig, metrics: Metrics | None = None):
+    def __init__(self, engine: Any, cfg: SchedulerConfig, metrics: ModelMetrics | None = None):
         super().__init__(engine, cfg, metrics)
         self._checker: RunningBatch = engine.running_batch()  # for check() only
         self._engines: list[_EngineThread] = []
@@ -265,7 +265,7 @@ class ContinuousScheduler(Scheduler):
             self._fail(request, failure)
 
 
-def create_scheduler(engine: Any, cfg: SchedulerConfig, metrics: Metrics | None = None) -> Scheduler:
+def create_scheduler(engine: Any, cfg: SchedulerConfig, metrics: ModelMetrics | None = None) -> Scheduler:
     """The scheduler of cfg.batching. Continuous batching needs an engine with running_batch() and a
     bundle whose decoder takes past_mask (format 3); otherwise static batching, said in a log line."""
     if cfg.batching == "continuous":

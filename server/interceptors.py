@@ -122,7 +122,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     async def _refuse(self, method: str, refused: Refused, context: grpc.aio.ServicerContext) -> NoReturn:
         self.log.warning(f"refused a request to {method} from {context.peer()}: {refused.code.name}: {refused}")
         if self.metrics is not None and method.startswith(self.counted):
-            self.metrics.requests.labels(method.rsplit("/", 1)[-1], refused.code.name).inc()
+            self.metrics.requests.labels(method.rsplit("/", 1)[-1], refused.code.name, "", "").inc()
         await abort(context, refused.code, str(refused))
 
 
@@ -195,7 +195,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(self.EXEMPT) or self.authorized(details.invocation_metadata):
             return handler
         if self.metrics is not None and details.method.startswith(self.counted):
-            self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
+            self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED", "", "").inc()
 
         async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
             await abort(context, grpc.StatusCode.UNAUTHENTICATED, self.MESSAGE)

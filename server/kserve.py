@@ -50,7 +50,16 @@ from .kserve_pb import grpc_predict_v2_pb2 as kpb
 from .kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from .nmt_pb import translation_pb2 as pb
 from .repository import ModelEntry, ModelNotFound, Models
-from .transport import SERVICE, Status, TranslationServicer, deadline_of, decode_options, status_of, text_options
+from .transport import (
+    SERVICE,
+    Call,
+    Status,
+    TranslationServicer,
+    deadline_of,
+    decode_options,
+    status_of,
+    text_options,
+)
 
 SERVER_NAME = "nmt-service"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for the engine's runtime and model format
@@ -261,15 +270,16 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         deadline = deadline_of(context)
         with self.translation.track("ModelInfer", deadline) as call:
             try:
-                return await self._infer(request, deadline)
+                return await self._infer(request, deadline, call)
             except Exception as e:  # noqa: BLE001 - mapped to a status code, never UNKNOWN
                 status = Status(grpc.StatusCode.NOT_FOUND, str(e)) if isinstance(e, UnknownModel) else status_of(e)
             call.code = status.code
             await abort(context, *status)
         raise AssertionError("unreachable: abort raises")
 
-    async def _infer(self, request: kpb.ModelInferRequest, deadline: float | None) -> kpb.ModelInferResponse:
-        entry = find_model(self.models, request.model_name, request.model_version)
+    async def _infer(self, request: kpb.ModelInferRequest, deadline: float | None,
+                     call: Call) -> kpb.ModelInferResponse:
+        entry = call.routed(find_model(self.models, request.model_name, request.model_version))
         info = entry.info
         texts, shape = input_texts(request, info.name, entry.limits.max_texts)
         check_outputs(request, info.name)

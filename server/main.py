@@ -175,11 +175,18 @@ async def _load(cfg: ServerConfig, path: Path, load: Loader | None) -> tuple[Tra
 
 
 def _entry(cfg: ServerConfig, translator: Translator, metrics: Metrics, info: ModelInfo, versions: tuple[int, ...],
-           number: int, path: Path | None) -> ModelEntry:
-    """A model's own scheduler and service (a batch never mixes models)."""
-    scheduler = create_scheduler(translator, cfg.scheduler(), metrics)
+           number: int, path: Path | None, checked: str) -> ModelEntry:
+    """A model's own scheduler, service and series (a batch never mixes models; its metrics are labelled
+    with its name and version, published once it is routed: Models)."""
+    series = metrics.model(
+        info.name, info.version,
+        info=dict(name=info.name, src_lang=info.src_lang, tgt_lang=info.tgt_lang, bundle_sha256=info.bundle_sha256,
+                  precision=info.precision, provider=info.provider),
+        engine=dict(device=cfg.device, provider=info.provider, variant=info.precision, onnxruntime=ort.__version__,
+                    selfcheck=checked))
+    scheduler = create_scheduler(translator, cfg.scheduler(), series)
     service = TranslationService(translator, scheduler, limits_of(cfg, translator))
-    return ModelEntry(info, service, versions, number, path)
+    return ModelEntry(info, service, versions, number, path, series)
 
 
 async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translator | None = None,
@@ -193,7 +200,8 @@ async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translato
             translator, checked = await _load(cfg, Path(cfg.model_dir), load)
         info = translator.info
         number = int(info.version) if info.version.isdigit() else 0
-        entry = _entry(cfg, translator, metrics, info, (number,) if number else (), number, Path(cfg.model_dir))
+        entry = _entry(cfg, translator, metrics, info, (number,) if number else (), number, Path(cfg.model_dir),
+                       checked)
         return Models([entry], cfg.default_model), checked
     if translator is not None:
         raise ValueError("a translator is given for a single bundle (model_dir), not a model repository")
@@ -211,7 +219,8 @@ async def repository_entry(cfg: ServerConfig, metrics: Metrics, model: ModelVers
     """The entry of a repository model's highest version (loaded and checked; scheduler not started)."""
     loaded, checked = await _load(cfg, model.path, load)
     info = replace(loaded.info, name=model.name, version=str(model.latest))  # the repository names it
-    return _entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path), checked
+    return _entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path,
+                  checked), checked
 
 
 def live_builder(cfg: ServerConfig, metrics: Metrics, load: Loader | None = None
@@ -242,12 +251,7 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     files, a port in use).
     """
     metrics = Metrics(CollectorRegistry() if registry is None else registry)
-    models, checked = await load_models(cfg, metrics, translator, load)
-    info = (models.default or next(iter(models))).info  # per-model labels: not yet
-    metrics.set_model(name=info.name, version=info.version, src_lang=info.src_lang, tgt_lang=info.tgt_lang,
-                      bundle_sha256=info.bundle_sha256, precision=info.precision, provider=info.provider)
-    metrics.set_engine(device=cfg.device, provider=info.provider, variant=info.precision,
-                       onnxruntime=ort.__version__, selfcheck=checked)
+    models, _ = await load_models(cfg, metrics, translator, load)  # each model's info series: published
     # The token check runs first: without the token a client gets UNAUTHENTICATED whatever it sends.
     guard = RequestGuard(cfg.max_message_bytes, metrics, SERVICE)
     interceptors: list[grpc.aio.ServerInterceptor] = [guard]

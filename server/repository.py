@@ -31,6 +31,7 @@ from pathlib import Path
 
 from nmt.engine.translator import ModelInfo, Translator
 
+from .metrics import ModelMetrics
 from .scheduler import Scheduler
 from .service import Limits, TranslationService
 
@@ -115,6 +116,7 @@ class ModelEntry:
     versions: tuple[int, ...] = ()  # on disk, ascending (a single bundle: its version when it is a number)
     number: int = 0  # the served version as a number (0: a single bundle whose version is not one)
     path: Path | None = None
+    metrics: ModelMetrics | None = None  # its series (model, version labels); info published while routed
 
     @property
     def name(self) -> str:
@@ -160,6 +162,9 @@ class Models:
         # Both views replaced together, never edited in place: an iteration in progress sees the old ones.
         self.entries = sorted(entries, key=lambda e: e.name)
         self._by_name = {e.name: e for e in self.entries}
+        for entry in self.entries:
+            if entry.metrics is not None:
+                entry.metrics.publish()  # nmt_model_info / nmt_engine_info of what serves
 
     def __iter__(self) -> Iterator[ModelEntry]:
         return iter(self.entries)
@@ -229,11 +234,13 @@ class Models:
         self._retiring[id(entry)] = (entry, task)
         task.add_done_callback(lambda _: self._retiring.pop(id(entry), None))
 
-    @staticmethod
-    async def _drain(entry: ModelEntry) -> None:
+    async def _drain(self, entry: ModelEntry) -> None:
         while not await entry.service.wait_idle(60.0):
             log.info("model %s version %s: still finishing accepted requests", entry.name, entry.version)
         await entry.scheduler.close(timeout=None)
+        # Its gauge and info series go, unless a reload of the same version serves under the same labels.
+        if entry.metrics is not None and not any((e.name, e.version) == (entry.name, entry.version) for e in self):
+            entry.metrics.remove()
         log.info("model %s version %s: released", entry.name, entry.version)
 
     @property

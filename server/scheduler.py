@@ -45,7 +45,7 @@ from .batching import (
     SchedulerConfig,
     distinct_requests,
 )
-from .metrics import Metrics
+from .metrics import ModelMetrics
 
 # The errors and SchedulerConfig are server/batching.py's; they are imported here too, by callers that
 # know the scheduler alone (server/service.py, server/transport.py).
@@ -61,7 +61,7 @@ class Engine(Protocol):
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, cfg: SchedulerConfig, metrics: Metrics | None = None):
+    def __init__(self, engine: Engine, cfg: SchedulerConfig, metrics: ModelMetrics | None = None):
         self.engine, self.cfg, self.metrics = engine, cfg, metrics
         self._queue: list[Item] = []
         self._wakeup = asyncio.Event()

@@ -97,9 +97,23 @@ def translate_response(results: list[list[Translation]], return_scores: bool) ->
         for hyps in results])
 
 
+UNROUTED = ("", "")  # the model and version labels of a call not (yet) routed to a model
+
+
 @dataclass
-class _Call:
+class Call:
+    method: str
+    metrics: Metrics | None = None
     code: grpc.StatusCode | None = grpc.StatusCode.OK  # None: counted elsewhere
+    model: tuple[str, str] = UNROUTED  # (name, version) once routed
+
+    def routed(self, entry: ModelEntry) -> ModelEntry:
+        """The call now works on `entry`: its in-flight series moves there, and it is counted under it."""
+        if self.metrics is not None:
+            self.metrics.in_flight.labels(self.method, *self.model).dec()
+            self.metrics.in_flight.labels(self.method, entry.name, entry.version).inc()
+        self.model = (entry.name, entry.version)
+        return entry
 
 
 def version_of(request: pb.TranslateRequest | pb.TranslateStreamRequest) -> int | None:
@@ -127,7 +141,7 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
         deadline = deadline_of(context)
         with self.track("Translate", deadline) as call:
             try:
-                entry = self.models.lookup(request.model, version_of(request))
+                entry = call.routed(self.models.lookup(request.model, version_of(request)))
                 return await self.translate(entry, list(request.texts), request.options, deadline)
             except Exception as e:  # noqa: BLE001 - mapped to a status code, never UNKNOWN
                 status = status_of(e)
@@ -152,7 +166,7 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         with self.track("GetModelInfo", None) as call:
             try:
-                return model_info(self.models.lookup(request.model))
+                return model_info(call.routed(self.models.lookup(request.model)))
             except ModelNotFound as e:
                 status = status_of(e)
             call.code = status.code
@@ -179,20 +193,22 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
                       deadline: float | None) -> AsyncIterator[pb.TranslateStreamResponse]:
         """Answer each request as soon as it is done; a failed one gets an Error, the stream goes on.
         Each answer is counted once it has been sent."""
-        done: asyncio.Queue[tuple[pb.TranslateStreamResponse, grpc.StatusCode, float] | None] = asyncio.Queue()
+        done: asyncio.Queue[tuple[pb.TranslateStreamResponse, grpc.StatusCode, float, tuple[str, str]] | None] = \
+            asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.TranslateStreamRequest) -> None:
-            started = time.perf_counter()
+            started, model = time.perf_counter(), UNROUTED
             try:
                 entry = self.models.lookup(request.model, version_of(request))
+                model = (entry.name, entry.version)
                 response = await self.translate(entry, list(request.texts), request.options, deadline)
                 done.put_nowait((pb.TranslateStreamResponse(id=request.id, response=response), grpc.StatusCode.OK,
-                                 started))
+                                 started, model))
             except Exception as e:  # noqa: BLE001 - becomes this request's error
                 code, message, _ = status_of(e)
                 error = pb.Error(code=code.value[0], message=message)
-                done.put_nowait((pb.TranslateStreamResponse(id=request.id, error=error), code, started))
+                done.put_nowait((pb.TranslateStreamResponse(id=request.id, error=error), code, started, model))
 
         async def read() -> None:
             try:
@@ -208,26 +224,27 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
         reader = asyncio.get_running_loop().create_task(read())
         try:
             while (item := await done.get()) is not None:
-                response, code, started = item
+                response, code, started, model = item
                 yield response
-                self._count("TranslateStream", code, started)
+                self._count("TranslateStream", code, started, model)
             await reader  # re-raises a failure to read the requests
         finally:
             for task in (reader, *tasks):
                 task.cancel()
 
-    def _count(self, method: str, code: grpc.StatusCode, started: float) -> None:
+    def _count(self, method: str, code: grpc.StatusCode, started: float, model: tuple[str, str] = UNROUTED) -> None:
         if self.metrics is not None:
-            self.metrics.requests.labels(method, code.name).inc()
-            self.metrics.request_seconds.labels(method).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(method, code.name, *model).inc()
+            self.metrics.request_seconds.labels(method, *model).observe(time.perf_counter() - started)
 
     @contextlib.contextmanager
-    def track(self, method: str, deadline: float | None, count_ok: bool = True) -> Iterator[_Call]:
+    def track(self, method: str, deadline: float | None, count_ok: bool = True) -> Iterator[Call]:
         """Tracks the call in flight; counts and times it by its final status code (an OK stream is
-        not counted: its answers were). Public: KServe's ModelInfer (server/kserve.py) is tracked here too."""
-        call, started, m = _Call(), time.perf_counter(), self.metrics
+        not counted: its answers were). Public: KServe's ModelInfer (server/kserve.py) is tracked here too.
+        The call is in flight and counted under model="" until call.routed(entry) names its model."""
+        call, started, m = Call(method, self.metrics), time.perf_counter(), self.metrics
         if m is not None:
-            m.in_flight.labels(method).inc()
+            m.in_flight.labels(method, *call.model).inc()
         try:
             yield call
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed
@@ -239,9 +256,9 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
             raise
         finally:
             if m is not None:
-                m.in_flight.labels(method).dec()
+                m.in_flight.labels(method, *call.model).dec()
             if call.code is not None and (count_ok or call.code != grpc.StatusCode.OK):
-                self._count(method, call.code, started)
+                self._count(method, call.code, started, call.model)
 
 
 def model_info(entry: ModelEntry) -> pb.ModelInfo:

@@ -21,7 +21,7 @@ from nmt.engine.decoding import DecodeOptions
 from nmt.server.batching import DeadlineExceeded, EngineError, SchedulerClosed, SchedulerConfig
 from nmt.server.config import from_args
 from nmt.server.continuous import ContinuousScheduler, create_scheduler
-from nmt.server.metrics import Metrics
+from nmt.server.metrics import Metrics, sample_sum
 from nmt.server.scheduler import Scheduler
 
 from grpc_fixtures import *  # noqa: F403
@@ -72,7 +72,7 @@ class Stepped(GatedBatch):  # noqa: F405
 async def started(engine: Any, **kw: Any) -> ContinuousScheduler:
     cfg = SchedulerConfig(**{"max_batch_size": 32, "max_batch_tokens": 4096, "max_queue_size": 64, "batching": "continuous",
                              **kw})
-    scheduler = create_scheduler(engine, cfg, Metrics(CollectorRegistry(), process=False))
+    scheduler = create_scheduler(engine, cfg, Metrics(CollectorRegistry(), process=False).model("tiny", "1"))
     assert isinstance(scheduler, ContinuousScheduler)
     await scheduler.start()
     return scheduler
@@ -129,7 +129,7 @@ async def test_a_request_joining_a_running_batch_gets_its_answer_alone(grpc_tran
     K = options.beam_size
     assert stepper.steps[:3] == [(1, K)] * 3  # the third step's boundary had passed when the second request came
     assert stepper.steps[3] == (2, 2 * K)  # it joined at the next step boundary
-    assert scheduler.metrics.registry.get_sample_value("nmt_batch_sentences_count") == len(stepper.steps)
+    assert sample_sum(scheduler.metrics.registry, "nmt_batch_sentences_count") == len(stepper.steps)
 
 
 @pytest.mark.parametrize("how", ["cancelled", "deadline"])

@@ -73,5 +73,6 @@ async def test_metrics_say_which_provider_and_variant_serve(bundle_dir: Path, tm
     finally:
         await server.stop(1.0)
     assert labels == {"device": "cpu", "provider": CPU, "variant": "fp32-cpu", "onnxruntime": ort.__version__,
-                      "selfcheck": "validated" if validated else "passed"}
+                      "selfcheck": "validated" if validated else "passed", "model": info.name,
+                      "version": info.version}  # one series per model, labelled with it
     assert (info.provider, info.precision) == (CPU, "fp32-cpu")

@@ -283,8 +283,11 @@ async def test_fuzz(grpc_bundle, grpc_translator, caplog, capfd, pytestconfig) -
         serving = await health_pb2_grpc.HealthStub(ch).Check(
             health_pb2.HealthCheckRequest(service="nmt.v1.TranslationService"))
         after = await reference(ch)
-        counted = {(s.labels["method"], s.labels["code"]): s.value for f in server.registry.collect()
-                   if f.name == "nmt_requests" for s in f.samples if s.name == "nmt_requests_total"}
+        counted: dict[tuple[str, str], float] = {}  # summed over the model and version labels
+        for s in (s for f in server.registry.collect() if f.name == "nmt_requests" for s in f.samples):
+            if s.name == "nmt_requests_total":
+                key = (s.labels["method"], s.labels["code"])
+                counted[key] = counted.get(key, 0.0) + s.value
     seconds = time.perf_counter() - started
     p99 = statistics.quantiles(latencies, n=100, method="inclusive")[98]
     stderr = capfd.readouterr().err

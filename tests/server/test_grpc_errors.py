@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from grpc_fixtures import *  # noqa: F403
+from nmt.server.metrics import sample_sum
 
 pytestmark = pytest.mark.asyncio
 CODE = grpc.StatusCode
@@ -43,7 +44,7 @@ async def test_bad_requests_are_invalid_argument(default_server) -> None:
             assert (code, message in details) == (CODE.INVALID_ARGUMENT, True), (fields, details)
         code, _ = await status(stub(ch).Translate(pb.TranslateRequest(texts=["A dog."])))  # noqa: F405
         assert code == CODE.OK  # the server is unharmed
-    invalid = default_server.registry.get_sample_value("nmt_requests_total",
+    invalid = sample_sum(default_server.registry, "nmt_requests_total",
                                                        {"method": "Translate", "code": "INVALID_ARGUMENT"})
     assert invalid == len(BAD_REQUESTS)
 
@@ -74,7 +75,7 @@ async def test_bearer_token(grpc_bundle, grpc_translator) -> None:
 
         health = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())  # no token needed
         assert health.status == health_pb2.HealthCheckResponse.SERVING
-        denied = server.registry.get_sample_value("nmt_requests_total",
+        denied = sample_sum(server.registry, "nmt_requests_total",
                                                   {"method": "Translate", "code": "UNAUTHENTICATED"})
     assert denied == 2
 
@@ -101,10 +102,10 @@ async def test_cancelled_call_leaves_the_queue(grpc_bundle, gate) -> None:
         await eventually(lambda: server.scheduler.depth == 2, what="the request to queue")  # noqa: F405
         call.cancel()
         await eventually(lambda: server.scheduler.depth == 0, what="the cancelled request to leave")  # noqa: F405
-        assert server.registry.get_sample_value("nmt_queue_sentences") == 0
+        assert sample_sum(server.registry, "nmt_queue_sentences") == 0
         gate.open()
         assert (await status(blocker))[0] == CODE.OK
-        await eventually(lambda: server.registry.get_sample_value(
+        await eventually(lambda: sample_sum(server.registry, 
             "nmt_requests_total", {"method": "Translate", "code": "CANCELLED"}) == 1)  # noqa: F405
     assert len(gate.calls) == 1
 

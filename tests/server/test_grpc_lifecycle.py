@@ -67,14 +67,18 @@ async def test_metrics_served_over_http(grpc_bundle, grpc_translator) -> None:
         await stub(ch).Translate(pb.TranslateRequest(texts=["A dog.", "A cat on a mat."]))  # noqa: F405
         families = await asyncio.to_thread(scrape, server.metrics_port)
     by_labels = {(s.name, tuple(sorted(s.labels.items()))): s.value for samples in families.values() for s in samples}
-    assert by_labels[("nmt_requests_total", (("code", "OK"), ("method", "Translate")))] == 1
+    model = (("model", grpc_translator.info.name), ("version", grpc_translator.info.version))  # every per-model series
+    assert by_labels[("nmt_requests_total", (("code", "OK"), ("method", "Translate"), *model))] == 1
     # Continuous batching observes each decoder step's batch: both sentences ran together at least once.
-    assert by_labels[("nmt_batch_sentences_sum", ())] >= 2
-    assert by_labels[("nmt_batch_sentences_bucket", (("le", "1.0"),))] < by_labels[("nmt_batch_sentences_count", ())]
-    assert by_labels[("nmt_input_tokens_total", ())] > 0 and by_labels[("nmt_generated_tokens_total", ())] > 0
-    assert by_labels[("nmt_queue_sentences", ())] == 0
+    assert by_labels[("nmt_batch_sentences_sum", model)] >= 2
+    assert by_labels[("nmt_batch_sentences_bucket", (("le", "1.0"), *model))] < \
+        by_labels[("nmt_batch_sentences_count", model)]
+    assert by_labels[("nmt_input_tokens_total", model)] > 0 and by_labels[("nmt_generated_tokens_total", model)] > 0
+    assert by_labels[("nmt_queue_sentences", model)] == 0
+    assert by_labels[("nmt_requests_in_flight", (("method", "Translate"), *model))] == 0
     info = families["nmt_model_info"][0]  # an Info metric: a gauge of value 1 with labels
     assert info.labels["precision"] == grpc_translator.info.precision and info.labels["src_lang"] == "en"
+    assert (info.labels["model"], info.labels["version"]) == (grpc_translator.info.name, grpc_translator.info.version)
     for family in ("nmt_request_duration_seconds", "nmt_queue_wait_seconds", "nmt_batch_tokens",
                    "nmt_encode_duration_seconds", "nmt_decode_duration_seconds", "nmt_requests_in_flight",
                    "process_resident_memory_bytes", "python_info"):

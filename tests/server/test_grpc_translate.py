@@ -10,6 +10,7 @@ import pytest
 from nmt.engine.decoding import DecodeOptions
 
 from grpc_fixtures import *  # noqa: F403
+from nmt.server.metrics import sample_sum
 
 pytestmark = pytest.mark.asyncio
 BEAM = DecodeOptions(beam_size=3, max_len_extra=12)
@@ -48,12 +49,12 @@ async def test_concurrent_clients_get_their_own_answers_in_shared_batches(grpc_b
         registry = server.registry
     for (text, o), response in zip(cases, responses):
         assert texts_of(response) == [expected[(text, o)]], text
-    count = registry.get_sample_value("nmt_batch_sentences_count")
-    single = registry.get_sample_value("nmt_batch_sentences_bucket", {"le": "1.0"})
+    count = sample_sum(registry, "nmt_batch_sentences_count")
+    single = sample_sum(registry, "nmt_batch_sentences_bucket", {"le": "1.0"})
     assert single < count, "batches of more than one sentence formed"
     if batching == "static":  # continuous batching observes every decoder step's batch instead
-        assert registry.get_sample_value("nmt_batch_sentences_sum") == len(cases) and count < len(cases)
-    assert registry.get_sample_value("nmt_requests_total", {"method": "Translate", "code": "OK"}) == len(cases)
+        assert sample_sum(registry, "nmt_batch_sentences_sum") == len(cases) and count < len(cases)
+    assert sample_sum(registry, "nmt_requests_total", {"method": "Translate", "code": "OK"}) == len(cases)
 
 
 async def test_texts_spanning_batches_come_back_in_order(grpc_bundle, grpc_translator) -> None:
@@ -62,7 +63,7 @@ async def test_texts_spanning_batches_come_back_in_order(grpc_bundle, grpc_trans
     async with serve(cfg, grpc_translator) as server, channel(server) as ch:  # noqa: F405
         response = await stub(ch).Translate(pb.TranslateRequest(  # noqa: F405
             texts=TEXTS, options=options_pb(BEAM, return_scores=True)))  # noqa: F405
-        assert server.registry.get_sample_value("nmt_batch_sentences_count") >= 3
+        assert sample_sum(server.registry, "nmt_batch_sentences_count") >= 3
     assert texts_of(response) == expected
     best = [t.hypotheses[0] for t in response.translations]
     assert all(h.score < 0 and h.normalized_score < 0 and h.tokens > 0 for h in best)

@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_fixtures import *  # noqa: F403
+from nmt.server.metrics import sample_sum
 
 pytestmark = pytest.mark.asyncio
 CODE = grpc.StatusCode
@@ -33,7 +34,7 @@ async def status(call: Any) -> tuple[grpc.StatusCode, str]:
 
 
 def count(server: Any, method: str, code: str) -> float:
-    return server.registry.get_sample_value("nmt_requests_total", {"method": method, "code": code}) or 0.0
+    return sample_sum(server.registry, "nmt_requests_total", {"method": method, "code": code}) or 0.0
 
 
 def problems(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -8,6 +8,7 @@ The server runs on the test's event loop, so only tritonclient's asyncio client 
 from __future__ import annotations
 
 import contextlib
+import functools
 import struct
 from collections.abc import AsyncIterator
 from typing import Any
@@ -26,6 +27,8 @@ from grpc_fixtures import *  # noqa: F403
 triton_aio = pytest.importorskip("tritonclient.grpc.aio", reason="tritonclient[grpc] (the dev extra) is the client")
 from tritonclient.grpc import InferInput, InferRequestedOutput  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from nmt.server.metrics import sample_sum  # noqa: E402
 
 pytestmark = pytest.mark.asyncio
 INVALID, NOT_FOUND = "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND"
@@ -91,7 +94,7 @@ async def test_model_infer_equals_translate(default_server) -> None:
     assert decoded(column.as_numpy("TRANSLATION")) == [[t] for t in expected]
     response = flat.get_response()
     assert (response.id, response.model_name, response.model_version) == ("r-1", info.name, info.version)
-    count = default_server.registry.get_sample_value
+    count = functools.partial(sample_sum, default_server.registry)
     assert count("nmt_requests_total", {"method": "ModelInfer", "code": "OK"}) == 2
     assert count("nmt_request_duration_seconds_count", {"method": "ModelInfer"}) == 2
 
@@ -169,7 +172,7 @@ async def test_bad_inputs_get_the_protocols_errors(default_server) -> None:
         with pytest.raises(InferenceServerException) as caught:
             await client.get_model_metadata("no-such-model")
         assert caught.value.status() == NOT_FOUND and "'no-such-model' is not found" in caught.value.message()
-    count = default_server.registry.get_sample_value
+    count = functools.partial(sample_sum, default_server.registry)
     assert count("nmt_requests_total", {"method": "ModelInfer", "code": "INVALID_ARGUMENT"}) == 9
     assert count("nmt_requests_total", {"method": "ModelInfer", "code": "NOT_FOUND"}) == 2
 
@@ -208,7 +211,7 @@ async def test_draining_server_is_not_ready_and_refuses_inference(default_server
         with pytest.raises(InferenceServerException) as caught:
             await client.infer(name, [text_input(["A man."])])
     assert caught.value.status() == "StatusCode.UNAVAILABLE" and "shutting down" in caught.value.message()
-    assert default_server.registry.get_sample_value("nmt_requests_total",
+    assert sample_sum(default_server.registry, "nmt_requests_total",
                                                     {"method": "ModelInfer", "code": "UNAVAILABLE"}) == 1
 
 

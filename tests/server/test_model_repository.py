@@ -26,6 +26,7 @@ from nmt.engine.decoding import DecodeOptions
 from nmt.server import client as client_module
 from nmt.server.config import ServerConfig, from_args
 from nmt.server.main import NmtServer, create_server
+from nmt.server.metrics import sample_sum
 from nmt.server.repository import Models, ModelNotFound, discover
 
 from grpc_fixtures import *  # noqa: F403
@@ -191,6 +192,26 @@ async def test_a_batch_never_mixes_models(repository: Path, loaded) -> None:
         assert sorted(sources_of(gates["tiny"])) == sorted(tokenize(tiny_texts))
         assert sorted(sources_of(gates["other"])) == sorted(tokenize(other_texts))
         assert server.models.lookup("tiny").scheduler is not server.models.lookup("other").scheduler
+        for model, version, texts in (("tiny", "2", tiny_texts), ("other", "1", other_texts)):  # each its own series
+            labels = {"model": model, "version": version}
+            assert sample_sum(server.registry, "nmt_queue_wait_seconds_count", labels) == len(texts)
+            assert sample_sum(server.registry, "nmt_requests_total", {"method": "Translate", **labels}) == len(texts)
+
+
+def model_series(server: NmtServer, name: str) -> list[tuple[str, str]]:
+    return sorted((s.labels["model"], s.labels["version"]) for f in server.registry.collect() for s in f.samples
+                  if s.name == name)
+
+
+async def test_each_model_has_its_own_info_and_unloading_removes_its_gauges(repository: Path, loaded) -> None:
+    async with serve_repository(repository, loaded, default_model="tiny") as (server, _):
+        for name in ("nmt_model_info", "nmt_engine_info", "nmt_queue_sentences"):
+            assert model_series(server, name) == [("other", "1"), ("tiny", "2")], name
+        assert server.control is not None
+        await server.control.unload("other")
+        await server.models.wait_retired()
+        for name in ("nmt_model_info", "nmt_engine_info", "nmt_queue_sentences"):
+            assert model_series(server, name) == [("tiny", "2")], name
 
 
 async def test_kserve_routes_by_model_name_and_version(repository: Path, loaded, grpc_translator) -> None:

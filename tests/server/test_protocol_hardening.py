@@ -4,6 +4,7 @@ drain that answers late arrivals UNAVAILABLE (in process, and nmt-serve under SI
 
 from __future__ import annotations
 
+import functools
 import asyncio
 import collections
 import signal
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from nmt.server.interceptors import abort
 
 from grpc_fixtures import *  # noqa: F403
+from nmt.server.metrics import sample_sum
 
 pytestmark = pytest.mark.asyncio
 CODE = grpc.StatusCode
@@ -103,7 +105,7 @@ async def test_bearer_scheme_any_case_and_checked_before_parsing(grpc_bundle, gr
         anonymous = await outcome(raw(b"\xff\xff\xff"))  # garbage without a token: refused for the token
         signed = await outcome(raw(b"\xff\xff\xff", metadata=(("authorization", "bearer s3cret"),)))
     assert (anonymous.code(), signed.code()) == (CODE.UNAUTHENTICATED, CODE.INVALID_ARGUMENT)
-    get = server.registry.get_sample_value
+    get = functools.partial(sample_sum, server.registry)
     assert get("nmt_requests_total", {"method": "Translate", "code": "UNAUTHENTICATED"}) == 5
     assert get("nmt_requests_total", {"method": "Translate", "code": "INVALID_ARGUMENT"}) == 1
 

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.server.batching import DeadlineExceeded, EngineError, QueueFull, SchedulerClosed, SchedulerConfig
-from nmt.server.metrics import Metrics
+from nmt.server.metrics import Metrics, sample_sum
 from nmt.server.scheduler import Scheduler
 
 from grpc_fixtures import *  # noqa: F403
@@ -25,7 +25,8 @@ def cfg(**kw: object) -> SchedulerConfig:
 
 
 async def started(engine: object, **kw: object) -> Scheduler:
-    scheduler = Scheduler(engine, cfg(**kw), Metrics(CollectorRegistry(), process=False))  # type: ignore[arg-type]
+    series = Metrics(CollectorRegistry(), process=False).model("tiny", "1")
+    scheduler = Scheduler(engine, cfg(**kw), series)  # type: ignore[arg-type]
     await scheduler.start()
     return scheduler
 
@@ -53,7 +54,7 @@ async def test_results_in_order_across_batches(gate: Gate, grpc_translator: obje
         await scheduler.close()
     assert tokens_of(got) == expected
     assert [len(s) for s, _ in gate.calls] == [3, 3, 2]
-    assert scheduler.metrics.registry.get_sample_value("nmt_batch_sentences_sum") == len(TEXTS)  # type: ignore
+    assert sample_sum(scheduler.metrics.registry, "nmt_batch_sentences_sum") == len(TEXTS)  # type: ignore
 
 
 async def test_batches_hold_one_options_and_group_lengths(gate: Gate) -> None:  # noqa: F405
@@ -136,7 +137,7 @@ async def test_cancelled_request_leaves_the_queue(gate: Gate) -> None:  # noqa: 
     with pytest.raises(asyncio.CancelledError):
         await job
     assert scheduler.depth == 0
-    assert scheduler.metrics.registry.get_sample_value("nmt_queue_sentences") == 0  # type: ignore[union-attr]
+    assert sample_sum(scheduler.metrics.registry, "nmt_queue_sentences") == 0  # type: ignore[union-attr]
     gate.open()
     await first
     await scheduler.close()
