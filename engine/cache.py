@@ -40,7 +40,8 @@ class HostCache:
         self.head = sessions.has_head  # feed vocab_ids and top_k, read the top-k outputs
         self.vocab_ids = vocab_ids  # None: every id (the graph's default)
         self.feeds_mask = takes_past_mask([i.name for i in sessions.decoder.get_inputs()])  # format 3
-        cross = sessions.encoder.run(self.cross_names, {"src_ids": src_ids, "src_mask": src_mask})
+        with sessions.turns.step(len(src_ids) * repeat):
+            cross = sessions.encoder.run(self.cross_names, {"src_ids": src_ids, "src_mask": src_mask})
         self.cross = [np.repeat(c, repeat, axis=0) for c in cross] if repeat > 1 else cross
         self.src_mask = np.repeat(src_mask, repeat, axis=0) if repeat > 1 else src_mask
         rows = len(self.src_mask)
@@ -63,8 +64,9 @@ class HostCache:
 
     def _run(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
         """One decoder step: `host_outputs`, and the present K/V become the past."""
-        found = self.sessions.decoder_for(len(tokens)).run([*host_outputs, *self.outputs[1:]],
-                                                           {**self._feeds(tokens), **self._head_feeds(k)})
+        feeds = {**self._feeds(tokens), **self._head_feeds(k)}
+        with self.sessions.turns.step(len(tokens)):
+            found = self.sessions.decoder_for(len(tokens)).run([*host_outputs, *self.outputs[1:]], feeds)
         self.past = found[len(host_outputs) :]
         return found[: len(host_outputs)]
 
@@ -147,7 +149,8 @@ class CudaCache(HostCache):
             binding.bind_output(name, "cpu")
         for name in self.outputs[1:]:
             binding.bind_output(name, self.DEVICE, 0)
-        self.sessions.decoder.run_with_iobinding(binding)
+        with self.sessions.turns.step(len(tokens)):
+            self.sessions.decoder.run_with_iobinding(binding)
         found = binding.get_outputs()
         self.past = found[len(host_outputs):]
         return [value.numpy() for value in found[: len(host_outputs)]]

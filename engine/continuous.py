@@ -219,7 +219,8 @@ class RunningBatch:
         for source, (_, _, options) in zip(sources, entries):
             self.check([source], options)
         src_ids, src_mask = pad_sources(sources)
-        cross = self.sessions.encoder.run(self._cross_names, {"src_ids": src_ids, "src_mask": src_mask})
+        with self.sessions.turns.step(len(src_ids)):
+            cross = self.sessions.encoder.run(self._cross_names, {"src_ids": src_ids, "src_mask": src_mask})
         repeats = np.array([options.beam_size for _, _, options in entries])
         cross = [np.repeat(c, repeats, axis=0) for c in cross]
         src_mask = np.repeat(src_mask, repeats, axis=0)
@@ -282,9 +283,11 @@ class RunningBatch:
             if vocab_ids is not None:
                 feeds[VOCAB_IDS] = vocab_ids
             if k > 1:
-                values, ids, eos, *self.past = decoder.run(self._top_outputs, feeds)
+                with self.sessions.turns.step(self.rows):
+                    values, ids, eos, *self.past = decoder.run(self._top_outputs, feeds)
                 return values, ids, eos
-        log_probs, *self.past = decoder.run(self._outputs, feeds)  # (R, V'), V' = len(vocab_ids)
+        with self.sessions.turns.step(self.rows):
+            log_probs, *self.past = decoder.run(self._outputs, feeds)  # (R, V'), V' = len(vocab_ids)
         values, ids, eos = row_top_k(log_probs, k)
         return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
 

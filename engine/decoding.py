@@ -256,23 +256,24 @@ class Decoder:
         per_batch = max(1, self.max_batch_rows // options.beam_size)
         encode = decode = 0.0
         steps = 0
-        for start in range(0, len(order), per_batch):
-            chunk = order[start : start + per_batch]
-            batch = [sources[i] for i in chunk]
-            t0 = time.perf_counter()
-            shortlist = self.sessions.shortlist
-            vocab_ids = None if shortlist is None else shortlist.vocab_ids(batch)
-            cache = self._cache(self.sessions, *pad_sources(batch), options.beam_size, vocab_ids)
-            t1 = time.perf_counter()
-            if options.beam_size == 1:
-                found, n = _greedy(cache, batch, options.max_len_extra, options.repetition_guard)
-            else:
-                found, n = _beam(cache, batch, options)
-            decode += time.perf_counter() - t1
-            encode += t1 - t0
-            steps += n
-            for i, hyps in zip(chunk, found):
-                results[i] = hyps
+        with self.sessions.turns.hold():  # the turn stays between steps (engine/turns.py)
+            for start in range(0, len(order), per_batch):
+                chunk = order[start : start + per_batch]
+                batch = [sources[i] for i in chunk]
+                t0 = time.perf_counter()
+                shortlist = self.sessions.shortlist
+                vocab_ids = None if shortlist is None else shortlist.vocab_ids(batch)
+                cache = self._cache(self.sessions, *pad_sources(batch), options.beam_size, vocab_ids)
+                t1 = time.perf_counter()
+                if options.beam_size == 1:
+                    found, n = _greedy(cache, batch, options.max_len_extra, options.repetition_guard)
+                else:
+                    found, n = _beam(cache, batch, options)
+                decode += time.perf_counter() - t1
+                encode += t1 - t0
+                steps += n
+                for i, hyps in zip(chunk, found):
+                    results[i] = hyps
         return SearchResult(results, encode, decode, steps)
 
     def check(self, sources: list[list[int]], options: DecodeOptions) -> None:

@@ -44,6 +44,7 @@ from .bundle import (
     shortlist_file,
     verify_bundle,
 )
+from .turns import NO_TURNS, EngineTurns, NoTurns
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,7 @@ class Sessions:
     shortlist: shortlist_.Shortlist | None = None  # loaded when the bundle has one and RuntimeConfig.shortlist
     decoder_small: ort.InferenceSession | None = None  # one intra-op thread, for steps of few rows
     single_thread_rows: int = 0  # steps of at most this many rows use decoder_small
+    turns: EngineTurns | NoTurns = NO_TURNS  # every run takes its turn among the models sharing it (engine/turns.py)
 
     def decoder_for(self, rows: int) -> ort.InferenceSession:
         """The decoder session for a step of `rows` rows."""

@@ -14,6 +14,7 @@ from .decoding import DecodeOptions, Decoder, Hypothesis, SearchResult
 from .runtime import RuntimeConfig, Sessions, load_sessions
 from .text import PreparedText, TextOptions, degenerate, prepare
 from .tokenizer import SentencePiece
+from .turns import EngineTurns, NoTurns
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,11 @@ class Translator:
         except ValueError as e:
             raise BundleError(str(e)) from e
         return cls(sessions, tokenizer, model_info(bundle_dir, manifest, sessions))
+
+    def take_turns(self, turns: EngineTurns | NoTurns) -> None:
+        """Run every engine step in turn with the other models sharing `turns` (engine/turns.py)."""
+        self.sessions = dataclasses.replace(self.sessions, turns=turns)
+        self.decoder.sessions = self.sessions
 
     def default_options(self) -> DecodeOptions:
         """The decoding settings the model was tuned with (manifest "inference"); bundles written

@@ -37,6 +37,7 @@ from prometheus_client import CollectorRegistry
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.selfcheck import startup_check
 from nmt.engine.translator import ModelInfo, Translator
+from nmt.engine.turns import NO_TURNS, EngineTurns
 
 from .config import ServerConfig, from_args
 from .continuous import create_scheduler
@@ -164,11 +165,16 @@ def limits_of(cfg: ServerConfig, translator: Translator) -> Limits:
 Loader = Callable[[Path], Translator]
 
 
-async def _load(cfg: ServerConfig, path: Path, load: Loader | None) -> tuple[Translator, str]:
-    """A bundle's translator and its start-up check ("not-run" when `load` is the caller's: its to check)."""
+async def _load(cfg: ServerConfig, path: Path, load: Loader | None,
+                turns: EngineTurns | None = None) -> tuple[Translator, str]:
+    """A bundle's translator (taking `turns` with the other models) and its start-up check ("not-run"
+    when `load` is the caller's: its to check)."""
     if load is not None:
-        return await asyncio.to_thread(load, path), "not-run"
+        translator = await asyncio.to_thread(load, path)
+        translator.take_turns(NO_TURNS if turns is None else turns)
+        return translator, "not-run"
     translator = await asyncio.to_thread(Translator.from_bundle, path, cfg.runtime())
+    translator.take_turns(NO_TURNS if turns is None else turns)
     # A variant the export could not check on this provider (fp16-cuda built without a GPU) is
     # checked here against the bundle's torch reference; a mismatch is a SelfCheckError (exit 2).
     return translator, await asyncio.to_thread(startup_check, translator)
@@ -190,9 +196,10 @@ def _entry(cfg: ServerConfig, translator: Translator, metrics: Metrics, info: Mo
 
 
 async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translator | None = None,
-                      load: Loader | None = None) -> tuple[Models, str]:
+                      load: Loader | None = None, turns: EngineTurns | None = None) -> tuple[Models, str]:
     """The registry of what cfg serves (a single bundle, or the highest version of every model in the
-    repository) and the start-up checks' outcome. `translator`: the single bundle's, already loaded."""
+    repository) and the start-up checks' outcome. `translator`: the single bundle's, already loaded;
+    `turns`: what the repository's models take their engine turns with (None: they do not)."""
     if cfg.model_repository is None:
         assert cfg.model_dir is not None  # ServerConfig requires one of the two
         checked = "not-run"  # a given translator is the caller's to check
@@ -207,7 +214,7 @@ async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translato
         raise ValueError("a translator is given for a single bundle (model_dir), not a model repository")
     entries, checks = [], set()
     for model in discover(Path(cfg.model_repository)):
-        entry, checked = await repository_entry(cfg, metrics, model, load)
+        entry, checked = await repository_entry(cfg, metrics, model, load, turns)
         entries.append(entry)
         checks.add(checked)
         log.info("model %s version %d from %s", model.name, model.latest, model.path)
@@ -215,20 +222,20 @@ async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translato
 
 
 async def repository_entry(cfg: ServerConfig, metrics: Metrics, model: ModelVersions,
-                           load: Loader | None = None) -> tuple[ModelEntry, str]:
+                           load: Loader | None = None, turns: EngineTurns | None = None) -> tuple[ModelEntry, str]:
     """The entry of a repository model's highest version (loaded and checked; scheduler not started)."""
-    loaded, checked = await _load(cfg, model.path, load)
+    loaded, checked = await _load(cfg, model.path, load, turns)
     info = replace(loaded.info, name=model.name, version=str(model.latest))  # the repository names it
     return _entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path,
                   checked), checked
 
 
-def live_builder(cfg: ServerConfig, metrics: Metrics, load: Loader | None = None
+def live_builder(cfg: ServerConfig, metrics: Metrics, load: Loader | None = None, turns: EngineTurns | None = None
                  ) -> Callable[[ModelVersions], Awaitable[ModelEntry]]:
     """How server/control.py loads a model while serving: as at start (verify, build the sessions, self-check),
     then warm it up and start its scheduler, all before any request can reach it."""
     async def build(model: ModelVersions) -> ModelEntry:
-        entry, _ = await repository_entry(cfg, metrics, model, load)
+        entry, _ = await repository_entry(cfg, metrics, model, load, turns)
         try:
             await asyncio.to_thread(NmtServer._warm_up, entry)
             await entry.scheduler.start()
@@ -251,7 +258,8 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     files, a port in use).
     """
     metrics = Metrics(CollectorRegistry() if registry is None else registry)
-    models, _ = await load_models(cfg, metrics, translator, load)  # each model's info series: published
+    turns = engine_turns(cfg, metrics)
+    models, _ = await load_models(cfg, metrics, translator, load, turns)  # each model's info series: published
     # The token check runs first: without the token a client gets UNAUTHENTICATED whatever it sends.
     guard = RequestGuard(cfg.max_message_bytes, metrics, SERVICE)
     interceptors: list[grpc.aio.ServerInterceptor] = [guard]
@@ -269,7 +277,7 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     for service in ("", SERVICE):
         await health.set(service, NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    control = ModelControl(models, live_builder(cfg, metrics, load), metrics)
+    control = ModelControl(models, live_builder(cfg, metrics, load, turns), metrics)
     add_inference_service(server, servicer, health, control)  # KServe v2 / Triton clients, same port
     enable_reflection(server, (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     address = f"{cfg.host}:{cfg.port}"
@@ -282,6 +290,14 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     nmt_server = NmtServer(cfg, servicer, guard, server, metrics, health, port)
     nmt_server.control = control
     return nmt_server, port
+
+
+def engine_turns(cfg: ServerConfig, metrics: Metrics) -> EngineTurns | None:
+    """With a model repository, one EngineTurns for all its models (engine/turns.py: a loaded model does
+    not starve another); a single bundle, or --engine-turns off: none."""
+    if cfg.model_repository is None or cfg.engine_turns == "off":
+        return None
+    return EngineTurns(on_wait=metrics.turn_wait.observe)
 
 
 def write_port_file(path: Path, server: NmtServer) -> None:

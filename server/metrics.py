@@ -18,6 +18,9 @@ with sum by (...), so they work whatever the models.
     nmt_batch_sentences / nmt_batch_tokens{model,version}   engine batch size: sentences, padded source tokens
     nmt_encode_duration_seconds / nmt_decode_duration_seconds{model,version}   engine compute per batch
     nmt_input_tokens_total / nmt_generated_tokens_total{model,version}   source tokens in, hypothesis tokens out
+    nmt_engine_turn_wait_seconds                time an engine step waited for other models' steps (repository
+                                                mode, --engine-turns on: engine/turns.py); steps that found the
+                                                engine free are not counted
     nmt_model_loads_total{outcome}              model loads over the control API (Triton's repository
                                                 extension): outcome="loaded" or "failed" (what served before
                                                 a failed load keeps serving)
@@ -70,6 +73,9 @@ class Metrics:
                                         MODEL, buckets=COMPUTE_BUCKETS, **r)
         self.input_tokens = Counter("nmt_input_tokens", "Source tokens translated.", MODEL, **r)
         self.generated_tokens = Counter("nmt_generated_tokens", "Tokens in the returned hypotheses.", MODEL, **r)
+        self.turn_wait = Histogram("nmt_engine_turn_wait_seconds",
+                                   "Time an engine step waited for other models' steps (engine turns).",
+                                   buckets=COMPUTE_BUCKETS, **r)
         self.model_loads = Counter("nmt_model_loads", "Model loads requested over the control API, by outcome.",
                                    ["outcome"], **r)
         self.model_info = Info("nmt_model", "The models being served.", MODEL, **r)

@@ -23,6 +23,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from nmt.engine.decoding import DecodeOptions
+from nmt.engine.turns import NO_TURNS, EngineTurns
 from nmt.server import client as client_module
 from nmt.server.config import ServerConfig, from_args
 from nmt.server.main import NmtServer, create_server
@@ -339,3 +340,17 @@ async def test_nmt_serve_loads_a_repository(repository: Path, tmp_path: Path) ->
         proc.terminate()
         assert await asyncio.to_thread(proc.wait, 30) == 0, "".join(lines)
     assert any("skipping tiny/latest" in line for line in lines), "".join(lines)
+
+
+async def test_the_models_take_engine_turns_together(repository: Path, loaded) -> None:
+    """One EngineTurns for the repository's models (engine/turns.py); --engine-turns off: none."""
+    async with serve_repository(repository, loaded, default_model="tiny") as (server, _):
+        tiny, other = (server.models.lookup(name).service.translator.sessions.turns for name in ("tiny", "other"))
+        assert isinstance(tiny, EngineTurns) and tiny is other
+        async with channel(server) as ch:  # noqa: F405
+            reply = await stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:2], model="other"))  # noqa: F405
+        assert len(reply.translations) == 2 and all(t.hypotheses[0].text for t in reply.translations)
+        assert server.registry.get_sample_value("nmt_engine_turn_wait_seconds_count") is not None
+    async with serve_repository(repository, loaded, default_model="tiny", engine_turns="off") as (server, _):
+        assert all(server.models.lookup(name).service.translator.sessions.turns is NO_TURNS
+                   for name in ("tiny", "other"))
