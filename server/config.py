@@ -26,6 +26,7 @@ class ServerConfig:
     model_dir: str | None = None  # one bundle; or:
     model_repository: str | None = None  # REPOSITORY/NAME/VERSION/ bundles (server/repository.py)
     default_model: str | None = None  # the model of requests that name none (default: the only one)
+    repository_poll_seconds: float = 0.0  # > 0: look for new, changed and removed models this often (0: never)
     host: str = "[::]"
     port: int = 50051  # 0 = any free port (the bound one is logged)
     metrics_port: int = 9090  # 0 = any free port; -1 = no metrics HTTP server
@@ -77,8 +78,10 @@ class ServerConfig:
         if not -1 <= self.metrics_port <= 65535 or self.port > 65535:
             raise ValueError(f"ports must be in 0..65535 (metrics_port may be -1), got {self.port} and "
                              f"{self.metrics_port}")
-        if self.max_wait_ms < 0 or self.grace_seconds < 0 or self.threads < 0:
-            raise ValueError("max_wait_ms, grace_seconds and threads must be >= 0")
+        if self.max_wait_ms < 0 or self.grace_seconds < 0 or self.threads < 0 or not self.repository_poll_seconds >= 0:
+            raise ValueError("max_wait_ms, grace_seconds, threads and repository_poll_seconds must be >= 0")
+        if self.repository_poll_seconds and not self.model_repository:
+            raise ValueError("repository_poll_seconds needs a model repository (--model-repository)")
         if self.max_texts > self.max_queue_size:
             raise ValueError(f"max_texts ({self.max_texts}) must not exceed max_queue_size ({self.max_queue_size})")
         if self.default_beam_size is not None and self.default_beam_size > self.max_beam_size:
@@ -127,6 +130,9 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--model-repository", "model_repository", str, "serve every model of this directory, laid out "
      "NAME/VERSION/ (VERSION a positive integer; the highest version of each model is served)"),
     ("--default-model", "default_model", str, "the model of requests that name none (default: the only model)"),
+    ("--repository-poll-seconds", "repository_poll_seconds", float, "with --model-repository: every X seconds, "
+     "load new models and new or changed versions, unload models whose directory is gone; 0 (default) = never "
+     "(load and unload over the API)"),
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "gRPC port; 0 = any free port"),
     ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off"),

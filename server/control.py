@@ -10,6 +10,12 @@ says it, and nmt_model_loads_total{outcome="failed"} counts it.
 
 unload(NAME) takes the model out of routing (new requests: NOT_FOUND) and drains it the same way.
 
+poll() (every --repository-poll-seconds, off by default) compares the repository with what serves: a new
+model, a higher version, or a version directory whose files changed is loaded as above; a model whose
+directory is gone (or holds no version) is unloaded. A model unloaded over the API stays unloaded until it
+is loaded over the API. A load that failed is not retried until its directory changes again, so copy a
+version in place (or rename it in) and the next poll after the copy ends picks it up whole.
+
 Control calls run one at a time (a lock): two loads of one model never race to replace it. A server that
 serves a single bundle (--model-dir) has no repository to load from: FAILED_PRECONDITION. While the server
 shuts down: UNAVAILABLE.
@@ -20,15 +26,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from .metrics import Metrics
-from .repository import NAME, READY, UNAVAILABLE, ModelEntry, Models, ModelVersions, version_dirs
+from .repository import NAME, READY, UNAVAILABLE, ModelEntry, Models, ModelVersions, scan, signature, version_dirs
 
 log = logging.getLogger("nmt-serve")
+UNLOADED, GONE = "unloaded", "removed from the model repository"  # why a model is not served (index)
 Builder = Callable[[ModelVersions], Awaitable[ModelEntry]]  # a loaded, checked, warmed-up entry, scheduler started
 
 
@@ -55,6 +63,16 @@ class ModelControl:
     metrics: Metrics | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock, init=False, repr=False)
     _reasons: dict[str, str] = field(default_factory=dict, init=False, repr=False)  # why a model is not served
+    # Per model, the signature (repository.signature) of the version last loaded or tried: what poll() compares.
+    _seen: dict[str, tuple[int, int, int]] = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for entry in self.models:
+            if self.models.root is not None and entry.path is not None:
+                try:
+                    self._seen[entry.name] = signature(entry.number, entry.path)
+                except OSError:
+                    pass  # gone already: the first poll finds out
 
     @property
     def root(self) -> Path:
@@ -76,6 +94,8 @@ class ModelControl:
             self._check_serving(f"load model '{name}'")
             try:
                 model = self._find(root, name)
+                with suppress(OSError):
+                    self._seen[name] = model.signature
                 entry = await self.build(model)
             except Exception as e:  # noqa: BLE001 - any failure leaves what serves untouched, and says why
                 reason = e.args[0] if isinstance(e, ControlError) else f"{type(e).__name__}: {e}"
@@ -105,10 +125,54 @@ class ModelControl:
                 raise ControlError(grpc.StatusCode.NOT_FOUND, f"failed to unload '{name}': it is not loaded; "
                                    f"this server serves: {self.models.served()}")
             old = self.models.remove(name)
-            self._reasons[name] = "unloaded"
+            self._reasons[name] = UNLOADED
             log.info("model %s: unloaded (version %s finishes the requests it accepted, then is released)",
                      name, old.version)
             return old
+
+    async def poll(self) -> list[str]:
+        """One look at the repository: load what is new or changed on disk, unload what is gone. What it
+        did, one line each (a failed load also says why in its own log line and metric)."""
+        root = self.root
+        try:
+            on_disk = {model.name: model for model in scan(root, warn=False)}
+        except OSError as e:
+            log.warning("model repository poll: cannot read %s: %s", root, e)
+            return []
+        done = []
+        for name, model in on_disk.items():
+            if self._reasons.get(name) == UNLOADED:
+                continue  # an operator unloaded it: it stays so until loaded over the API
+            try:
+                changed = self._seen.get(name) != model.signature
+            except OSError:
+                continue  # changing under us: the next poll sees it
+            if changed:
+                try:
+                    entry = await self.load(name)
+                    done.append(f"loaded {name} version {entry.version}")
+                except ControlError as e:
+                    done.append(str(e))
+        for entry in list(self.models):
+            if entry.name not in on_disk:
+                with suppress(ControlError):
+                    await self.unload(entry.name)
+                    self._reasons[entry.name] = GONE
+                    self._seen.pop(entry.name, None)
+                    done.append(f"unloaded {entry.name}: no version of it is left in the repository")
+        return done
+
+    async def watch(self, period_s: float) -> None:
+        """poll() every `period_s` seconds, until cancelled; a failing poll is logged and the next one runs."""
+        while True:
+            await asyncio.sleep(period_s)
+            if not self.models.ready:
+                continue  # starting or stopping
+            try:
+                for line in await self.poll():
+                    log.info("model repository poll: %s", line)
+            except Exception:  # noqa: BLE001 - polling must outlive one bad look at the disk
+                log.exception("model repository poll failed; polling again in %.0f s", period_s)
 
     def index(self, ready_only: bool = False) -> list[IndexEntry]:
         """The repository's models (and any served one no longer on disk), served or not, by name."""

@@ -73,6 +73,7 @@ class NmtServer:
         self.metrics, self.health, self.port = metrics, health, port
         self.control: ModelControl | None = None  # set by create_server
         self.metrics_server: MetricsServer | None = None
+        self._poller: asyncio.Task[None] | None = None  # --repository-poll-seconds
         self._started = self._stopped = False
 
     @property
@@ -99,6 +100,9 @@ class NmtServer:
         for entry in self.models:
             await asyncio.to_thread(self._warm_up, entry)
         self.models.ready = True
+        if self.cfg.repository_poll_seconds and self.control is not None:
+            self._poller = asyncio.get_running_loop().create_task(
+                self.control.watch(self.cfg.repository_poll_seconds), name="nmt-repository-poll")
         for service in ("", SERVICE):
             await self.health.set(service, SERVING)
         log.info("serving %s on port %d%s (metrics %s)", SERVICE, self.port, " with TLS" if self.cfg.tls else "",
@@ -123,6 +127,8 @@ class NmtServer:
         end = time.monotonic() + grace
         await self.health.enter_graceful_shutdown()
         self.models.ready = False
+        if self._poller is not None:
+            self._poller.cancel()
         # gRPC core's stop cancels the calls it has received but not handed over yet (clients see
         # CANCELLED, which retry policies do not retry): answer new calls UNAVAILABLE until the accepted
         # ones are done and no call has arrived for QUIET_S.

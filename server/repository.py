@@ -65,22 +65,54 @@ class ModelVersions:
     def path(self) -> Path:
         return self.versions[self.latest]
 
+    @property
+    def signature(self) -> tuple[int, int, int]:
+        return signature(self.latest, self.path)
 
-def version_dirs(model: Path) -> dict[int, Path]:
+
+def signature(version: int, path: Path) -> tuple[int, int, int]:
+    """What a repository poll compares (OSError when unreadable): the version, how many files its directory
+    holds and when the last one was written; a copy still in progress changes it, and is retried."""
+    stats = [entry.stat() for entry in path.iterdir()]
+    return version, len(stats), max((s.st_mtime_ns for s in stats), default=0)
+
+
+def version_dirs(model: Path, warn: bool = True) -> dict[int, Path]:
     versions: dict[int, Path] = {}
+    log_skip = log.warning if warn else log.debug
     for entry in sorted(model.iterdir()):
         where = f"{model.name}/{entry.name}"
         if not entry.is_dir():
-            log.warning("model repository: skipping %s: not a directory", where)
+            log_skip("model repository: skipping %s: not a directory", where)
         elif not VERSION.fullmatch(entry.name) or int(entry.name) < 1:
-            log.warning("model repository: skipping %s: a version is a positive integer", where)
+            log_skip("model repository: skipping %s: a version is a positive integer", where)
         elif not (entry / MANIFEST).is_file():
-            log.warning("model repository: skipping %s: no %s (not a model bundle)", where, MANIFEST)
+            log_skip("model repository: skipping %s: no %s (not a model bundle)", where, MANIFEST)
         elif int(entry.name) in versions:
-            log.warning("model repository: skipping %s: version %d is there twice", where, int(entry.name))
+            log_skip("model repository: skipping %s: version %d is there twice", where, int(entry.name))
         else:
             versions[int(entry.name)] = entry
     return versions
+
+
+def scan(root: Path, warn: bool = True) -> list[ModelVersions]:
+    """The models of a repository directory, by name (none when it holds none); entries that are not
+    model versions are skipped, each with a log line (at debug level unless `warn`)."""
+    models = []
+    log_skip = log.warning if warn else log.debug
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith("."):
+            continue  # .git, editors' files: never models
+        if not entry.is_dir():
+            log_skip("model repository: skipping %s: not a directory", entry.name)
+        elif not NAME.fullmatch(entry.name):
+            log_skip("model repository: skipping %r: a model name is made of A-Z a-z 0-9 _ . -", entry.name)
+        elif not (versions := version_dirs(entry, warn)):
+            log_skip("model repository: skipping %s: no version directory with a bundle (%s/1/%s)",
+                     entry.name, entry.name, MANIFEST)
+        else:
+            models.append(ModelVersions(entry.name, versions))
+    return models
 
 
 def discover(root: Path) -> list[ModelVersions]:
@@ -88,19 +120,7 @@ def discover(root: Path) -> list[ModelVersions]:
     no model version; entries that are not model versions are skipped with a log line."""
     if not root.is_dir():
         raise ValueError(f"model repository {root} is not a directory")
-    models = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith("."):
-            continue  # .git, editors' files: never models
-        if not entry.is_dir():
-            log.warning("model repository: skipping %s: not a directory", entry.name)
-        elif not NAME.fullmatch(entry.name):
-            log.warning("model repository: skipping %r: a model name is made of A-Z a-z 0-9 _ . -", entry.name)
-        elif not (versions := version_dirs(entry)):
-            log.warning("model repository: skipping %s: no version directory with a bundle (%s/1/%s)",
-                        entry.name, entry.name, MANIFEST)
-        else:
-            models.append(ModelVersions(entry.name, versions))
+    models = scan(root)
     if not models:
         raise ValueError(f"model repository {root} holds no model: expected NAME/VERSION/{MANIFEST} "
                          f"(VERSION a positive integer)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -213,3 +214,47 @@ def start_nmt_serve(bundle: Path, port_file: Path,
 
 
 __all__ += ["start_nmt_serve"]
+
+
+# ---- model repositories (tmp_path/repo/NAME/VERSION copies of a bundle) ----
+
+def repository(tmp_path: Path, bundle: Path, *models: tuple[str, int]) -> Path:
+    root = tmp_path / "repo"
+    for name, version in models:
+        add_version(root, bundle, name, version)
+    return root
+
+
+def add_version(root: Path, bundle: Path, name: str, version: int) -> Path:
+    return Path(shutil.copytree(bundle, root / name / str(version)))
+
+
+@contextlib.asynccontextmanager
+async def serve_repo(root: Path, gated: bool = False, **overrides: Any
+                     ) -> AsyncIterator[tuple[NmtServer, dict[str, list[Gate]]]]:
+    """A started server on `root`. gated: every loaded translator is a Gate (by model name, in load order;
+    no start-up self-check then); else the real path (verify, sessions, self-check)."""
+    gates: dict[str, list[Gate]] = {}
+
+    def load(path: Path) -> Gate:
+        gate = Gate(Translator.from_bundle(path, ONE_THREAD))
+        gates.setdefault(path.parent.name, []).append(gate)
+        return gate
+
+    cfg = replace(server_config(Path("unused")), model_dir=None, model_repository=str(root), **overrides)
+    server, _ = await create_server(cfg, registry=CollectorRegistry(), load=load if gated else None)
+    await server.start()
+    try:
+        yield server, gates
+    finally:
+        for gate in (g for found in gates.values() for g in found):
+            gate.open()
+        await server.stop(1.0)
+
+
+def loads(server: NmtServer, outcome: str) -> float:
+    """nmt_model_loads_total of `outcome` (loaded, failed)."""
+    return server.registry.get_sample_value("nmt_model_loads_total", {"outcome": outcome}) or 0.0
+
+
+__all__ += ["add_version", "loads", "repository", "serve_repo"]

@@ -40,40 +40,6 @@ GREEDY = pb.DecodeOptions(beam_size=1)  # noqa: F405
 TOKEN = "s3cret"
 
 
-def repository(tmp_path: Path, bundle: Path, *models: tuple[str, int]) -> Path:
-    root = tmp_path / "repo"
-    for name, version in models:
-        add_version(root, bundle, name, version)
-    return root
-
-
-def add_version(root: Path, bundle: Path, name: str, version: int) -> Path:
-    return Path(shutil.copytree(bundle, root / name / str(version)))
-
-
-@contextlib.asynccontextmanager
-async def serve_repo(root: Path, gated: bool = False, **overrides: Any
-                     ) -> AsyncIterator[tuple[NmtServer, dict[str, list[Gate]]]]:  # noqa: F405
-    """A started server on `root`. gated: every loaded translator is a Gate (by model name, in load order;
-    no start-up self-check then); else the real path (verify, sessions, self-check)."""
-    gates: dict[str, list[Gate]] = {}  # noqa: F405
-
-    def load(path: Path) -> Gate:  # noqa: F405
-        gate = Gate(Translator.from_bundle(path, ONE_THREAD))  # noqa: F405
-        gates.setdefault(path.parent.name, []).append(gate)
-        return gate
-
-    cfg = replace(server_config(Path("unused")), model_dir=None, model_repository=str(root), **overrides)  # noqa: F405
-    server, _ = await create_server(cfg, registry=CollectorRegistry(), load=load if gated else None)
-    await server.start()
-    try:
-        yield server, gates
-    finally:
-        for gate in (g for found in gates.values() for g in found):
-            gate.open()
-        await server.stop(1.0)
-
-
 def triton_client(server: NmtServer) -> Any:
     return triton.InferenceServerClient(f"127.0.0.1:{server.port}")
 
@@ -100,10 +66,6 @@ async def triton_failure(call: Any) -> tuple[str, str]:
     with pytest.raises(InferenceServerException) as caught:
         await call
     return caught.value.status(), caught.value.message()
-
-
-def loads(server: NmtServer, outcome: str) -> float:
-    return server.registry.get_sample_value("nmt_model_loads_total", {"outcome": outcome}) or 0.0
 
 
 async def test_load_and_unload_through_tritonclient(grpc_bundle: Path, tmp_path: Path) -> None:
