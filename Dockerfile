@@ -1,4 +1,5 @@
-# nmt-serve: the gRPC translation server with the committed default model (models/default).
+# nmt-serve: the gRPC translation server with the committed models as a model repository,
+# /opt/nmt/models/{en-de,en-fr}/1 (models/default and models/en-fr); requests naming no model get en-de.
 #
 #   docker build -t nmt:cpu .                                  # CPU image (onnxruntime)
 #   docker build -t nmt:cuda --build-arg DEVICE=cuda \
@@ -6,9 +7,11 @@
 #   docker run --rm -p 50051:50051 -p 9090:9090 nmt:cpu
 #   docker run --rm --gpus all -p 50051:50051 -p 9090:9090 nmt:cuda
 #   docker run --rm -p 50051:50051 -v "$PWD/bundles/mine:/models/mine:ro" -e NMT_MODEL_DIR=/models/mine nmt:cpu
+#   docker run --rm -p 50051:50051 -v "$PWD/repo:/models:ro" -e NMT_MODEL_REPOSITORY=/models \
+#       -e NMT_DEFAULT_MODEL=mine -e NMT_REPOSITORY_POLL_SECONDS=30 nmt:cpu     # your own repository
 #
-# Stages: `builder` installs torch (CPU) and exports models/default to a bundle; the runtime image
-# has only the server's dependencies (`.[serve]` or `.[gpu]`, no torch) and that bundle. Every pip
+# Stages: `builder` installs torch (CPU) and exports the models to bundles; the runtime image
+# has only the server's dependencies (`.[serve]` or `.[gpu]`, no torch) and those bundles. Every pip
 # install is pinned by deploy/constraints/ (generated from the tested environment: make constraints).
 # Without network access to TORCH_INDEX_URL, put a torch wheel in build/wheels/ (scripts/image_test.sh does).
 
@@ -46,15 +49,18 @@ COPY training training
 COPY export export
 # torch's own dependencies (filelock, sympy, ...) come with `.[export]` from the default index.
 RUN pip install --constraint /constraints/export.txt ".[export]"
-COPY models/default models/default
+COPY models/default models/en-de
+COPY models/en-fr models/en-fr
 # Only the variants the runtime can use (fp32 is always written); the export checks each one's
 # parity against torch before writing the bundle. Without a GPU here, fp16-cuda's check is skipped
 # (so recorded in the manifest) and nmt-serve runs the stored reference sentences when it starts.
 ARG DEVICE
 RUN set -eu; \
     variants=$([ "${DEVICE}" = cuda ] && echo fp16-cuda || echo fp32-cpu,int8-cpu); \
-    nmt-export models/default /opt/nmt/default --variants "$variants" --quiet \
-    && nmt-export --verify /opt/nmt/default
+    for model in en-de en-fr; do \
+        nmt-export "models/${model}" "/opt/nmt/models/${model}/1" --variants "$variants" --quiet; \
+        nmt-export --verify "/opt/nmt/models/${model}/1"; \
+    done
 
 # ---- runtime: server dependencies + the bundle, non-root ----
 FROM ${RUNTIME_IMAGE} AS runtime
@@ -89,12 +95,13 @@ RUN python3 -m venv /opt/venv \
     && rm -rf /tmp/src /tmp/constraints \
     && pip uninstall -y -q pip setuptools \
     && useradd --uid 10001 --create-home --home-dir /home/nmt --shell /usr/sbin/nologin nmt
-COPY --from=builder /opt/nmt/default /opt/nmt/default
+COPY --from=builder /opt/nmt/models /opt/nmt/models
 USER 10001
 WORKDIR /home/nmt
-ENV NMT_MODEL_DIR=/opt/nmt/default NMT_HOST=0.0.0.0 NMT_PORT=50051 NMT_METRICS_PORT=9090 NMT_DEVICE=${DEVICE}
+# NMT_MODEL_DIR, when given, wins over the repository (server/config.py): `-e NMT_MODEL_DIR=...` serves one bundle.
+ENV NMT_MODEL_REPOSITORY=/opt/nmt/models NMT_DEFAULT_MODEL=en-de NMT_HOST=0.0.0.0 NMT_PORT=50051 NMT_METRICS_PORT=9090 NMT_DEVICE=${DEVICE}
 EXPOSE 50051 9090
-# SERVING only after the bundle is verified and the engine warmed up; start-period covers that.
+# SERVING only after the bundles are verified and the engine warmed up; start-period covers that.
 # Exec form (no shell): nmt-client finds the server on localhost:$NMT_PORT by itself.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["nmt-client", "health", "--deadline", "3"]

@@ -7,6 +7,10 @@ NMT_DATA_DIR ?= $(if $(wildcard ../shared/data/multi30k),$(abspath ../shared/dat
 export NMT_DATA_DIR
 MODEL ?= models/default
 BUNDLE ?= bundles/default
+# What `make run` serves: a model repository (NAME/VERSION/ bundles) of the committed models,
+# English -> German (models/default, exported to BUNDLE) the default, English -> French beside it.
+REPOSITORY ?= bundles/repository
+DEFAULT_MODEL ?= en-de
 
 .PHONY: test run serve bundle evaluate train-default image-test image-cuda constraints bench-load bench-decode bench-train protos clean
 
@@ -21,14 +25,20 @@ $(VENV)/.installed: pyproject.toml setup.py
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
 
-# Main job: serve the default model over gRPC (exporting its bundle first when there is none).
+# Main job: serve both language pairs over gRPC (exporting their bundles first when there are none);
+# requests that name no model get en-de.
 run: serve
-serve: $(BUNDLE)/manifest.json
-	NMT_MODEL_DIR=$(BUNDLE) $(BIN)/nmt-serve
+serve: $(REPOSITORY)/en-de/1/manifest.json $(REPOSITORY)/en-fr/1/manifest.json
+	NMT_MODEL_REPOSITORY=$(REPOSITORY) NMT_DEFAULT_MODEL=$(DEFAULT_MODEL) $(BIN)/nmt-serve
 
 bundle: $(BUNDLE)/manifest.json
 $(BUNDLE)/manifest.json: $(VENV)/.installed
 	$(BIN)/nmt-export $(MODEL) $(BUNDLE) --force
+# en-de version 1 is BUNDLE itself (the benchmarks' bundle), linked rather than exported twice.
+$(REPOSITORY)/en-de/1/manifest.json: $(BUNDLE)/manifest.json
+	mkdir -p $(REPOSITORY)/en-de && ln -sfn $(abspath $(BUNDLE)) $(REPOSITORY)/en-de/1
+$(REPOSITORY)/en-fr/1/manifest.json: $(VENV)/.installed
+	$(BIN)/nmt-export models/en-fr $(REPOSITORY)/en-fr/1 --force
 
 # The CPU image built and run with buildah (no Docker engine needed): scripts/image_test.sh.
 image-test: $(VENV)/.installed

@@ -128,6 +128,14 @@ out=$("$BIN/nmt-client" translate --target "$TARGET" "A man rides a bike." "Two 
 echo "$out"
 [ "$(printf '%s\n' "$out" | grep -c .)" = 2 ] || fail "expected two translations"
 "$BIN/nmt-client" info --target "$TARGET" | grep -E '^(name|precision|provider):'
+models=$("$BIN/nmt-client" models list --target "$TARGET")
+echo "$models"
+for model in en-de en-fr; do
+  printf '%s\n' "$models" | grep -q "^$model\b.*READY" || fail "the image's repository does not serve $model"
+done
+out=$("$BIN/nmt-client" translate --target "$TARGET" --model en-fr "A man rides a bike.")
+echo "$out"
+[ -n "$out" ] || fail "expected a French translation"
 
 say "the image's HEALTHCHECK command (exec form), run inside the container"
 mapfile -t check < <(buildah inspect --type image "$IMAGE" | "$BIN/python" -c \

@@ -200,16 +200,19 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
 
 
 def _one_model_source(values: dict[str, Any], env: Mapping[str, str]) -> None:
-    """A model source given on the command line wins over the other one's environment variable (the image
-    sets NMT_MODEL_DIR: `nmt-serve --model-repository DIR` there serves the repository); empty is unset."""
+    """A model source given on the command line wins over the other one's environment variable; with both
+    in the environment, the single bundle wins (the image sets NMT_MODEL_REPOSITORY and NMT_DEFAULT_MODEL:
+    `docker run -e NMT_MODEL_DIR=/models/mine` serves that bundle). Empty is unset."""
     for name in ("model_dir", "model_repository", "default_model"):
         values[name] = values[name] or None
     if values["model_dir"] and values["model_repository"]:
         from_env = {name: values[name] == env.get(env_var(name)) for name in ("model_dir", "model_repository")}
         if from_env["model_dir"] and not from_env["model_repository"]:
             values["model_dir"] = None
-        elif from_env["model_repository"] and not from_env["model_dir"]:
+        elif from_env["model_repository"]:
             values["model_repository"] = None
+            if values["default_model"] == env.get(env_var("default_model")):
+                values["default_model"] = None  # the repository's default, not this bundle's name
 
 
 def from_args(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> ServerConfig:

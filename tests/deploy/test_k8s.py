@@ -28,11 +28,14 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
 ENTRY_POINTS = {"default": K8S, "gpu": K8S / "overlays" / "gpu",
-                "prometheus-operator": K8S / "overlays" / "prometheus-operator"}
+                "prometheus-operator": K8S / "overlays" / "prometheus-operator",
+                "model-volume": K8S / "overlays" / "model-volume"}
 # Native gRPC probes are GA from 1.27; the newest schemas kubernetes-validate ships come second.
 K8S_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 CRD_GROUPS = ("monitoring.coreos.com",)
-MEASURED_PEAK_RSS = 276e6  # bytes: bench/results/load.md, "server peak RSS (VmHWM)"
+# bytes: bench/results/load.md's "server peak RSS (VmHWM)" with one model, plus one more loaded model
+# (bench/results/fairness.md, "per loaded model"): the image serves two.
+MEASURED_PEAK_RSS = 276e6 + 39e6
 FLAG_ENV = {env_var(name) for _, name, _, _ in FLAGS}
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 
@@ -152,6 +155,8 @@ def test_every_kustomization_renders_the_service(rendered: tuple[str, dict[str, 
     expected = {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
     if name == "prometheus-operator":
         expected.add("ServiceMonitor")
+    if name == "model-volume":
+        expected.add("PersistentVolumeClaim")
     assert set(resources) == expected
     image = server_container(resources)["image"]
     assert image == ("nmt:cuda" if name == "gpu" else "nmt:cpu")
@@ -237,9 +242,22 @@ def test_pod_is_locked_down(rendered: tuple[str, dict[str, dict]]) -> None:
     assert security["readOnlyRootFilesystem"] is True
     assert security["capabilities"] == {"drop": ["ALL"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
-    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert "/tmp" in mounts
-    assert all("emptyDir" in volumes[name] for name in mounts.values())
+    for mount in mounts.values():  # scratch space, or the model repository read-only
+        volume = volumes[mount["name"]]
+        assert "emptyDir" in volume or (mount.get("readOnly") and volume["persistentVolumeClaim"]["readOnly"])
+
+
+def test_the_model_volume_is_the_served_repository() -> None:
+    resources = {r["kind"]: r for r in kustomize(ENTRY_POINTS["model-volume"])}
+    container = server_container(resources)
+    cfg = from_args([], env=container_env(container))
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+    claim = next(v for v in pod_spec(resources)["volumes"] if v["name"] == "models")["persistentVolumeClaim"]
+    assert (cfg.model_repository, cfg.model_dir) == (mount["mountPath"], None)
+    assert cfg.repository_poll_seconds > 0 and cfg.default_model
+    assert claim["claimName"] == resources["PersistentVolumeClaim"]["metadata"]["name"]
 
 
 def test_service_links_are_off(rendered: tuple[str, dict[str, dict]]) -> None:

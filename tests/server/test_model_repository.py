@@ -299,8 +299,11 @@ async def test_config_needs_one_model_source() -> None:
                                                                                       env).model_dir) == ("/r", None)
     cfg = from_args([], {"NMT_MODEL_REPOSITORY": "/r", "NMT_DEFAULT_MODEL": "tiny"})
     assert (cfg.model_dir, cfg.model_repository, cfg.default_model) == (None, "/r", "tiny")
+    image = {"NMT_MODEL_REPOSITORY": "/r", "NMT_DEFAULT_MODEL": "en-de"}  # as the image sets them
+    cfg = from_args([], {**image, "NMT_MODEL_DIR": "/b"})  # docker run -e NMT_MODEL_DIR=...: that bundle
+    assert (cfg.model_dir, cfg.model_repository, cfg.default_model) == ("/b", None, None)
     with pytest.raises(SystemExit):
-        from_args([], {"NMT_MODEL_DIR": "/b", "NMT_MODEL_REPOSITORY": "/r"})
+        from_args(["--model-dir", "/b", "--model-repository", "/r"], {})
 
 
 async def test_lookup_rules() -> None:
