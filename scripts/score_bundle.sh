@@ -15,7 +15,10 @@ data=${NMT_DATA_DIR:?set NMT_DATA_DIR to the Multi30k directory}
 read_split() { if [[ -f "$data/$split.$1.gz" ]]; then gzip -dc "$data/$split.$1.gz"; else cat "$data/$split.$1"; fi; }
 hyp=$(mktemp) ref=$(mktemp)
 trap 'rm -f "$hyp" "$ref"' EXIT
-read_split en | "$bin/nmt-translate" --bundle "$bundle" --precision "$precision" --quiet "$@" > "$hyp"
-read_split de > "$ref"
+# The bundle's own language pair (manifest.json), e.g. en -> de or en -> fr.
+read -r src tgt < <("$bin/python" -c 'import json, sys; m = json.load(open(sys.argv[1] + "/manifest.json"))
+print(m["src_lang"], m["tgt_lang"])' "$bundle")
+read_split "$src" | "$bin/nmt-translate" --bundle "$bundle" --precision "$precision" --quiet "$@" > "$hyp"
+read_split "$tgt" > "$ref"
 echo "$split ($precision):"
 "$bin/sacrebleu" "$ref" -i "$hyp" -m bleu chrf -w 2 --format text
