@@ -1,17 +1,20 @@
 """`nmt-bench fairness`: is a model starved while another one is under load? And the RSS of a loaded model.
 
     nmt-bench fairness [--bundle bundles/default] [--clients 32] [--duration 20] [--rounds 2] [--beam 4]
-                       [--out bench/results] [--force]
+                       [--engine-turns off,shared,exclusive] [--out bench/results] [--force]
 
 A temporary model repository holds two copies of the bundle, TMP/repo/a/1 and TMP/repo/b/1 (hard-linked where
 the filesystem allows), served by one `nmt-serve --model-repository` subprocess on loopback. Each model has its
 own scheduler (its own queue, batches and engine thread) and its own ONNX Runtime sessions (their own
-intra-op thread pools): nothing but the operating system shares the CPU between them.
+intra-op thread pools); --engine-turns shared or exclusive share the cores between their steps, small steps
+first (engine/turns.py), off leaves it to the operating system. Given several settings, one server per
+setting runs and their rounds alternate: a side-by-side comparison.
 
 In one run, phases alternate --rounds times: "alone", one closed-loop client on model b; "loaded", the same
 one client on b while --clients closed-loop clients load model a. Each phase measures --duration seconds
 after WARMUP_S (the loaded phase's queue reaches its steady state first) and SETTLE_S after the previous phase
-(a's last batches finish). Target: b's p99 while a is loaded is within 2x its p99 alone. /metrics says how
+(a's last batches finish). Target: b's p99 while a is loaded is within 2x its p99 alone (the first
+--engine-turns setting's; each setting's ratio is reported). /metrics says how
 many batches each model ran (nmt_batch_sentences_count{model}): a batch never mixes models.
 
 Memory, before the phases and with no load: a server with model a only, then the two-model server, each after
@@ -46,6 +49,8 @@ from nmt.server.kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
+from nmt.server.config import ENGINE_TURNS
+
 from .load import LoadBenchConfig, ServerProcess, Window, load_sentences
 from .reload import link_or_copy, percentiles
 
@@ -69,16 +74,22 @@ class FairnessBenchConfig:
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = ORT default)
     out: Path = Path("bench/results")
     force: bool = False
+    engine_turns: tuple[str, ...] = ("off", "shared", "exclusive")  # nmt-serve --engine-turns of each server
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds < 1 or self.beam_size < 1 or self.sentences < 1 or self.duration <= 0:
             raise ValueError("clients, rounds, beam and sentences must be >= 1 and duration > 0")
+        if not self.engine_turns or not set(self.engine_turns) <= set(ENGINE_TURNS) or \
+                len(set(self.engine_turns)) != len(self.engine_turns):
+            raise ValueError(f"engine_turns must be distinct values of {', '.join(ENGINE_TURNS)}, got "
+                             f"{','.join(self.engine_turns)}")
 
 
 class RepositoryProcess(ServerProcess):
     """`nmt-serve --model-repository TMP/repo` holding a copy of the bundle per name in `models` (version 1)."""
 
-    def __init__(self, cfg: FairnessBenchConfig, models: tuple[str, ...]):  # not super().__init__: --model-dir
+    def __init__(self, cfg: FairnessBenchConfig, models: tuple[str, ...], engine_turns: str = "off"):
+        # not super().__init__: that one serves --model-dir
         self.workdir = Path(tempfile.mkdtemp(prefix="nmt-fairness-"))
         self.port_file = self.workdir / "ports.json"
         self.port = self.metrics_port = 0
@@ -88,7 +99,8 @@ class RepositoryProcess(ServerProcess):
             shutil.copytree(cfg.bundle, repository / name / "1", copy_function=link_or_copy)
         cmd = [sys.executable, "-m", "nmt.server.main", "--model-repository", str(repository),
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file),
-               "--threads", str(cfg.threads), "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING"]
+               "--threads", str(cfg.threads), "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING",
+               "--engine-turns", engine_turns]
         self.proc = subprocess.Popen(cmd)
 
     def batches_by_model(self) -> dict[str, float]:
@@ -160,32 +172,41 @@ def run(cfg: FairnessBenchConfig) -> dict[str, Any]:
     sentences = load_sentences(LoadBenchConfig(bundle=cfg.bundle, data_dir=cfg.data_dir, split=cfg.split,
                                                sentences=cfg.sentences))
     rss_one = idle_rss_mb(cfg, (LOADED,), sentences)
-    server = RepositoryProcess(cfg, (LOADED, PROBE))
+    servers: dict[str, RepositoryProcess] = {}
     phases: list[dict[str, Any]] = []
     try:
-        server.wait_serving()
-        asyncio.run(warm(server.target, (LOADED, PROBE), sentences, cfg.beam_size))
+        for turns in cfg.engine_turns:
+            servers[turns] = RepositoryProcess(cfg, (LOADED, PROBE), turns)
+            servers[turns].wait_serving()
+            asyncio.run(warm(servers[turns].target, (LOADED, PROBE), sentences, cfg.beam_size))
+        server = servers[cfg.engine_turns[0]]  # memory and batches: the first setting's server
         rss_two = server.memory_mb()[0]
         batches_before = server.batches_by_model()
         for round_ in range(cfg.rounds):
-            for name, clients in (("alone", 0), ("loaded", cfg.clients)):
-                print(f"round {round_ + 1}/{cfg.rounds}: {name} ({clients} clients on {LOADED})", flush=True)
-                phases.append({"round": round_ + 1, "phase": name, **asyncio.run(phase(server, sentences, cfg,
-                                                                                        clients))})
+            for turns, name, clients in ((t, n, c) for t in cfg.engine_turns
+                                         for n, c in (("alone", 0), ("loaded", cfg.clients))):
+                print(f"round {round_ + 1}/{cfg.rounds}, engine turns {turns}: {name} ({clients} clients on "
+                      f"{LOADED})", flush=True)
+                phases.append({"round": round_ + 1, "turns": turns, "phase": name,
+                               **asyncio.run(phase(servers[turns], sentences, cfg, clients))})
         batches_after = server.batches_by_model()
         rss_loaded, peak = server.memory_mb()
         asyncio.run(unload(server.target, PROBE))
         time.sleep(SETTLE_S)  # the unloaded model drains and is released in the background
         rss_unloaded = server.memory_mb()[0]
     finally:
-        if (code := server.close()) != 0:
-            print(f"warning: nmt-serve exited with {code} on SIGTERM", file=sys.stderr)
+        for turns, started in servers.items():
+            if (code := started.close()) != 0:
+                print(f"warning: nmt-serve (engine turns {turns}) exited with {code} on SIGTERM", file=sys.stderr)
     from nmt.training.cpu import cpu_summary  # /proc/cpuinfo only
 
     return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
             "machine": {"cpu": cpu_summary(), "cpus": os.cpu_count(), "platform": platform.platform(),
                         "python": platform.python_version(), "load_average_at_end": os.getloadavg()},
-            "sentences": len(sentences), **tally(phases, cfg),
+            "sentences": len(sentences), **tally([p for p in phases if p["turns"] == cfg.engine_turns[0]], cfg),
+            "by_engine_turns": {t: tally([p for p in phases if p["turns"] == t], cfg) for t in cfg.engine_turns},
+            "phases": [{k: v for k, v in p.items() if k != "probe_latencies"} | percentiles(p["probe_latencies"])
+                       for p in phases],
             "batches_by_model": {m: batches_after.get(m, 0.0) - batches_before.get(m, 0.0)
                                  for m in sorted(batches_after)},
             "memory_mb": {"one_model_idle": rss_one, "two_models_idle": rss_two,
@@ -204,8 +225,6 @@ def tally(phases: list[dict[str, Any]], cfg: FairnessBenchConfig) -> dict[str, A
             "p50_ratio": loaded["p50_ms"] / alone["p50_ms"] if alone["requests"] and loaded["requests"] else float("nan"),
             "load_requests_per_s": sum(p["load_requests"] for p in phases) / load_s if load_s else 0.0,
             "errors": sum(p["probe_errors"] + p["load_errors"] for p in phases),
-            "phases": [{k: v for k, v in p.items() if k != "probe_latencies"} | percentiles(p["probe_latencies"])
-                       for p in phases],
             "target": {"target": f"b's p99 with {cfg.clients} clients on a <= {TARGET_RATIO:g}x its p99 alone",
                        "value": f"{ratio:.2f}x", "pass": bool(ratio <= TARGET_RATIO)}}
 
@@ -215,20 +234,26 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join([
         "# Two models, one under load (`nmt-bench fairness`)", "",
         f"`nmt-bench fairness --bundle {c['bundle']} --clients {c['clients']} --duration {c['duration']:g} "
-        f"--rounds {c['rounds']} --beam {c['beam_size']} --threads {c['threads']}`; {r['sentences']} {c['split']} "
+        f"--rounds {c['rounds']} --beam {c['beam_size']} --threads {c['threads']} --engine-turns "
+        f"{','.join(c['engine_turns'])}`; {r['sentences']} {c['split']} "
         f"sentences, one per call; CPU: {r['machine']['cpu']} ({r['machine']['cpus']} visible, load average at end "
         f"{', '.join(f'{x:.1f}' for x in r['machine']['load_average_at_end'])}).", "",
-        "One server, two copies of the bundle (models a and b); phases alternate: one client on b alone, then the "
-        f"same client on b while {c['clients']} clients load a.", "",
-        "| target | value | result |", "|---|---|---|",
+        "One server per engine-turns setting, two copies of the bundle (models a and b); phases alternate: one "
+        f"client on b alone, then the same client on b while {c['clients']} clients load a.", "",
+        "| target (engine turns " + c["engine_turns"][0] + ") | value | result |", "|---|---|---|",
         f"| {g['target']} | {g['value']} | {'PASS' if g['pass'] else 'FAIL'} |", "",
-        "| model b | requests | p50 ms | p99 ms |", "|---|---|---|---|",
-        *(f"| {name} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} |"
-          for name, p in (("alone", r["probe_alone"]), (f"{c['clients']} clients on a", r["probe_loaded"]))), "",
-        "| round | phase | b requests | b p50 ms | b p99 ms | a requests | errors |", "|---|---|---|---|---|---|---|",
-        *(f"| {p['round']} | {p['phase']} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
+        "| engine turns | model b | requests | p50 ms | p99 ms | p99 ratio | a requests/s |",
+        "|---|---|---|---|---|---|---|",
+        *(f"| {turns} | {name} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
+          + (f"{t['p99_ratio']:.2f}x | {t['load_requests_per_s']:.1f} |" if name != "alone" else " | |")
+          for turns, t in r["by_engine_turns"].items()
+          for name, p in (("alone", t["probe_alone"]), (f"{c['clients']} clients on a", t["probe_loaded"]))), "",
+        "| round | engine turns | phase | b requests | b p50 ms | b p99 ms | a requests | errors |",
+        "|---|---|---|---|---|---|---|---|",
+        *(f"| {p['round']} | {p['turns']} | {p['phase']} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
           f"{p['load_requests']} | {p['probe_errors'] + p['load_errors']} |" for p in r["phases"]), "",
-        f"Model a under load: {r['load_requests_per_s']:.1f} requests/s. Batches per model in the phases "
+        f"Model a under load (engine turns {c['engine_turns'][0]}): {r['load_requests_per_s']:.1f} requests/s. "
+        "Batches per model in the phases "
         f"(nmt_batch_sentences_count{{model}}): "
         + ", ".join(f"{k}: {v:.0f}" for k, v in r["batches_by_model"].items()) + ".", "",
         "| server VmRSS | MB |", "|---|---|",
@@ -262,12 +287,16 @@ def parse_args(argv: list[str] | None) -> FairnessBenchConfig:
     p.add_argument("--rounds", type=int, default=d.rounds, help="alone/loaded phase pairs (default: %(default)s)")
     p.add_argument("--beam", type=int, default=d.beam_size, help="beam size, 1 = greedy (default: %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads, help="server ORT intra-op threads; 0 = ORT default")
+    p.add_argument("--engine-turns", default=",".join(d.engine_turns), help="nmt-serve --engine-turns: off, "
+                   "shared, exclusive, or several, comma-separated (one server each, rounds alternating; the first "
+                   "one's ratio is the target's) "
+                   "(default: %(default)s)")
     p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="overwrite fairness.json / fairness.md")
     a = p.parse_args(argv)
     try:
         return FairnessBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, a.clients, a.duration, a.rounds,
-                                   a.beam, a.threads, a.out, a.force)
+                                   a.beam, a.threads, a.out, a.force, tuple(a.engine_turns.split(",")))
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable

@@ -219,7 +219,7 @@ class RunningBatch:
         for source, (_, _, options) in zip(sources, entries):
             self.check([source], options)
         src_ids, src_mask = pad_sources(sources)
-        with self.sessions.turns.step(len(src_ids)):
+        with self.sessions.turns.step(len(src_ids), self.sessions.all_threads):
             cross = self.sessions.encoder.run(self._cross_names, {"src_ids": src_ids, "src_mask": src_mask})
         repeats = np.array([options.beam_size for _, _, options in entries])
         cross = [np.repeat(c, repeats, axis=0) for c in cross]
@@ -275,19 +275,21 @@ class RunningBatch:
                  **dict(zip(self._past_names, self.past)), **dict(zip(self._cross_names, cross))}
         self.past_mask = mask
         k = max(1 if s.rows == 1 else 2 * s.rows for s in self.sentences) + extra  # extra: blocked tokens
-        decoder = self.sessions.decoder_for(self.rows)  # as the static search: one thread for few rows
         vocab_ids = self._vocab.ids()
+        top = self.sessions.has_head and k > 1
         if self.sessions.has_head:
             scored = self.sessions.vocab_size if vocab_ids is None else len(vocab_ids)
             feeds[TOP_K] = np.array([min(k, scored) if k > 1 else 0], np.int64)  # greedy: argmax below
             if vocab_ids is not None:
                 feeds[VOCAB_IDS] = vocab_ids
-            if k > 1:
-                with self.sessions.turns.step(self.rows):
-                    values, ids, eos, *self.past = decoder.run(self._top_outputs, feeds)
-                return values, ids, eos
-        with self.sessions.turns.step(self.rows):
-            log_probs, *self.past = decoder.run(self._outputs, feeds)  # (R, V'), V' = len(vocab_ids)
+        s = self.sessions
+        with s.turns.step(self.rows, s.threads_for(self.rows), shrinks=s.decoder_small is not None) as threads:
+            decoder = s.decoder_for(self.rows, threads)  # as the static search: one thread for few rows
+            found = decoder.run(self._top_outputs if top else self._outputs, feeds)
+        if top:
+            values, ids, eos, *self.past = found
+            return values, ids, eos
+        log_probs, *self.past = found  # (R, V'), V' = len(vocab_ids)
         values, ids, eos = row_top_k(log_probs, k)
         return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
 

@@ -23,6 +23,7 @@ second, single-threaded decoder session for steps of few rows (SINGLE_THREAD_ROW
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -122,11 +123,21 @@ class Sessions:
     shortlist: shortlist_.Shortlist | None = None  # loaded when the bundle has one and RuntimeConfig.shortlist
     decoder_small: ort.InferenceSession | None = None  # one intra-op thread, for steps of few rows
     single_thread_rows: int = 0  # steps of at most this many rows use decoder_small
-    turns: EngineTurns | NoTurns = NO_TURNS  # every run takes its turn among the models sharing it (engine/turns.py)
+    turns: EngineTurns | NoTurns = NO_TURNS  # every run takes its threads from the models' budget (engine/turns.py)
+    threads: int = 0  # intra-op threads of the encoder and decoder sessions (0: ORT's default, one per core)
 
-    def decoder_for(self, rows: int) -> ort.InferenceSession:
-        """The decoder session for a step of `rows` rows."""
-        small = self.decoder_small is not None and rows <= self.single_thread_rows
+    @property
+    def all_threads(self) -> int:
+        """The threads of the encoder and the (large-step) decoder session."""
+        return self.threads or os.cpu_count() or 1
+
+    def threads_for(self, rows: int) -> int:
+        """The threads a decoder step of `rows` rows runs on, given them all."""
+        return 1 if self.decoder_small is not None and rows <= self.single_thread_rows else self.all_threads
+
+    def decoder_for(self, rows: int, threads: int | None = None) -> ort.InferenceSession:
+        """The decoder session for a step of `rows` rows (on one thread when `threads` is 1)."""
+        small = self.decoder_small is not None and (rows <= self.single_thread_rows or threads == 1)
         return self.decoder_small if small else self.decoder  # type: ignore[return-value]
 
     @property
@@ -245,6 +256,7 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
         small = _session(Path(decoder_path), provider, replace(cfg, intra_op_threads=1))
     return Sessions(encoder=encoder, decoder=decoder, variant=variant, provider=provider, manifest=manifest,
                     decoder_small=small, single_thread_rows=cfg.single_thread_rows if small else 0,
+                    threads=cfg.intra_op_threads if provider == CPU else 0,
                     **_describe(encoder, decoder))
 
 

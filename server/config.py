@@ -15,6 +15,9 @@ from nmt.engine.runtime import DEVICES, PRECISIONS, RuntimeConfig
 from .batching import BATCHING, SchedulerConfig
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# How the models of a repository share the cores (engine/turns.py): off, the operating system does;
+# shared, a budget of --threads cores, small steps first; exclusive, one step at a time, small first.
+ENGINE_TURNS = ("off", "shared", "exclusive")
 # A SentencePiece piece is at most 16 characters of at most 4 UTF-8 bytes: a text longer than this
 # many bytes per allowed token cannot fit in max_tokens_per_text (spaces and invisible characters
 # aside, which normalization drops), so it is refused before tokenizing.
@@ -39,9 +42,8 @@ class ServerConfig:
     max_wait_ms: float = 0.0
     max_queue_size: int = 1024  # queued sentences; beyond it requests get RESOURCE_EXHAUSTED
     workers: int = 1  # engine threads (concurrent batches)
-    # Repository mode: the models' engine steps take turns, small steps first (engine/turns.py); off:
-    # they run whenever ready (for many-core machines, where two one-thread steps could share the cores).
-    engine_turns: str = "on"
+    # Repository mode: how the models' engine steps share the cores (engine/turns.py, ENGINE_TURNS).
+    engine_turns: str = "off"
     batching: str = "static"  # static: whole batches (faster here, README); continuous: join/leave between steps
     device: str = "auto"
     precision: str = "auto"
@@ -93,9 +95,10 @@ class ServerConfig:
             raise ValueError("tls_ca (mutual TLS) needs tls_cert and tls_key")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-        for name in ("shortlist", "engine_turns"):
-            if getattr(self, name) not in ("on", "off"):
-                raise ValueError(f"{name} must be on or off, got {getattr(self, name)!r}")
+        if self.shortlist not in ("on", "off"):
+            raise ValueError(f"shortlist must be on or off, got {self.shortlist!r}")
+        if self.engine_turns not in ENGINE_TURNS:
+            raise ValueError(f"engine_turns must be one of {', '.join(ENGINE_TURNS)}, got {self.engine_turns!r}")
         if self.log_level.upper() not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         RuntimeConfig(self.device, self.precision, self.threads)  # validates device and precision
@@ -144,9 +147,10 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
      "0 (default) = a batch forms as soon as the engine is free"),
     ("--max-queue-size", "max_queue_size", int, "most queued sentences; more -> RESOURCE_EXHAUSTED"),
     ("--workers", "workers", int, "engine threads, i.e. batches computed at once"),
-    ("--engine-turns", "engine_turns", str, "on (default): with a model repository, the models' engine steps run "
-     "one at a time, small steps first, none waiting much over 50 ms (a loaded model does not starve another); "
-     "off: they run whenever ready"),
+    ("--engine-turns", "engine_turns", str, "with a model repository, how the models' engine steps share the "
+     "cores: off, whenever ready (the OS shares them); shared, a budget of --threads cores (all by default), "
+     "small steps first, none waiting much over 50 ms; exclusive, one step at a time, small first (a light "
+     "model keeps its latency under another's load, which loses throughput)"),
     ("--batching", "batching", str, "static (default): a batch runs until its last sentence ends; continuous: "
      "requests join and leave the running batch between decoder steps (bundle format 3)"),
     ("--device", "device", str, f"execution device: {'|'.join(DEVICES)} (auto: CUDA when available)"),

@@ -299,11 +299,12 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
 
 
 def engine_turns(cfg: ServerConfig, metrics: Metrics) -> EngineTurns | None:
-    """With a model repository, one EngineTurns for all its models (engine/turns.py: a loaded model does
-    not starve another); a single bundle, or --engine-turns off: none."""
+    """With a model repository and --engine-turns shared or exclusive, one EngineTurns for all its models
+    (engine/turns.py); else none."""
     if cfg.model_repository is None or cfg.engine_turns == "off":
         return None
-    return EngineTurns(on_wait=metrics.turn_wait.observe)
+    cores = 1 if cfg.engine_turns == "exclusive" else cfg.threads or None  # None: every core
+    return EngineTurns(cores, on_wait=metrics.turn_wait.observe)
 
 
 def write_port_file(path: Path, server: NmtServer) -> None:

@@ -16,14 +16,18 @@ from nmt.bench.fairness import FairnessBenchConfig, tally
 def test_fairness_bench_runs_and_writes_its_report(tiny_bundle: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
     argv = ["fairness", "--bundle", str(tiny_bundle), "--data-dir", str(data_dir), "--sentences", "8",
-            "--clients", "2", "--duration", "1", "--rounds", "1", "--beam", "1", "--threads", "1", "--out", str(out)]
+            "--clients", "2", "--duration", "1", "--rounds", "1", "--beam", "1", "--threads", "1", "--out", str(out),
+            "--engine-turns", "exclusive,off"]
     code = cli.main(argv)
     assert sorted(p.name for p in out.iterdir()) == ["fairness.json", "fairness.md"]
     r = json.loads((out / "fairness.json").read_text())
     assert code == (0 if r["target"]["pass"] else 1)
-    assert [(p["round"], p["phase"], p["load_clients"]) for p in r["phases"]] == [(1, "alone", 0), (1, "loaded", 2)]
+    assert [(p["round"], p["turns"], p["phase"], p["load_clients"]) for p in r["phases"]] == [
+        (1, "exclusive", "alone", 0), (1, "exclusive", "loaded", 2), (1, "off", "alone", 0), (1, "off", "loaded", 2)]
+    assert set(r["by_engine_turns"]) == {"exclusive", "off"}
+    assert r["p99_ratio"] == r["by_engine_turns"]["exclusive"]["p99_ratio"]
     assert r["errors"] == 0 and r["probe_alone"]["requests"] > 0 and r["probe_loaded"]["requests"] > 0
-    assert r["phases"][0]["load_requests"] == 0 and r["phases"][1]["load_requests"] > 0
+    assert [p["load_requests"] > 0 for p in r["phases"]] == [False, True, False, True]
     assert r["p99_ratio"] > 0 and set(r["batches_by_model"]) == {"a", "b"}  # each model's own batches
     assert all(r["memory_mb"][k] > 0 for k in ("one_model_idle", "two_models_idle", "after_unloading_b"))
     assert r["machine"]["cpu"]
@@ -47,3 +51,5 @@ def test_tally_pools_the_rounds_and_compares_p99() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError):
         FairnessBenchConfig(rounds=0)
+    with pytest.raises(ValueError, match="engine_turns must be distinct values of off, shared, exclusive"):
+        FairnessBenchConfig(engine_turns=("off", "off"))
