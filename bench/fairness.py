@@ -1,7 +1,7 @@
 """`nmt-bench fairness`: is a model starved while another one is under load? And the RSS of a loaded model.
 
     nmt-bench fairness [--bundle bundles/default] [--clients 32] [--duration 20] [--rounds 2] [--beam 4]
-                       [--engine-turns off,shared,exclusive] [--out bench/results] [--force]
+                       [--engine-turns shared,exclusive,off] [--out bench/results] [--force]
 
 A temporary model repository holds two copies of the bundle, TMP/repo/a/1 and TMP/repo/b/1 (hard-linked where
 the filesystem allows), served by one `nmt-serve --model-repository` subprocess on loopback. Each model has its
@@ -74,7 +74,7 @@ class FairnessBenchConfig:
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = ORT default)
     out: Path = Path("bench/results")
     force: bool = False
-    engine_turns: tuple[str, ...] = ("off", "shared", "exclusive")  # nmt-serve --engine-turns of each server
+    engine_turns: tuple[str, ...] = ("shared", "exclusive", "off")  # nmt-serve --engine-turns of each server
 
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds < 1 or self.beam_size < 1 or self.sentences < 1 or self.duration <= 0:
@@ -88,7 +88,7 @@ class FairnessBenchConfig:
 class RepositoryProcess(ServerProcess):
     """`nmt-serve --model-repository TMP/repo` holding a copy of the bundle per name in `models` (version 1)."""
 
-    def __init__(self, cfg: FairnessBenchConfig, models: tuple[str, ...], engine_turns: str = "off"):
+    def __init__(self, cfg: FairnessBenchConfig, models: tuple[str, ...], engine_turns: str = "shared"):
         # not super().__init__: that one serves --model-dir
         self.workdir = Path(tempfile.mkdtemp(prefix="nmt-fairness-"))
         self.port_file = self.workdir / "ports.json"

@@ -15,10 +15,17 @@ encoder or decoder run takes threads from a budget of `cores` first:
   then it queues again for what is left.
 - Freed threads go to the steps that have waited `quantum_s`, oldest first, then to the smallest;
   a step that does not fit stops the ones behind it (a large step is not passed for ever).
-So a light model runs at nearly its unloaded pace while a loaded one keeps the other cores, and
-no step waits much longer than a quantum. Threads beyond the budget are never started, except by
+No step waits much longer than a quantum. Threads beyond the budget are never started, except by
 an encoder run granted fewer threads than its session has (there is one encoder session; a run is
 short and once per batch).
+
+nmt-serve --engine-turns picks the budget: shared (the default), every core (--threads); exclusive,
+one core, so one step at a time; off, no turns. Measured on a noisy shared machine (bench/results/
+fairness.md and README, 2 cores, one closed-loop client on model b while 32 load model a), b's p99
+over its unloaded p99: exclusive 1.04-1.42x in its quiet runs, shared 1.31-1.86x, off 1.43-2.14x;
+model a served 20-30 requests/s with exclusive, 49-73 with the others. A light step slows down
+beside another model's step even on its own core (the GIL, caches), so only exclusive turns
+isolate it fully; what they cost is the cores a one-thread step leaves idle, so they are opt-in.
 """
 
 from __future__ import annotations

@@ -42,8 +42,10 @@ class ServerConfig:
     max_wait_ms: float = 0.0
     max_queue_size: int = 1024  # queued sentences; beyond it requests get RESOURCE_EXHAUSTED
     workers: int = 1  # engine threads (concurrent batches)
-    # Repository mode: how the models' engine steps share the cores (engine/turns.py, ENGINE_TURNS).
-    engine_turns: str = "off"
+    # Repository mode: how the models' engine steps share the cores (engine/turns.py, ENGINE_TURNS). Shared:
+    # never more threads than cores, small steps first; exclusive isolates a light model better, but a loaded
+    # one then loses half its throughput or more (bench/results/fairness.md).
+    engine_turns: str = "shared"
     batching: str = "static"  # static: whole batches (faster here, README); continuous: join/leave between steps
     device: str = "auto"
     precision: str = "auto"
@@ -148,9 +150,9 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--max-queue-size", "max_queue_size", int, "most queued sentences; more -> RESOURCE_EXHAUSTED"),
     ("--workers", "workers", int, "engine threads, i.e. batches computed at once"),
     ("--engine-turns", "engine_turns", str, "with a model repository, how the models' engine steps share the "
-     "cores: off, whenever ready (the OS shares them); shared, a budget of --threads cores (all by default), "
-     "small steps first, none waiting much over 50 ms; exclusive, one step at a time, small first (a light "
-     "model keeps its latency under another's load, which loses throughput)"),
+     "cores: shared (default), a budget of --threads cores (all by default), small steps first, none waiting "
+     "much over 50 ms; exclusive, one step at a time in that order (a light model keeps its latency under "
+     "another's load, which loses throughput); off, whenever ready (the OS shares them)"),
     ("--batching", "batching", str, "static (default): a batch runs until its last sentence ends; continuous: "
      "requests join and leave the running batch between decoder steps (bundle format 3)"),
     ("--device", "device", str, f"execution device: {'|'.join(DEVICES)} (auto: CUDA when available)"),

@@ -347,17 +347,17 @@ async def test_nmt_serve_loads_a_repository(repository: Path, tmp_path: Path) ->
 
 async def test_the_models_take_engine_turns_together(repository: Path, loaded) -> None:
     """--engine-turns shared or exclusive: one EngineTurns for the repository's models (engine/turns.py), of
-    --threads cores or one; off (default): none."""
+    --threads cores (the default) or one; off: none."""
     for mode, cores in (("shared", 2), ("exclusive", 1)):
         async with serve_repository(repository, loaded, default_model="tiny", engine_turns=mode,
                                     threads=2) as (server, _):
             tiny, other = (server.models.lookup(name).service.translator.sessions.turns for name in ("tiny", "other"))
             assert isinstance(tiny, EngineTurns) and tiny is other and tiny.cores == cores
-    async with serve_repository(repository, loaded, default_model="tiny", engine_turns="exclusive") as (server, _):
+    async with serve_repository(repository, loaded, default_model="tiny") as (server, _):  # the default
         async with channel(server) as ch:  # noqa: F405
             reply = await stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:2], model="other"))  # noqa: F405
         assert len(reply.translations) == 2 and all(t.hypotheses[0].text for t in reply.translations)
         assert server.registry.get_sample_value("nmt_engine_turn_wait_seconds_count") is not None
-    async with serve_repository(repository, loaded, default_model="tiny") as (server, _):
+    async with serve_repository(repository, loaded, default_model="tiny", engine_turns="off") as (server, _):
         assert all(server.models.lookup(name).service.translator.sessions.turns is NO_TURNS
                    for name in ("tiny", "other"))
