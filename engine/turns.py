@@ -22,10 +22,10 @@ short and once per batch).
 nmt-serve --engine-turns picks the budget: shared (the default), every core (--threads); exclusive,
 one core, so one step at a time; off, no turns. Measured on a noisy shared machine (bench/results/
 fairness.md and README, 2 cores, one closed-loop client on model b while 32 load model a), b's p99
-over its unloaded p99: exclusive 1.04-1.42x in its quiet runs, shared 1.31-1.86x, off 1.43-2.14x;
-model a served 20-30 requests/s with exclusive, 49-73 with the others. A light step slows down
-beside another model's step even on its own core (the GIL, caches), so only exclusive turns
-isolate it fully; what they cost is the cores a one-thread step leaves idle, so they are opt-in.
+over its unloaded p99: shared 1.31-1.86x, exclusive 1.04-2.43x, off 1.43-2.14x; model a served
+49-62 requests/s with shared, 20-30 with exclusive, 50-73 with off. A light step slows down beside
+another model's step even on its own core (the GIL, caches), which only exclusive turns avoid;
+what they cost is the cores a one-thread step leaves idle, so they are opt-in.
 """
 
 from __future__ import annotations
