@@ -43,8 +43,8 @@ class ServerConfig:
     max_queue_size: int = 1024  # queued sentences; beyond it requests get RESOURCE_EXHAUSTED
     workers: int = 1  # engine threads (concurrent batches)
     # Repository mode: how the models' engine steps share the cores (engine/turns.py, ENGINE_TURNS). Shared:
-    # never more threads than cores, small steps first; exclusive isolates a light model better, but a loaded
-    # one then loses half its throughput or more (bench/results/fairness.md).
+    # never more threads than cores, small steps first; exclusive runs one step at a time, and a loaded model
+    # then loses half its throughput or more (bench/results/fairness.md).
     engine_turns: str = "shared"
     batching: str = "static"  # static: whole batches (faster here, README); continuous: join/leave between steps
     device: str = "auto"
