@@ -52,6 +52,7 @@ from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 from nmt.server.config import ENGINE_TURNS
 
 from .load import LoadBenchConfig, ServerProcess, Window, load_sentences
+from .outcome import finish
 from .reload import link_or_copy, percentiles
 
 LOADED, PROBE = "a", "b"  # model a takes the load; model b is the one that must not starve
@@ -304,15 +305,7 @@ def parse_args(argv: list[str] | None) -> FairnessBenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except (ValueError, RuntimeError, OSError, grpc.RpcError) as e:
-        print(f"nmt-bench fairness: error: {e}", file=sys.stderr)
-        return 1
-    print(write_report(results, cfg.out))
-    g = results["target"]
-    print(f"{'PASS' if g['pass'] else 'FAIL'}: {g['target']}: {g['value']}")
-    return 0 if g["pass"] else 1
+    return finish("fairness", lambda: run(cfg), lambda r: write_report(r, cfg.out), lambda r: [r["target"]])
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from .load_report import write_report
+from .outcome import finish
 
 SERVER_START_TIMEOUT = 180.0
 # Extra nmt-serve flags per setting; the first one's mean batch sizes the engine-alone rows.
@@ -323,13 +324,7 @@ def parse_args(argv: list[str] | None) -> LoadBenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"nmt-bench load: error: {e}", file=sys.stderr)
-        return 1
-    print(write_report(results, cfg.out))
-    return 0
+    return finish("load", lambda: run(cfg), lambda r: write_report(r, cfg.out))
 
 
 if __name__ == "__main__":

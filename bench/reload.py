@@ -55,6 +55,7 @@ from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from .load import LoadBenchConfig, ServerProcess, load_sentences
+from .outcome import finish
 
 MODEL = "default"
 AFTER_LOAD_S = 2.0  # latency "around a load": calls that finished from its start to this long after it returned
@@ -419,15 +420,7 @@ def parse_args(argv: list[str] | None) -> ReloadBenchConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except (ValueError, RuntimeError, OSError, grpc.RpcError) as e:
-        print(f"nmt-bench reload: error: {e}", file=sys.stderr)
-        return 1
-    print(write_report(results, cfg.out))
-    for g in results["targets"]:
-        print(f"{'PASS' if g['pass'] else 'FAIL'}: {g['target']}: {g['value']}")
-    return 0 if all(g["pass"] for g in results["targets"]) else 1
+    return finish("reload", lambda: run(cfg), lambda r: write_report(r, cfg.out), lambda r: r["targets"])
 
 
 if __name__ == "__main__":

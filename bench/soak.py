@@ -42,6 +42,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nmt.server.nmt_pb import translation_pb2 as pb
 
 from .load import LoadBenchConfig, ServerProcess, load_sentences
+from .outcome import finish
 
 BAD_REQUESTS = [pb.TranslateRequest(texts=[]).SerializeToString(),
                 pb.TranslateRequest(texts=["A dog."], options=pb.DecodeOptions(length_penalty=1e4)).SerializeToString(),
@@ -233,17 +234,15 @@ def parse_args(argv: list[str] | None) -> SoakConfig:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        results = run(cfg)
-    except (ValueError, RuntimeError, OSError) as e:
-        print(f"nmt-bench soak: error: {e}", file=sys.stderr)
-        return 1
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "soak.json").write_text(json.dumps(results, indent=2) + "\n")
+    return finish("soak", lambda: run(cfg), lambda r: write_report(r, cfg.out))
+
+
+def write_report(results: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.json").write_text(json.dumps(results, indent=2) + "\n")
     text = markdown(results)
-    (cfg.out / "soak.md").write_text(text)
-    print(text)
-    return 0
+    (out / "soak.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
