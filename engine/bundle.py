@@ -161,12 +161,12 @@ def write_manifest(directory: Path, fields: dict[str, Any]) -> dict[str, Any]:
     files = {name: {"sha256": sha256_file(directory / name), "size": (directory / name).stat().st_size}
              for name in _bundle_files(directory)}
     manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, **fields, "files": files}
-    manifest[SELF_HASH] = _content_hash(manifest)
+    manifest[SELF_HASH] = content_hash(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     return manifest
 
 
-def _content_hash(manifest: dict[str, Any]) -> str:
+def content_hash(manifest: dict[str, Any]) -> str:
     """sha256 of the manifest's canonical JSON without its own hash: guards manifest.json itself."""
     content = {k: v for k, v in manifest.items() if k != SELF_HASH}
     return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -189,7 +189,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
         )
     if not isinstance(manifest.get("files"), dict):
         raise BundleError(f"{path}: has no 'files' table")
-    if manifest.get(SELF_HASH) != _content_hash(manifest):
+    if manifest.get(SELF_HASH) != content_hash(manifest):
         raise BundleError(f"{path}: content does not match its {SELF_HASH} (the manifest was altered)")
     return manifest
 

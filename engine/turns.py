@@ -10,9 +10,9 @@ encoder or decoder run takes threads from a budget of `cores` first:
   none is free it waits.
 - A search keeps its threads from one step to the next (`hold()`), so its Python work between two
   runs does not let another model's step in ahead of it.
-- At each step boundary a holder gives its threads back when every core is taken and a waiting
-  step is clearly smaller (at most half its rows: shortest job first) or has waited `quantum_s`;
-  then it queues again for what is left.
+- At each step boundary a holder gives its threads back when a waiting step that does not fit in
+  the free threads is clearly smaller (at most half its rows: shortest job first) or has waited
+  `quantum_s`; then it queues again for what is left.
 - Freed threads go to the steps that have waited `quantum_s`, oldest first, then to the smallest;
   a step that does not fit stops the ones behind it (a large step is not passed for ever).
 No step waits much longer than a quantum. Threads beyond the budget are never started, except by
@@ -139,8 +139,8 @@ class EngineTurns:
         """A holder's next step: keep (fitting its threads to `want`), or False: give them all back first."""
         with self._cond:
             now = self._clock()
-            if self._free == 0 and any(now - w.since >= self.quantum_s or w.rows * SMALLER <= rows
-                                       for w in self._waiting):
+            if any((now - w.since >= self.quantum_s or w.rows * SMALLER <= rows) and not self._fits(w)
+                   for w in self._waiting):
                 return False
             if want > claim.threads and not (shrinks and claim.threads == 1):
                 if self._waiting or self._free < want - claim.threads:
@@ -153,6 +153,9 @@ class EngineTurns:
                 self._grant()
             claim.rows, claim.want, claim.shrinks = rows, want, shrinks
             return True
+
+    def _fits(self, claim: _Claim) -> bool:
+        return self._free >= claim.want or (claim.shrinks and self._free > 0)
 
     def _grant(self) -> None:
         """Hand free threads to the waiting steps in order (under the lock); the first that does not fit

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .export import ExportOptions
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nmt-export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", help="training checkpoint directory")
     parser.add_argument("out", nargs="?", help="bundle directory to write")
@@ -83,12 +83,12 @@ def _summary(out: str, manifest: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
     if args.verify:
         return _verify(args.verify)
     if not (args.checkpoint and args.out):
-        parser.error("CHECKPOINT and OUT are required (or --verify BUNDLE)")
+        cli.error("CHECKPOINT and OUT are required (or --verify BUNDLE)")
     # torch is imported only here, so `--verify` works on a server install.
     from nmt.training.checkpoint import CheckpointError
 

@@ -116,6 +116,6 @@ def format2_bundle(server_bundle: Path, tmp_path_factory: pytest.TempPathFactory
         manifest["files"][entry["decoder"]] = {"sha256": bundle.sha256_file(path), "size": path.stat().st_size}
     manifest["format_version"] = 2
     manifest["interface"]["decoder"]["inputs"].pop(bundle.PAST_MASK)
-    manifest[bundle.SELF_HASH] = bundle._content_hash(manifest)
+    manifest[bundle.SELF_HASH] = bundle.content_hash(manifest)
     (out / bundle.MANIFEST).write_text(json.dumps(manifest))
     return out

@@ -86,7 +86,7 @@ def test_force_replaces_a_bundle_whole(tmp_path: Path) -> None:
 
 def _reseal(directory: Path, manifest: dict) -> None:
     """Write a changed manifest with its own hash recomputed (so only the change is under test)."""
-    manifest[bundle.SELF_HASH] = bundle._content_hash(manifest)
+    manifest[bundle.SELF_HASH] = bundle.content_hash(manifest)
     (directory / bundle.MANIFEST).write_text(json.dumps(manifest))
 
 

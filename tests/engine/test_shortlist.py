@@ -73,7 +73,7 @@ def test_the_manifest_must_list_the_shortlist_it_names(shortlisted_bundle: Path,
     copy_dir = Path(shutil.copytree(shortlisted_bundle, tmp_path / "bundle"))
     manifest = json.loads((copy_dir / bundle.MANIFEST).read_text())
     manifest["shortlist"]["file"] = "elsewhere.npz"
-    manifest[bundle.SELF_HASH] = bundle._content_hash(manifest)
+    manifest[bundle.SELF_HASH] = bundle.content_hash(manifest)
     (copy_dir / bundle.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="shortlist: 'elsewhere.npz' is not a file listed in the manifest"):
         bundle.verify_bundle(copy_dir)

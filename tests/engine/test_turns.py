@@ -210,3 +210,18 @@ def test_a_step_that_cannot_shrink_waits_for_all_its_threads() -> None:
 def test_bad_budgets_are_refused() -> None:
     with pytest.raises(ValueError, match="quantum_s must be > 0"):
         EngineTurns(1, 0)
+
+
+def test_a_holder_makes_room_for_a_step_that_cannot_shrink_once_it_waited_a_quantum() -> None:
+    clock = Clock()
+    turns = EngineTurns(2, QUANTUM, clock)
+    order: list[str] = []
+    with turns.hold():
+        with turns.step(4, 1):
+            order.append("small")
+        large = queue_step(turns, "large", 128, order, want=2, shrinks=False)  # one core free: not enough
+        clock.now += QUANTUM * 1.01
+        with turns.step(4, 1):  # gives its core back, waits for the large step
+            order.append("small again")
+    large.join(timeout=30)
+    assert order == ["small", "large on 2", "small again"]

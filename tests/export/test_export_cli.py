@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from nmt.engine import bundle
-from nmt.export.cli import _parser, main, options_from_args
+from nmt.export.cli import main, options_from_args, parser
 from nmt.export.export import ExportOptions, Progress
 
 
@@ -36,7 +36,7 @@ def test_cli_needs_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def _options(*flags: str) -> ExportOptions:
-    return options_from_args(_parser().parse_args(["ckpt", "out", *flags]))
+    return options_from_args(parser().parse_args(["ckpt", "out", *flags]))
 
 
 def test_cli_flags_become_export_options(tmp_path: Path) -> None:
