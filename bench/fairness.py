@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import shutil
@@ -52,6 +51,8 @@ from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 from nmt.server.config import ENGINE_TURNS
 
 from .load import LoadBenchConfig, ServerProcess, Window, load_sentences
+from .flags import run_flags, source_flags
+from . import outcome
 from .outcome import finish
 from .reload import link_or_copy, percentiles
 
@@ -267,33 +268,24 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def write_report(results: dict[str, Any], out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fairness.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    (out / "fairness.md").write_text(text)
-    return text
+    return outcome.write_report(out, "fairness", results, markdown)
 
 
 def parse_args(argv: list[str] | None) -> FairnessBenchConfig:
     d = FairnessBenchConfig()
     p = argparse.ArgumentParser(prog="nmt-bench fairness", description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, default=d.bundle, help="model bundle (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
-    p.add_argument("--split", default=d.split, help="source sentences (default: %(default)s)")
+    source_flags(p, d.bundle, d.split)
     p.add_argument("--sentences", type=int, default=d.sentences, help="distinct sentences (default: %(default)s)")
     p.add_argument("--clients", type=int, default=d.clients, help="closed-loop clients on model a in the loaded "
                    "phases (default: %(default)s)")
     p.add_argument("--duration", type=float, default=d.duration, help="measured seconds per phase "
                    "(default: %(default)s)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="alone/loaded phase pairs (default: %(default)s)")
-    p.add_argument("--beam", type=int, default=d.beam_size, help="beam size, 1 = greedy (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="server ORT intra-op threads; 0 = ORT default")
     p.add_argument("--engine-turns", default=",".join(d.engine_turns), help="nmt-serve --engine-turns: off, "
                    "shared, exclusive, or several, comma-separated (one server each, rounds alternating; the first "
                    "one's ratio is the target's) "
                    "(default: %(default)s)")
-    p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="overwrite fairness.json / fairness.md")
+    run_flags(p, d.beam_size, d.threads, d.out, "fairness")
     a = p.parse_args(argv)
     try:
         return FairnessBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, a.clients, a.duration, a.rounds,

@@ -49,6 +49,7 @@ from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from .load_report import write_report
+from .flags import source_flags
 from .outcome import finish
 
 SERVER_START_TIMEOUT = 180.0
@@ -300,9 +301,7 @@ def run(cfg: LoadBenchConfig) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> LoadBenchConfig:
     d = LoadBenchConfig()
     p = argparse.ArgumentParser(prog="nmt-bench load", description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, default=d.bundle, help="model bundle (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
-    p.add_argument("--split", default=d.split, help="source sentences (default: %(default)s)")
+    source_flags(p, d.bundle, d.split)
     p.add_argument("--sentences", type=int, default=d.sentences, help="use the first N (default: all)")
     p.add_argument("--clients", default=",".join(map(str, d.clients)), help="concurrent clients (default: %(default)s)")
     p.add_argument("--beam", type=int, default=d.beam_size, help="beam size, 1 = greedy (default: %(default)s)")

@@ -3,8 +3,10 @@ line per target; the exit status says which."""
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,3 +28,12 @@ def finish(name: str, run: Callable[[], Results], report: Callable[[Results], st
     for goal in found:
         print(f"{'PASS' if goal['pass'] else 'FAIL'}: {goal['target']}: {goal['value']}")
     return 0 if all(goal["pass"] for goal in found) else 1
+
+
+def write_report(out: Path, name: str, results: Results, markdown: Callable[[Results], str]) -> str:
+    """OUT/NAME.json (the results) and OUT/NAME.md (their tables); returns the markdown."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    text = markdown(results)
+    (out / f"{name}.md").write_text(text)
+    return text

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
 import platform
 import shutil
@@ -55,6 +54,8 @@ from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from .load import LoadBenchConfig, ServerProcess, load_sentences
+from .flags import run_flags, source_flags
+from . import outcome
 from .outcome import finish
 
 MODEL = "default"
@@ -386,29 +387,20 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def write_report(results: dict[str, Any], out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "reload.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    (out / "reload.md").write_text(text)
-    return text
+    return outcome.write_report(out, "reload", results, markdown)
 
 
 def parse_args(argv: list[str] | None) -> ReloadBenchConfig:
     d = ReloadBenchConfig()
     p = argparse.ArgumentParser(prog="nmt-bench reload", description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, default=d.bundle, help="model bundle (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
-    p.add_argument("--split", default=d.split, help="source sentences (default: %(default)s)")
+    source_flags(p, d.bundle, d.split)
     p.add_argument("--sentences", type=int, default=d.sentences, help="distinct sentences (default: %(default)s)")
     p.add_argument("--clients", type=int, default=d.clients, help="closed-loop clients, half KServe, half nmt.v1 "
                    "(default: %(default)s)")
     p.add_argument("--reloads", type=int, default=d.reloads, help="versions loaded in the window "
                    "(default: %(default)s)")
     p.add_argument("--duration", type=float, default=d.duration, help="seconds of load (default: %(default)s)")
-    p.add_argument("--beam", type=int, default=d.beam_size, help="beam size, 1 = greedy (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="server ORT intra-op threads; 0 = ORT default")
-    p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
-    p.add_argument("--force", action="store_true", help="overwrite reload.json / reload.md")
+    run_flags(p, d.beam_size, d.threads, d.out, "reload")
     a = p.parse_args(argv)
     try:
         return ReloadBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, a.clients, a.reloads, a.duration,

@@ -42,6 +42,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from nmt.server.nmt_pb import translation_pb2 as pb
 
 from .load import LoadBenchConfig, ServerProcess, load_sentences
+from .flags import source_flags
+from . import outcome
 from .outcome import finish
 
 BAD_REQUESTS = [pb.TranslateRequest(texts=[]).SerializeToString(),
@@ -207,9 +209,7 @@ def markdown(results: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None) -> SoakConfig:
     d = SoakConfig()
     p = argparse.ArgumentParser(prog="nmt-bench soak", description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", type=Path, default=d.bundle, help="model bundle (default: %(default)s)")
-    p.add_argument("--data-dir", type=Path, help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
-    p.add_argument("--split", default=d.split, help="source sentences (default: %(default)s)")
+    source_flags(p, d.bundle, d.split)
     p.add_argument("--minutes", type=float, default=d.minutes, help="how long (default: %(default)s)")
     p.add_argument("--rate", type=float, default=d.rate, help="calls per second (default: %(default)s)")
     p.add_argument("--bad-fraction", type=float, default=d.bad_fraction, help="share of bad requests (default: "
@@ -238,11 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(results: dict[str, Any], out: Path) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "soak.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    (out / "soak.md").write_text(text)
-    return text
+    return outcome.write_report(out, "soak", results, markdown)
 
 
 if __name__ == "__main__":
