@@ -228,6 +228,9 @@ class Trainer:
         self.ctx.barrier()
         if self.ctx.is_main:
             self.finish()
+        # Every rank leaves together: a rank that tore its process group down while the main one still
+        # chose the final model made the main one abort at exit (gloo, "terminate called ...").
+        self.ctx.barrier()
 
     def train_epoch(self) -> bool:
         """Train the rest of the current epoch; True when --max-steps ended it early."""
