@@ -112,6 +112,11 @@ class EngineTurns:
         with self._cond:
             return len(self._waiting)
 
+    def wait_for_waiting(self, count: int, timeout: float | None = None) -> bool:
+        """Block until at least `count` steps wait for threads (tests, diagnostics); whether they did."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self._waiting) >= count, timeout)
+
     @property
     def free(self) -> int:
         with self._cond:
@@ -122,6 +127,7 @@ class EngineTurns:
             claim = _Claim(rows, want, shrinks, self._clock())
             self._waiting.append(claim)
             self._grant()
+            self._cond.notify_all()  # for wait_for_waiting()
             waited = claim.threads == 0
             while claim.threads == 0:
                 self._cond.wait()

@@ -1,11 +1,10 @@
 """Engine turns (engine/turns.py): who runs the next step, on how many threads. Real threads; a test clock
-decides what has waited a quantum; each test waits on the turns' own state (a step queued), never on time.
+decides what has waited a quantum; each test waits on the turns' own state (a step queued) or an event, never on time.
 With one core the steps run one at a time; with two, the budget shows."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -21,15 +20,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def until(condition: Callable[[], bool], what: str) -> None:
-    """Wait for a state another thread reaches (bounded generously: a failure, not a race)."""
-    deadline = time.monotonic() + 30
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never happened: {what}")
-        time.sleep(0.001)
 
 
 @pytest.fixture
@@ -53,7 +43,7 @@ def queue_step(turns: EngineTurns, name: str, rows: int, order: list[str], want:
 
     thread = threading.Thread(target=run, name=name)
     thread.start()
-    until(lambda: turns.waiting == waiting + 1, f"{name} waiting for the turn")
+    assert turns.wait_for_waiting(waiting + 1, timeout=30), f"{name} never waited for the turn"
     return thread
 
 
@@ -183,10 +173,10 @@ def test_a_large_step_shrinks_to_one_thread_while_a_small_one_runs() -> None:
             got.append(threads)
         thread = threading.Thread(target=small)
         thread.start()
-        until(lambda: turns.waiting == 1, "the small step waiting: both cores are taken")
+        assert turns.wait_for_waiting(1, timeout=30), "the small step never waited (both cores are taken)"
         with turns.step(128, 2) as threads:  # gives its threads back, then runs on the one left
             got.append(threads)
-            until(inside.is_set, "the small step running beside it")
+            assert inside.wait(timeout=30), "the small step never ran beside it"
         leave.set()
         thread.join(timeout=30)
         with turns.step(128, 2) as threads:  # the small search is over: both cores again
