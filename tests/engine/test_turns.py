@@ -5,7 +5,6 @@ With one core the steps run one at a time; with two, the budget shows."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 
 import pytest
 
