@@ -40,9 +40,8 @@ class HostCache:
         self.head = sessions.has_head  # feed vocab_ids and top_k, read the top-k outputs
         self.vocab_ids = vocab_ids  # None: every id (the graph's default)
         self.feeds_mask = takes_past_mask([i.name for i in sessions.decoder.get_inputs()])  # format 3
-        rows = len(src_ids) * repeat
-        with sessions.turns.step(rows, sessions.all_threads):  # one encoder session: it runs on all, shrunk or not
-            cross = sessions.encoder.run(self.cross_names, {"src_ids": src_ids, "src_mask": src_mask})
+        cross = sessions.run_encoder(self.cross_names, {"src_ids": src_ids, "src_mask": src_mask},
+                                     rows=len(src_ids) * repeat)
         self.cross = [np.repeat(c, repeat, axis=0) for c in cross] if repeat > 1 else cross
         self.src_mask = np.repeat(src_mask, repeat, axis=0) if repeat > 1 else src_mask
         rows = len(self.src_mask)
@@ -65,9 +64,8 @@ class HostCache:
 
     def _run(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
         """One decoder step: `host_outputs`, and the present K/V become the past."""
-        feeds, s, rows = {**self._feeds(tokens), **self._head_feeds(k)}, self.sessions, len(tokens)
-        with s.turns.step(rows, s.threads_for(rows), shrinks=s.decoder_small is not None) as threads:
-            found = s.decoder_for(rows, threads).run([*host_outputs, *self.outputs[1:]], feeds)
+        found = self.sessions.run_decoder([*host_outputs, *self.outputs[1:]],
+                                          {**self._feeds(tokens), **self._head_feeds(k)}, len(tokens))
         self.past = found[len(host_outputs) :]
         return found[: len(host_outputs)]
 

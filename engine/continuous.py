@@ -219,8 +219,7 @@ class RunningBatch:
         for source, (_, _, options) in zip(sources, entries):
             self.check([source], options)
         src_ids, src_mask = pad_sources(sources)
-        with self.sessions.turns.step(len(src_ids), self.sessions.all_threads):
-            cross = self.sessions.encoder.run(self._cross_names, {"src_ids": src_ids, "src_mask": src_mask})
+        cross = self.sessions.run_encoder(self._cross_names, {"src_ids": src_ids, "src_mask": src_mask}, len(src_ids))
         repeats = np.array([options.beam_size for _, _, options in entries])
         cross = [np.repeat(c, repeats, axis=0) for c in cross]
         src_mask = np.repeat(src_mask, repeats, axis=0)
@@ -282,10 +281,7 @@ class RunningBatch:
             feeds[TOP_K] = np.array([min(k, scored) if k > 1 else 0], np.int64)  # greedy: argmax below
             if vocab_ids is not None:
                 feeds[VOCAB_IDS] = vocab_ids
-        s = self.sessions
-        with s.turns.step(self.rows, s.threads_for(self.rows), shrinks=s.decoder_small is not None) as threads:
-            decoder = s.decoder_for(self.rows, threads)  # as the static search: one thread for few rows
-            found = decoder.run(self._top_outputs if top else self._outputs, feeds)
+        found = self.sessions.run_decoder(self._top_outputs if top else self._outputs, feeds, self.rows)
         if top:
             values, ids, eos, *self.past = found
             return values, ids, eos

@@ -140,6 +140,16 @@ class Sessions:
         small = self.decoder_small is not None and (rows <= self.single_thread_rows or threads == 1)
         return self.decoder_small if small else self.decoder  # type: ignore[return-value]
 
+    def run_encoder(self, outputs: list[str], feeds: dict[str, Any], rows: int) -> list[np.ndarray]:
+        """One encoder run in its turn (one encoder session: it runs on all its threads, shrunk or not)."""
+        with self.turns.step(rows, self.all_threads):
+            return self.encoder.run(outputs, feeds)
+
+    def run_decoder(self, outputs: list[str], feeds: dict[str, Any], rows: int) -> list[np.ndarray]:
+        """One decoder step of `rows` rows in its turn, on the session for the threads it got."""
+        with self.turns.step(rows, self.threads_for(rows), shrinks=self.decoder_small is not None) as threads:
+            return self.decoder_for(rows, threads).run(outputs, feeds)
+
     @property
     def on_cuda(self) -> bool:
         return self.provider == CUDA

@@ -175,12 +175,10 @@ async def _load(cfg: ServerConfig, path: Path, load: Loader | None,
                 turns: EngineTurns | None = None) -> tuple[Translator, str]:
     """A bundle's translator (taking `turns` with the other models) and its start-up check ("not-run"
     when `load` is the caller's: its to check)."""
-    if load is not None:
-        translator = await asyncio.to_thread(load, path)
-        translator.take_turns(NO_TURNS if turns is None else turns)
-        return translator, "not-run"
-    translator = await asyncio.to_thread(Translator.from_bundle, path, cfg.runtime())
+    translator = await asyncio.to_thread(load or (lambda p: Translator.from_bundle(p, cfg.runtime())), path)
     translator.take_turns(NO_TURNS if turns is None else turns)
+    if load is not None:
+        return translator, "not-run"
     # A variant the export could not check on this provider (fp16-cuda built without a GPU) is
     # checked here against the bundle's torch reference; a mismatch is a SelfCheckError (exit 2).
     return translator, await asyncio.to_thread(startup_check, translator)
