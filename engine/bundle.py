@@ -44,6 +44,9 @@ MANIFEST = "manifest.json"
 ENCODER, DECODER = "encoder.onnx", "decoder.onnx"
 ENCODER_CPU, DECODER_CPU = "encoder.cpu.onnx", "decoder.cpu.onnx"
 ENCODER_INT8, DECODER_INT8 = "encoder.int8.onnx", "decoder.int8.onnx"
+# The step decoder (export/step_decoder.py) of the CPU variants, manifest["variants"][name]["step_decoder"];
+# STEP_DECODER is the export's intermediate, removed once the variants are built.
+STEP_DECODER, STEP_DECODER_CPU, STEP_DECODER_INT8 = "decoder.step.onnx", "decoder.step.cpu.onnx", "decoder.step.int8.onnx"
 ENCODER_FP16, DECODER_FP16 = "encoder.fp16.onnx", "decoder.fp16.onnx"
 TOKENIZER = MODEL_FILENAME
 SELF_HASH = "manifest_sha256"
@@ -222,6 +225,9 @@ def _variant_problems(manifest: dict[str, Any]) -> list[str]:
         problems += [f"variant {name}: {entry.get(role)!r} is not a file listed in the manifest"
                      for role in ("encoder", "decoder")
                      if not isinstance(entry.get(role), str) or entry[role] not in manifest["files"]]
+        step = entry.get("step_decoder")  # optional
+        if step is not None and (not isinstance(step, str) or step not in manifest["files"]):
+            problems.append(f"variant {name}: step_decoder {step!r} is not a file listed in the manifest")
     return problems
 
 

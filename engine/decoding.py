@@ -59,6 +59,7 @@ import numpy as np
 from .cache import CudaCache, HostCache
 from .hypothesis import Hypothesis, blocked_matrix, length_penalty, mask_blocked
 from .runtime import Sessions
+from .step_cache import StepCache
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 __all__ = ["BOS_ID", "EOS_ID", "PAD_ID", "DecodeOptions", "Decoder", "Hypothesis", "SearchResult", "length_penalty"]
@@ -242,7 +243,7 @@ class Decoder:
         if max_batch_rows < 1:
             raise ValueError(f"max_batch_rows must be at least 1, got {max_batch_rows}")
         self.sessions, self.max_batch_rows = sessions, max_batch_rows
-        self._cache = CudaCache if sessions.on_cuda else HostCache
+        self._cache = CudaCache if sessions.on_cuda else StepCache if sessions.step is not None else HostCache
         special = (sessions.manifest or {}).get("special_ids")
         expected = {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID}
         if special is not None and any(special.get(k) != v for k, v in expected.items()):

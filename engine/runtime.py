@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,9 @@ class RuntimeConfig:
     # Decoder steps of at most this many rows run on a second, single-threaded CPU session (0: never):
     # waking a sleeping worker costs more than it saves on small steps (SINGLE_THREAD_ROWS).
     single_thread_rows: int = SINGLE_THREAD_ROWS
+    # Static search runs the bundle's step decoder (in-place KV cache, export/step_decoder.py) when the
+    # chosen CPU variant has one; False: the traced decoder, as continuous batching does.
+    step_decoder: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -125,6 +129,10 @@ class Sessions:
     single_thread_rows: int = 0  # steps of at most this many rows use decoder_small
     turns: EngineTurns | NoTurns = NO_TURNS  # every run takes its threads from the models' budget (engine/turns.py)
     threads: int = 0  # intra-op threads of the encoder and decoder sessions (0: ORT's default, one per core)
+    # The bundle's step decoder (export/step_decoder.py: in-place KV cache) for static search, and its
+    # single-threaded twin; None: the search runs the decoder above (engine/decoding.py picks).
+    step: ort.InferenceSession | None = None
+    step_small: ort.InferenceSession | None = None
 
     @property
     def all_threads(self) -> int:
@@ -149,6 +157,16 @@ class Sessions:
         """One decoder step of `rows` rows in its turn, on the session for the threads it got."""
         with self.turns.step(rows, self.threads_for(rows), shrinks=self.decoder_small is not None) as threads:
             return self.decoder_for(rows, threads).run(outputs, feeds)
+
+    def run_step(self, bind: Callable[[ort.InferenceSession], ort.IOBinding], rows: int) -> ort.IOBinding:
+        """One step-decoder run of `rows` rows in its turn: `bind` binds the chosen session's inputs and
+        outputs (IO binding: the KV buffers are written in place); returns the binding, run."""
+        with self.turns.step(rows, self.threads_for(rows), shrinks=self.decoder_small is not None) as threads:
+            small = self.step_small is not None and (rows <= self.single_thread_rows or threads == 1)
+            session = self.step_small if small else self.step
+            binding = bind(session)
+            session.run_with_iobinding(binding)
+            return binding
 
     @property
     def on_cuda(self) -> bool:
@@ -248,7 +266,7 @@ def _describe(encoder: ort.InferenceSession, decoder: ort.InferenceSession) -> d
 
 def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers: list[str] | str = CPU,
                   cfg: RuntimeConfig | None = None, *, variant: str = "loose",
-                  manifest: dict[str, Any] | None = None) -> Sessions:
+                  manifest: dict[str, Any] | None = None, step_path: str | Path | None = None) -> Sessions:
     """Sessions for two graph files (loose, or one variant of a bundle).
 
     `providers` is the provider to use (CPU or CUDA), or a list of which the first is used.
@@ -264,9 +282,14 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
     small = None
     if provider == CPU and cfg.single_thread_rows and cfg.intra_op_threads != 1:
         small = _session(Path(decoder_path), provider, replace(cfg, intra_op_threads=1))
+    step = step_small = None
+    if step_path is not None and provider == CPU and cfg.step_decoder:
+        step = _session(Path(step_path), provider, cfg)
+        if small is not None:
+            step_small = _session(Path(step_path), provider, replace(cfg, intra_op_threads=1))
     return Sessions(encoder=encoder, decoder=decoder, variant=variant, provider=provider, manifest=manifest,
                     decoder_small=small, single_thread_rows=cfg.single_thread_rows if small else 0,
-                    threads=cfg.intra_op_threads if provider == CPU else 0,
+                    threads=cfg.intra_op_threads if provider == CPU else 0, step=step, step_small=step_small,
                     **_describe(encoder, decoder))
 
 
@@ -275,8 +298,9 @@ def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig
     variants = manifest_variants(manifest)
     name, provider = choose_variant(variants, cfg.precision, providers)
     entry = variants[name]
+    step = entry.get("step_decoder")
     sessions = open_sessions(bundle_dir / entry["encoder"], bundle_dir / entry["decoder"], provider, cfg,
-                             variant=name, manifest=manifest)
+                             variant=name, manifest=manifest, step_path=None if step is None else bundle_dir / step)
     declared = entry.get("kv_dtype", "float32")
     if np.dtype(declared) != sessions.kv_dtype:
         raise BundleError(f"variant {name}: manifest says kv_dtype {declared}, the decoder takes {sessions.kv_dtype}")

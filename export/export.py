@@ -41,7 +41,7 @@ from nmt.engine import bundle
 from nmt.training.checkpoint import CONFIG, WEIGHTS, LoadedCheckpoint, load_checkpoint
 from nmt.training.model import KV, Transformer
 
-from . import decoder_head, fuse
+from . import decoder_head, fuse, step_decoder
 from . import shortlist as shortlist_
 from . import variants as variants_
 from .validate import ParityRun, parity_set
@@ -227,7 +227,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bo
     options = options or ExportOptions()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     staging = bundle.staging_dir(out_dir, force)  # refuses before any work is done
-    n_steps = 3 + variants_.steps(options.variants) + (len(options.variants) if options.validate else 0)
+    n_steps = 3 + variants_.steps(options.variants) + int(variants_.FP32_CPU in options.variants or
+                                                          variants_.INT8_CPU in options.variants) + (len(options.variants) if options.validate else 0)
     progress = Progress(n_steps, options.progress)
     try:
         loaded = load_checkpoint(checkpoint_dir)
@@ -236,13 +237,16 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bo
             export_encoder(loaded.model, staging / bundle.ENCODER, options.attention)
         with progress.step("export decoder"):
             export_decoder(loaded.model, staging / bundle.DECODER, options.attention)
+        if variants_.FP32_CPU in options.variants or variants_.INT8_CPU in options.variants:
+            with progress.step("write step decoder"):
+                step_decoder.export_step_decoder(loaded.model, staging / bundle.STEP_DECODER)
         counts = variants_.FusionCounts(options.attention, cfg.n_encoder_layers, 2 * cfg.n_decoder_layers)
         variants_.build(staging, options.variants, counts, progress.step)
         shutil.copyfile(checkpoint_dir / loaded.config["tokenizer"], staging / bundle.TOKENIZER)
         shortlist = _shortlist(loaded, staging, options)
         parity = _parity(loaded, staging, options, progress) if options.validate else {"checked": False}
         with progress.step("write manifest"):
-            fields = _manifest_fields(loaded, checkpoint_dir, options, parity)
+            fields = _manifest_fields(loaded, checkpoint_dir, options, parity, staging)
             manifest = bundle.write_manifest(staging, {**fields, "shortlist": shortlist})
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)  # the error itself is re-raised below
@@ -272,10 +276,11 @@ def _parity(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions, pro
         spec = variants_.SPECS[name]
         with progress.step(f"parity {name}"):
             encoder, decoder = staging / spec.encoder, staging / spec.decoder
+            step = spec.step_path(staging)
             if spec.exact:
-                run.check_exact(name, encoder, decoder)
+                run.check_exact(name, encoder, decoder, step)
             else:
-                run.check_approximate(name, encoder, decoder, list(spec.providers))
+                run.check_approximate(name, encoder, decoder, list(spec.providers), step)
     run.raise_if_failed()
     return run.summary()
 
@@ -286,11 +291,14 @@ def _validated(name: str, parity: dict[str, Any]) -> dict[str, Any]:
         return {"skipped": "parity check disabled (--no-validate)"}
     result = parity["variants"][name]
     keys = ("skipped", "checked_against", "provider", "greedy_identical", "bleu", "bleu_loss")
-    return {key: result[key] for key in keys if key in result}
+    verdict = {key: result[key] for key in keys if key in result}
+    if "step_decoder" in result:
+        verdict["step_decoder"] = {key: result["step_decoder"][key] for key in keys if key in result["step_decoder"]}
+    return verdict
 
 
 def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: ExportOptions,
-                     parity: dict[str, Any]) -> dict[str, Any]:
+                     parity: dict[str, Any], staging: Path) -> dict[str, Any]:
     cfg = loaded.model.cfg
     return {
         "model": cfg.to_dict(),
@@ -299,7 +307,7 @@ def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: Ex
         "special_ids": loaded.config["special_ids"],
         "tokenizer": bundle.TOKENIZER,
         "inference": loaded.inference.to_dict(),
-        "variants": {name: {**variants_.SPECS[name].manifest_entry(), "validated": _validated(name, parity)}
+        "variants": {name: {**variants_.SPECS[name].manifest_entry(staging), "validated": _validated(name, parity)}
                      for name in options.variants},
         "interface": bundle.graph_spec(cfg.n_decoder_layers),
         "attention": options.attention,

@@ -142,9 +142,10 @@ class OnnxGraphs:
         return log_probs, present
 
 
-def open_graphs(encoder: Path, decoder: Path, provider: str = CPU) -> Sessions:
-    """The server's sessions for one graph pair (one intra-op thread: the checks share the cores)."""
-    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1))
+def open_graphs(encoder: Path, decoder: Path, provider: str = CPU, step: Path | None = None) -> Sessions:
+    """The server's sessions for one graph pair (one intra-op thread: the checks share the cores);
+    with `step`, its search runs the step decoder (export/step_decoder.py) instead of `decoder`."""
+    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1), step_path=step)
 
 
 def graph_greedy(sessions: Sessions, sources: list[list[int]], max_len_extra: int) -> list[list[int]]:
@@ -284,11 +285,17 @@ class ParityRun:
             return None
         return self._scorer.corpus_score(self.tokenizer.decode(outputs), [list(refs)]).score
 
-    def check_exact(self, name: str, encoder: Path, decoder: Path) -> dict[str, Any]:
-        """Tolerance on log-probs and cross K/V, and greedy tokens against torch (CPU provider)."""
+    def check_exact(self, name: str, encoder: Path, decoder: Path, step: Path | None = None) -> dict[str, Any]:
+        """Tolerance on log-probs and cross K/V, and greedy tokens against torch (CPU provider); with a
+        step decoder, its greedy tokens against torch too (summary["step_decoder"])."""
         sessions = open_graphs(encoder, decoder)
         expected, got = self.torch_outputs(), graph_greedy(sessions, self.sources, self.max_len_extra)
         summary, problems = greedy_verdict(expected, got, self.parity.sources, self.tokenizer.decode)
+        if step is not None:
+            stepped = graph_greedy(open_graphs(encoder, decoder, step=step), self.sources, self.max_len_extra)
+            step_summary, step_problems = greedy_verdict(expected, stepped, self.parity.sources, self.tokenizer.decode)
+            summary["step_decoder"] = step_summary
+            problems += [f"step decoder {step.name}: {problem}" for problem in step_problems]
         n = TOLERANCE_SENTENCES
         graphs = OnnxGraphs.of(sessions)
         diffs = log_prob_diffs(self.model, graphs, self.sources[:n], expected[:n])
@@ -302,18 +309,29 @@ class ParityRun:
                    **({} if bleu is None else {"bleu": round(bleu, 2)}), **summary}
         return self._record(name, summary, problems)
 
-    def check_approximate(self, name: str, encoder: Path, decoder: Path, providers: list[str]) -> dict[str, Any]:
-        """Greedy output and BLEU against the first exact variant's; skipped without the provider."""
+    def check_approximate(self, name: str, encoder: Path, decoder: Path, providers: list[str],
+                          step: Path | None = None) -> dict[str, Any]:
+        """Greedy output and BLEU against the first exact variant's; skipped without the provider.
+        With a step decoder, the same for its greedy output (summary["step_decoder"])."""
         assert self._baseline is not None, "check an exact variant (fp32) first"
         available = [p for p in providers if p in ort.get_available_providers()]
         if not available:
             # nmt-serve checks summary()["reference"] when it starts on that provider (engine/selfcheck.py).
             return self._record(name, {"skipped": f"no {_provider_label(providers[0])} execution provider"}, [])
+        summary, problems = self._against_baseline(open_graphs(encoder, decoder, available[0]))
+        summary = {"provider": available[0], **summary}
+        if step is not None:
+            summary["step_decoder"], step_problems = self._against_baseline(open_graphs(encoder, decoder, step=step))
+            problems += [f"step decoder {step.name}: {problem}" for problem in step_problems]
+        return self._record(name, summary, problems)
+
+    def _against_baseline(self, sessions: Sessions) -> tuple[dict[str, Any], list[str]]:
+        """Greedy output of `sessions`: identical fraction and BLEU against the first exact variant's."""
+        assert self._baseline is not None
         base_name, base, base_bleu = self._baseline
-        got = graph_greedy(open_graphs(encoder, decoder, available[0]), self.sources, self.max_len_extra)
+        got = graph_greedy(sessions, self.sources, self.max_len_extra)
         same = sum(a == b for a, b in zip(got, base)) / len(got)
-        summary: dict[str, Any] = {"checked_against": base_name, "provider": available[0],
-                                   "greedy_identical": round(same, 4)}
+        summary: dict[str, Any] = {"checked_against": base_name, "greedy_identical": round(same, 4)}
         problems = []
         bleu = self._bleu_of(got)
         if bleu is not None and base_bleu is not None:
@@ -322,7 +340,7 @@ class ParityRun:
             if loss > MAX_BLEU_LOSS:
                 problems.append(f"BLEU {bleu:.2f} is {loss:.2f} below {base_name}'s {base_bleu:.2f} "
                                 f"(at most {MAX_BLEU_LOSS:g} may be lost)")
-        return self._record(name, summary, problems)
+        return summary, problems
 
     def _record(self, name: str, summary: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         self.results[name] = summary

@@ -77,16 +77,27 @@ class VariantSpec:
     providers: tuple[str, ...]
     kv_dtype: str  # "float32" | "float16"
     exact: bool  # checked against torch within the fp32 tolerance; else by BLEU against fp32
+    step_decoder: str | None = None  # the in-place-cache decoder for static search (export/step_decoder.py)
 
-    def manifest_entry(self) -> dict[str, Any]:
-        return {"encoder": self.encoder, "decoder": self.decoder, "providers": list(self.providers),
-                "kv_dtype": self.kv_dtype}
+    def manifest_entry(self, directory: Path) -> dict[str, Any]:
+        """The variant's manifest entry; step_decoder only when `directory` has that file."""
+        entry = {"encoder": self.encoder, "decoder": self.decoder, "providers": list(self.providers),
+                 "kv_dtype": self.kv_dtype}
+        step = self.step_decoder
+        return entry if step is None or not (directory / step).exists() else {**entry, "step_decoder": step}
+
+    def step_path(self, directory: Path) -> Path | None:
+        """The variant's step decoder in `directory`, when it has one."""
+        path = None if self.step_decoder is None else directory / self.step_decoder
+        return path if path is not None and path.exists() else None
 
 
 SPECS: dict[str, VariantSpec] = {
     FP32: VariantSpec(FP32, bundle.ENCODER, bundle.DECODER, (CUDA, CPU), "float32", True),
-    FP32_CPU: VariantSpec(FP32_CPU, bundle.ENCODER_CPU, bundle.DECODER_CPU, (CPU,), "float32", True),
-    INT8_CPU: VariantSpec(INT8_CPU, bundle.ENCODER_INT8, bundle.DECODER_INT8, (CPU,), "float32", False),
+    FP32_CPU: VariantSpec(FP32_CPU, bundle.ENCODER_CPU, bundle.DECODER_CPU, (CPU,), "float32", True,
+                          bundle.STEP_DECODER_CPU),
+    INT8_CPU: VariantSpec(INT8_CPU, bundle.ENCODER_INT8, bundle.DECODER_INT8, (CPU,), "float32", False,
+                          bundle.STEP_DECODER_INT8),
     FP16_CUDA: VariantSpec(FP16_CUDA, bundle.ENCODER_FP16, bundle.DECODER_FP16, (CUDA,), "float16", False),
 }
 
@@ -132,6 +143,8 @@ def build_fp32_cpu(directory: Path, counts: FusionCounts) -> None:
     encoder = fuse.optimize_for_cpu(directory / source.encoder, directory / spec.encoder)
     decoder = fuse.optimize_for_cpu(directory / source.decoder, directory / spec.decoder)
     counts.check(spec, encoder, decoder)
+    if (directory / bundle.STEP_DECODER).exists():  # export_checkpoint writes it (export/step_decoder.py)
+        fuse.optimize_for_cpu(directory / bundle.STEP_DECODER, directory / spec.step_decoder)
 
 
 @contextmanager
@@ -152,11 +165,16 @@ def build_int8_cpu(directory: Path, counts: FusionCounts) -> None:
 
     spec, source = SPECS[INT8_CPU], SPECS[FP32_CPU]
     with _quiet_root_logger():
-        for src, dest in ((source.encoder, spec.encoder), (source.decoder, spec.decoder)):
+        pairs = [(source.encoder, spec.encoder), (source.decoder, spec.decoder)]
+        if (directory / source.step_decoder).exists():
+            pairs.append((source.step_decoder, spec.step_decoder))
+        for src, dest in pairs:
             # EnableSubgraph: the output head's full-vocabulary projection sits in an If branch.
             quantize_dynamic(directory / src, directory / dest, op_types_to_quantize=INT8_OP_TYPES,
                              per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                             extra_options={"EnableSubgraph": True})
+                             # DefaultTensorType: ONNX shape inference gives no type to contrib ops' outputs
+                             # (the step decoder's attention); every float here is float32.
+                             extra_options={"EnableSubgraph": True, "DefaultTensorType": TensorProto.FLOAT})
     encoder, decoder = onnx.load(str(directory / spec.encoder)), onnx.load(str(directory / spec.decoder))
     counts.check(spec, encoder, decoder)
 
@@ -235,11 +253,12 @@ def build(directory: Path, variants: tuple[str, ...], counts: FusionCounts,
         with step("quantize (int8-cpu)"):
             build_int8_cpu(directory, counts)
         if FP32_CPU not in variants:
-            for name in (SPECS[FP32_CPU].encoder, SPECS[FP32_CPU].decoder):
-                (directory / name).unlink()
+            for name in (SPECS[FP32_CPU].encoder, SPECS[FP32_CPU].decoder, SPECS[FP32_CPU].step_decoder):
+                (directory / name).unlink(missing_ok=True)
     if FP16_CUDA in variants:
         with step("convert to fp16 (fp16-cuda)"):
             build_fp16_cuda(directory, counts)
+    (directory / bundle.STEP_DECODER).unlink(missing_ok=True)  # an intermediate: only the CPU variants' stay
 
 
 def steps(variants: tuple[str, ...]) -> int:

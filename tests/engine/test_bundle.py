@@ -11,7 +11,8 @@ from nmt.engine.bundle import BundleError, read_manifest, sha256_file, staging_d
 from nmt.export.export import export_checkpoint
 
 FILES = [bundle.ENCODER, bundle.DECODER, bundle.ENCODER_CPU, bundle.DECODER_CPU, bundle.ENCODER_INT8,
-         bundle.DECODER_INT8, bundle.ENCODER_FP16, bundle.DECODER_FP16, bundle.TOKENIZER, bundle.SHORTLIST]
+         bundle.DECODER_INT8, bundle.ENCODER_FP16, bundle.DECODER_FP16, bundle.TOKENIZER, bundle.SHORTLIST,
+         bundle.STEP_DECODER_CPU, bundle.STEP_DECODER_INT8]
 
 
 @pytest.fixture

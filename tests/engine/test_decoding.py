@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nmt.engine.cache import CudaCache, compact
+from nmt.engine.cache import CudaCache, HostCache, compact
 from nmt.engine.decoding import DecodeOptions, Decoder, Hypothesis, length_penalty
 from nmt.training.search import beam_search, greedy_search
 
@@ -130,11 +130,12 @@ class _BoundOnCpu(CudaCache):
 
 @pytest.mark.parametrize("beam", [1, 4])
 def test_the_io_binding_path_decodes_like_the_host_path(sessions, decoder, sources, beam):
-    """The CUDA cache's logic (bound OrtValues fed back, host round trip on row changes), run on the CPU."""
-    bound = Decoder(sessions)
-    bound._cache = _BoundOnCpu
+    """The CUDA cache's logic (bound OrtValues fed back, host round trip on row changes), run on the CPU,
+    against the host path over the same (traced) decoder graph."""
+    bound, host = Decoder(sessions), Decoder(sessions)
+    bound._cache, host._cache = _BoundOnCpu, HostCache
     options = DecodeOptions(beam_size=beam, n_best=beam, max_len_extra=8)
-    expected = decoder.search(sources, options).hypotheses
+    expected = host.search(sources, options).hypotheses
     got = bound.search(sources, options).hypotheses
     assert [[h.tokens for h in hs] for hs in got] == [[h.tokens for h in hs] for hs in expected]
     assert [[h.score for h in hs] for hs in got] == [[h.score for h in hs] for hs in expected]
