@@ -174,9 +174,9 @@ class _EngineFactory:
             return TorchEngine(self.loaded.model, cfg.settings, device=cfg.device), "eager" + (
                 " on cuda" if cfg.device == "cuda" else "")
         if name in ORT_ENGINES:
-            kind, precision, shortlist = ORT_ENGINES[name]
+            kind, precision, shortlist, step = ORT_ENGINES[name]
             engine = OrtEngine(name, self.bundle(kind), precision, cfg.threads, cfg.settings, cfg.ort_spinning,
-                               shortlist, device=cfg.device)
+                               shortlist, device=cfg.device, step_decoder=step)
             return engine, engine.variant
         quantization, vmap = CT2_ENGINES[name]
         pieces = ct2.vocabulary(self.loaded.tokenizer)

@@ -35,12 +35,14 @@ from nmt.engine.hypothesis import length_penalty
 
 TINY_LENGTH_PENALTY = 1e-9  # CT2: raw scores, without its early exit (see the docstring)
 DEVICES: tuple[str, ...] = ("cpu", "cuda")
-# ORT engines: (bundle in the cache, RuntimeConfig.precision, vocabulary shortlist on).
-ORT_ENGINES: dict[str, tuple[str, str, bool]] = {
-    "ort-fp32-unfused": ("unfused", "fp32", False), "ort-fp32": ("fused", "fp32", False),
-    "ort-fp32-shortlist": ("fused", "fp32", True), "ort-int8": ("fused", "int8", False),
-    "ort-int8-shortlist": ("fused", "int8", True), "ort-fp16": ("fused", "fp16", False),
-    "ort-fp16-shortlist": ("fused", "fp16", True)}
+# ORT engines: (bundle in the cache, RuntimeConfig.precision, vocabulary shortlist on, step decoder on).
+# "-traced": the traced decoder and its concatenated cache, as before the step decoder (before/after in one run).
+ORT_ENGINES: dict[str, tuple[str, str, bool, bool]] = {
+    "ort-fp32-unfused": ("unfused", "fp32", False, True), "ort-fp32": ("fused", "fp32", False, True),
+    "ort-fp32-traced": ("fused", "fp32", False, False), "ort-fp32-shortlist": ("fused", "fp32", True, True),
+    "ort-int8": ("fused", "int8", False, True), "ort-int8-traced": ("fused", "int8", False, False),
+    "ort-int8-shortlist": ("fused", "int8", True, True), "ort-fp16": ("fused", "fp16", False, True),
+    "ort-fp16-shortlist": ("fused", "fp16", True, True)}
 # CT2 engines: (compute type, vocabulary map: the bundle's shortlist as CT2's vmap.txt).
 CT2_ENGINES: dict[str, tuple[str, bool]] = {
     "ct2-float32": ("float32", False), "ct2-float32-vmap": ("float32", True), "ct2-int8": ("int8", False),
@@ -54,7 +56,7 @@ CUDA_ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-f
 ALL_ENGINES: tuple[str, ...] = ("torch", *ORT_ENGINES, *CT2_ENGINES)
 # Engines that run on one device only: ORT's int8-cpu variant; fp16-cuda and CT2 float16 (no
 # efficient float16 on the CPU). CT2 int8 runs on both (not in the cuda default).
-ONLY_ON: dict[str, str] = {"ort-int8": "cpu", "ort-int8-shortlist": "cpu", "ort-fp16": "cuda",
+ONLY_ON: dict[str, str] = {"ort-int8": "cpu", "ort-int8-shortlist": "cpu", "ort-int8-traced": "cpu", "ort-fp16": "cuda",
                            "ort-fp16-shortlist": "cuda", "ct2-float16": "cuda", "ct2-float16-vmap": "cuda"}
 
 
@@ -186,12 +188,12 @@ class OrtEngine:
     fp16 -> fp16-cuda; engine/runtime.py PREFERENCE)."""
 
     def __init__(self, name: str, bundle_dir: Path, precision: str, threads: int, settings: SearchSettings,
-                 spinning: bool = False, shortlist: bool = False, device: str = "cpu"):
+                 spinning: bool = False, shortlist: bool = False, device: str = "cpu", step_decoder: bool = True):
         from nmt.engine.decoding import DecodeOptions, Decoder
         from nmt.engine.runtime import RuntimeConfig, load_sessions
 
         cfg = RuntimeConfig(device=device, precision=precision, intra_op_threads=threads, inter_op_threads=1,
-                            spinning=spinning, shortlist=shortlist)
+                            spinning=spinning, shortlist=shortlist, step_decoder=step_decoder)
         self.name, self.sessions, self.spinning = name, load_sessions(bundle_dir, cfg), spinning
         if shortlist and self.sessions.shortlist is None:
             raise ValueError(f"{bundle_dir} has no vocabulary shortlist")
@@ -206,7 +208,8 @@ class OrtEngine:
     def variant(self) -> str:
         shortlist = ", shortlist" if self.sessions.shortlist is not None else ""
         cuda = " on CUDA" if self.sessions.on_cuda else ""
-        return str(self.sessions.variant) + cuda + shortlist + (", spinning on" if self.spinning else "")
+        step = ", step decoder" if self.sessions.step is not None else ""
+        return str(self.sessions.variant) + cuda + step + shortlist + (", spinning on" if self.spinning else "")
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
         result = self.decoder.search(sources, self._options[beam_size])

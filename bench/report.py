@@ -17,6 +17,8 @@ RATIOS: tuple[tuple[str, str, str, float], ...] = (
     ("ORT int8 shortlist / CT2 int8 vmap", "ort-int8-shortlist", "ct2-int8-vmap", 1.0),
     ("ORT fp32 shortlist / ORT fp32", "ort-fp32-shortlist", "ort-fp32", 1.0),
     ("ORT fp32 fused / unfused", "ort-fp32", "ort-fp32-unfused", 1.0),
+    ("ORT fp32 step decoder / traced", "ort-fp32", "ort-fp32-traced", 1.0),
+    ("ORT int8 step decoder / traced", "ort-int8", "ort-int8-traced", 1.0),
 )
 # --device cuda: ORT on CUDA (fp32 and fp16) against CTranslate2 on CUDA (float16 and float32).
 CUDA_RATIOS: tuple[tuple[str, str, str, float], ...] = (

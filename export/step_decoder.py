@@ -179,7 +179,7 @@ def _model(g: _Graph, vocab_size: int, L: int, H: int, Dh: int) -> onnx.ModelPro
     graph = helper.make_graph(g.nodes, "step_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MSFT, 1)])
     model.ir_version = 10
-    decoder_head.add_top_k(model, vocab_size)
+    decoder_head.add_top_k(model, vocab_size, blocks=True)
     # IO binding cannot bind an input that has a default (ORT 1.32: "Failed to find NodeArg"), and
     # every step is bound: vocab_ids and top_k become required inputs.
     required = {bundle.VOCAB_IDS, bundle.TOP_K}

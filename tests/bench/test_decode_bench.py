@@ -129,7 +129,7 @@ def test_engine_selection_per_device() -> None:
     cuda = decode.DecodeBenchConfig(device="cuda").engines
     assert {"ort-fp32", "ort-fp16", "ct2-float16", "ct2-float32"} <= set(cuda)
     assert not {"ort-int8", "ort-int8-shortlist"} & set(cuda)
-    assert decode.ORT_ENGINES["ort-fp16"] == ("fused", "fp16", False)
+    assert decode.ORT_ENGINES["ort-fp16"] == ("fused", "fp16", False, True)
     assert decode.CT2_ENGINES["ct2-float16"] == ("float16", False)
     # The cuda bundle must carry fp16-cuda; fp32 on CUDA is the portable fp32 variant every bundle has.
     assert decode.needed_variants(cuda, "fused") == ("fp16-cuda",)

@@ -7,13 +7,15 @@ from pathlib import Path
 import pytest
 
 from nmt.engine.decoding import DecodeOptions, Decoder
-from nmt.engine.runtime import SINGLE_THREAD_ROWS, RuntimeConfig, load_sessions
+from nmt.engine.runtime import SINGLE_THREAD_ROWS, STEP_SINGLE_THREAD_ROWS, RuntimeConfig, load_sessions
 
 
 def test_a_multi_threaded_runtime_opens_a_single_threaded_decoder_for_small_steps(server_bundle: Path) -> None:
     sessions = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2))
     assert sessions.decoder_small is not None and sessions.single_thread_rows == SINGLE_THREAD_ROWS == 64
     assert sessions.decoder_for(64) is sessions.decoder_small and sessions.decoder_for(65) is sessions.decoder
+    # the step decoder's own twin and threshold (fewer nodes: two threads pay off from 9 rows)
+    assert sessions.step_small is not None and sessions.step_single_thread_rows == STEP_SINGLE_THREAD_ROWS == 8
     for cfg in (RuntimeConfig(intra_op_threads=1), RuntimeConfig(intra_op_threads=2, single_thread_rows=0)):
         alone = load_sessions(server_bundle, cfg)
         assert alone.decoder_small is None and alone.decoder_for(1) is alone.decoder
@@ -25,7 +27,8 @@ def test_switching_sessions_mid_search_changes_nothing(server_bundle: Path, sour
     options = DecodeOptions(beam_size=beam, n_best=beam, max_len_extra=8)
     found = {}
     for rows in (0, 16):
-        sessions = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2, single_thread_rows=rows))
+        sessions = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2, single_thread_rows=rows,
+                                                              step_single_thread_rows=rows))
         found[rows] = Decoder(sessions).search(sources, options).hypotheses
     assert [[h.tokens for h in hs] for hs in found[16]] == [[h.tokens for h in hs] for hs in found[0]]
     scores = {rows: [h.score for hs in found[rows] for h in hs] for rows in found}
@@ -35,3 +38,5 @@ def test_switching_sessions_mid_search_changes_nothing(server_bundle: Path, sour
 def test_a_negative_threshold_is_refused() -> None:
     with pytest.raises(ValueError, match="^single_thread_rows must be >= 0, got -1$"):
         RuntimeConfig(single_thread_rows=-1)
+    with pytest.raises(ValueError, match="^step_single_thread_rows must be >= 0, got -2$"):
+        RuntimeConfig(step_single_thread_rows=-2)

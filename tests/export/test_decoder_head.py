@@ -95,3 +95,51 @@ def test_the_decoder_states_the_vocabulary_size(bundle_dir: Path) -> None:
     for variant in (FP32, FP32_CPU, INT8_CPU):
         metadata = cpu_session(bundle_dir / SPECS[variant].decoder).get_modelmeta().custom_metadata_map
         assert metadata[bundle.VOCAB_SIZE_KEY] == str(VOCAB)
+
+
+def _toy_head(vocab: int, d_model: int, embedding: np.ndarray, blocks: bool) -> "onnxruntime.InferenceSession":
+    """LogSoftmax(states @ embedding[vocab_ids].T), the traced head's form, with add_top_k's outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nmt.export import decoder_head
+
+    nodes = [helper.make_node("Gather", ["embedding", bundle.VOCAB_IDS], ["scored_weight"]),
+             helper.make_node("Gemm", ["states", "scored_weight"], ["logits"], transB=1),
+             helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1)]
+    graph = helper.make_graph(
+        nodes, "head", [helper.make_tensor_value_info("states", TensorProto.FLOAT, ["batch", d_model]),
+                        helper.make_tensor_value_info(bundle.VOCAB_IDS, TensorProto.INT64, ["vocab"])],
+        [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", "vocab"])],
+        [numpy_helper.from_array(embedding, "embedding")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    decoder_head.add_top_k(model, vocab, blocks=blocks)
+    onnx.checker.check_model(model)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("scored", [300, 64, 130])  # several blocks, exactly one, a partial last block
+def test_the_two_stage_top_k_equals_one_top_k_ties_included(scored: int) -> None:
+    """The step decoder's block top-k (decoder_head._block_top_k) against TopK itself: equal log-probs
+    (tied embedding rows) must come back lowest id first, at every k up to the whole vocabulary."""
+    vocab, d_model = 300, 8
+    rng = np.random.default_rng(0)
+    embedding = rng.standard_normal((vocab, d_model)).astype(np.float32)
+    embedding[7] = np.eye(d_model, dtype=np.float32)[0] * 5
+    embedding[[40, 200, 201, 250]] = embedding[7]  # five ids with the same logit in every row
+    embedding[[100, 260]] = embedding[99]
+    states = rng.standard_normal((5, d_model)).astype(np.float32)
+    states[0] = embedding[7]  # row 0: the tied ids are its best by far (25 against N(0, 25) for the others)
+    vocab_ids = np.arange(vocab) if scored == vocab else np.sort(np.concatenate(
+        [np.arange(4), [7, 40, 200, 201], rng.choice(np.arange(8, vocab), scored - 8, replace=False)]))
+    vocab_ids = np.unique(vocab_ids)[:scored].astype(np.int64)
+    one, two = _toy_head(vocab, d_model, embedding, False), _toy_head(vocab, d_model, embedding, True)
+    for k in sorted(k for k in {0, 1, 3, 9, 65, len(vocab_ids)} if k <= len(vocab_ids)):  # the engine's bound
+        feeds = {"states": states, bundle.VOCAB_IDS: vocab_ids, bundle.TOP_K: np.array([k])}
+        expected, got = one.run(HEAD, feeds), two.run(HEAD, feeds)
+        for e, g in zip(expected, got):
+            assert e.shape == g.shape and np.array_equal(e, g), (scored, k)
+    tied = two.run(HEAD, {"states": states, bundle.VOCAB_IDS: np.arange(vocab), bundle.TOP_K: np.array([5])})[1][0]
+    assert tied.tolist() == [7, 40, 200, 201, 250]
