@@ -112,7 +112,9 @@ def _block_top_k(graph: onnx.GraphProto) -> onnx.NodeProto:
     Exact, ties included: a token of the true top k lies in one of the top k blocks (each chosen block
     holds a maximum that ranks before it, ties going to the lower block, so lower ids), and the chosen
     blocks are gathered in id order, so the second TopK breaks ties by id as a single TopK would.
-    The last block is padded with -inf (log_probs are finite, so padding never ranks above a token)."""
+    When BLOCK does not divide V' (a shortlist), the last block is padded with -inf first (a copy of
+    log_probs; log_probs are finite, so padding never ranks above a token); the full vocabulary of
+    the models here (8000) needs none."""
     def const(name: str, value) -> str:
         graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"{PREFIX}{name}"))
         return f"{PREFIX}{name}"
@@ -120,38 +122,49 @@ def _block_top_k(graph: onnx.GraphProto) -> onnx.NodeProto:
     n = lambda name: f"{PREFIX}{name}"  # noqa: E731
     node = helper.make_node
     block, two, zero = const("block", [BLOCK]), const("axis2", [2]), const("zero", [0])
-    stages = [
-        node("Shape", ["log_probs"], [n("scored_width")], start=1, end=2),
-        node("Add", [n("scored_width"), const("block_minus_one", [BLOCK - 1])], [n("ceil_numerator")]),
-        node("Div", [n("ceil_numerator"), block], [n("blocks")]),
-        node("Mul", [n("blocks"), block], [n("padded_width")]),
-        node("Sub", [n("padded_width"), n("scored_width")], [n("pad")]),
-        node("Concat", [zero, zero, zero, n("pad")], [n("pads")], axis=0),
-        node("Pad", ["log_probs", n("pads"), n("minus_inf")], [n("padded")]),
-        node("Reshape", [n("padded"), const("rows_blocks_block", [0, -1, BLOCK])], [n("by_block")]),
-        node("ReduceMax", [n("by_block"), two], [n("block_max")], keepdims=0),
-        node("Min", [TOP_K, n("blocks")], [n("top_blocks")]),
-        node("TopK", [n("block_max"), n("top_blocks")], [n("_best_max"), n("best_blocks")], axis=-1),
-        node("Neg", [n("best_blocks")], [n("negated_blocks")]),  # largest of -index: the chosen blocks in id order
-        node("TopK", [n("negated_blocks"), n("top_blocks")], [n("negated_sorted"), n("_unused")], axis=-1),
-        node("Neg", [n("negated_sorted")], [n("chosen_blocks")]),
-        node("Unsqueeze", [n("chosen_blocks"), two], [n("chosen_3d")]),
-        node("Mul", [n("chosen_3d"), block], [n("block_starts")]),
-        node("Add", [n("block_starts"), const("in_block", np.arange(BLOCK))], [n("candidate_ids_3d")]),
-        node("Reshape", [n("candidate_ids_3d"), const("rows_any", [0, -1])], [n("candidate_ids")]),
-        node("GatherElements", [n("padded"), n("candidate_ids")], [n("candidates")], axis=1),
-        node("TopK", [n("candidates"), TOP_K], [n("block_values"), n("block_position")], axis=-1),
-        node("GatherElements", [n("candidate_ids"), n("block_position")], [n("block_index")], axis=1),
-    ]
+    rows_blocks_block, rows_any = const("rows_blocks_block", [0, -1, BLOCK]), const("rows_any", [0, -1])
+    in_block = const("in_block", np.arange(BLOCK))
     graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), n("minus_inf")))
-    values_info = helper.make_tensor_value_info(n("block_values"), TensorProto.FLOAT, ["batch", TOP_K])
-    index_info = helper.make_tensor_value_info(n("block_index"), TensorProto.INT64, ["batch", TOP_K])
-    plain = node("TopK", ["log_probs", TOP_K], [n("plain_values"), n("plain_index")], axis=-1)
+    sizes = [node("Shape", ["log_probs"], [n("scored_width")], start=1, end=2),
+             node("Add", [n("scored_width"), const("block_minus_one", [BLOCK - 1])], [n("ceil_numerator")]),
+             node("Div", [n("ceil_numerator"), block], [n("blocks")]),
+             node("Mul", [n("blocks"), block], [n("padded_width")]),
+             node("Sub", [n("padded_width"), n("scored_width")], [n("pad")]),
+             node("Equal", [n("pad"), zero], [n("divisible_1d")]),
+             node("Squeeze", [n("divisible_1d")], [n("divisible")]),
+             node("Min", [TOP_K, n("blocks")], [n("top_blocks")])]
+
+    def stages(source: str, tag: str) -> list[onnx.NodeProto]:
+        t = lambda name: n(f"{tag}/{name}")  # noqa: E731
+        return [
+            node("Reshape", [source, rows_blocks_block], [t("by_block")]),
+            node("ReduceMax", [t("by_block"), two], [t("block_max")], keepdims=0),
+            node("TopK", [t("block_max"), n("top_blocks")], [t("best_max"), t("best_blocks")], axis=-1),
+            node("Neg", [t("best_blocks")], [t("negated_blocks")]),  # largest of -index: the blocks in id order
+            node("TopK", [t("negated_blocks"), n("top_blocks")], [t("negated_sorted"), t("unused")], axis=-1),
+            node("Neg", [t("negated_sorted")], [t("chosen_blocks")]),
+            node("Unsqueeze", [t("chosen_blocks"), two], [t("chosen_3d")]),
+            node("Mul", [t("chosen_3d"), block], [t("block_starts")]),
+            node("Add", [t("block_starts"), in_block], [t("candidate_ids_3d")]),
+            node("Reshape", [t("candidate_ids_3d"), rows_any], [t("candidate_ids")]),
+            node("GatherElements", [source, t("candidate_ids")], [t("candidates")], axis=1),
+            node("TopK", [t("candidates"), TOP_K], [t("values"), t("position")], axis=-1),
+            node("GatherElements", [t("candidate_ids"), t("position")], [t("index")], axis=1)]
+
+    def outputs(tag: str) -> list[onnx.ValueInfoProto]:
+        return [helper.make_tensor_value_info(n(f"{tag}/values"), TensorProto.FLOAT, ["batch", TOP_K]),
+                helper.make_tensor_value_info(n(f"{tag}/index"), TensorProto.INT64, ["batch", TOP_K])]
+
+    pad = [node("Concat", [zero, zero, zero, n("pad")], [n("pads")], axis=0),
+           node("Pad", ["log_probs", n("pads"), n("minus_inf")], [n("padded")])]
+    by_width = node("If", [n("divisible")], [n("two_stage/values"), n("two_stage/index")], n("by_width"),
+                    then_branch=helper.make_graph(stages("log_probs", "whole"), "whole_blocks", [], outputs("whole")),
+                    else_branch=helper.make_graph(pad + stages(n("padded"), "padded"), "padded_blocks", [],
+                                                  outputs("padded")))
+    plain = node("TopK", ["log_probs", TOP_K], [n("plain/values"), n("plain/index")], axis=-1)
     return node("If", [n("wants_top")], [TOP_LOG_PROBS, n("index")], node_names()[0],
-                then_branch=helper.make_graph(stages, "block_top_k", [], [values_info, index_info]),
-                else_branch=helper.make_graph([plain], "no_top_k", [], [
-                    helper.make_tensor_value_info(n("plain_values"), TensorProto.FLOAT, ["batch", TOP_K]),
-                    helper.make_tensor_value_info(n("plain_index"), TensorProto.INT64, ["batch", TOP_K])]))
+                then_branch=helper.make_graph([*sizes, by_width], "block_top_k", [], outputs("two_stage")),
+                else_branch=helper.make_graph([plain], "no_top_k", [], outputs("plain")))
 
 
 def add_top_k(model: onnx.ModelProto, vocab_size: int, blocks: bool = False) -> None:
