@@ -33,6 +33,10 @@ shared AMD EPYC cores; fastest of 3; "other": all outside the decoder's run()):
     | beam 4 |     8 |    0.72 |     0.62 |    0.10  |       85.9% |   1.67, 0.66
     | beam 4 |    32 |    2.45 |     2.03 |    0.42  |       82.8% |   4.84, 2.23
 
+On the CPU the search runs the bundle's step decoder when it has one (engine/step_cache.py: KV
+buffers written in place, beams reordered through cache_indirection, no cache copies per step;
+docs/engine-speed.md); the traced decoder (HostCache) otherwise, and for continuous batching.
+
 What was tried on CPU (kept unless said otherwise):
 - top-k in the graph (TopK per row, k = 2·beam): the (sentences, beam·vocab) np.argpartition
   was 1.6 ms of a 4.8 ms step at beam 4 × 32; a row's TopK over 8000 is ~3x cheaper than

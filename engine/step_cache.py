@@ -11,10 +11,9 @@ the host updates the (sentences, beam, length) indirection instead. Rows move on
 finish (their rows leave: `compact`, the first `length` positions only), and the buffers double
 when `length` reaches the capacity.
 
-Measured on the 2 Xeon cores here (models/default, 128 rows = beam 4 x 32 sentences, past 15 / 30
-positions; median of 50 steps, the two forms taking turns; /tmp scripts summarised in
-docs/engine-speed.md): decoder run 13.35 / 13.60 ms traced vs 11.95 / 11.96 ms step graph;
-beam reordering 1.38 / 2.57 ms (copying the past) vs 0.24 / 0.24 ms (the indirection).
+Measured end to end in `nmt-bench decode` against the traced decoder in the same run (engine
+`ort-fp32-traced`): 1.08-1.30x (fp32), 0.96-1.28x (int8), beam 4 outputs 100% identical to torch;
+docs/engine-speed.md has the runs and what lost.
 """
 
 from __future__ import annotations
