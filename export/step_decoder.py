@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 MSFT = "com.microsoft"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which training/model.py keeps
 TOKENS, PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION = "tokens", "past_sequence_length", "beam_width", "cache_indirection"
+SEQLENS_K, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"  # the per-row graph's (build(per_row=True))
 
 
 class _Graph:
@@ -90,24 +91,33 @@ class _Graph:
                          domain=MSFT, epsilon=LAYER_NORM_EPS)
 
 
-def build(model: Transformer) -> onnx.ModelProto:
-    """The step graph of `model` (post-norm or pre-norm), its weights copied in."""
+def build(model: Transformer, per_row: bool = False) -> onnx.ModelProto:
+    """The step graph of `model` (post-norm or pre-norm), its weights copied in. per_row: the graph
+    for continuous batching (decoder.rows.*.onnx), whose rows each sit at their own position:
+    seqlens_k (batch,) int32 (each row's cached tokens) and total_sequence_length () int32 (their
+    maximum + 1) replace past_sequence_length, beam_width and cache_indirection; self-attention is
+    GroupQueryAttention (each row attends to its own seqlens_k + 1 keys of the shared buffer, written
+    in place at seqlens_k); cross-attention is per row (batch, n_heads, src_len, d_head), as rows of
+    sentences with different beam sizes mix. Beams are reordered by moving buffer rows."""
     cfg = model.cfg
     w = {k: v.detach().float().cpu().numpy() for k, v in model.state_dict().items()}
     w["positions"] = model.positions.detach().float().cpu().numpy()
     L, H, D, Dh = cfg.n_decoder_layers, cfg.n_heads, cfg.d_model, cfg.d_head
     g = _Graph()
     # Embedding * sqrt(d_model) + the position of each row's new token (its cached count).
-    positions = g.node("Cast", [PAST_LENGTH], "positions", to=TensorProto.INT64)
+    positions = g.node("Cast", [SEQLENS_K if per_row else PAST_LENGTH], "positions", to=TensorProto.INT64)
     embedded = g.node("Gather", [g.weight("embedding.weight", w["embedding.weight"]), TOKENS], "embedded")
     scaled = g.node("Mul", [embedded, g.weight("embed_scale", np.array(math.sqrt(D), np.float32))], "scaled")
     x = g.node("Add", [scaled, g.node("Gather", [g.weight("position_table", w["positions"]), positions], "position")],
                "x_embedded")
     padding = g.node("Cast", ["src_mask"], "key_padding_mask", to=TensorProto.INT32)
     rows_1_d = g.weight("rows_1_d", np.array([0, 1, -1], np.int64))  # (rows, D) <-> (rows, 1, D)
-    beam = g.node("Cast", [BEAM_WIDTH], "beam_width_64", to=TensorProto.INT64)
-    sentences_beam_d = g.node("Concat", [g.weight("minus_one", np.array([-1], np.int64)), beam,
-                                         g.weight("d_model", np.array([D], np.int64))], "sentences_beam_d", axis=0)
+    if per_row:
+        sentences_beam_d = rows_1_d  # every row its own sentence
+    else:
+        beam = g.node("Cast", [BEAM_WIDTH], "beam_width_64", to=TensorProto.INT64)
+        sentences_beam_d = g.node("Concat", [g.weight("minus_one", np.array([-1], np.int64)), beam,
+                                             g.weight("d_model", np.array([D], np.int64))], "sentences_beam_d", axis=0)
     rows_d = g.weight("rows_d", np.array([-1, D], np.int64))
     for i in range(L):
         p = f"decoder_layers.{i}"
@@ -124,6 +134,12 @@ def build(model: Transformer) -> onnx.ModelProto:
             qkv_w = np.concatenate([w[f"{sa}.{n}_proj.weight"] for n in "qkv"])
             qkv_b = np.concatenate([w[f"{sa}.{n}_proj.bias"] for n in "qkv"])
             qkv = g.node("Reshape", [g.linear(h, qkv_w, qkv_b, f"l{i}.qkv"), rows_1_d], f"l{i}.qkv_3d")
+            if per_row:
+                attended = g.node("GroupQueryAttention", [qkv, "", "", f"past_key_{i}", f"past_value_{i}", SEQLENS_K,
+                                                          TOTAL_LENGTH],
+                                  [f"l{i}.self", f"present_key_{i}", f"present_value_{i}"], domain=MSFT,
+                                  num_heads=H, kv_num_heads=H)
+                return projected(attended, sa, f"l{i}.self", with_bias)
             # ORT's CPU kernel takes q, k and v apart (packed QKV fails its shape check)
             q, k, v = (f"l{i}.{n}" for n in "qkv")
             g.node("Split", [qkv], [q, k, v], axis=2, num_outputs=3)
@@ -160,19 +176,25 @@ def build(model: Transformer) -> onnx.ModelProto:
     scored = g.node("Gather", ["embedding.weight", bundle.VOCAB_IDS], "head/scored_weight")
     logits = g.node("Gemm", [x, scored], "head/logits", transB=1)
     g.node("LogSoftmax", [logits], "log_probs", axis=-1)
-    return _model(g, cfg.vocab_size, L, H, Dh)
+    return _model(g, cfg.vocab_size, L, H, Dh, per_row)
 
 
-def _model(g: _Graph, vocab_size: int, L: int, H: int, Dh: int) -> onnx.ModelProto:
+def _model(g: _Graph, vocab_size: int, L: int, H: int, Dh: int, per_row: bool) -> onnx.ModelProto:
     kv = lambda name, length, rows="batch": helper.make_tensor_value_info(  # noqa: E731
         name, TensorProto.FLOAT, [rows, H, length, Dh])
-    inputs = [helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["batch"]),
-              helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT32, [1]),
-              helper.make_tensor_value_info(BEAM_WIDTH, TensorProto.INT32, [1]),
-              helper.make_tensor_value_info(CACHE_INDIRECTION, TensorProto.INT32, ["sentences", "beam", "capacity"]),
-              helper.make_tensor_value_info("src_mask", TensorProto.BOOL, ["sentences", "src_len"]),
+    sentences = "batch" if per_row else "sentences"
+    if per_row:
+        position = [helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
+                    helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])]
+    else:
+        position = [helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT32, [1]),
+                    helper.make_tensor_value_info(BEAM_WIDTH, TensorProto.INT32, [1]),
+                    helper.make_tensor_value_info(CACHE_INDIRECTION, TensorProto.INT32,
+                                                  ["sentences", "beam", "capacity"])]
+    inputs = [helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["batch"]), *position,
+              helper.make_tensor_value_info("src_mask", TensorProto.BOOL, [sentences, "src_len"]),
               *(kv(name, "capacity") for name in bundle.past_names(L)),
-              *(kv(name, "src_len", "sentences") for name in bundle.cross_names(L)),
+              *(kv(name, "src_len", sentences) for name in bundle.cross_names(L)),
               helper.make_tensor_value_info(bundle.VOCAB_IDS, TensorProto.INT64, ["vocab"])]
     outputs = [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", "vocab"]),
                *(kv(name, "capacity") for name in bundle.present_names(L))]
@@ -190,9 +212,9 @@ def _model(g: _Graph, vocab_size: int, L: int, H: int, Dh: int) -> onnx.ModelPro
     return model
 
 
-def export_step_decoder(model: Transformer, path: Path) -> onnx.ModelProto:
-    """Write decoder.step.onnx (fp32, for ORT's CPU provider)."""
-    step = build(model)
+def export_step_decoder(model: Transformer, path: Path, per_row: bool = False) -> onnx.ModelProto:
+    """Write decoder.step.onnx (or with per_row, decoder.rows.onnx): fp32, for ORT's CPU provider."""
+    step = build(model, per_row)
     onnx.checker.check_model(step)
     onnx.save(step, str(path))
     return step

@@ -45,7 +45,8 @@ def test_decode_bench_end_to_end(tiny_checkpoint: Path, data_dir: Path, tmp_path
     results = json.loads((out / "decode.json").read_text())
     assert results["skipped"] == {}
     assert results["engines"] == list(decode.ENGINES)
-    assert results["variants"]["ort-fp32"] == "fp32-cpu" and results["variants"]["ort-int8"] == "int8-cpu"
+    assert results["variants"]["ort-fp32"] == "fp32-cpu, step decoder"
+    assert results["variants"]["ort-int8"] == "int8-cpu, step decoder"
     cells = {(r["engine"], r["mode"], r["batch_size"]): r for r in results["decode"]}
     assert set(cells) == {(e, m, b) for e in decode.ENGINES for m in ("greedy", "beam4") for b in (1, 4)}
     for row in cells.values():
