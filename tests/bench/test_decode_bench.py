@@ -58,7 +58,7 @@ def test_decode_bench_end_to_end(tiny_checkpoint: Path, data_dir: Path, tmp_path
         for mode in modes:
             assert cells[(engine, mode, 4)]["identical_to_torch"] == SENTENCES, (engine, mode)
     # The shortlist and CT2's vocabulary map built from it score the same ids: the same greedy outputs.
-    assert results["variants"]["ort-fp32-shortlist"] == "fp32-cpu, shortlist"
+    assert results["variants"]["ort-fp32-shortlist"] == "fp32-cpu, step decoder, shortlist"
     assert results["variants"]["ct2-float32-vmap"] == "float32, vmap"
     for size in (1, 4):
         assert (cells[("ort-fp32-shortlist", "greedy", size)]["identical_to_torch"]
