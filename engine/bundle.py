@@ -47,6 +47,11 @@ ENCODER_INT8, DECODER_INT8 = "encoder.int8.onnx", "decoder.int8.onnx"
 # The step decoder (export/step_decoder.py) of the CPU variants, manifest["variants"][name]["step_decoder"];
 # STEP_DECODER is the export's intermediate, removed once the variants are built.
 STEP_DECODER, STEP_DECODER_CPU, STEP_DECODER_INT8 = "decoder.step.onnx", "decoder.step.cpu.onnx", "decoder.step.int8.onnx"
+# The per-row step decoder for continuous batching, manifest["variants"][name]["rows_decoder"] (same scheme).
+ROWS_DECODER, ROWS_DECODER_CPU, ROWS_DECODER_INT8 = "decoder.rows.onnx", "decoder.rows.cpu.onnx", "decoder.rows.int8.onnx"
+# The step decoders' own inputs (export/step_decoder.py); the others are the traced decoder's names.
+TOKENS, PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION = "tokens", "past_sequence_length", "beam_width", "cache_indirection"
+SEQLENS_K, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"  # the per-row one's
 ENCODER_FP16, DECODER_FP16 = "encoder.fp16.onnx", "decoder.fp16.onnx"
 TOKENIZER = MODEL_FILENAME
 SELF_HASH = "manifest_sha256"
@@ -225,9 +230,10 @@ def _variant_problems(manifest: dict[str, Any]) -> list[str]:
         problems += [f"variant {name}: {entry.get(role)!r} is not a file listed in the manifest"
                      for role in ("encoder", "decoder")
                      if not isinstance(entry.get(role), str) or entry[role] not in manifest["files"]]
-        step = entry.get("step_decoder")  # optional
-        if step is not None and (not isinstance(step, str) or step not in manifest["files"]):
-            problems.append(f"variant {name}: step_decoder {step!r} is not a file listed in the manifest")
+        for role in ("step_decoder", "rows_decoder"):  # optional
+            step = entry.get(role)
+            if step is not None and (not isinstance(step, str) or step not in manifest["files"]):
+                problems.append(f"variant {name}: {role} {step!r} is not a file listed in the manifest")
     return problems
 
 

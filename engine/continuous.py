@@ -17,7 +17,10 @@ row_top_k, best_candidates, advance_beams, compact): without a vocabulary shortl
 the same hypotheses as from Decoder.search alone, scores within float rounding (the padded
 attention sums its terms in another order). With one, the batch scores the union of its
 sentences' shortlists, as a static batch does.
-Host memory and plain run() only: on CUDA the cache goes through the host every step.
+With a bundle whose CPU variant has the per-row step decoder (export/step_decoder.py), rows do not
+share slots at all: each row's cache holds only its own positions (engine/row_cache.py), so a
+newcomer's step costs what it costs alone and nothing is cut; the past_mask path above serves older
+bundles and CUDA. Host memory only: on CUDA the cache goes through the host every step.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ from .decoding import (
     pad_sources,
 )
 from .hypothesis import MAX_REPEAT_NGRAM, blocked_tokens, mask_blocked
+from .row_cache import RowBuffers
 from .runtime import Sessions
 from .shortlist import Shortlist
 
@@ -166,7 +170,10 @@ class RunningBatch:
     """The sentences being decoded together; not thread-safe (one caller at a time)."""
 
     def __init__(self, sessions: Sessions):
-        if not takes_past_mask([i.name for i in sessions.decoder.get_inputs()]):
+        # The per-row step decoder when the bundle has one (each row at its own length, engine/row_cache.py);
+        # else the traced decoder, every row's cache as wide as the oldest's (past_mask).
+        self._per_row = sessions.rows is not None
+        if not self._per_row and not takes_past_mask([i.name for i in sessions.decoder.get_inputs()]):
             raise NoPastMask("the bundle's decoder has no past_mask input (bundle format before 3): re-export it "
                              "for continuous batching")
         self.sessions, L = sessions, sessions.n_layers
@@ -181,6 +188,7 @@ class RunningBatch:
         self._vocab = _Vocabulary(s.shortlist if s.has_head else None)
         self.past = [np.zeros((0, s.n_heads, 0, s.d_head), s.kv_dtype) for _ in range(2 * s.n_layers)]
         self.past_mask = np.zeros((0, 0), bool)  # (rows, past_len): which cached slots are a row's own
+        self.cache = RowBuffers(s) if self._per_row else None  # the per-row graph's cache, instead of the two above
         self.source = _SourceSide(2 * s.n_layers)  # cross K/V and src_mask
         self.tokens = np.zeros(0, np.int64)  # each row's next input token
         # Row changes not yet applied to `past` (applied right before the next run, merged with
@@ -195,6 +203,10 @@ class RunningBatch:
 
     @property
     def past_len(self) -> int:
+        """Cached positions of the oldest row (with the per-row graph, each row has only its own)."""
+        if self.cache is not None:
+            lengths = self.cache.lengths if self._pending is None else self.cache.lengths[self._pending]
+            return int(lengths.max(initial=0))
         return self.past_mask.shape[1]
 
     @property
@@ -226,7 +238,8 @@ class RunningBatch:
         added = int(repeats.sum())
         self._materialize(added)
         self.source.append(cross, src_mask)
-        self.past_mask = np.concatenate([self.past_mask, np.zeros((added, self.past_len), bool)])
+        if self.cache is None:
+            self.past_mask = np.concatenate([self.past_mask, np.zeros((added, self.past_len), bool)])
         self.tokens = np.concatenate([self.tokens, np.full(added, BOS_ID, np.int64)])
         self.sentences += [_Sentence(key, options, source, self._vocab.add(source)) for key, source, options in entries]
 
@@ -268,6 +281,8 @@ class RunningBatch:
         """Each row's k best log-probs and ids (R, k), best first, and its EOS log-prob (R,), k the
         largest any sentence needs (greedy 1, beam 2·beam); from the graph's head when it has one."""
         self._materialize(0)
+        if self.cache is not None:
+            return self._run_per_row(extra)
         mask = np.concatenate([self.past_mask, np.ones((self.rows, 1), bool)], axis=1)  # the new token is real
         cross, src_mask = self.source.views()
         feeds = {"tgt_ids": self.tokens[:, None], "src_mask": src_mask, PAST_MASK: mask,
@@ -286,6 +301,21 @@ class RunningBatch:
             values, ids, eos, *self.past = found
             return values, ids, eos
         log_probs, *self.past = found  # (R, V'), V' = len(vocab_ids)
+        values, ids, eos = row_top_k(log_probs, k)
+        return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
+
+    def _run_per_row(self, extra: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """_run on the per-row step decoder (it always has the head, and takes vocab_ids and top_k)."""
+        assert self.cache is not None
+        cross, src_mask = self.source.views()
+        k = max(1 if s.rows == 1 else 2 * s.rows for s in self.sentences) + extra  # extra: blocked tokens
+        vocab_ids = self._vocab.ids()
+        scored = np.arange(self.sessions.vocab_size, dtype=np.int64) if vocab_ids is None else vocab_ids
+        feeds = {"src_mask": src_mask, VOCAB_IDS: scored, TOP_K: np.array([min(k, len(scored)) if k > 1 else 0]),
+                 **dict(zip(self._cross_names, cross))}
+        if k > 1:
+            return tuple(self.cache.run(self.tokens, feeds, head_outputs()))  # type: ignore[return-value]
+        (log_probs,) = self.cache.run(self.tokens, feeds, ["log_probs"])  # greedy only: argmax below
         values, ids, eos = row_top_k(log_probs, k)
         return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
 
@@ -381,10 +411,13 @@ class RunningBatch:
                 self._vocab.remove(self.sentences[i].vocab)
             rows = self._sentence_rows(survivors)  # ascending: the source side compacts in place
             self.source.keep(rows)
-            self.past_mask = self.past_mask[rows]
+            if self.cache is None:
+                self.past_mask = self.past_mask[rows]
             self.sentences = [self.sentences[i] for i in survivors]
             self.source.narrow(max(s.src_width for s in self.sentences))
         self._pending, self.tokens = cache_rows, tokens
+        if self.cache is not None:
+            return  # each row keeps only its own positions: nothing to cut
         real = self.past_mask.any(axis=0)
         cut = int(real.argmax()) if real.any() else self.past_len  # slots no row has any more
         if cut:
@@ -395,6 +428,11 @@ class RunningBatch:
         """Apply the pending row selection and cut to the cache, with `added` zero rows at the end (masked)."""
         rows, cut = self._pending, self._cut
         self._pending, self._cut = None, 0
+        if self.cache is not None:
+            if rows is not None:
+                self.cache.keep(rows)
+            self.cache.add(added)
+            return
         if rows is None and not cut and not added:
             return
         if rows is not None and not cut and not added:  # a step's row changes only: as the static search

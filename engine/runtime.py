@@ -98,7 +98,7 @@ class RuntimeConfig:
     single_thread_rows: int = SINGLE_THREAD_ROWS
     step_single_thread_rows: int = STEP_SINGLE_THREAD_ROWS  # the same for the step decoder
     # Static search runs the bundle's step decoder (in-place KV cache, export/step_decoder.py) when the
-    # chosen CPU variant has one; False: the traced decoder, as continuous batching does.
+    # chosen CPU variant has one, continuous batching its per-row form; False: the traced decoder.
     step_decoder: bool = True
 
     def __post_init__(self) -> None:
@@ -139,7 +139,10 @@ class Sessions:
     # single-threaded twin; None: the search runs the decoder above (engine/decoding.py picks).
     step: ort.InferenceSession | None = None
     step_small: ort.InferenceSession | None = None
-    step_single_thread_rows: int = 0  # steps of at most this many rows use step_small
+    step_single_thread_rows: int = 0  # steps of at most this many rows use step_small (rows_small too)
+    # Its per-row form for continuous batching (engine/row_cache.py), and its single-threaded twin.
+    rows: ort.InferenceSession | None = None
+    rows_small: ort.InferenceSession | None = None
 
     @property
     def all_threads(self) -> int:
@@ -165,13 +168,16 @@ class Sessions:
         with self.turns.step(rows, self.threads_for(rows), shrinks=self.decoder_small is not None) as threads:
             return self.decoder_for(rows, threads).run(outputs, feeds)
 
-    def run_step(self, bind: Callable[[ort.InferenceSession], ort.IOBinding], rows: int) -> ort.IOBinding:
-        """One step-decoder run of `rows` rows in its turn: `bind` binds the chosen session's inputs and
-        outputs (IO binding: the KV buffers are written in place); returns the binding, run."""
-        alone = self.step_small is not None and rows <= self.step_single_thread_rows
-        with self.turns.step(rows, 1 if alone else self.all_threads, shrinks=self.step_small is not None) as threads:
-            small = self.step_small is not None and (alone or threads == 1)
-            session = self.step_small if small else self.step
+    def run_step(self, bind: Callable[[ort.InferenceSession], ort.IOBinding], rows: int,
+                 per_row: bool = False) -> ort.IOBinding:
+        """One step-decoder run (per_row: the per-row graph's) of `rows` rows in its turn: `bind` binds the
+        chosen session's inputs and outputs (IO binding: the KV buffers are written in place); returns
+        the binding, run."""
+        big, small = (self.rows, self.rows_small) if per_row else (self.step, self.step_small)
+        assert big is not None, "the bundle has no step decoder"
+        alone = small is not None and rows <= self.step_single_thread_rows
+        with self.turns.step(rows, 1 if alone else self.all_threads, shrinks=small is not None) as threads:
+            session = small if small is not None and (alone or threads == 1) else big
             binding = bind(session)
             session.run_with_iobinding(binding)
             return binding
@@ -274,7 +280,8 @@ def _describe(encoder: ort.InferenceSession, decoder: ort.InferenceSession) -> d
 
 def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers: list[str] | str = CPU,
                   cfg: RuntimeConfig | None = None, *, variant: str = "loose",
-                  manifest: dict[str, Any] | None = None, step_path: str | Path | None = None) -> Sessions:
+                  manifest: dict[str, Any] | None = None, step_path: str | Path | None = None,
+                  rows_path: str | Path | None = None) -> Sessions:
     """Sessions for two graph files (loose, or one variant of a bundle).
 
     `providers` is the provider to use (CPU or CUDA), or a list of which the first is used.
@@ -290,15 +297,16 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
     small = None
     if provider == CPU and cfg.single_thread_rows and cfg.intra_op_threads != 1:
         small = _session(Path(decoder_path), provider, replace(cfg, intra_op_threads=1))
-    step = step_small = None
-    if step_path is not None and provider == CPU and cfg.step_decoder:
-        step = _session(Path(step_path), provider, cfg)
-        if provider == CPU and cfg.step_single_thread_rows and cfg.intra_op_threads != 1:
-            step_small = _session(Path(step_path), provider, replace(cfg, intra_op_threads=1))
+    steps: dict[str, ort.InferenceSession | None] = {}
+    twins = provider == CPU and cfg.step_single_thread_rows and cfg.intra_op_threads != 1
+    for role, path in (("step", step_path), ("rows", rows_path)):
+        use = path is not None and provider == CPU and cfg.step_decoder
+        steps[role] = _session(Path(path), provider, cfg) if use else None
+        steps[f"{role}_small"] = _session(Path(path), provider, replace(cfg, intra_op_threads=1)) if use and twins else None
     return Sessions(encoder=encoder, decoder=decoder, variant=variant, provider=provider, manifest=manifest,
                     decoder_small=small, single_thread_rows=cfg.single_thread_rows if small else 0,
-                    threads=cfg.intra_op_threads if provider == CPU else 0, step=step, step_small=step_small,
-                    step_single_thread_rows=cfg.step_single_thread_rows if step_small else 0,
+                    threads=cfg.intra_op_threads if provider == CPU else 0, **steps,
+                    step_single_thread_rows=cfg.step_single_thread_rows if twins else 0,
                     **_describe(encoder, decoder))
 
 
@@ -307,9 +315,10 @@ def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig
     variants = manifest_variants(manifest)
     name, provider = choose_variant(variants, cfg.precision, providers)
     entry = variants[name]
-    step = entry.get("step_decoder")
+    step, rows = (entry.get(role) for role in ("step_decoder", "rows_decoder"))
     sessions = open_sessions(bundle_dir / entry["encoder"], bundle_dir / entry["decoder"], provider, cfg,
-                             variant=name, manifest=manifest, step_path=None if step is None else bundle_dir / step)
+                             variant=name, manifest=manifest, step_path=None if step is None else bundle_dir / step,
+                             rows_path=None if rows is None else bundle_dir / rows)
     declared = entry.get("kv_dtype", "float32")
     if np.dtype(declared) != sessions.kv_dtype:
         raise BundleError(f"variant {name}: manifest says kv_dtype {declared}, the decoder takes {sessions.kv_dtype}")

@@ -21,12 +21,11 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import TOP_K, VOCAB_IDS, present_names
+from .bundle import BEAM_WIDTH, CACHE_INDIRECTION, PAST_LENGTH, TOKENS, TOP_K, VOCAB_IDS, present_names
 from .cache import HostCache, compact
 from .runtime import Sessions
 
 INITIAL_CAPACITY = 32  # positions; doubles when full (a Multi30k sentence needs ~15-25)
-TOKENS, PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION = "tokens", "past_sequence_length", "beam_width", "cache_indirection"
 
 
 class StepCache(HostCache):

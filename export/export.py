@@ -238,8 +238,9 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bo
         with progress.step("export decoder"):
             export_decoder(loaded.model, staging / bundle.DECODER, options.attention)
         if variants_.FP32_CPU in options.variants or variants_.INT8_CPU in options.variants:
-            with progress.step("write step decoder"):
+            with progress.step("write step decoders"):
                 step_decoder.export_step_decoder(loaded.model, staging / bundle.STEP_DECODER)
+                step_decoder.export_step_decoder(loaded.model, staging / bundle.ROWS_DECODER, per_row=True)
         counts = variants_.FusionCounts(options.attention, cfg.n_encoder_layers, 2 * cfg.n_decoder_layers)
         variants_.build(staging, options.variants, counts, progress.step)
         shutil.copyfile(checkpoint_dir / loaded.config["tokenizer"], staging / bundle.TOKENIZER)
@@ -276,11 +277,11 @@ def _parity(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions, pro
         spec = variants_.SPECS[name]
         with progress.step(f"parity {name}"):
             encoder, decoder = staging / spec.encoder, staging / spec.decoder
-            step = spec.step_path(staging)
+            step, rows = spec.path("step_decoder", staging), spec.path("rows_decoder", staging)
             if spec.exact:
-                run.check_exact(name, encoder, decoder, step)
+                run.check_exact(name, encoder, decoder, step, rows)
             else:
-                run.check_approximate(name, encoder, decoder, list(spec.providers), step)
+                run.check_approximate(name, encoder, decoder, list(spec.providers), step, rows)
     run.raise_if_failed()
     return run.summary()
 
@@ -292,8 +293,9 @@ def _validated(name: str, parity: dict[str, Any]) -> dict[str, Any]:
     result = parity["variants"][name]
     keys = ("skipped", "checked_against", "provider", "greedy_identical", "bleu", "bleu_loss")
     verdict = {key: result[key] for key in keys if key in result}
-    if "step_decoder" in result:
-        verdict["step_decoder"] = {key: result["step_decoder"][key] for key in keys if key in result["step_decoder"]}
+    for role in ("step_decoder", "rows_decoder"):
+        if role in result:
+            verdict[role] = {key: result[role][key] for key in keys if key in result[role]}
     return verdict
 
 

@@ -49,8 +49,8 @@ if TYPE_CHECKING:
 
 MSFT = "com.microsoft"
 LAYER_NORM_EPS = 1e-5  # torch.nn.LayerNorm's default, which training/model.py keeps
-TOKENS, PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION = "tokens", "past_sequence_length", "beam_width", "cache_indirection"
-SEQLENS_K, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"  # the per-row graph's (build(per_row=True))
+TOKENS, PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION = bundle.TOKENS, bundle.PAST_LENGTH, bundle.BEAM_WIDTH, bundle.CACHE_INDIRECTION
+SEQLENS_K, TOTAL_LENGTH = bundle.SEQLENS_K, bundle.TOTAL_LENGTH
 
 
 class _Graph:

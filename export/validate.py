@@ -142,10 +142,40 @@ class OnnxGraphs:
         return log_probs, present
 
 
-def open_graphs(encoder: Path, decoder: Path, provider: str = CPU, step: Path | None = None) -> Sessions:
+def open_graphs(encoder: Path, decoder: Path, provider: str = CPU, step: Path | None = None,
+                rows: Path | None = None) -> Sessions:
     """The server's sessions for one graph pair (one intra-op thread: the checks share the cores);
-    with `step`, its search runs the step decoder (export/step_decoder.py) instead of `decoder`."""
-    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1), step_path=step)
+    with `step`, its search runs the step decoder (export/step_decoder.py) instead of `decoder`, with
+    `rows`, its continuous batching the per-row one."""
+    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1), step_path=step,
+                         rows_path=rows)
+
+
+LATE_JOIN_STEPS = 3  # running_greedy: the second half of a batch joins after this many steps
+
+
+def running_greedy(sessions: Sessions, sources: list[list[int]], max_len_extra: int) -> list[list[int]]:
+    """Greedy through continuous batching (engine/continuous.py), in in_batches' batches: half of each
+    batch joins LATE_JOIN_STEPS steps after the other, so rows decode at different lengths."""
+    from nmt.engine.continuous import RunningBatch
+
+    options = DecodeOptions(1, max_len_extra=max_len_extra)
+
+    def search(batch: list[list[int]]) -> list[list[int]]:
+        running, found = RunningBatch(sessions), {}
+        jobs = [(i, source, options) for i, source in enumerate(batch)]
+        early, late = jobs[: (len(jobs) + 1) // 2], jobs[(len(jobs) + 1) // 2 :]
+        running.admit(early)
+        steps = 0
+        while len(running) or late:
+            if late and (steps == LATE_JOIN_STEPS or not len(running)):
+                running.admit(late)
+                late = []
+            found.update((key, hyps[0].tokens) for key, hyps in running.step())
+            steps += 1
+        return [found[i] for i in range(len(batch))]
+
+    return in_batches(search, sources)
 
 
 def graph_greedy(sessions: Sessions, sources: list[list[int]], max_len_extra: int) -> list[list[int]]:
@@ -285,9 +315,11 @@ class ParityRun:
             return None
         return self._scorer.corpus_score(self.tokenizer.decode(outputs), [list(refs)]).score
 
-    def check_exact(self, name: str, encoder: Path, decoder: Path, step: Path | None = None) -> dict[str, Any]:
+    def check_exact(self, name: str, encoder: Path, decoder: Path, step: Path | None = None,
+                    rows: Path | None = None) -> dict[str, Any]:
         """Tolerance on log-probs and cross K/V, and greedy tokens against torch (CPU provider); with a
-        step decoder, its greedy tokens against torch too (summary["step_decoder"])."""
+        step decoder, its greedy tokens against torch too (summary["step_decoder"]), with a per-row
+        one, its greedy through continuous batching, rows joining late (summary["rows_decoder"])."""
         sessions = open_graphs(encoder, decoder)
         expected, got = self.torch_outputs(), graph_greedy(sessions, self.sources, self.max_len_extra)
         summary, problems = greedy_verdict(expected, got, self.parity.sources, self.tokenizer.decode)
@@ -296,6 +328,11 @@ class ParityRun:
             step_summary, step_problems = greedy_verdict(expected, stepped, self.parity.sources, self.tokenizer.decode)
             summary["step_decoder"] = step_summary
             problems += [f"step decoder {step.name}: {problem}" for problem in step_problems]
+        if rows is not None:
+            running = running_greedy(open_graphs(encoder, decoder, rows=rows), self.sources, self.max_len_extra)
+            rows_summary, rows_problems = greedy_verdict(expected, running, self.parity.sources, self.tokenizer.decode)
+            summary["rows_decoder"] = rows_summary
+            problems += [f"per-row decoder {rows.name}: {problem}" for problem in rows_problems]
         n = TOLERANCE_SENTENCES
         graphs = OnnxGraphs.of(sessions)
         diffs = log_prob_diffs(self.model, graphs, self.sources[:n], expected[:n])
@@ -310,7 +347,7 @@ class ParityRun:
         return self._record(name, summary, problems)
 
     def check_approximate(self, name: str, encoder: Path, decoder: Path, providers: list[str],
-                          step: Path | None = None) -> dict[str, Any]:
+                          step: Path | None = None, rows: Path | None = None) -> dict[str, Any]:
         """Greedy output and BLEU against the first exact variant's; skipped without the provider.
         With a step decoder, the same for its greedy output (summary["step_decoder"])."""
         assert self._baseline is not None, "check an exact variant (fp32) first"
@@ -323,13 +360,18 @@ class ParityRun:
         if step is not None:
             summary["step_decoder"], step_problems = self._against_baseline(open_graphs(encoder, decoder, step=step))
             problems += [f"step decoder {step.name}: {problem}" for problem in step_problems]
+        if rows is not None:
+            summary["rows_decoder"], rows_problems = self._against_baseline(
+                open_graphs(encoder, decoder, rows=rows), running=True)
+            problems += [f"per-row decoder {rows.name}: {problem}" for problem in rows_problems]
         return self._record(name, summary, problems)
 
-    def _against_baseline(self, sessions: Sessions) -> tuple[dict[str, Any], list[str]]:
-        """Greedy output of `sessions`: identical fraction and BLEU against the first exact variant's."""
+    def _against_baseline(self, sessions: Sessions, running: bool = False) -> tuple[dict[str, Any], list[str]]:
+        """Greedy output of `sessions` (running: through continuous batching): identical fraction and BLEU
+        against the first exact variant's."""
         assert self._baseline is not None
         base_name, base, base_bleu = self._baseline
-        got = graph_greedy(sessions, self.sources, self.max_len_extra)
+        got = (running_greedy if running else graph_greedy)(sessions, self.sources, self.max_len_extra)
         same = sum(a == b for a, b in zip(got, base)) / len(got)
         summary: dict[str, Any] = {"checked_against": base_name, "greedy_identical": round(same, 4)}
         problems = []

@@ -78,26 +78,29 @@ class VariantSpec:
     kv_dtype: str  # "float32" | "float16"
     exact: bool  # checked against torch within the fp32 tolerance; else by BLEU against fp32
     step_decoder: str | None = None  # the in-place-cache decoder for static search (export/step_decoder.py)
+    rows_decoder: str | None = None  # its per-row form, for continuous batching
 
     def manifest_entry(self, directory: Path) -> dict[str, Any]:
-        """The variant's manifest entry; step_decoder only when `directory` has that file."""
+        """The variant's manifest entry; step_decoder and rows_decoder only when `directory` has them."""
         entry = {"encoder": self.encoder, "decoder": self.decoder, "providers": list(self.providers),
                  "kv_dtype": self.kv_dtype}
-        step = self.step_decoder
-        return entry if step is None or not (directory / step).exists() else {**entry, "step_decoder": step}
+        for role in ("step_decoder", "rows_decoder"):
+            if self.path(role, directory) is not None:
+                entry[role] = getattr(self, role)
+        return entry
 
-    def step_path(self, directory: Path) -> Path | None:
-        """The variant's step decoder in `directory`, when it has one."""
-        path = None if self.step_decoder is None else directory / self.step_decoder
-        return path if path is not None and path.exists() else None
+    def path(self, role: str, directory: Path) -> Path | None:
+        """The variant's step_decoder or rows_decoder in `directory`, when it has one."""
+        name = getattr(self, role)
+        return None if name is None or not (directory / name).exists() else directory / name
 
 
 SPECS: dict[str, VariantSpec] = {
     FP32: VariantSpec(FP32, bundle.ENCODER, bundle.DECODER, (CUDA, CPU), "float32", True),
     FP32_CPU: VariantSpec(FP32_CPU, bundle.ENCODER_CPU, bundle.DECODER_CPU, (CPU,), "float32", True,
-                          bundle.STEP_DECODER_CPU),
+                          bundle.STEP_DECODER_CPU, bundle.ROWS_DECODER_CPU),
     INT8_CPU: VariantSpec(INT8_CPU, bundle.ENCODER_INT8, bundle.DECODER_INT8, (CPU,), "float32", False,
-                          bundle.STEP_DECODER_INT8),
+                          bundle.STEP_DECODER_INT8, bundle.ROWS_DECODER_INT8),
     FP16_CUDA: VariantSpec(FP16_CUDA, bundle.ENCODER_FP16, bundle.DECODER_FP16, (CUDA,), "float16", False),
 }
 
@@ -143,8 +146,9 @@ def build_fp32_cpu(directory: Path, counts: FusionCounts) -> None:
     encoder = fuse.optimize_for_cpu(directory / source.encoder, directory / spec.encoder)
     decoder = fuse.optimize_for_cpu(directory / source.decoder, directory / spec.decoder)
     counts.check(spec, encoder, decoder)
-    if (directory / bundle.STEP_DECODER).exists():  # export_checkpoint writes it (export/step_decoder.py)
-        fuse.optimize_for_cpu(directory / bundle.STEP_DECODER, directory / spec.step_decoder)
+    for raw, optimized in ((bundle.STEP_DECODER, spec.step_decoder), (bundle.ROWS_DECODER, spec.rows_decoder)):
+        if (directory / raw).exists():  # export_checkpoint writes them (export/step_decoder.py)
+            fuse.optimize_for_cpu(directory / raw, directory / optimized)
 
 
 @contextmanager
@@ -166,8 +170,8 @@ def build_int8_cpu(directory: Path, counts: FusionCounts) -> None:
     spec, source = SPECS[INT8_CPU], SPECS[FP32_CPU]
     with _quiet_root_logger():
         pairs = [(source.encoder, spec.encoder), (source.decoder, spec.decoder)]
-        if (directory / source.step_decoder).exists():
-            pairs.append((source.step_decoder, spec.step_decoder))
+        pairs += [(getattr(source, role), getattr(spec, role)) for role in ("step_decoder", "rows_decoder")
+                  if source.path(role, directory) is not None]
         for src, dest in pairs:
             # EnableSubgraph: the output head's full-vocabulary projection sits in an If branch.
             quantize_dynamic(directory / src, directory / dest, op_types_to_quantize=INT8_OP_TYPES,
@@ -253,12 +257,14 @@ def build(directory: Path, variants: tuple[str, ...], counts: FusionCounts,
         with step("quantize (int8-cpu)"):
             build_int8_cpu(directory, counts)
         if FP32_CPU not in variants:
-            for name in (SPECS[FP32_CPU].encoder, SPECS[FP32_CPU].decoder, SPECS[FP32_CPU].step_decoder):
+            cpu = SPECS[FP32_CPU]
+            for name in (cpu.encoder, cpu.decoder, cpu.step_decoder, cpu.rows_decoder):
                 (directory / name).unlink(missing_ok=True)
     if FP16_CUDA in variants:
         with step("convert to fp16 (fp16-cuda)"):
             build_fp16_cuda(directory, counts)
-    (directory / bundle.STEP_DECODER).unlink(missing_ok=True)  # an intermediate: only the CPU variants' stay
+    for raw in (bundle.STEP_DECODER, bundle.ROWS_DECODER):  # intermediates: only the CPU variants' stay
+        (directory / raw).unlink(missing_ok=True)
 
 
 def steps(variants: tuple[str, ...]) -> int:

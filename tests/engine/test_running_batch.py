@@ -36,21 +36,34 @@ def run_to_end(batch: RunningBatch, schedule: list[list[tuple[int, list[int], De
         found.update(batch.step())
         step += 1
         if len(batch):  # slots no row has any more are cut: the cache is as wide as the oldest row is old
-            assert batch.past_len == max(s.step for s in batch.sentences)
+            assert batch.past_len == max(s.step for s in batch.sentences)  # per row: the oldest's own
             assert batch.rows == sum(s.options.beam_size for s in batch.sentences)
     return found
 
 
+@pytest.fixture(scope="module", params=["per-row", "traced"])
+def running_sessions(request, server_bundle) -> Sessions:
+    """Both caches of a running batch: the per-row step decoder's (engine/row_cache.py) and past_mask's."""
+    sessions = load_sessions(server_bundle, replace(ONE_THREAD, step_decoder=request.param == "per-row"))
+    assert (sessions.rows is not None) == (request.param == "per-row")
+    return sessions
+
+
+@pytest.fixture(scope="module")
+def traced_sessions(server_bundle) -> Sessions:
+    return load_sessions(server_bundle, replace(ONE_THREAD, step_decoder=False))
+
+
 @pytest.mark.parametrize("beam", [1, 4])
-def test_a_sentence_joining_a_running_batch_gets_its_answer_alone(sessions, decoder, sources, beam):
+def test_a_sentence_joining_a_running_batch_gets_its_answer_alone(running_sessions, decoder, sources, beam):
     options = DecodeOptions(beam_size=beam, n_best=beam, max_len_extra=8)
     schedule = [[(i, source, options)] for i, source in enumerate(sources)]  # one joins at every step
-    found = run_to_end(RunningBatch(sessions), schedule)
+    found = run_to_end(RunningBatch(running_sessions), schedule)
     for i, source in enumerate(sources):
         assert_same(decoder.search([source], options).hypotheses[0], found[i], i)
 
 
-def test_mixed_options_and_random_arrivals(sessions, decoder, sources):
+def test_mixed_options_and_random_arrivals(running_sessions, decoder, sources):
     rng = random.Random(0)
     jobs = [(i, source, OPTIONS[i % len(OPTIONS)]) for i, source in enumerate(sources * 2)]
     schedule = []
@@ -58,7 +71,7 @@ def test_mixed_options_and_random_arrivals(sessions, decoder, sources):
         n = rng.randint(0, 3)
         schedule.append(jobs[:n])
         jobs = jobs[n:]
-    found = run_to_end(RunningBatch(sessions), schedule)
+    found = run_to_end(RunningBatch(running_sessions), schedule)
     for i, source in enumerate(sources * 2):
         options = OPTIONS[i % len(OPTIONS)]
         assert_same(decoder.search([source], options).hypotheses[0], found[i], i)
@@ -108,8 +121,9 @@ def test_a_format_2_bundle_decodes_statically_but_cannot_batch_continuously(form
         RunningBatch(old)
 
 
-def test_the_cache_is_copied_once_per_step_and_never_holds_garbage(sessions, sources):
+def test_the_cache_is_copied_once_per_step_and_never_holds_garbage(traced_sessions, sources):
     """Admitted rows are zero under their mask (NaN garbage would poison the masked products)."""
+    sessions = traced_sessions
     batch = RunningBatch(sessions)
     batch.admit([(0, sources[0], DecodeOptions(beam_size=2))])
     batch.step()
@@ -154,3 +168,19 @@ def test_with_a_shortlist_the_batch_scores_the_union_of_its_sentences_lists(shor
     assert batch._vocab.ids().tolist() == shortlisted.shortlist.vocab_ids(sources[1:2]).tolist()
     batch.drop({1})
     assert len(batch) == 0 and batch._vocab.ids().size == 0
+
+
+def test_with_the_per_row_decoder_each_row_caches_only_its_own_positions(sessions, sources):
+    """A newcomer starts at length 0 beside rows two steps old (no masked slots in front); its beams
+    reorder by moving whole rows, and rows that leave take their positions with them."""
+    batch = RunningBatch(sessions)
+    assert batch.cache is not None
+    batch.admit([(0, sources[0], DecodeOptions(beam_size=2, max_len_extra=8))])
+    batch.step()
+    batch.step()
+    batch.admit([(1, sources[1], DecodeOptions(beam_size=3, max_len_extra=8))])
+    batch.step()
+    assert batch.cache.lengths.tolist() == [3, 3, 1, 1, 1] and batch.past_len == 3
+    batch.drop({0})
+    batch.step()
+    assert batch.cache.lengths.tolist() == [2, 2, 2] and batch.past_len == 2
