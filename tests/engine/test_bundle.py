@@ -12,7 +12,7 @@ from nmt.export.export import export_checkpoint
 
 FILES = [bundle.ENCODER, bundle.DECODER, bundle.ENCODER_CPU, bundle.DECODER_CPU, bundle.ENCODER_INT8,
          bundle.DECODER_INT8, bundle.ENCODER_FP16, bundle.DECODER_FP16, bundle.TOKENIZER, bundle.SHORTLIST,
-         bundle.STEP_DECODER_CPU, bundle.STEP_DECODER_INT8]
+         bundle.STEP_DECODER_CPU, bundle.STEP_DECODER_INT8, bundle.ROWS_DECODER_CPU, bundle.ROWS_DECODER_INT8]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from nmt.export.export import ExportOptions, Progress
 
 def test_cli_verifies_a_bundle(bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--verify", str(bundle_dir)]) == 0
-    assert capsys.readouterr().out == f"{bundle_dir}: 12 files verified\n"  # 8 graphs, 2 step decoders, spm.model, shortlist.npz
+    assert capsys.readouterr().out == f"{bundle_dir}: 14 files verified\n"  # 8 graphs, 4 step decoders, spm.model, shortlist.npz
 
 
 def test_cli_reports_a_damaged_bundle(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

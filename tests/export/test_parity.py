@@ -45,11 +45,12 @@ def test_the_manifest_records_the_parity_summary(bundle_dir: Path) -> None:
         assert (summary["checked_against"], summary["greedy_identical"], summary["mismatches"]) == ("torch", 1.0, [])
         assert all(value <= TOLERANCE for value in summary["max_abs_diff"].values())
         assert summary["bleu"] == parity["torch_bleu"]
-    step = parity["variants"]["fp32-cpu"]["step_decoder"]  # the in-place-cache decoder: exact as well
-    assert (step["greedy_identical"], step["mismatches"]) == (1.0, [])
+    for role in ("step_decoder", "rows_decoder"):  # the in-place-cache decoders: exact as well
+        step = parity["variants"]["fp32-cpu"][role]
+        assert (step["greedy_identical"], step["mismatches"]) == (1.0, [])
     int8 = parity["variants"]["int8-cpu"]
     assert int8["checked_against"] == "fp32" and 0 <= int8["greedy_identical"] <= 1
-    assert int8["step_decoder"]["bleu_loss"] <= MAX_BLEU_LOSS
+    assert int8["step_decoder"]["bleu_loss"] <= MAX_BLEU_LOSS and int8["rows_decoder"]["bleu_loss"] <= MAX_BLEU_LOSS
     assert int8["reference_bleu"] == parity["variants"]["fp32"]["bleu"]
     assert int8["bleu_loss"] == pytest.approx(int8["reference_bleu"] - int8["bleu"], abs=0.011)
     assert int8["bleu_loss"] <= MAX_BLEU_LOSS

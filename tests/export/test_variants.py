@@ -62,7 +62,7 @@ def test_the_manifest_lists_every_variant_as_agreed(bundle_dir: Path) -> None:
     assert list(variants) == list(VARIANTS)
     assert {k: v for k, v in variants[INT8_CPU].items() if k != "validated"} == {
         "encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx", "providers": ["CPUExecutionProvider"],
-        "kv_dtype": "float32", "step_decoder": "decoder.step.int8.onnx"}
+        "kv_dtype": "float32", "step_decoder": "decoder.step.int8.onnx", "rows_decoder": "decoder.rows.int8.onnx"}
     assert variants[FP32_CPU]["step_decoder"] == "decoder.step.cpu.onnx"
     assert "step_decoder" not in variants[FP32] and "step_decoder" not in variants[FP16_CUDA]
     assert variants[FP32]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
