@@ -56,6 +56,9 @@ SERVER_START_TIMEOUT = 180.0
 # Extra nmt-serve flags per setting; the first one's mean batch sizes the engine-alone rows.
 SETTINGS = {"continuous": ["--batching", "continuous"], "static": ["--batching", "static"],
             "unbatched": ["--batching", "static", "--max-batch-size", "1"]}
+# Settings run only when asked for (--also): the same servers on the traced decoder, for before/after.
+EXTRA_SETTINGS = {"continuous-traced": ["--batching", "continuous", "--step-decoder", "off"],
+                  "static-traced": ["--batching", "static", "--step-decoder", "off"]}
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,12 @@ class LoadBenchConfig:
     engine_seconds: float = 8.0  # per engine batch size
     threads: int = 0  # ONNX Runtime intra-op threads, server and engine alike (0 = ORT default)
     out: Path = Path("bench/results")
+    also: tuple[str, ...] = ()  # EXTRA_SETTINGS to run beside SETTINGS
 
     def __post_init__(self) -> None:
+        unknown = [name for name in self.also if name not in EXTRA_SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}; choose from {', '.join(EXTRA_SETTINGS)}")
         if not self.clients or min(self.clients) < 1:
             raise ValueError(f"clients must be positive counts, got {self.clients}")
         if self.beam_size < 1 or self.duration <= 0 or self.warmup < 0 or self.engine_seconds <= 0:
@@ -283,7 +290,7 @@ def run(cfg: LoadBenchConfig) -> dict[str, Any]:
         raise ValueError(f"{cfg.bundle} cannot be served with continuous batching: {reason}")
     servers: dict[str, ServerProcess] = {}
     try:
-        for name, flags in SETTINGS.items():
+        for name, flags in {**SETTINGS, **{name: EXTRA_SETTINGS[name] for name in cfg.also}}.items():
             servers[name] = ServerProcess(cfg, flags)
         for server in servers.values():
             server.wait_serving()
@@ -311,11 +318,13 @@ def parse_args(argv: list[str] | None) -> LoadBenchConfig:
                    help="engine-alone seconds per batch size (default: %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads, help="ORT intra-op threads; 0 = ORT default")
     p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
+    p.add_argument("--also", default="", help=f"extra settings, comma-separated: {', '.join(EXTRA_SETTINGS)} "
+                                              "(the servers on the traced decoder)")
     a = p.parse_args(argv)
     try:
         clients = tuple(int(c) for c in a.clients.split(","))
         return LoadBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, clients, a.beam, a.warmup, a.duration,
-                               a.engine_seconds, a.threads, a.out)
+                               a.engine_seconds, a.threads, a.out, tuple(n for n in a.also.split(",") if n))
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable

@@ -100,6 +100,8 @@ class RuntimeConfig:
     # Static search runs the bundle's step decoder (in-place KV cache, export/step_decoder.py) when the
     # chosen CPU variant has one, continuous batching its per-row form; False: the traced decoder.
     step_decoder: bool = True
+    # Open the per-row step decoder too (only continuous batching runs it: nmt-serve --batching continuous).
+    per_row_decoder: bool = False
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -294,15 +296,18 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
         raise ValueError(f"this onnxruntime has no {provider} (available: {', '.join(ort.get_available_providers())})")
     encoder = _session(Path(encoder_path), provider, cfg)
     decoder = _session(Path(decoder_path), provider, cfg)
-    small = None
-    if provider == CPU and cfg.single_thread_rows and cfg.intra_op_threads != 1:
-        small = _session(Path(decoder_path), provider, replace(cfg, intra_op_threads=1))
     steps: dict[str, ort.InferenceSession | None] = {}
     twins = provider == CPU and cfg.step_single_thread_rows and cfg.intra_op_threads != 1
-    for role, path in (("step", step_path), ("rows", rows_path)):
-        use = path is not None and provider == CPU and cfg.step_decoder
+    for role, path, wanted in (("step", step_path, True), ("rows", rows_path, cfg.per_row_decoder)):
+        use = path is not None and provider == CPU and cfg.step_decoder and wanted
         steps[role] = _session(Path(path), provider, cfg) if use else None
         steps[f"{role}_small"] = _session(Path(path), provider, replace(cfg, intra_op_threads=1)) if use and twins else None
+    # The traced decoder runs steps unless the step decoders cover the search (and continuous batching,
+    # when asked for): its single-threaded twin only then (each session holds its own weights).
+    traced_steps = steps["step"] is None or (cfg.per_row_decoder and steps["rows"] is None)
+    small = None
+    if traced_steps and provider == CPU and cfg.single_thread_rows and cfg.intra_op_threads != 1:
+        small = _session(Path(decoder_path), provider, replace(cfg, intra_op_threads=1))
     return Sessions(encoder=encoder, decoder=decoder, variant=variant, provider=provider, manifest=manifest,
                     decoder_small=small, single_thread_rows=cfg.single_thread_rows if small else 0,
                     threads=cfg.intra_op_threads if provider == CPU else 0, **steps,

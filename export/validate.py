@@ -147,8 +147,8 @@ def open_graphs(encoder: Path, decoder: Path, provider: str = CPU, step: Path | 
     """The server's sessions for one graph pair (one intra-op thread: the checks share the cores);
     with `step`, its search runs the step decoder (export/step_decoder.py) instead of `decoder`, with
     `rows`, its continuous batching the per-row one."""
-    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1), step_path=step,
-                         rows_path=rows)
+    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1, per_row_decoder=True),
+                         step_path=step, rows_path=rows)
 
 
 LATE_JOIN_STEPS = 3  # running_greedy: the second half of a batch joins after this many steps

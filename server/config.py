@@ -51,6 +51,7 @@ class ServerConfig:
     precision: str = "auto"
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = its default)
     shortlist: str = "off"  # on: score the bundle's vocabulary shortlist per batch (engine/shortlist.py); off: every id
+    step_decoder: str = "on"  # on: the bundle's step decoders (docs/engine-speed.md); off: the traced decoder
     max_texts: int = 64  # texts per request
     max_sentences: int = 256  # sentences per request, all texts together, after sentence splitting
     max_tokens_per_text: int = 256
@@ -97,8 +98,9 @@ class ServerConfig:
             raise ValueError("tls_ca (mutual TLS) needs tls_cert and tls_key")
         if self.batching not in BATCHING:
             raise ValueError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
-        if self.shortlist not in ("on", "off"):
-            raise ValueError(f"shortlist must be on or off, got {self.shortlist!r}")
+        for name in ("shortlist", "step_decoder"):
+            if getattr(self, name) not in ("on", "off"):
+                raise ValueError(f"{name} must be on or off, got {getattr(self, name)!r}")
         if self.engine_turns not in ENGINE_TURNS:
             raise ValueError(f"engine_turns must be one of {', '.join(ENGINE_TURNS)}, got {self.engine_turns!r}")
         if self.log_level.upper() not in LOG_LEVELS:
@@ -115,7 +117,8 @@ class ServerConfig:
 
     def runtime(self) -> RuntimeConfig:
         return RuntimeConfig(device=self.device, precision=self.precision, intra_op_threads=self.threads,
-                             shortlist=self.shortlist == "on")
+                             shortlist=self.shortlist == "on", step_decoder=self.step_decoder == "on",
+                             per_row_decoder=self.batching == "continuous")
 
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_batch_size, self.max_batch_tokens, self.max_wait_ms / 1000.0,
@@ -160,6 +163,8 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--threads", "threads", int, "ONNX Runtime intra-op threads; 0 = its default"),
     ("--shortlist", "shortlist", str, "on: score only the bundle's vocabulary shortlist per batch (up to 1.3x faster, "
      "BLEU within 0.3, outputs depend on batch mates); off (default): every id, as the torch reference"),
+    ("--step-decoder", "step_decoder", str, "on (default): the bundle's in-place-cache step decoders on the CPU "
+     "(faster, outputs as the torch reference); off: the traced decoder, as bundles without them"),
     ("--max-texts", "max_texts", int, "most texts in one request"),
     ("--max-sentences-per-request", "max_sentences", int,
      "most sentences in one request, all its texts split into sentences together"),

@@ -30,7 +30,8 @@ from nmt.training.tokenizer import EOS_ID, Tokenizer
 
 VOCAB = 600
 EOS_SCALE = 3.0
-ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1)
+# per_row_decoder: the engine tests' running batches use the per-row step decoder, as nmt-serve --batching continuous
+ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1, per_row_decoder=True)
 
 
 def tiny_checkpoint(root: Path, data_dir: Path, layers: int = 2, eos_scale: float = 1.0) -> Path:

@@ -11,11 +11,16 @@ from nmt.engine.runtime import SINGLE_THREAD_ROWS, STEP_SINGLE_THREAD_ROWS, Runt
 
 
 def test_a_multi_threaded_runtime_opens_a_single_threaded_decoder_for_small_steps(server_bundle: Path) -> None:
-    sessions = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2))
+    sessions = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2, step_decoder=False))
     assert sessions.decoder_small is not None and sessions.single_thread_rows == SINGLE_THREAD_ROWS == 64
     assert sessions.decoder_for(64) is sessions.decoder_small and sessions.decoder_for(65) is sessions.decoder
-    # the step decoder's own twin and threshold (fewer nodes: two threads pay off from 9 rows)
-    assert sessions.step_small is not None and sessions.step_single_thread_rows == STEP_SINGLE_THREAD_ROWS == 8
+    # the step decoder's own twin and threshold (fewer nodes: two threads pay off from 9 rows); the traced
+    # decoder then runs no steps, so it has no twin, nor is the per-row decoder opened unless asked for
+    stepped = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2))
+    assert stepped.step_small is not None and stepped.step_single_thread_rows == STEP_SINGLE_THREAD_ROWS == 8
+    assert stepped.decoder_small is None and stepped.rows is None
+    running = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2, per_row_decoder=True))
+    assert running.rows is not None and running.rows_small is not None and running.decoder_small is None
     for cfg in (RuntimeConfig(intra_op_threads=1), RuntimeConfig(intra_op_threads=2, single_thread_rows=0)):
         alone = load_sessions(server_bundle, cfg)
         assert alone.decoder_small is None and alone.decoder_for(1) is alone.decoder
