@@ -66,11 +66,12 @@ class RowBuffers:
         ascending = len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())
         if ascending and len(rows) == self.rows:
             return  # every row stays where it is
+        moved = np.flatnonzero(rows != np.arange(len(rows)))  # beams that continue their own row stay put
         for buffer in self.buffers:
             if ascending:
                 compact(buffer[: self.rows, :, :used], rows)
-            else:
-                buffer[: len(rows), :, :used] = buffer[rows, :, :used]
+            else:  # the right side is gathered (a copy) before any row is written
+                buffer[moved, :, :used] = buffer[rows[moved], :, :used]
         self.lengths = self.lengths[rows]
 
     def run(self, tokens: np.ndarray, feeds: dict[str, np.ndarray], host_outputs: list[str]) -> list[np.ndarray]:

@@ -82,3 +82,14 @@ def test_goals_compare_the_right_rows() -> None:
     assert list(found)[4] == "static p50 latency at 1 client / engine p50 (batch 1)"
     assert list(found)[6] == "continuous / static p99 latency at 16 clients"
     assert "| continuous | 64 | 60.00 | 450 | 900 | 31.60 | 80.00 (b=32) | 0.75 | 300 |" in markdown(results)
+
+
+def test_extra_settings_are_opt_in_and_checked() -> None:
+    """--also adds the traced-decoder servers (before/after in one run); unknown names are refused."""
+    from nmt.bench.load import EXTRA_SETTINGS, LoadBenchConfig, parse_args
+
+    assert parse_args(["--clients", "16"]).also == ()
+    assert parse_args(["--also", "continuous-traced,static-traced"]).also == ("continuous-traced", "static-traced")
+    assert EXTRA_SETTINGS["continuous-traced"][-2:] == ["--step-decoder", "off"]
+    with pytest.raises(ValueError, match="^unknown setting 'nope'; choose from continuous-traced, static-traced$"):
+        LoadBenchConfig(also=("nope",))
