@@ -12,7 +12,6 @@ capacities double when full.
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnxruntime as ort
 
