@@ -140,6 +140,23 @@ def graph_spec(n_layers: int) -> dict[str, Any]:
                 EOS_LOG_PROBS: "(batch,) float32, each row's log-prob of EOS",
             },
         },
+        # The CPU variants' step decoders (export/step_decoder.py): the decoder's outputs, other inputs.
+        "step_decoder": {
+            "inputs": {TOKENS: "(batch,) int64, batch = sentences x beam",
+                       PAST_LENGTH: "(1,) int32, cached positions of every row",
+                       BEAM_WIDTH: "(1,) int32", CACHE_INDIRECTION: "(sentences, beam, capacity) int32",
+                       "src_mask": "(sentences, src_len) bool",
+                       **{name: kv.format("capacity") + ", written in place" for name in past_names(n_layers)},
+                       **{name: "(sentences, n_heads, src_len, d_head)" for name in cross_names(n_layers)},
+                       VOCAB_IDS: "(vocab',) int64, required", TOP_K: "(1,) int64, required"},
+        },
+        "rows_decoder": {
+            "inputs": {TOKENS: "(batch,) int64", SEQLENS_K: "(batch,) int32, each row's cached positions",
+                       TOTAL_LENGTH: "() int32, max(seqlens_k) + 1", "src_mask": "(batch, src_len) bool",
+                       **{name: kv.format("capacity") + ", written in place" for name in past_names(n_layers)},
+                       **{name: kv.format("src_len") for name in cross_names(n_layers)},
+                       VOCAB_IDS: "(vocab',) int64, required", TOP_K: "(1,) int64, required"},
+        },
     }
 
 

@@ -17,7 +17,10 @@ One log line says which variant and provider are active. Sessions also carries w
 needs from the graphs (layers, heads, d_head, KV dtype, vocabulary, whether the decoder has the
 top-k head), read from their inputs, the bundle's vocabulary shortlist (engine/shortlist.py; only
 when RuntimeConfig.shortlist is True), and on the CPU with more than one intra-op thread a
-second, single-threaded decoder session for steps of few rows (SINGLE_THREAD_ROWS).
+second, single-threaded decoder session for steps of few rows (SINGLE_THREAD_ROWS). On the CPU, the
+variant's step decoders open too when it has them (manifest "step_decoder", "rows_decoder":
+export/step_decoder.py): the static search runs the first (engine/step_cache.py), continuous
+batching the second (RuntimeConfig.per_row_decoder, engine/row_cache.py).
 """
 
 from __future__ import annotations

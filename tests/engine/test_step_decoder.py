@@ -101,3 +101,11 @@ def test_the_step_graph_follows_torch_through_beam_reordering(pre_norm: bool, tm
         indirection = np.take_along_axis(indirection, origin[:, :, None], axis=1)
         indirection[:, :, t] = origin
         tokens = rng.integers(4, 50, rows)
+
+
+def test_the_manifest_states_the_step_decoders_inputs(server_bundle: Path) -> None:
+    manifest = bundle.read_manifest(server_bundle)
+    for role in ("step_decoder", "rows_decoder"):
+        graph = ort.InferenceSession(str(server_bundle / manifest["variants"]["fp32-cpu"][role]),
+                                     providers=["CPUExecutionProvider"])
+        assert [i.name for i in graph.get_inputs()] == list(manifest["interface"][role]["inputs"]), role
