@@ -68,6 +68,8 @@ class StepCache(HostCache):
 
     def _run(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
         """One step: `host_outputs` come back as numpy; the new keys/values land in the buffers."""
+        if self.length == 0 and self.beam > 1:
+            return self._first_step(tokens, k, host_outputs)
         if self.length == self.buffers[0].shape[2]:
             self._grow()
         step_feeds = {TOKENS: tokens, PAST_LENGTH: np.array([self.length], np.int32),
@@ -75,6 +77,36 @@ class StepCache(HostCache):
         binding = self.sessions.run_step(lambda session: self._bind(session, step_feeds, host_outputs), len(tokens))
         self.length += 1
         return [value.numpy() for value in binding.get_outputs()[-len(host_outputs):]]
+
+    def _first_step(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
+        """A sentence's beams all start from BOS with nothing cached, so they are the same row: one row
+        per sentence runs (beam width 1), its key/value goes to position 0 of every beam's row, and the
+        outputs are repeated for each beam (the search expands only the first beam anyway)."""
+        K, first = self.beam, tokens[:: self.beam]
+        n = len(first)
+        alone = [self._empty(n, 1) for _ in self.buffers]
+        feeds = {TOKENS: first, PAST_LENGTH: np.array([0], np.int32), BEAM_WIDTH: np.array([1], np.int32),
+                 CACHE_INDIRECTION: np.zeros((n, 1, 1), np.int32), "src_mask": self.src_mask,
+                 VOCAB_IDS: self.vocab_feed, TOP_K: np.array([min(k, len(self.vocab_feed))], np.int64),
+                 **dict(zip(self.cross_names, self.cross))}
+
+        def bind(session: ort.InferenceSession) -> ort.IOBinding:
+            binding = session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_cpu_input(name, value)
+            for name, buffer, present in zip(self.past_names, alone, present_names(self.sessions.n_layers)):
+                view = ort.OrtValue.ortvalue_from_numpy(buffer)
+                binding.bind_ortvalue_input(name, view)
+                binding.bind_ortvalue_output(present, view)
+            for name in host_outputs:
+                binding.bind_output(name)
+            return binding
+
+        found = self.sessions.run_step(bind, n).get_outputs()[-len(host_outputs):]
+        for buffer, written in zip(self.buffers, alone):
+            buffer[: n * K, :, 0] = np.repeat(written[:, :, 0], K, axis=0)
+        self.length = 1
+        return [np.repeat(value.numpy(), K, axis=0) for value in found]
 
     def _bind(self, session: ort.InferenceSession, step_feeds: dict[str, np.ndarray],
               host_outputs: list[str]) -> ort.IOBinding:
