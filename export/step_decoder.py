@@ -23,11 +23,12 @@ Self-attention is com.microsoft.DecoderMaskedMultiHeadAttention with past_presen
 (nothing is concatenated) and cache_indirection (beam search reorders no keys: engine/step_cache.py
 updates the indirection instead). Cross-attention is com.microsoft.MultiHeadAttention with a
 sentence's beams as its query positions: each sentence's source keys and values are read once per
-step, not once per beam (the traced decoder takes them repeated beam times, as CTranslate2 does). States stay (batch, d_model)
-and every projection is one MatMul (+ Add, fused to Gemm by ORT), Q, K and V in one.
+step, not once per beam (the traced decoder takes them repeated beam times). States stay
+(batch, d_model) and every projection is one MatMul (+ Add, fused to Gemm by ORT), Q, K and V in one.
 
 models/default: 77 nodes after ORT's offline optimization, against 178 in the traced decoder.
-Continuous batching (rows at different lengths) keeps the traced decoder and its past_mask.
+Continuous batching (rows at different lengths, mixed beam sizes) runs build(per_row=True)'s form,
+decoder.rows.*.onnx (engine/row_cache.py). docs/engine-speed.md has the measurements.
 """
 
 from __future__ import annotations
