@@ -35,7 +35,8 @@ shared AMD EPYC cores; fastest of 3; "other": all outside the decoder's run()):
 
 On the CPU the search runs the bundle's step decoder when it has one (engine/step_cache.py: KV
 buffers written in place, beams reordered through cache_indirection, no cache copies per step;
-docs/engine-speed.md); the traced decoder (HostCache) otherwise, and for continuous batching.
+docs/engine-speed.md); the traced decoder (HostCache) otherwise. Continuous batching runs the step
+decoder's per-row form (engine/row_cache.py).
 
 What was tried on CPU (kept unless said otherwise):
 - top-k in the graph (TopK per row, k = 2·beam): the (sentences, beam·vocab) np.argpartition
