@@ -46,9 +46,11 @@ ENCODER_CPU, DECODER_CPU = "encoder.cpu.onnx", "decoder.cpu.onnx"
 ENCODER_INT8, DECODER_INT8 = "encoder.int8.onnx", "decoder.int8.onnx"
 # The step decoder (export/step_decoder.py) of the CPU variants, manifest["variants"][name]["step_decoder"];
 # STEP_DECODER is the export's intermediate, removed once the variants are built.
-STEP_DECODER, STEP_DECODER_CPU, STEP_DECODER_INT8 = "decoder.step.onnx", "decoder.step.cpu.onnx", "decoder.step.int8.onnx"
+STEP_DECODER, STEP_DECODER_CPU, STEP_DECODER_INT8 = ("decoder.step.onnx", "decoder.step.cpu.onnx",
+                                                     "decoder.step.int8.onnx")
 # The per-row step decoder for continuous batching, manifest["variants"][name]["rows_decoder"] (same scheme).
-ROWS_DECODER, ROWS_DECODER_CPU, ROWS_DECODER_INT8 = "decoder.rows.onnx", "decoder.rows.cpu.onnx", "decoder.rows.int8.onnx"
+ROWS_DECODER, ROWS_DECODER_CPU, ROWS_DECODER_INT8 = ("decoder.rows.onnx", "decoder.rows.cpu.onnx",
+                                                     "decoder.rows.int8.onnx")
 # The step decoders' own inputs (export/step_decoder.py); the others are the traced decoder's names.
 TOKENS, PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION = "tokens", "past_sequence_length", "beam_width", "cache_indirection"
 SEQLENS_K, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"  # the per-row one's

@@ -166,20 +166,27 @@ class _SourceSide:
         self.cross, self.mask = cross, mask
 
 
+def _host_top_k(log_probs: np.ndarray, k: int,
+                vocab_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """row_top_k of log_probs (R, V'), ids mapped back through vocab_ids (None: every id)."""
+    values, ids, eos = row_top_k(log_probs, k)
+    return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
+
+
 class RunningBatch:
     """The sentences being decoded together; not thread-safe (one caller at a time)."""
 
     def __init__(self, sessions: Sessions):
         # The per-row step decoder when the bundle has one (each row at its own length, engine/row_cache.py);
         # else the traced decoder, every row's cache as wide as the oldest's (past_mask).
-        self._per_row = sessions.rows is not None
-        if not self._per_row and not takes_past_mask([i.name for i in sessions.decoder.get_inputs()]):
+        if sessions.rows is None and not takes_past_mask([i.name for i in sessions.decoder.get_inputs()]):
             raise NoPastMask("the bundle's decoder has no past_mask input (bundle format before 3): re-export it "
                              "for continuous batching")
         self.sessions, L = sessions, sessions.n_layers
         self._checker = Decoder(sessions)  # the same source checks and special ids as the static search
         self._cross_names, self._past_names, self._outputs = cross_names(L), past_names(L), decoder_outputs(L)
         self._top_outputs = [*head_outputs(), *present_names(L)]
+        self._every_id = np.arange(sessions.vocab_size, dtype=np.int64)  # the per-row graph's vocab_ids, no shortlist
         self._reset()
 
     def _reset(self) -> None:
@@ -188,7 +195,7 @@ class RunningBatch:
         self._vocab = _Vocabulary(s.shortlist if s.has_head else None)
         self.past = [np.zeros((0, s.n_heads, 0, s.d_head), s.kv_dtype) for _ in range(2 * s.n_layers)]
         self.past_mask = np.zeros((0, 0), bool)  # (rows, past_len): which cached slots are a row's own
-        self.cache = RowBuffers(s) if self._per_row else None  # the per-row graph's cache, instead of the two above
+        self.cache = None if s.rows is None else RowBuffers(s)  # the per-row graph's cache, instead of the two above
         self.source = _SourceSide(2 * s.n_layers)  # cross K/V and src_mask
         self.tokens = np.zeros(0, np.int64)  # each row's next input token
         # Row changes not yet applied to `past` (applied right before the next run, merged with
@@ -288,7 +295,7 @@ class RunningBatch:
         feeds = {"tgt_ids": self.tokens[:, None], "src_mask": src_mask, PAST_MASK: mask,
                  **dict(zip(self._past_names, self.past)), **dict(zip(self._cross_names, cross))}
         self.past_mask = mask
-        k = max(1 if s.rows == 1 else 2 * s.rows for s in self.sentences) + extra  # extra: blocked tokens
+        k = self._candidates(extra)
         vocab_ids = self._vocab.ids()
         top = self.sessions.has_head and k > 1
         if self.sessions.has_head:
@@ -301,23 +308,26 @@ class RunningBatch:
             values, ids, eos, *self.past = found
             return values, ids, eos
         log_probs, *self.past = found  # (R, V'), V' = len(vocab_ids)
-        values, ids, eos = row_top_k(log_probs, k)
-        return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
+        return _host_top_k(log_probs, k, vocab_ids)
+
+    def _candidates(self, extra: int) -> int:
+        """k: the most candidates any sentence needs per row (greedy 1, beam 2·beam), plus `extra`
+        (the repetition guard's blocked tokens)."""
+        return max(1 if s.rows == 1 else 2 * s.rows for s in self.sentences) + extra
 
     def _run_per_row(self, extra: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """_run on the per-row step decoder (it always has the head, and takes vocab_ids and top_k)."""
         assert self.cache is not None
         cross, src_mask = self.source.views()
-        k = max(1 if s.rows == 1 else 2 * s.rows for s in self.sentences) + extra  # extra: blocked tokens
+        k = self._candidates(extra)
         vocab_ids = self._vocab.ids()
-        scored = np.arange(self.sessions.vocab_size, dtype=np.int64) if vocab_ids is None else vocab_ids
+        scored = self._every_id if vocab_ids is None else vocab_ids
         feeds = {"src_mask": src_mask, VOCAB_IDS: scored, TOP_K: np.array([min(k, len(scored)) if k > 1 else 0]),
                  **dict(zip(self._cross_names, cross))}
         if k > 1:
             return tuple(self.cache.run(self.tokens, feeds, head_outputs()))  # type: ignore[return-value]
         (log_probs,) = self.cache.run(self.tokens, feeds, ["log_probs"])  # greedy only: argmax below
-        values, ids, eos = row_top_k(log_probs, k)
-        return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
+        return _host_top_k(log_probs, k, vocab_ids)
 
     def _advance(self, values: np.ndarray, ids: np.ndarray,
                  eos: np.ndarray) -> tuple[list[Finished], list[int], list[int], list[int]]:

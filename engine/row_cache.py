@@ -13,11 +13,11 @@ capacities double when full.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 
-from .bundle import SEQLENS_K, TOKENS, TOTAL_LENGTH, past_names, present_names
+from .bundle import SEQLENS_K, TOKENS, TOTAL_LENGTH
 from .cache import compact
 from .runtime import Sessions
+from .step_cache import bind_in_place, kv_buffer, regrown
 
 INITIAL_ROWS, INITIAL_LENGTH = 16, 32  # capacities; both double when full
 
@@ -27,13 +27,8 @@ class RowBuffers:
 
     def __init__(self, sessions: Sessions):
         self.sessions = sessions
-        self.names, self.present = past_names(sessions.n_layers), present_names(sessions.n_layers)
         self.lengths = np.zeros(0, np.int32)
-        self.buffers = [self._empty(INITIAL_ROWS, INITIAL_LENGTH) for _ in self.names]
-
-    def _empty(self, rows: int, length: int) -> np.ndarray:
-        s = self.sessions
-        return np.empty((rows, s.n_heads, length, s.d_head), s.kv_dtype)
+        self.buffers = [kv_buffer(sessions, INITIAL_ROWS, INITIAL_LENGTH) for _ in range(2 * sessions.n_layers)]
 
     @property
     def rows(self) -> int:
@@ -44,14 +39,9 @@ class RowBuffers:
         have_rows, have_length = self.buffers[0].shape[0], self.buffers[0].shape[2]
         if rows <= have_rows and length <= have_length:
             return
-        rows, length = max(rows, have_rows), max(length, have_length)
         used = int(self.lengths.max(initial=0))
-        grown = []
-        for buffer in self.buffers:
-            bigger = self._empty(rows, length)
-            bigger[: self.rows, :, :used] = buffer[: self.rows, :, :used]
-            grown.append(bigger)
-        self.buffers = grown
+        self.buffers = regrown(self.sessions, self.buffers, self.rows, max(length, have_length), used,
+                               capacity_rows=max(rows, have_rows))
 
     def add(self, count: int) -> None:
         """`count` new rows at the end, with nothing cached."""
@@ -65,9 +55,9 @@ class RowBuffers:
         ascending = len(rows) < 2 or bool((rows[1:] > rows[:-1]).all())
         if ascending and len(rows) == self.rows:
             return  # every row stays where it is
-        moved = np.flatnonzero(rows != np.arange(len(rows)))  # beams that continue their own row stay put
+        moved = None if ascending else np.flatnonzero(rows != np.arange(len(rows)))  # the others stay put
         for buffer in self.buffers:
-            if ascending:
+            if moved is None:
                 compact(buffer[: self.rows, :, :used], rows)
             else:  # the right side is gathered (a copy) before any row is written
                 buffer[moved, :, :used] = buffer[rows[moved], :, :used]
@@ -79,22 +69,10 @@ class RowBuffers:
         total = int(self.lengths.max(initial=0)) + 1
         if total > self.buffers[0].shape[2]:
             self._resize(0, 2 * self.buffers[0].shape[2])
-        rows = self.rows
         step_feeds = {**feeds, TOKENS: tokens, SEQLENS_K: self.lengths, TOTAL_LENGTH: np.array(total, np.int32)}
-
-        def bind(session: ort.InferenceSession) -> ort.IOBinding:
-            binding = session.io_binding()
-            for name, value in step_feeds.items():
-                binding.bind_cpu_input(name, value)
-            for name, present, buffer in zip(self.names, self.present, self.buffers):
-                view = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])  # a contiguous prefix, not copied
-                binding.bind_ortvalue_input(name, view)
-                binding.bind_ortvalue_output(present, view)  # the same memory: written in place
-            for name in host_outputs:
-                binding.bind_output(name)
-            return binding
-
-        binding = self.sessions.run_step(bind, rows, per_row=True)
+        binding = self.sessions.run_step(
+            lambda session: bind_in_place(session, step_feeds, self.buffers, self.rows, host_outputs), self.rows,
+            per_row=True)
         self.lengths = self.lengths + 1
         return [value.numpy() for value in binding.get_outputs()[-len(host_outputs):]]
 

@@ -304,7 +304,8 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
     for role, path, wanted in (("step", step_path, True), ("rows", rows_path, cfg.per_row_decoder)):
         use = path is not None and provider == CPU and cfg.step_decoder and wanted
         steps[role] = _session(Path(path), provider, cfg) if use else None
-        steps[f"{role}_small"] = _session(Path(path), provider, replace(cfg, intra_op_threads=1)) if use and twins else None
+        alone = replace(cfg, intra_op_threads=1)
+        steps[f"{role}_small"] = _session(Path(path), provider, alone) if use and twins else None
     # The traced decoder runs steps unless the step decoders cover the search (and continuous batching,
     # when asked for): its single-threaded twin only then (each session holds its own weights).
     traced_steps = steps["step"] is None or (cfg.per_row_decoder and steps["rows"] is None)

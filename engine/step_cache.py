@@ -21,11 +21,45 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import BEAM_WIDTH, CACHE_INDIRECTION, PAST_LENGTH, TOKENS, TOP_K, VOCAB_IDS, present_names
+from .bundle import BEAM_WIDTH, CACHE_INDIRECTION, PAST_LENGTH, TOKENS, TOP_K, VOCAB_IDS, past_names, present_names
 from .cache import HostCache, compact
 from .runtime import Sessions
 
 INITIAL_CAPACITY = 32  # positions; doubles when full (a Multi30k sentence needs ~15-25)
+
+
+def kv_buffer(sessions: Sessions, rows: int, length: int) -> np.ndarray:
+    """One layer's uninitialised key or value buffer (rows, n_heads, length, d_head)."""
+    return np.empty((rows, sessions.n_heads, length, sessions.d_head), sessions.kv_dtype)
+
+
+def regrown(sessions: Sessions, buffers: list[np.ndarray], rows: int, length: int, used: int,
+            capacity_rows: int | None = None) -> list[np.ndarray]:
+    """New buffers of `length` positions (and capacity_rows rows, default `rows`), the first `used`
+    positions of the first `rows` rows copied over."""
+    grown = []
+    for buffer in buffers:
+        bigger = kv_buffer(sessions, capacity_rows or rows, length)
+        bigger[:rows, :, :used] = buffer[:rows, :, :used]
+        grown.append(bigger)
+    return grown
+
+
+def bind_in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray], buffers: list[np.ndarray], rows: int,
+                  host_outputs: list[str]) -> ort.IOBinding:
+    """A step decoder's binding: `feeds` from host memory, each past_* input and its present_* output
+    bound to the first `rows` rows of the same buffer (written in place), `host_outputs` allocated by ORT."""
+    binding = session.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    layers = len(buffers) // 2
+    for name, present, buffer in zip(past_names(layers), present_names(layers), buffers):
+        view = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])  # a contiguous prefix: wrapped, not copied
+        binding.bind_ortvalue_input(name, view)
+        binding.bind_ortvalue_output(present, view)
+    for name in host_outputs:
+        binding.bind_output(name)
+    return binding
 
 
 class StepCache(HostCache):
@@ -39,14 +73,10 @@ class StepCache(HostCache):
         self.beam, self.length = repeat, 0
         self.vocab_feed = np.arange(sessions.vocab_size, dtype=np.int64) if vocab_ids is None else vocab_ids
         rows = self.rows
-        self.buffers = [self._empty(rows, INITIAL_CAPACITY) for _ in self.past_names]
+        self.buffers = [kv_buffer(sessions, rows, INITIAL_CAPACITY) for _ in self.past_names]
         self.indirection = np.zeros((rows // repeat, repeat, INITIAL_CAPACITY), np.int32)
         self.past = []  # HostCache's concatenated past is not used
         self._bound: tuple | None = None  # (key, binding, arrays it references): _bind
-
-    def _empty(self, rows: int, capacity: int) -> np.ndarray:
-        s = self.sessions
-        return np.empty((rows, s.n_heads, capacity, s.d_head), s.kv_dtype)
 
     @property
     def rows(self) -> int:
@@ -55,12 +85,7 @@ class StepCache(HostCache):
     def _grow(self) -> None:
         """Twice the capacity, the cached positions copied over."""
         capacity = 2 * self.buffers[0].shape[2]
-        grown = []
-        for buffer in self.buffers:
-            bigger = self._empty(self.rows, capacity)
-            bigger[:, :, : self.length] = buffer[: self.rows, :, : self.length]
-            grown.append(bigger)
-        self.buffers = grown
+        self.buffers = regrown(self.sessions, self.buffers, self.rows, capacity, self.length)
         indirection = np.zeros((*self.indirection.shape[:2], capacity), np.int32)
         indirection[:, :, : self.length] = self.indirection[:, :, : self.length]
         self.indirection = indirection
@@ -84,24 +109,12 @@ class StepCache(HostCache):
         outputs are repeated for each beam (the search expands only the first beam anyway)."""
         K, first = self.beam, tokens[:: self.beam]
         n = len(first)
-        alone = [self._empty(n, 1) for _ in self.buffers]
+        alone = [kv_buffer(self.sessions, n, 1) for _ in self.buffers]
         feeds = {TOKENS: first, PAST_LENGTH: np.array([0], np.int32), BEAM_WIDTH: np.array([1], np.int32),
                  CACHE_INDIRECTION: np.zeros((n, 1, 1), np.int32), "src_mask": self.src_mask,
                  VOCAB_IDS: self.vocab_feed, TOP_K: np.array([min(k, len(self.vocab_feed))], np.int64),
                  **dict(zip(self.cross_names, self.cross))}
-
-        def bind(session: ort.InferenceSession) -> ort.IOBinding:
-            binding = session.io_binding()
-            for name, value in feeds.items():
-                binding.bind_cpu_input(name, value)
-            for name, buffer, present in zip(self.past_names, alone, present_names(self.sessions.n_layers)):
-                view = ort.OrtValue.ortvalue_from_numpy(buffer)
-                binding.bind_ortvalue_input(name, view)
-                binding.bind_ortvalue_output(present, view)
-            for name in host_outputs:
-                binding.bind_output(name)
-            return binding
-
+        bind = lambda session: bind_in_place(session, feeds, alone, n, host_outputs)  # noqa: E731
         found = self.sessions.run_step(bind, n).get_outputs()[-len(host_outputs):]
         for buffer, written in zip(self.buffers, alone):
             buffer[: n * K, :, 0] = np.repeat(written[:, :, 0], K, axis=0)
@@ -120,18 +133,9 @@ class StepCache(HostCache):
             for name in host_outputs:  # unallocated again: top_k may differ from the last step's
                 binding.bind_output(name)
             return binding
-        binding = session.io_binding()
-        rows = len(step_feeds[TOKENS])
         fixed = {BEAM_WIDTH: np.array([self.beam], np.int32), "src_mask": self.src_mask, VOCAB_IDS: self.vocab_feed,
                  **dict(zip(self.cross_names, self.cross))}
-        for name, value in {**fixed, **step_feeds}.items():
-            binding.bind_cpu_input(name, value)
-        for name, buffer, present in zip(self.past_names, self.buffers, present_names(self.sessions.n_layers)):
-            view = ort.OrtValue.ortvalue_from_numpy(buffer[:rows])  # a contiguous prefix; wrapped, not copied
-            binding.bind_ortvalue_input(name, view)
-            binding.bind_ortvalue_output(present, view)  # the same memory: written in place
-        for name in host_outputs:
-            binding.bind_output(name)
+        binding = bind_in_place(session, {**fixed, **step_feeds}, self.buffers, len(step_feeds[TOKENS]), host_outputs)
         self._bound = (key, binding, fixed)  # `fixed` keeps the bound arrays alive
         return binding
 

@@ -103,7 +103,7 @@ def _branch_on_full_vocabulary(graph: onnx.GraphProto, vocab_size: int) -> None:
         graph.node.insert(position + offset, node)
 
 
-def _block_top_k(graph: onnx.GraphProto) -> onnx.NodeProto:
+def _block_top_k(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
     """TopK of log_probs in two stages, as an If on top_k > 0 (else TopK with k 0, which costs nothing).
 
     ORT's TopK scans (rows, V') at ~1.2 ms for (128, 8000) on 2 Xeon cores, whatever k. Instead: the
@@ -162,7 +162,10 @@ def _block_top_k(graph: onnx.GraphProto) -> onnx.NodeProto:
                     else_branch=helper.make_graph(pad + stages(n("padded"), "padded"), "padded_blocks", [],
                                                   outputs("padded")))
     plain = node("TopK", ["log_probs", TOP_K], [n("plain/values"), n("plain/index")], axis=-1)
-    return node("If", [n("wants_top")], [TOP_LOG_PROBS, n("index")], node_names()[0],
+    graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), n("no_k")))
+    graph.node.extend([node("Greater", [TOP_K, n("no_k")], [n("wants_top_1d")]),
+                       node("Squeeze", [n("wants_top_1d")], [n("wants_top")])])
+    return node("If", [n("wants_top")], [TOP_LOG_PROBS, n("index")], name,
                 then_branch=helper.make_graph([*sizes, by_width], "block_top_k", [], outputs("two_stage")),
                 else_branch=helper.make_graph([plain], "no_top_k", [], outputs("plain")))
 
@@ -178,20 +181,16 @@ def add_top_k(model: onnx.ModelProto, vocab_size: int, blocks: bool = False) -> 
     graph.initializer.extend([numpy_helper.from_array(np.arange(vocab_size, dtype=np.int64), VOCAB_IDS),
                               numpy_helper.from_array(np.array([DEFAULT_TOP_K], dtype=np.int64), TOP_K),
                               numpy_helper.from_array(np.array(EOS_ID, dtype=np.int64), f"{PREFIX}eos_id")])
-    names = iter(node_names())
+    top_name, ids_name, eos_name = node_names()
     if blocks:
-        graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), f"{PREFIX}no_k"))
-        graph.node.append(helper.make_node("Greater", [TOP_K, f"{PREFIX}no_k"], [f"{PREFIX}wants_top_1d"]))
-        graph.node.append(helper.make_node("Squeeze", [f"{PREFIX}wants_top_1d"], [f"{PREFIX}wants_top"]))
-        top = _block_top_k(graph)
-        next(names)
+        top = _block_top_k(graph, top_name)
     else:
-        top = helper.make_node("TopK", ["log_probs", TOP_K], [TOP_LOG_PROBS, f"{PREFIX}index"], next(names), axis=-1)
+        top = helper.make_node("TopK", ["log_probs", TOP_K], [TOP_LOG_PROBS, f"{PREFIX}index"], top_name, axis=-1)
     graph.node.extend([
         top,
-        helper.make_node("Gather", [VOCAB_IDS, f"{PREFIX}index"], [TOP_IDS], next(names), axis=0),
+        helper.make_node("Gather", [VOCAB_IDS, f"{PREFIX}index"], [TOP_IDS], ids_name, axis=0),
         # vocab_ids is ascending with 0..3 in it, so EOS's column is EOS_ID; a scalar index drops the axis.
-        helper.make_node("Gather", ["log_probs", f"{PREFIX}eos_id"], [EOS_LOG_PROBS], next(names), axis=1),
+        helper.make_node("Gather", ["log_probs", f"{PREFIX}eos_id"], [EOS_LOG_PROBS], eos_name, axis=1),
     ])
     graph.output.extend([helper.make_tensor_value_info(TOP_LOG_PROBS, TensorProto.FLOAT, ["batch", TOP_K]),
                          helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, ["batch", TOP_K]),

@@ -227,8 +227,8 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bo
     options = options or ExportOptions()
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     staging = bundle.staging_dir(out_dir, force)  # refuses before any work is done
-    n_steps = 3 + variants_.steps(options.variants) + int(variants_.FP32_CPU in options.variants or
-                                                          variants_.INT8_CPU in options.variants) + (len(options.variants) if options.validate else 0)
+    on_cpu = variants_.FP32_CPU in options.variants or variants_.INT8_CPU in options.variants  # step decoders
+    n_steps = 3 + variants_.steps(options.variants) + on_cpu + (len(options.variants) if options.validate else 0)
     progress = Progress(n_steps, options.progress)
     try:
         loaded = load_checkpoint(checkpoint_dir)
@@ -237,7 +237,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bo
             export_encoder(loaded.model, staging / bundle.ENCODER, options.attention)
         with progress.step("export decoder"):
             export_decoder(loaded.model, staging / bundle.DECODER, options.attention)
-        if variants_.FP32_CPU in options.variants or variants_.INT8_CPU in options.variants:
+        if on_cpu:
             with progress.step("write step decoders"):
                 step_decoder.export_step_decoder(loaded.model, staging / bundle.STEP_DECODER)
                 step_decoder.export_step_decoder(loaded.model, staging / bundle.ROWS_DECODER, per_row=True)

@@ -27,7 +27,7 @@ best and the second-best log-probability along the output is widest (fp16 roundi
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,19 @@ def open_graphs(encoder: Path, decoder: Path, provider: str = CPU, step: Path | 
     `rows`, its continuous batching the per-row one."""
     return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1, per_row_decoder=True),
                          step_path=step, rows_path=rows)
+
+
+LABELS = {"step_decoder": "step decoder", "rows_decoder": "per-row decoder"}  # in problem lines
+
+
+def _in_place_decoders(encoder: Path, decoder: Path, step: Path | None,
+                       rows: Path | None) -> Iterator[tuple[str, Path, Callable, Sessions]]:
+    """(manifest role, graph, greedy search that runs it, sessions) of each step decoder given: the step
+    decoder through the static search, the per-row one through continuous batching."""
+    if step is not None:
+        yield "step_decoder", step, graph_greedy, open_graphs(encoder, decoder, step=step)
+    if rows is not None:
+        yield "rows_decoder", rows, running_greedy, open_graphs(encoder, decoder, rows=rows)
 
 
 LATE_JOIN_STEPS = 3  # running_greedy: the second half of a batch joins after this many steps
@@ -323,16 +336,10 @@ class ParityRun:
         sessions = open_graphs(encoder, decoder)
         expected, got = self.torch_outputs(), graph_greedy(sessions, self.sources, self.max_len_extra)
         summary, problems = greedy_verdict(expected, got, self.parity.sources, self.tokenizer.decode)
-        if step is not None:
-            stepped = graph_greedy(open_graphs(encoder, decoder, step=step), self.sources, self.max_len_extra)
-            step_summary, step_problems = greedy_verdict(expected, stepped, self.parity.sources, self.tokenizer.decode)
-            summary["step_decoder"] = step_summary
-            problems += [f"step decoder {step.name}: {problem}" for problem in step_problems]
-        if rows is not None:
-            running = running_greedy(open_graphs(encoder, decoder, rows=rows), self.sources, self.max_len_extra)
-            rows_summary, rows_problems = greedy_verdict(expected, running, self.parity.sources, self.tokenizer.decode)
-            summary["rows_decoder"] = rows_summary
-            problems += [f"per-row decoder {rows.name}: {problem}" for problem in rows_problems]
+        for role, path, search, sessions_in_place in _in_place_decoders(encoder, decoder, step, rows):
+            found = search(sessions_in_place, self.sources, self.max_len_extra)
+            summary[role], found_problems = greedy_verdict(expected, found, self.parity.sources, self.tokenizer.decode)
+            problems += [f"{LABELS[role]} {path.name}: {problem}" for problem in found_problems]
         n = TOLERANCE_SENTENCES
         graphs = OnnxGraphs.of(sessions)
         diffs = log_prob_diffs(self.model, graphs, self.sources[:n], expected[:n])
@@ -357,21 +364,18 @@ class ParityRun:
             return self._record(name, {"skipped": f"no {_provider_label(providers[0])} execution provider"}, [])
         summary, problems = self._against_baseline(open_graphs(encoder, decoder, available[0]))
         summary = {"provider": available[0], **summary}
-        if step is not None:
-            summary["step_decoder"], step_problems = self._against_baseline(open_graphs(encoder, decoder, step=step))
-            problems += [f"step decoder {step.name}: {problem}" for problem in step_problems]
-        if rows is not None:
-            summary["rows_decoder"], rows_problems = self._against_baseline(
-                open_graphs(encoder, decoder, rows=rows), running=True)
-            problems += [f"per-row decoder {rows.name}: {problem}" for problem in rows_problems]
+        for role, path, search, sessions_in_place in _in_place_decoders(encoder, decoder, step, rows):
+            summary[role], found_problems = self._against_baseline(sessions_in_place, search)
+            problems += [f"{LABELS[role]} {path.name}: {problem}" for problem in found_problems]
         return self._record(name, summary, problems)
 
-    def _against_baseline(self, sessions: Sessions, running: bool = False) -> tuple[dict[str, Any], list[str]]:
-        """Greedy output of `sessions` (running: through continuous batching): identical fraction and BLEU
-        against the first exact variant's."""
+    def _against_baseline(self, sessions: Sessions,
+                          search: Callable = graph_greedy) -> tuple[dict[str, Any], list[str]]:
+        """Greedy output of `sessions` (by `search`: graph_greedy or running_greedy): identical fraction
+        and BLEU against the first exact variant's."""
         assert self._baseline is not None
         base_name, base, base_bleu = self._baseline
-        got = (running_greedy if running else graph_greedy)(sessions, self.sources, self.max_len_extra)
+        got = search(sessions, self.sources, self.max_len_extra)
         same = sum(a == b for a, b in zip(got, base)) / len(got)
         summary: dict[str, Any] = {"checked_against": base_name, "greedy_identical": round(same, 4)}
         problems = []

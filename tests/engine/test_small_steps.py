@@ -14,7 +14,7 @@ def test_a_multi_threaded_runtime_opens_a_single_threaded_decoder_for_small_step
     sessions = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2, step_decoder=False))
     assert sessions.decoder_small is not None and sessions.single_thread_rows == SINGLE_THREAD_ROWS == 64
     assert sessions.decoder_for(64) is sessions.decoder_small and sessions.decoder_for(65) is sessions.decoder
-    # the step decoder's own twin and threshold (fewer nodes: two threads pay off from 9 rows); the traced
+    # the step decoder's own twin and threshold (fewer nodes: two threads paid off at 16 rows, not at 8); the traced
     # decoder then runs no steps, so it has no twin, nor is the per-row decoder opened unless asked for
     stepped = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2))
     assert stepped.step_small is not None and stepped.step_single_thread_rows == STEP_SINGLE_THREAD_ROWS == 8
