@@ -2,7 +2,7 @@
 in one run, and how a long text's sentences batch.
 
     nmt-bench text-cost [--bundle bundles/default] [--clients 1,64] [--rounds 3] [--duration 8]
-                        [--paragraph 64] [--repeats 5] [--out bench/results] [--force]
+                        [--paragraph 64] [--repeats 5] [--adversarial-only] [--out bench/results] [--force]
 
 One `nmt-serve` (the default static batching) on loopback. Each round runs, per client count, a
 closed loop of one-sentence Translate calls with the pipeline on (the default) and then off
@@ -10,7 +10,10 @@ closed loop of one-sentence Translate calls with the pipeline on (the default) a
 load from other processes hits both alike: p50 latency and sentences/s, pooled over the rounds.
 Then --repeats times, alternating: one request whose one text holds --paragraph test sentences,
 and the same sentences as that many concurrent one-sentence requests; the median wall time of each.
-Writes text_cost.json and text_cost.md into --out, with the CPU model and flags.
+First, in this process, what a hostile client's texts cost every stage before the model (the
+translator's prepare: sentences, case, spans, tokenizer) per byte at 1, 4 and 16 KB
+(bench/adversarial_text.py); --adversarial-only stops there. Writes text_cost.json and text_cost.md
+into --out, with the CPU model and flags.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 from nmt.training.cpu import cpu_info, cpu_summary
 
+from . import adversarial_text, health_probe
 from .load import LoadBenchConfig, ServerProcess, Window, load_sentences
 
 
@@ -41,6 +45,9 @@ class TextCostConfig:
     rounds: int = 3
     paragraph: int = 64  # sentences in the one long text
     repeats: int = 5
+    adversarial_only: bool = False
+    health_clients: int = 32
+    health_seconds: float = 10.0
     force: bool = False
 
 
@@ -103,37 +110,80 @@ async def measure(cfg: TextCostConfig, target: str, sentences: list[str]) -> dic
                     old = pooled.get((clients, pipeline), ([], 0))
                     pooled[(clients, pipeline)] = (old[0] + lat, old[1] + err)
         paragraph = await paragraph_against_requests(stub, sentences, cfg)
+    health = await health_while_loaded(cfg, target, sentences)
     seconds = cfg.rounds * cfg.load.duration
     levels = []
     for clients in cfg.load.clients:
         on, off = (summarize(*pooled[(clients, p)], seconds) for p in (True, False))
         levels.append({"clients": clients, "on": on, "off": off, "p50_ratio": on["p50_ms"] / off["p50_ms"],
                        "throughput_ratio": on["sentences_per_s"] / off["sentences_per_s"]})
-    return {"levels": levels, "paragraph": paragraph}
+    return {"levels": levels, "paragraph": paragraph, "health": health}
+
+
+def hostile(i: int) -> list[str]:
+    shapes = list(adversarial_text.SHAPES)
+    return [adversarial_text.make(shapes[i % len(shapes)], adversarial_text.SIZES[i % len(adversarial_text.SIZES)])]
+
+
+async def health_while_loaded(cfg: TextCostConfig, target: str, sentences: list[str]) -> list[dict[str, Any]]:
+    """A separate process's health checks while clients send test sentences, then hostile texts."""
+    rows = []
+    for kind, texts in (("test sentences", lambda i: [sentences[i % len(sentences)]]), ("hostile texts", hostile)):
+        latencies, codes = await health_probe.under_load(target, texts, cfg.health_clients, cfg.health_seconds,
+                                                         options(True, cfg.load.beam_size))
+        ms = np.array(latencies) * 1e3
+        rows.append({"clients_send": kind, "checks": len(ms), "p50_ms": float(np.percentile(ms, 50)),
+                     "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "codes": codes})
+    return rows
 
 
 def write_report(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "text_cost.json").write_text(json.dumps(result, indent=2) + "\n")
-    cfg, p = result["config"], result["paragraph"]
-    lines = ["# Text pipeline cost (`nmt-bench text-cost`)", "",
-             f"CPU: {result['cpu_summary']}", "",
-             f"Bundle `{cfg['load']['bundle']}`, beam {cfg['load']['beam_size']}, {cfg['rounds']} rounds of "
-             f"{cfg['load']['duration']:g} s per setting (on and off alternating), static batching.", "",
-             "| clients | p50 on (ms) | p50 off (ms) | p50 on/off | sent/s on | sent/s off | throughput on/off | errors |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for lv in result["levels"]:
-        on, off = lv["on"], lv["off"]
-        lines.append(f"| {lv['clients']} | {on['p50_ms']:.1f} | {off['p50_ms']:.1f} | {lv['p50_ratio']:.3f} | "
-                     f"{on['sentences_per_s']:.1f} | {off['sentences_per_s']:.1f} | {lv['throughput_ratio']:.3f} | "
-                     f"{on['errors'] + off['errors']} |")
-    lines += ["", f"One text of {p['sentences']} sentences in one request: {p['one_request_s']:.2f} s (median of "
-              f"{len(p['runs_one'])}); the same sentences as {p['sentences']} concurrent requests: "
-              f"{p['concurrent_requests_s']:.2f} s; ratio **{p['ratio']:.3f}** (goal: at most 1.1).", ""]
+    cfg = result["config"]
+    lines = ["# Text pipeline cost (`nmt-bench text-cost`)", "", f"CPU: {result['cpu_summary']}", "",
+             "## Hostile texts", "", f"Bundle `{cfg['load']['bundle']}`: CPU time of the translator's prepare "
+             "(sentences, case, protected spans, tokenizer) for one text of each shape, the least of "
+             f"{result['adversarial']['rounds']} rounds.", "", *adversarial_text.markdown(result["adversarial"]), ""]
+    if "levels" in result:
+        p = result["paragraph"]
+        lines += ["## Under load", "", f"Beam {cfg['load']['beam_size']}, {cfg['rounds']} rounds of "
+                  f"{cfg['load']['duration']:g} s per setting (on and off alternating), static batching.", "",
+                  "| clients | p50 on (ms) | p50 off (ms) | p50 on/off | sent/s on | sent/s off | throughput on/off "
+                  "| errors |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for lv in result["levels"]:
+            on, off = lv["on"], lv["off"]
+            lines.append(f"| {lv['clients']} | {on['p50_ms']:.1f} | {off['p50_ms']:.1f} | {lv['p50_ratio']:.3f} | "
+                         f"{on['sentences_per_s']:.1f} | {off['sentences_per_s']:.1f} | {lv['throughput_ratio']:.3f} | "
+                         f"{on['errors'] + off['errors']} |")
+        lines += ["", f"One text of {p['sentences']} sentences in one request: {p['one_request_s']:.2f} s (median "
+                  f"of {len(p['runs_one'])}); the same sentences as {p['sentences']} concurrent requests: "
+                  f"{p['concurrent_requests_s']:.2f} s; ratio **{p['ratio']:.3f}** (goal: at most 1.1).", "",
+                  "## Health checks under load", "", f"{cfg['health_clients']} clients for {cfg['health_seconds']:g} s "
+                  "each; a health check every 10 ms from a process of its own (as a liveness probe).", "",
+                  "| clients send | checks | p50 (ms) | p99 (ms) | max (ms) | answers |", "|---|---:|---:|---:|---:|---|"]
+        for h in result["health"]:
+            lines.append(f"| {h['clients_send']} | {h['checks']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | "
+                         f"{h['max_ms']:.1f} | {', '.join(f'{k} {v}' for k, v in sorted(h['codes'].items()))} |")
+        lines.append("")
     (out / "text_cost.md").write_text("\n".join(lines))
 
 
+def hostile_texts(bundle: Path) -> dict[str, Any]:
+    from nmt.engine.text import TextOptions
+    from nmt.engine.translator import Translator, prepare_texts
+
+    translator = Translator.from_bundle(bundle)
+    return adversarial_text.measure(lambda text: prepare_texts(translator, [text], TextOptions()))
+
+
 def run(cfg: TextCostConfig) -> dict[str, Any]:
+    config = asdict(cfg)
+    config["load"] = {k: str(v) if isinstance(v, Path) else v for k, v in config["load"].items()}
+    result = {"config": config, "cpu": cpu_info(), "cpu_summary": cpu_summary(), "python": platform.python_version(),
+              "adversarial": hostile_texts(cfg.load.bundle)}
+    if cfg.adversarial_only:
+        return result
     sentences = load_sentences(cfg.load)
     server = ServerProcess(cfg.load, ["--batching", "static", "--max-sentences-per-request", str(max(256, cfg.paragraph))])
     try:
@@ -141,10 +191,7 @@ def run(cfg: TextCostConfig) -> dict[str, Any]:
         measured = asyncio.run(measure(cfg, server.target, sentences))
     finally:
         server.close()
-    config = asdict(cfg)
-    config["load"] = {k: str(v) if isinstance(v, Path) else v for k, v in config["load"].items()}
-    return {"config": config, "cpu": cpu_info(), "cpu_summary": cpu_summary(), "python": platform.python_version(),
-            **measured}
+    return {**result, **measured}
 
 
 def parse_args(argv: list[str] | None) -> TextCostConfig:
@@ -160,12 +207,16 @@ def parse_args(argv: list[str] | None) -> TextCostConfig:
     p.add_argument("--paragraph", type=int, default=d.paragraph, help="sentences in the long text (default: 64)")
     p.add_argument("--repeats", type=int, default=d.repeats, help="long-text runs of each kind (default: 5)")
     p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads; 0 = ORT default")
+    p.add_argument("--adversarial-only", action="store_true", help="only the hostile texts' cost (no server)")
+    p.add_argument("--health-clients", type=int, default=d.health_clients, help="clients while health is probed")
+    p.add_argument("--health-seconds", type=float, default=d.health_seconds, help="seconds per health phase")
     p.add_argument("--out", type=Path, default=d.load.out)
     p.add_argument("--force", action="store_true", help="overwrite existing results")
     a = p.parse_args(argv)
     load = replace(d.load, bundle=a.bundle, data_dir=a.data_dir, clients=tuple(int(c) for c in a.clients.split(",")),
                    beam_size=a.beam, warmup=a.warmup, duration=a.duration, threads=a.threads, out=a.out)
-    return TextCostConfig(load, a.rounds, a.paragraph, a.repeats, a.force)
+    return TextCostConfig(load, a.rounds, a.paragraph, a.repeats, a.adversarial_only, a.health_clients,
+                          a.health_seconds, a.force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,7 +22,9 @@ normalise their case, protect spans that must come out verbatim; then restore an
 
 from __future__ import annotations
 
+import bisect
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -44,22 +46,41 @@ _NO_END = frozenset("the a an of in on at to for with by and or from as is are w
 
 def _run_on_cuts(sentence: str) -> list[int]:
     return [m.start() for m in _RUN_ON.finditer(sentence)
-            if sentence[: m.start()].split()[-1].strip(",").lower() not in _NO_END]
+            if _word_before(sentence, m.start() - 1).strip(",").lower() not in _NO_END]
+
+
+def _word_before(text: str, end: int) -> str:
+    """The word that ends at text[end] (scanning back over that word only: linear over all cuts)."""
+    start = end
+    while start > 0 and not text[start - 1].isspace():
+        start -= 1
+    return text[start:end]
 
 
 # Order matters: the first pattern that matches at a position wins (a URL holds digits and slashes).
+# Linear time whatever the text: every repeat is possessive (++, *+: no backtracking into it), and the
+# e-mail's local part, which could start anywhere inside a run, starts where its run starts (or right
+# after another span: _spans tries that), so a run is scanned once, not once per character (16 KB of
+# "a1" took 1.5 s).
+_NOT_LATIN = r"[^\W\d_a-zA-Z\u00C0-\u024F\u1E00-\u1EFF]"
+_EMOJI = r"[\U0001F000-\U0001FAFF\u2600-\u27BF][\uFE0F\u200D]*+"
 _SPAN_PATTERNS = [
-    r"(?:https?|ftp)://[^\s<>\"']+|www\.[^\s<>\"']+",  # URL
-    r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+",  # e-mail address
+    r"(?:https?|ftp)://[^\s<>\"']++|www\.[^\s<>\"']++",  # URL
+    r"(?<![\w.+-])[\w.+-]++@[\w-]++(?:\.[\w-]++)++",  # e-mail address
     r"(?<![\w@])@\w{1,64}",  # @handle
-    r"(?<![\w:/])[A-Za-z]:\\[^\s\"'<>|]+",  # Windows path
-    r"(?<![\w/])(?:~|\.{1,2})?/[\w.\-~]+(?:/[\w.\-~]*)+|(?<![\w/])(?:~|\.{1,2})/[\w.\-~]+",  # POSIX path
-    r"(?<![\w.])\d+(?:[.,:/-]\d+)*(?:%|(?=\W|$))",  # number with digits: 25, 3.5, 1,000, 2026-12-02, 10:30, 50%
+    r"(?<![\w:/])[A-Za-z]:\\[^\s\"'<>|]++",  # Windows path
+    r"(?<![\w/])(?:~|\.{1,2})?/[\w.\-~]++(?:/[\w.\-~]*+)++|(?<![\w/])(?:~|\.{1,2})/[\w.\-~]++",  # POSIX path
+    # number with digits: 25, 3.5, 1,000, 2026-12-02, 10:30, 50% (the groups give back one at most)
+    r"(?<![\w.])\d++(?:[.,:/-]\d++)*(?:%|(?=\W|$))",
     # Letters outside the Latin script, and emoji: a Latin-script model can only invent text for them.
-    r"[^\W\d_a-zA-Z\u00C0-\u024F\u1E00-\u1EFF]+(?:[\s-]+[^\W\d_a-zA-Z\u00C0-\u024F\u1E00-\u1EFF]+)*",
-    r"[\U0001F000-\U0001FAFF\u2600-\u27BF][\uFE0F\u200D]*(?:\s*[\U0001F000-\U0001FAFF\u2600-\u27BF][\uFE0F\u200D]*)*",
+    rf"{_NOT_LATIN}++(?:[\s-]++{_NOT_LATIN}++)*+",
+    rf"{_EMOJI}(?:\s*+{_EMOJI})*+",
 ]
-_SPANS = re.compile("|".join(f"({p})" for p in _SPAN_PATTERNS), re.IGNORECASE)
+# Every pattern's first character is one of these: a quarter of the scan's time goes without trying them.
+_FIRST = r"(?=[\w.+\-@~/\U0001F000-\U0001FAFF\u2600-\u27BF])"
+_SPANS = re.compile(_FIRST + "(?:" + "|".join(f"({p})" for p in _SPAN_PATTERNS) + ")", re.IGNORECASE)
+_URL = re.compile(_SPAN_PATTERNS[0], re.IGNORECASE)
+_LOCAL_PART, _DOMAIN = re.compile(r"[\w.+-]++"), re.compile(r"@[\w-]++(?:\.[\w-]++)++")  # the e-mail's halves
 # A character no span can do without: most sentences have none, and skip the spans' regex.
 _MAYBE_SPAN = re.compile(r"[\d@/\\:]|www|[^\x00-\u024F\u1E00-\u1EFF]", re.IGNORECASE)
 _LETTER = re.compile(r"[^\W\d_]")
@@ -122,37 +143,50 @@ class PreparedText:
 
 
 def prepare(text: str, options: TextOptions, lang: str = "en") -> PreparedText:
-    """Split (or not), then protect spans and normalise case per sentence."""
+    """Find the spans once, split (or not), then protect spans and normalise case per sentence."""
+    matches = _find(text) if options.split_sentences or options.protect_spans else []
     if options.split_sentences:
-        bounds = split_sentences(text, lang)
+        bounds = split_sentences(text, lang, matches)
     else:
         start, end = len(text) - len(text.lstrip()), len(text.rstrip())
         bounds = [(start, end)] if start < end else []
-    return PreparedText(text, tuple(bounds), tuple(prepare_sentence(text[a:b], options) for a, b in bounds))
+    sentences, first = [], 0
+    for a, b in bounds:  # bounds ascend, and no span crosses one (spans are opaque to the splitter)
+        while first < len(matches) and matches[first][0] < a:
+            first += 1
+        last = first
+        while last < len(matches) and matches[last][0] < b:
+            last += 1
+        within = [(start - a, end - a, pattern) for start, end, pattern in matches[first:last]]
+        # The patterns look one character around a span: where a neighbour of the sentence is not
+        # whitespace (a literal "\\n" before it), the sentence alone may hold other spans.
+        alone = (a > 0 and not text[a - 1].isspace()) or (b < len(text) and not text[b].isspace())
+        sentences.append(prepare_sentence(text[a:b], options, None if alone else within))
+    return PreparedText(text, tuple(bounds), tuple(sentences))
 
 
-def prepare_sentence(sentence: str, options: TextOptions) -> Sentence:
+def prepare_sentence(sentence: str, options: TextOptions, matches: list[tuple[int, int, int]] | None = None
+                     ) -> Sentence:
     """Spans are masked first, so that neither the case rules nor the model touch them."""
-    masked, spans = mask_spans(sentence) if options.protect_spans else (sentence, [])
+    masked, spans = mask_spans(sentence, matches) if options.protect_spans else (sentence, [])
     if not any(c.isalpha() for c in masked):  # invisible characters only (U+200B, NUL, ...): blank
         visible = any(c.isprintable() and not c.isspace() for c in sentence)
         return Sentence("", verbatim=sentence if visible else "")
     case = case_of(masked) if options.normalize_case else Case.AS_IS
-    source = normalize_case(masked, case)
+    pieces = normalize_case(masked, case).split(_MASK)  # the case rules keep every mask, in order
+    assert len(pieces) == len(spans) + 1, "one mask per span"
     free = iter(p for p in PLACEHOLDERS if p.lower() not in sentence.lower())
-    placed = []
-    for i, (span, position) in enumerate(spans):
-        placeholder = next(free, "")
-        source = source.replace(_marker(i), placeholder, 1)
-        placed.append((placeholder, span, position))
+    placed = [(next(free, ""), span, position) for span, position in spans]
+    source = "".join(piece for i, text in enumerate(pieces) for piece in (placed[i - 1][0] if i else "", text))
     return Sentence(re.sub(r"\s{2,}", " ", source).strip(), case, tuple(placed))
 
 
-def split_sentences(text: str, lang: str = "en") -> list[tuple[int, int]]:
+def split_sentences(text: str, lang: str = "en", matches: list[tuple[int, int, int]] | None = None
+                    ) -> list[tuple[int, int]]:
     """[start, end) of each sentence, whitespace excluded: everything between them is a separator."""
     bounds: list[tuple[int, int]] = []
     line_start = 0
-    masked = _opaque_spans(text)  # the backslash-n in C:\\Users\\anna\\notes.txt breaks no line
+    masked = _opaque(text, _find(text) if matches is None else matches)  # C:\\new\\notes.txt breaks no line
     for brk in [*_HARD_BREAK.finditer(masked), None]:
         line_end = len(text) if brk is None else brk.start()
         _segment_line(masked, line_start, line_end, lang, bounds)
@@ -180,11 +214,49 @@ def _segment_line(masked: str, start: int, end: int, lang: str, bounds: list[tup
         cursor = found + len(core)
 
 
-def _opaque_spans(text: str) -> str:
-    """The text with each protected span replaced by as many x's: same offsets, no breaks inside."""
+def _opaque(text: str, matches: list[tuple[int, int, int]]) -> str:
+    """The text with each span replaced by as many x's: same offsets, no sentence break inside."""
+    out, cursor = [], 0
+    for start, end, _ in matches:
+        out += [text[cursor:start], "x" * (end - start)]
+        cursor = end
+    return "".join(out) + text[cursor:]
+
+
+def _find(text: str) -> list[tuple[int, int, int]]:
+    """(start, end, pattern number from 1) of each span in `text` (end before trimming)."""
     if not _MAYBE_SPAN.search(text):
-        return text
-    return _SPANS.sub(lambda m: "x" * len(m.group(0)), text)
+        return []
+    if "@" not in text:  # no address anywhere: one scan is all
+        return [(m.start(), m.end(), m.lastindex or 0) for m in _SPANS.finditer(text)]
+    return list(_spans(text))
+
+
+def _spans(text: str) -> Iterator[tuple[int, int, int]]:
+    """(start, end, pattern number from 1) of each span, left to right, as one unanchored scan of
+    _SPAN_PATTERNS finds them. Right after a span an e-mail address may start inside a run of its
+    characters ("./b+@x.org" holds "+@x.org"), which _SPANS refuses: that run is scanned once here."""
+    cursor, run_end, address_end = 0, -1, -1
+    while True:
+        for match in _SPANS.finditer(text, cursor):
+            end = match.end()
+            yield match.start(), end, match.lastindex or 0
+            if end < len(text) and _in_local_part(text[end - 1]) and _in_local_part(text[end]) \
+                    and not _URL.match(text, end):  # a URL comes first, the address second
+                if end >= run_end:  # past the run scanned last
+                    run_end = _LOCAL_PART.match(text, end).end()  # type: ignore[union-attr]
+                    domain = _DOMAIN.match(text, run_end)
+                    address_end = domain.end() if domain else -1
+                if address_end > 0:
+                    yield end, address_end, 2
+                    cursor = address_end
+                    break
+        else:
+            return
+
+
+def _in_local_part(char: str) -> bool:
+    return char.isalnum() or char in "_.+-"  # [\w.+-]: \w is str.isalnum() and the underscore
 
 
 def case_of(sentence: str) -> Case:
@@ -223,71 +295,121 @@ def restore_case(translation: str, case: Case) -> str:
     return translation
 
 
-def find_spans(sentence: str) -> list[tuple[int, int]]:
+def find_spans(sentence: str, matches: list[tuple[int, int, int]] | None = None) -> list[tuple[int, int]]:
     """[start, end) of each span that must come out verbatim."""
-    if not _MAYBE_SPAN.search(sentence):
-        return []
     found = []
-    for match in _SPANS.finditer(sentence):
-        start, end = match.span()
-        if match.lastindex in (1, 4, 5):  # URL or path: trailing punctuation is the sentence's
+    for start, end, pattern in _find(sentence) if matches is None else matches:
+        if pattern in (1, 4, 5):  # URL or path: trailing punctuation is the sentence's
             while end > start + 1 and sentence[end - 1] in _TRAILING:
                 end -= 1
         found.append((start, end))
     return found
 
 
-def mask_spans(sentence: str) -> tuple[str, list[tuple[str, float]]]:
-    """The sentence with span i replaced by _marker(i), and (span, relative start) per span."""
+def mask_spans(sentence: str, matches: list[tuple[int, int, int]] | None = None) -> tuple[str, list[tuple[str, float]]]:
+    """The sentence with each span replaced by _MASK (a stray _MASK of its own by U+FFFD), and
+    (span, relative start) per span."""
     out, spans, cursor = [], [], 0
-    for i, (start, end) in enumerate(find_spans(sentence)):
-        out += [sentence[cursor:start], _marker(i)]
+    for start, end in find_spans(sentence, matches):
+        out += [sentence[cursor:start], _MASK]
         spans.append((sentence[start:end], start / len(sentence)))
         cursor = end
     out.append(sentence[cursor:])
-    return "".join(out), spans
+    if _MASK not in sentence:
+        return "".join(out), spans
+    return "".join(piece.replace(_MASK, "\ufffd") if i % 2 == 0 else piece for i, piece in enumerate(out)), spans
 
 
 def put_spans_back(translation: str, spans: tuple[tuple[str, str, float], ...]) -> str:
     """Each placeholder's first whole-word occurrence becomes its span and later copies are dropped;
-    a span whose placeholder is missing goes in at the word boundary nearest its relative position."""
-    missing = []
-    for i, (placeholder, _, position) in enumerate(spans):
-        pattern = re.compile(rf"(?<!\w){re.escape(placeholder)}(?!\w)", re.IGNORECASE) if placeholder else None
-        match = pattern.search(translation) if pattern else None
-        if match is None:
-            missing.append((i, position))
-            continue
-        tail = re.sub(rf"\s?{pattern.pattern}", "", translation[match.end():], flags=re.IGNORECASE)
-        translation = translation[: match.start()] + _marker(i) + tail
-    for i, position in missing:
-        translation = _insert_at(translation, _marker(i), position)
-    for i, (_, span, _) in enumerate(spans):
-        translation = translation.replace(_marker(i), span, 1)
-    return translation
+    a span whose placeholder is missing goes in at the word boundary nearest its relative position.
+    Linear in the translation whatever the number of spans: one pass finds the placeholders; the few
+    missing ones that had a placeholder go in one by one, each against the text the previous left;
+    spans beyond the placeholders (a sentence with more spans than names) all go in in one pass."""
+    index = {placeholder.lower(): i for i, (placeholder, _, _) in enumerate(spans) if placeholder}
+    out, found, cursor = [], set(), 0
+    if index:
+        names = "|".join(re.escape(p) for p in index)
+        for match in re.finditer(rf"(?<!\w)(?:{names})(?!\w)", translation, re.IGNORECASE):
+            i = index[match.group(0).lower()]
+            before = translation[cursor:match.start()]
+            if i in found:  # a later copy goes, and one whitespace character before it
+                out.append(before[:-1] if before[-1:].isspace() else before)
+            else:
+                out += [before, _marker(i)]
+                found.add(i)
+            cursor = match.end()
+    text = "".join(out) + translation[cursor:]
+    for i in index.values():
+        if i not in found:
+            text = _insert_at(text, _marker(i), spans[i][2])
+    unnamed = [(i, position) for i, (placeholder, _, position) in enumerate(spans) if not placeholder]
+    return _fill(text, _insertions(text, unnamed), [span for _, span, _ in spans])
 
 
 def _marker(index: int) -> str:
     # Private-use characters: no letter, no word character the case rules or placeholders touch.
+    assert index < len(PLACEHOLDERS), "only spans with a placeholder get a marker"
     return f"\ue000{chr(0xE100 + index)}\ue001"
+
+
+_MASK = "\ue000"  # a span in the masked sentence
+_MARKERS = re.compile("\ue000([\ue100-\ue1ff])\ue001")
 
 
 def _insert_at(text: str, piece: str, position: float) -> str:
     """`piece` at the word boundary nearest `position` (0..1) of `text`, before final punctuation."""
+    [(at, how, _)] = _insertions(text, [(0, position)])
+    if how == "alone":
+        return (piece + " " + text.strip()).strip()
+    return text[:at] + (" " + piece if how == "after" else piece + " ") + text[at:]
+
+
+def _insertions(text: str, missing: list[tuple[int, float]]) -> list[tuple[int, str, list[int]]]:
+    """Where spans go in `text` by relative position, all against `text` as it is: (offset, how, span
+    indices), offsets ascending. How: "before" the word there (the span and a space), "after" the body,
+    before its final punctuation (a space and the span), or "alone" (no body: the spans, then the text)."""
+    if not missing:
+        return []
     body = text.rstrip(".!?。 ")
     if not body:
-        return (piece + " " + text.strip()).strip()
-    target = position * len(body)
+        return [(0, "alone", [i for i, _ in missing])]
     boundaries = [0] + [m.end() for m in re.finditer(r"\s+", body)] + [len(body)]
-    at = min(boundaries, key=lambda b: abs(b - target))
-    if at >= len(body):
-        return body + " " + piece + text[len(body):]
-    return text[:at] + piece + " " + text[at:]
+    at: dict[int, list[int]] = {}
+    for i, position in missing:
+        at.setdefault(_nearest(boundaries, position * len(body)), []).append(i)
+    return [(offset, "after" if offset >= len(body) else "before", indices) for offset, indices in sorted(at.items())]
+
+
+def _nearest(boundaries: list[int], target: float) -> int:
+    """The boundary nearest `target` (the first of two as near), by bisection."""
+    lo = bisect.bisect_left(boundaries, target)
+    if lo == 0:
+        return boundaries[0]
+    if lo == len(boundaries) or target - boundaries[lo - 1] <= boundaries[lo] - target:
+        return boundaries[lo - 1]
+    return boundaries[lo]
+
+
+def _fill(text: str, insertions: list[tuple[int, str, list[int]]], spans: list[str]) -> str:
+    """`text` with each marker replaced by its span and `insertions` made, in one pass."""
+    if insertions and insertions[0][1] == "alone":
+        return (" ".join(spans[i] for i in insertions[0][2]) + " " + _fill(text, [], spans).strip()).strip()
+    events = sorted([(m.start(), 1, m.end(), spans[ord(m.group(1)) - 0xE100]) for m in _MARKERS.finditer(text)] +
+                    [(offset, 0, offset, "".join(spans[i] + " " if how == "before" else " " + spans[i]
+                                                 for i in indices)) for offset, how, indices in insertions])
+    out, cursor = [], 0
+    for start, _, end, piece in events:
+        out += [text[cursor:start], piece]
+        cursor = end
+    out.append(text[cursor:])
+    return "".join(out)
 
 
 # An output is degenerate when it is absurdly long for its source or loops. The length rule never
 # fires on Multi30k's validation references (the longest is 2.3x its source's characters).
-_LOOP = re.compile(r"(\S{2,}?)\1{3,}")  # a piece of 2+ characters 4+ times in a row, within a word run
+# A piece of 2 to 50 characters 4+ times in a row, within a word run (bounded: linear in the output).
+_LOOP = re.compile(r"(\S{2,50}?)\1{3,}")
 
 
 def degenerate(source: str, output: str) -> str | None:
@@ -295,12 +417,14 @@ def degenerate(source: str, output: str) -> str | None:
     4+ times in a row, or a piece of 2+ characters 4+ times in a row (unless the source loops so)."""
     if len(output) > 3 * len(source) + 30:
         return f"{len(output)} characters for a {len(source)}-character source"
-    words = output.lower().split()
+    words, source_words, allowed = output.lower().split(), " ".join(source.lower().split()), set()
     for n in range(1, 5):
         for start in range(len(words) - 4 * n + 1):
             if all(words[start + j * n : start + (j + 1) * n] == words[start : start + n] for j in range(1, 4)):
-                if " ".join(words[start : start + n] * 4) not in " ".join(source.lower().split()):
+                looped = " ".join(words[start : start + n] * 4)
+                if looped not in allowed and looped not in source_words:
                     return f"{' '.join(words[start:start + n])!r} 4 times in a row"
+                allowed.add(looped)  # the source loops so: each loop looked up once
     for match in _LOOP.finditer(output):
         if match.group(1) * 4 not in source:
             return f"{match.group(1)!r} {len(match.group(0)) // len(match.group(1))} times in a row"

@@ -245,6 +245,7 @@ def live_builder(cfg: ServerConfig, metrics: Metrics, load: Loader | None = None
             await entry.scheduler.start()
         except BaseException:
             await entry.scheduler.close(timeout=0)
+            entry.service.close()
             raise
         return entry
     return build

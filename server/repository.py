@@ -258,6 +258,7 @@ class Models:
         while not await entry.service.wait_idle(60.0):
             log.info("model %s version %s: still finishing accepted requests", entry.name, entry.version)
         await entry.scheduler.close(timeout=None)
+        entry.service.close()
         # Its gauge and info series go, unless a reload of the same version serves under the same labels.
         if entry.metrics is not None and not any((e.name, e.version) == (entry.name, entry.version) for e in self):
             entry.metrics.remove()
@@ -295,5 +296,7 @@ class Models:
 
     async def close(self, timeout: float | None = None) -> None:
         await asyncio.gather(*(e.scheduler.close(timeout=timeout) for e in [*self.entries, *self.retiring]))
+        for e in [*self.entries, *self.retiring]:
+            e.service.close()
         for _, task in list(self._retiring.values()):
             task.cancel()

@@ -156,6 +156,9 @@ class LoadedCheckpoint:
 def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     directory = Path(directory)
     config = read_config(directory)
+    if not isinstance(config.get("tokenizer"), str):
+        raise CheckpointError(f"checkpoint {directory} was imported with a Marian tokenizer (nmt-import): such "
+                              "checkpoints are not exported yet")
     for name in (WEIGHTS, config["tokenizer"]):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {name}")

@@ -33,6 +33,14 @@ class ModelConfig:
     pre_norm: bool = False  # the paper is post-norm ("Add & Norm")
     max_positions: int = 1024
     pad_id: int = 0
+    # What other checkpoints (Marian / OPUS-MT) differ in; the defaults are our recipe's.
+    activation: str = "relu"  # the feed-forward block's: relu, gelu (exact) or swish (SiLU)
+    scale_embedding: bool = True  # token embeddings times sqrt(d_model)
+    position_layout: str = "interleaved"  # sinusoids: sin/cos interleaved (ours), or "halves" (Marian, fairseq)
+    output_bias: bool = False  # a bias on the output layer (Marian's final_logits_bias)
+    shared_embeddings: bool = True  # one matrix for source, target and output; False: the encoder has its own
+    decoder_vocab_size: int | None = None  # the target vocabulary's size when it differs from the source's
+    layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
@@ -43,6 +51,21 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
+        if self.position_layout not in POSITION_LAYOUTS:
+            raise ValueError(f"position_layout must be one of {', '.join(POSITION_LAYOUTS)}, got {self.position_layout!r}")
+        if self.decoder_vocab_size is not None and (self.decoder_vocab_size <= 0 or self.shared_embeddings):
+            raise ValueError("decoder_vocab_size needs separate embeddings (shared_embeddings false) and must be "
+                             f"positive, got {self.decoder_vocab_size}")
+        if not 0 <= self.pad_id < min(self.vocab_size, self.target_vocab_size):
+            raise ValueError(f"pad_id {self.pad_id} is not an id of the vocabulary ({self.vocab_size} pieces)")
+        if not 0.0 < self.layer_norm_eps < 1.0:
+            raise ValueError(f"layer_norm_eps must be in (0, 1), got {self.layer_norm_eps}")
+
+    @property
+    def target_vocab_size(self) -> int:
+        return self.vocab_size if self.decoder_vocab_size is None else self.decoder_vocab_size
 
     @property
     def d_head(self) -> int:
@@ -75,13 +98,21 @@ def preset(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
-def sinusoidal_table(max_positions: int, d_model: int) -> torch.Tensor:
-    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "swish": F.silu}
+POSITION_LAYOUTS = ("interleaved", "halves")
+
+
+def sinusoidal_table(max_positions: int, d_model: int, layout: str = "interleaved") -> torch.Tensor:
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)) ("interleaved", the
+    paper's); "halves" puts every sine first and every cosine after them (Marian, fairseq)."""
     position = torch.arange(max_positions, dtype=torch.float64)[:, None]
     inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+    sines, cosines = torch.sin(position * inv_freq), torch.cos(position * inv_freq)  # (max_positions, ceil(d/2))
+    if layout == "halves":
+        return torch.cat([sines, cosines[:, : d_model // 2]], dim=1).float()  # (max_positions, d_model)
     table = torch.zeros(max_positions, d_model, dtype=torch.float64)
-    table[:, 0::2] = torch.sin(position * inv_freq)
-    table[:, 1::2] = torch.cos(position * inv_freq)
+    table[:, 0::2] = sines
+    table[:, 1::2] = cosines[:, : d_model // 2]
     return table.float()  # (max_positions, d_model)
 
 
@@ -139,9 +170,10 @@ class FeedForward(nn.Module):
         self.linear1 = nn.Linear(cfg.d_model, cfg.d_ff)
         self.linear2 = nn.Linear(cfg.d_ff, cfg.d_model)
         self.dropout = Dropout(cfg.activation_dropout)
+        self.activation = ACTIVATIONS[cfg.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(F.relu(self.linear1(x))))
+        return self.linear2(self.dropout(self.activation(self.linear1(x))))
 
 
 class Residual(nn.Module):
@@ -149,7 +181,7 @@ class Residual(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.dropout)
         self.pre_norm = cfg.pre_norm
 
@@ -200,15 +232,21 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        # One joint vocabulary: source, target and output projection share this matrix.
-        self.embedding = nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
-        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
+        # The target embedding, tied with the output layer; with shared_embeddings (one joint
+        # vocabulary, our recipe) the source's too, else the encoder has src_embedding.
+        self.embedding = nn.Embedding(cfg.target_vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.src_embedding = None if cfg.shared_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model,
+                                                                              padding_idx=cfg.pad_id)
+        self.output_bias = nn.Parameter(torch.zeros(cfg.target_vocab_size)) if cfg.output_bias else None
+        self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
+        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model, cfg.position_layout),
+                             persistent=False)
         self.embed_dropout = Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
         # Pre-norm stacks need a final norm; post-norm layers already end in one.
-        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
-        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.pre_norm else nn.Identity()
+        self.encoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps) if cfg.pre_norm else nn.Identity()
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -221,21 +259,24 @@ class Transformer(nn.Module):
                 nn.init.xavier_uniform_(p, gain=2**-0.5 if qkv else 1.0)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
-        nn.init.normal_(self.embedding.weight, mean=0.0, std=self.cfg.d_model**-0.5)
-        with torch.no_grad():
-            self.embedding.weight[self.cfg.pad_id].zero_()
+        for embedding in (self.embedding, self.src_embedding):
+            if embedding is not None:
+                nn.init.normal_(embedding.weight, mean=0.0, std=self.cfg.d_model**-0.5)
+                with torch.no_grad():
+                    embedding.weight[self.cfg.pad_id].zero_()
 
-    def embed(self, ids: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
+    def embed(self, ids: torch.Tensor, offset: int | torch.Tensor = 0, source: bool = False) -> torch.Tensor:
         """Token embeddings plus positions: from `offset` on (int), or given per token ((B, T) long)."""
         T = ids.shape[1]
         positions = self.positions[offset] if isinstance(offset, torch.Tensor) else self.positions[offset : offset + T]
-        x = self.embedding(ids) * math.sqrt(self.cfg.d_model) + positions  # (B, T, d_model)
+        table = self.src_embedding if source and self.src_embedding is not None else self.embedding
+        x = table(ids) * self.embed_scale + positions  # (B, T, d_model)
         return self.embed_dropout(x)
 
     def encode(self, src: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
         """src: (B, S) ids; src_mask: (B, S) bool, True for real tokens -> memory (B, S, d_model)."""
         attn_mask = src_mask[:, None, None, :]  # (B, 1, 1, S)
-        x = self.embed(src)
+        x = self.embed(src, source=True)
         for layer in self.encoder_layers:
             x = layer(x, attn_mask)
         return self.encoder_norm(x)
@@ -284,7 +325,7 @@ class Transformer(nn.Module):
         return self.decoder_norm(x), present
 
     def project(self, states: torch.Tensor) -> torch.Tensor:
-        return F.linear(states, self.embedding.weight)  # (..., V), tied weights
+        return F.linear(states, self.embedding.weight, self.output_bias)  # (..., V), tied weights
 
     def forward(
         self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor, keep: torch.Tensor | None = None,

@@ -17,6 +17,8 @@ against, so its rules are spelled out:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -26,30 +28,48 @@ from .model import Transformer
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
-def pad_batch(seqs: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class SpecialIds:
+    """The ids the search treats apart: ours (training/tokenizer.py), or a checkpoint's (Marian: EOS 0,
+    the decoder starts from <pad>, which is never generated)."""
+
+    start: int = BOS_ID
+    eos: int = EOS_ID
+    pad: int = PAD_ID
+    never: tuple[int, ...] = ()  # ids no hypothesis may hold
+
+
+OURS = SpecialIds()
+
+
+def pad_batch(seqs: list[list[int]], device: torch.device | str = "cpu", pad: int = PAD_ID
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists -> (ids (B, S) long, mask (B, S) bool with True for real tokens)."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), PAD_ID, dtype=torch.long)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     for row, seq in enumerate(seqs):
         ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
     ids = ids.to(device)
-    return ids, ids != PAD_ID
+    return ids, ids != pad
 
 
 class _Batch:
     """Decoder state for the rows still being decoded; `select` keeps only the given rows."""
 
-    def __init__(self, model: Transformer, sources: list[list[int]], device, repeat: int):
-        src, src_mask = pad_batch([s + [EOS_ID] for s in sources], device)
+    def __init__(self, model: Transformer, sources: list[list[int]], device, repeat: int, special: SpecialIds = OURS):
+        src, src_mask = pad_batch([s + [special.eos] for s in sources], device, special.pad)
         memory = model.encode(src, src_mask)
         self.cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in model.cross_kv(memory)]
         self.src_mask = src_mask.repeat_interleave(repeat, 0)
         self.past: list | None = None
 
-    def step(self, model: Transformer, last_tokens: torch.Tensor) -> torch.Tensor:
-        """last_tokens (R,) -> log-probabilities (R, V) of the next token."""
+    def step(self, model: Transformer, last_tokens: torch.Tensor, never: tuple[int, ...] = ()) -> torch.Tensor:
+        """last_tokens (R,) -> log-probabilities (R, V) of the next token (-inf for `never`)."""
         logits, self.past = model.decode(last_tokens[:, None], self.cross, self.src_mask, self.past)
-        return F.log_softmax(logits[:, -1].float(), dim=-1)
+        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1)
+        if never:
+            log_probs[:, list(never)] = float("-inf")
+        return log_probs
 
     def select(self, rows: torch.Tensor) -> None:
         pick = lambda t: t.index_select(0, rows)  # noqa: E731
@@ -61,34 +81,35 @@ class _Batch:
 @torch.no_grad()
 def greedy_search(
     model: Transformer, sources: list[list[int]], max_len_extra: int = 50, device: str | torch.device = "cpu",
-    repetition_guard: bool = True,
+    repetition_guard: bool = True, special: SpecialIds = OURS,
 ) -> list[Hypothesis]:
     """Most probable next token at each step, for a batch of sources (token ids without EOS)."""
     if not sources:
         return []
     model.eval()
-    batch = _Batch(model, sources, device, repeat=1)
+    eos = special.eos
+    batch = _Batch(model, sources, device, repeat=1, special=special)
     max_lens = torch.tensor([len(s) + max_len_extra for s in sources], device=device)
     active = torch.arange(len(sources), device=device)  # original index of each row
-    last = torch.full((len(sources),), BOS_ID, dtype=torch.long, device=device)
+    last = torch.full((len(sources),), special.start, dtype=torch.long, device=device)
     scores = torch.zeros(len(sources), device=device)
     outputs: list[list[int]] = [[] for _ in sources]
     results: list[Hypothesis | None] = [None] * len(sources)
     step = 0
     while active.numel():
-        log_probs = batch.step(model, last)  # (R, V)
+        log_probs = batch.step(model, last, special.never)  # (R, V)
         at_limit = step + 1 >= max_lens[active]
         log_probs[at_limit] = torch.where(
-            torch.arange(log_probs.shape[1], device=device) == EOS_ID, log_probs[at_limit], float("-inf")
+            torch.arange(log_probs.shape[1], device=device) == eos, log_probs[at_limit], float("-inf")
         )
         for i, row in enumerate(active.tolist() if repetition_guard else []):  # nmt.engine.hypothesis
             if blocked := blocked_tokens(outputs[row]):
                 log_probs[i, blocked] = float("-inf")
         best, last = log_probs.max(dim=-1)
         scores[active] += best
-        finished = last == EOS_ID
+        finished = last == eos
         for row, token in zip(active.tolist(), last.tolist()):
-            if token != EOS_ID:
+            if token != eos:
                 outputs[row].append(token)
         for row in active[finished].tolist():
             results[row] = Hypothesis(outputs[row], scores[row].item(), scores[row].item())
@@ -111,6 +132,7 @@ def beam_search(
     max_len_extra: int = 50,
     device: str | torch.device = "cpu",
     repetition_guard: bool = True,
+    special: SpecialIds = OURS,
 ) -> list[list[Hypothesis]]:
     """The `n_best` best hypotheses per source, best first."""
     if not 1 <= n_best <= beam_size:
@@ -119,24 +141,25 @@ def beam_search(
         return []
     model.eval()
     K, B = beam_size, len(sources)
-    batch = _Batch(model, sources, device, repeat=K)
+    eos = special.eos
+    batch = _Batch(model, sources, device, repeat=K, special=special)
     max_lens = [len(s) + max_len_extra for s in sources]
     active = list(range(B))  # original sentence index of each live group of K rows
     scores = torch.zeros(B, K, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: expand only the first
     prefixes: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
     finished: list[list[Hypothesis]] = [[] for _ in range(B)]
-    last = torch.full((B * K,), BOS_ID, dtype=torch.long, device=device)
+    last = torch.full((B * K,), special.start, dtype=torch.long, device=device)
     step = 0
     while active:
-        log_probs = batch.step(model, last)  # (A*K, V)
+        log_probs = batch.step(model, last, special.never)  # (A*K, V)
         V = log_probs.shape[1]
         log_probs = log_probs.view(len(active), K, V)
         for a, sentence in enumerate(active):
             if step + 1 >= max_lens[sentence]:
-                eos = log_probs[a, :, EOS_ID].clone()
+                eos_scores = log_probs[a, :, eos].clone()
                 log_probs[a] = float("-inf")
-                log_probs[a, :, EOS_ID] = eos
+                log_probs[a, :, eos] = eos_scores
         for a, sentence in enumerate(active if repetition_guard else []):  # the repetition guard (nmt.engine.hypothesis)
             for beam, prefix in enumerate(prefixes[sentence]):
                 if blocked := blocked_tokens(prefix):
@@ -150,7 +173,7 @@ def beam_search(
             alive: list[tuple[int, int, float]] = []
             for rank in range(2 * K):
                 beam, tok, score = origin[a][rank], token[a][rank], top_list[a][rank]
-                if tok == EOS_ID:
+                if tok == eos:
                     if rank < K and score > float("-inf"):
                         length = len(prefixes[sentence][beam]) + 1
                         norm = score / length_penalty(length, alpha)

@@ -25,6 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from grpc_fixtures import *  # noqa: F403
+from nmt.bench.adversarial_text import SHAPES, SIZES, make
 
 pytestmark = pytest.mark.asyncio
 CODE = grpc.StatusCode
@@ -103,6 +104,12 @@ async def too_many_bytes(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
 async def too_many_tokens(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
     return await translate(ch, [" ".join(rng.choice("abcdefghij") for _ in range(rng.randint(300, 2000)))]), \
         "Translate"
+
+
+async def hostile_texts(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
+    """Up to 16 KB each of what once cost the text pipeline quadratic time (bench/adversarial_text.py)."""
+    texts = [make(rng.choice(list(SHAPES)), rng.choice(SIZES)) for _ in range(rng.randint(1, 3))]
+    return await translate(ch, texts), "Translate"
 
 
 async def odd_unicode(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
@@ -197,7 +204,7 @@ INVALID, OK = {CODE.INVALID_ARGUMENT}, {CODE.OK}
 CATEGORIES: dict[str, tuple[int, Case, set[grpc.StatusCode]]] = {  # weight, request, codes it may get
     "empty texts": (1, empty, INVALID), "blank texts": (2, blank, OK), "too many texts": (1, too_many_texts, INVALID),
     "text over max_text_bytes": (1, too_many_bytes, INVALID), "text over max_tokens": (1, too_many_tokens, INVALID),
-    "odd Unicode": (2, odd_unicode, OK), "control characters and NUL": (2, control_chars, OK),
+    "odd Unicode": (2, odd_unicode, OK), "hostile texts": (2, hostile_texts, OK | INVALID), "control characters and NUL": (2, control_chars, OK),
     "out-of-range options": (2, bad_options, INVALID), "random bytes": (2, random_bytes, INVALID),
     "invalid UTF-8": (2, invalid_utf8, INVALID), "oversized message": (1, oversized, {CODE.RESOURCE_EXHAUSTED}),
     "no or wrong token": (1, no_token, {CODE.UNAUTHENTICATED}),
