@@ -19,10 +19,13 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build first, so `torch>=2.4` below is already satisfied (no multi-GB CUDA download).
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[train,dev]'
+	# The tested versions (deploy/constraints), so that a fresh clone runs what the image runs.
+	$(BIN)/pip install -q -c deploy/constraints/cpu.txt -c deploy/constraints/export.txt -e '.[train,dev]'
 	touch $@
 
 test: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 # Main job: serve both language pairs over gRPC (exporting their bundles first when there are none);

@@ -11,8 +11,9 @@ from setuptools import find_packages, setup
 FOLDERS = ("engine", "server", "export", "training", "bench")
 present = [folder for folder in FOLDERS if (Path(__file__).parent / folder / "__init__.py").is_file()]
 setup(
-    packages=[f"nmt.{folder}{'.' + sub if sub else ''}"
-              for folder in present for sub in ["", *find_packages(where=folder)]],
+    packages=[
+        f"nmt.{folder}{'.' + sub if sub else ''}" for folder in present for sub in ["", *find_packages(where=folder)]
+    ],
     package_dir={f"nmt.{folder}": folder for folder in present},
     package_data={"nmt.training": ["py.typed"]} if "training" in present else {},
 )

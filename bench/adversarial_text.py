@@ -62,8 +62,9 @@ class Cost:
     per_byte_ns: float
 
 
-def cost_per_byte(stage: Callable[[str], object], shape: str, sizes: tuple[int, ...] = SIZES, rounds: int = 5
-                  ) -> list[Cost]:
+def cost_per_byte(
+    stage: Callable[[str], object], shape: str, sizes: tuple[int, ...] = SIZES, rounds: int = 5
+) -> list[Cost]:
     """CPU time of `stage` on one text of each size (the least of `rounds`)."""
     largest = max(sizes)
     costs = []
@@ -91,25 +92,43 @@ def measure(stage: Callable[[str], object], sizes: tuple[int, ...] = SIZES, roun
     rows = []
     for shape in SHAPES:
         costs = cost_per_byte(stage, shape, sizes, rounds)
-        rows.append({"shape": shape, "ms": [round(c.seconds * 1e3, 3) for c in costs],
-                     "ns_per_byte": [round(c.per_byte_ns, 1) for c in costs],
-                     "growth": round(costs[-1].per_byte_ns / max(costs[0].per_byte_ns, 1e-3), 3),
-                     "flatness": round(flatness(costs), 3)})
-    return {"sizes": list(sizes), "rounds": rounds, "shapes": rows,
-            "worst_ms_at_largest": max(r["ms"][-1] for r in rows),
-            "worst_growth": max(r["growth"] for r in rows), "worst_flatness": max(r["flatness"] for r in rows)}
+        rows.append(
+            {
+                "shape": shape,
+                "ms": [round(c.seconds * 1e3, 3) for c in costs],
+                "ns_per_byte": [round(c.per_byte_ns, 1) for c in costs],
+                "growth": round(costs[-1].per_byte_ns / max(costs[0].per_byte_ns, 1e-3), 3),
+                "flatness": round(flatness(costs), 3),
+            }
+        )
+    return {
+        "sizes": list(sizes),
+        "rounds": rounds,
+        "shapes": rows,
+        "worst_ms_at_largest": max(r["ms"][-1] for r in rows),
+        "worst_growth": max(r["growth"] for r in rows),
+        "worst_flatness": max(r["flatness"] for r in rows),
+    }
 
 
 def markdown(result: dict[str, Any]) -> list[str]:
     sizes = result["sizes"]
     head = " | ".join(f"{s // 1024} KB ms" for s in sizes)
-    lines = ["| shape | " + head + " | ns/byte at " + f"{sizes[-1] // 1024} KB | growth | flatness |",
-             "|---|" + "---:|" * (len(sizes) + 3)]
+    lines = [
+        "| shape | " + head + " | ns/byte at " + f"{sizes[-1] // 1024} KB | growth | flatness |",
+        "|---|" + "---:|" * (len(sizes) + 3),
+    ]
     for row in result["shapes"]:
-        lines.append(f"| {row['shape']} | " + " | ".join(f"{ms:.2f}" for ms in row["ms"]) +
-                     f" | {row['ns_per_byte'][-1]:.0f} | {row['growth']:.2f} | {row['flatness']:.2f} |")
-    lines += ["", f"Worst: {result['worst_ms_at_largest']:.1f} ms for one {sizes[-1] // 1024} KB text "
-              f"(goal: at most 20), growth {result['worst_growth']:.2f}, flatness {result['worst_flatness']:.2f} "
-              "(goal: within 2). Growth: CPU time per byte at the largest size over the smallest; flatness: the "
-              "largest over the smallest per byte across sizes (small texts carry a fixed cost per call)."]
+        lines.append(
+            f"| {row['shape']} | "
+            + " | ".join(f"{ms:.2f}" for ms in row["ms"])
+            + f" | {row['ns_per_byte'][-1]:.0f} | {row['growth']:.2f} | {row['flatness']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Worst: {result['worst_ms_at_largest']:.1f} ms for one {sizes[-1] // 1024} KB text "
+        f"(goal: at most 20), growth {result['worst_growth']:.2f}, flatness {result['worst_flatness']:.2f} "
+        "(goal: within 2). Growth: CPU time per byte at the largest size over the smallest; flatness: the "
+        "largest over the smallest per byte across sizes (small texts carry a fixed cost per call).",
+    ]
     return lines

@@ -59,8 +59,12 @@ def _cases(directory: Path, cfg: ModelConfig, threads: int) -> dict[str, Callabl
     feeds = {"src_ids": src, "src_mask": mask}
     cross = encoder.run(None, feeds)
     past = [rng.standard_normal((B, cfg.n_heads, P, cfg.d_head)).astype(np.float32) for _ in range(2 * L)]
-    step = {"tgt_ids": rng.integers(4, cfg.vocab_size, (B, 1)).astype(np.int64), "src_mask": mask,
-            **dict(zip(bundle.past_names(L), past)), **dict(zip(bundle.cross_names(L), cross))}
+    step = {
+        "tgt_ids": rng.integers(4, cfg.vocab_size, (B, 1)).astype(np.int64),
+        "src_mask": mask,
+        **dict(zip(bundle.past_names(L), past)),
+        **dict(zip(bundle.cross_names(L), cross)),
+    }
     return {"encoder": lambda: encoder.run(None, feeds), "decoder": lambda: decoder.run(None, step)}
 
 
@@ -78,16 +82,24 @@ def _attention_cases(directory: Path, form: str, threads: int) -> dict[str, Call
     x = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
     padding = np.ones((32, 1, 1, 24), bool)
     padding[::2, ..., 19:] = False
-    shapes = {"enc-self": (x(32, 4, 24, 64), x(32, 4, 24, 64), padding),
-              "dec-self": (x(32, 4, 1, 64), x(32, 4, 13, 64), np.ones((1, 13), bool)),
-              "cross": (x(32, 4, 1, 64), x(32, 4, 24, 64), padding)}
+    shapes = {
+        "enc-self": (x(32, 4, 24, 64), x(32, 4, 24, 64), padding),
+        "dec-self": (x(32, 4, 1, 64), x(32, 4, 13, 64), np.ones((1, 13), bool)),
+        "cross": (x(32, 4, 1, 64), x(32, 4, 24, 64), padding),
+    }
     cases = {}
     for name, (q, kv, mask) in shapes.items():
         path = directory / f"attention-{name}.onnx"
         args = tuple(torch.from_numpy(a) for a in (q, kv, kv, mask))
         with torch.no_grad():
-            program = torch.onnx.export(_Attention(), args, dynamo=True, opset_version=fuse.opset_for(form),
-                                        custom_translation_table=fuse.translation_table(form), verbose=False)
+            program = torch.onnx.export(
+                _Attention(),
+                args,
+                dynamo=True,
+                opset_version=fuse.opset_for(form),
+                custom_translation_table=fuse.translation_table(form),
+                verbose=False,
+            )
         program.save(str(path))
         fuse.optimize_for_cpu(path, path)
         session = _session(path, threads)

@@ -20,20 +20,31 @@ from __future__ import annotations
 import argparse
 import importlib
 
-COMMANDS = {"decode": "nmt.bench.decode", "load": "nmt.bench.load", "soak": "nmt.bench.soak",
-            "reload": "nmt.bench.reload", "fairness": "nmt.bench.fairness", "train": "nmt.bench.train_speed",
-            "segmentation": "nmt.bench.segmentation", "robustness": "nmt.bench.robustness",
-            "text-cost": "nmt.bench.text_cost"}
+COMMANDS = {
+    "decode": "nmt.bench.decode",
+    "load": "nmt.bench.load",
+    "soak": "nmt.bench.soak",
+    "reload": "nmt.bench.reload",
+    "fairness": "nmt.bench.fairness",
+    "train": "nmt.bench.train_speed",
+    "segmentation": "nmt.bench.segmentation",
+    "robustness": "nmt.bench.robustness",
+    "text-cost": "nmt.bench.text_cost",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nmt-bench", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=sorted(COMMANDS), help="decode: engines side by side; load: server load; "
-                        "reload: model versions loaded under load; fairness: a model's latency while another is "
-                        "loaded; soak: server growth over minutes; "
-                        "train: training speed; "
-                        "segmentation: sentence splitters side by side; robustness: paragraphs, case, punctuation, "
-                        "protected spans and odd inputs against plain sentences")
+    parser.add_argument(
+        "command",
+        choices=sorted(COMMANDS),
+        help="decode: engines side by side; load: server load; "
+        "reload: model versions loaded under load; fairness: a model's latency while another is "
+        "loaded; soak: server growth over minutes; "
+        "train: training speed; "
+        "segmentation: sentence splitters side by side; robustness: paragraphs, case, punctuation, "
+        "protected spans and odd inputs against plain sentences",
+    )
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the subcommand's own options (see COMMAND --help)")
     args = parser.parse_args(argv)
     module = importlib.import_module(COMMANDS[args.command])

@@ -74,8 +74,11 @@ def build_spec(model: Transformer, pieces: Sequence[str]) -> transformer_spec.Tr
     if cfg.pre_norm:
         raise ValueError("only post-norm models are mapped (the default model is post-norm)")
     spec = transformer_spec.TransformerSpec.from_config(
-        (cfg.n_encoder_layers, cfg.n_decoder_layers), cfg.n_heads, pre_norm=False,
-        activation=common_spec.Activation.RELU)
+        (cfg.n_encoder_layers, cfg.n_decoder_layers),
+        cfg.n_heads,
+        pre_norm=False,
+        activation=common_spec.Activation.RELU,
+    )
     embedding, positions = _np(model.embedding.weight), _np(model.positions)
     spec.encoder.embeddings[0].weight = embedding
     spec.encoder.position_encodings.encodings = positions
@@ -135,16 +138,22 @@ def write_vmap(bundle_dir: Path, pieces: Sequence[str], path: Path) -> Path:
     return path
 
 
-def convert_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, quantization: str = "float32",
-                       force: bool = False, vmap: Path | None = None) -> Path:
+def convert_checkpoint(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    quantization: str = "float32",
+    force: bool = False,
+    vmap: Path | None = None,
+) -> Path:
     """Write a CTranslate2 model directory (model.bin, config.json, vocabularies; vmap.txt when given)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; choose one of {', '.join(QUANTIZATIONS)}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise ValueError(f"{out_dir} exists; pass force=True (--force) to replace it")
-    _CheckpointConverter(Path(checkpoint_dir)).convert(str(out_dir), quantization=quantization, force=force,
-                                                       vmap=None if vmap is None else str(vmap))
+    _CheckpointConverter(Path(checkpoint_dir)).convert(
+        str(out_dir), quantization=quantization, force=force, vmap=None if vmap is None else str(vmap)
+    )
     return out_dir
 
 

@@ -41,9 +41,24 @@ from typing import Any
 
 import numpy as np
 
-from .engines import (ALL_ENGINES, CT2_ENGINES, CUDA_ENGINES, DEVICES, ENGINES, ONLY_ON, ORT_ENGINES, CT2Engine,
-                      Engine, OrtEngine, SearchSettings, TorchEngine, cuda_problem, default_engines, gpu_name,
-                      wrong_device)
+from .engines import (
+    ALL_ENGINES,
+    CT2_ENGINES,
+    CUDA_ENGINES,
+    DEVICES,
+    ENGINES,
+    ONLY_ON,
+    ORT_ENGINES,
+    CT2Engine,
+    Engine,
+    OrtEngine,
+    SearchSettings,
+    TorchEngine,
+    cuda_problem,
+    default_engines,
+    gpu_name,
+    wrong_device,
+)
 from .flops import encoder_flops, first_step_flops, sgemm_peaks
 
 # The variants a bundle must have for an ORT precision (fp32 runs on the fp32 every bundle has).
@@ -82,11 +97,13 @@ class DecodeBenchConfig:
             object.__setattr__(self, "engines", default_engines(self.device))
         unknown = [e for e in self.engines if e not in ALL_ENGINES]
         if unknown or not self.engines:
-            raise ValueError(f"unknown engines: {', '.join(unknown) or '(none given)'}; "
-                             f"choose from {', '.join(ALL_ENGINES)}")
+            raise ValueError(
+                f"unknown engines: {', '.join(unknown) or '(none given)'}; choose from {', '.join(ALL_ENGINES)}"
+            )
         if wrong := wrong_device(self.engines, self.device):
-            raise ValueError(f"engines not for device {self.device}: "
-                             + ", ".join(f"{e} ({ONLY_ON[e]} only)" for e in wrong))
+            raise ValueError(
+                f"engines not for device {self.device}: " + ", ".join(f"{e} ({ONLY_ON[e]} only)" for e in wrong)
+            )
         bad_modes = [m for m in self.modes if m not in ("greedy", "beam")]
         if bad_modes or not self.modes:
             raise ValueError(f"unknown modes: {', '.join(bad_modes) or '(none given)'}; choose from greedy, beam")
@@ -121,15 +138,24 @@ def _bundle_is_current(out: Path, digest: str, attention: str | None, need: tupl
     except BundleError:
         return False
     outputs = manifest.get("interface", {}).get("decoder", {}).get("outputs", {})
-    return (manifest.get("source_checkpoint", {}).get("sha256") == digest
-            and manifest.get("format_version") == BUNDLE_FORMAT_VERSION and TOP_IDS in outputs
-            and shortlist_file(manifest) is not None
-            and (manifest.get("attention") == attention if attention else manifest.get("attention") != "none")
-            and all(name in manifest.get("variants", {}) for name in need))
+    return (
+        manifest.get("source_checkpoint", {}).get("sha256") == digest
+        and manifest.get("format_version") == BUNDLE_FORMAT_VERSION
+        and TOP_IDS in outputs
+        and shortlist_file(manifest) is not None
+        and (manifest.get("attention") == attention if attention else manifest.get("attention") != "none")
+        and all(name in manifest.get("variants", {}) for name in need)
+    )
 
 
-def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need: tuple[str, ...] = (),
-                  parity: bool = True, data_dir: Path | None = None) -> Path:
+def ensure_bundle(
+    checkpoint: Path,
+    out: Path,
+    attention: str | None,
+    need: tuple[str, ...] = (),
+    parity: bool = True,
+    data_dir: Path | None = None,
+) -> Path:
     """Export `checkpoint` to `out` (with its shortlist, from Multi30k train in `data_dir`; every
     variant, so int8-cpu and fp16-cuda too) unless a verified bundle of the same weights with the
     variants `need` is there."""
@@ -140,8 +166,9 @@ def ensure_bundle(checkpoint: Path, out: Path, attention: str | None, need: tupl
     digest = bundle.directory_digest(checkpoint, [WEIGHTS, CONFIG, read_config(checkpoint)["tokenizer"]])
     if not out.exists() or not _bundle_is_current(out, digest, attention, need):
         print(f"exporting {checkpoint} -> {out} (attention {attention or 'default'})", file=sys.stderr)
-        options = ExportOptions(validate=parity, data_dir=data_dir,
-                                **({} if attention is None else {"attention": attention}))
+        options = ExportOptions(
+            validate=parity, data_dir=data_dir, **({} if attention is None else {"attention": attention})
+        )
         export_checkpoint(checkpoint, out, force=True, options=options)
     return out
 
@@ -161,8 +188,14 @@ class _EngineFactory:
     def bundle(self, kind: str) -> Path:
         if kind not in self.bundles:
             need = needed_variants(self.cfg.engines, kind)
-            self.bundles[kind] = ensure_bundle(self.cfg.checkpoint, self.cfg.cache_dir / kind,
-                                               BUNDLE_ATTENTION[kind], need, self.cfg.parity, self.cfg.data_dir)
+            self.bundles[kind] = ensure_bundle(
+                self.cfg.checkpoint,
+                self.cfg.cache_dir / kind,
+                BUNDLE_ATTENTION[kind],
+                need,
+                self.cfg.parity,
+                self.cfg.data_dir,
+            )
         return self.bundles[kind]
 
     def build(self, name: str) -> tuple[Engine, str]:
@@ -172,19 +205,31 @@ class _EngineFactory:
         cfg = self.cfg
         if name == "torch":
             return TorchEngine(self.loaded.model, cfg.settings, device=cfg.device), "eager" + (
-                " on cuda" if cfg.device == "cuda" else "")
+                " on cuda" if cfg.device == "cuda" else ""
+            )
         if name in ORT_ENGINES:
             kind, precision, shortlist, step = ORT_ENGINES[name]
-            engine = OrtEngine(name, self.bundle(kind), precision, cfg.threads, cfg.settings, cfg.ort_spinning,
-                               shortlist, device=cfg.device, step_decoder=step)
+            engine = OrtEngine(
+                name,
+                self.bundle(kind),
+                precision,
+                cfg.threads,
+                cfg.settings,
+                cfg.ort_spinning,
+                shortlist,
+                device=cfg.device,
+                step_decoder=step,
+            )
             return engine, engine.variant
         quantization, vmap = CT2_ENGINES[name]
         pieces = ct2.vocabulary(self.loaded.tokenizer)
         vmap_file = ct2.write_vmap(self.bundle("fused"), pieces, cfg.cache_dir / "vmap.txt") if vmap else None
-        model_dir = ct2.convert_checkpoint(cfg.checkpoint, cfg.cache_dir / name, quantization, force=True,
-                                           vmap=vmap_file)
-        engine = CT2Engine(name, model_dir, quantization, cfg.threads, pieces, cfg.settings, use_vmap=vmap,
-                           device=cfg.device)
+        model_dir = ct2.convert_checkpoint(
+            cfg.checkpoint, cfg.cache_dir / name, quantization, force=True, vmap=vmap_file
+        )
+        engine = CT2Engine(
+            name, model_dir, quantization, cfg.threads, pieces, cfg.settings, use_vmap=vmap, device=cfg.device
+        )
         return engine, quantization + (" on cuda" if cfg.device == "cuda" else "") + (", vmap" if vmap else "")
 
 
@@ -215,15 +260,16 @@ def _timed(engine: Engine, call: str, batch: list[list[int]], *args: Any) -> tup
     return time.perf_counter() - start, result
 
 
-def _interleaved(engines: list[Engine], batches: list[list[list[int]]], call: str, *args: Any,
-                 progress=None) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
+def _interleaved(
+    engines: list[Engine], batches: list[list[list[int]]], call: str, *args: Any, progress=None
+) -> tuple[dict[str, list[float]], dict[str, list[Any]]]:
     """Each batch through every engine, the order rotating; one untimed warm-up batch each."""
     for engine in engines:
         getattr(engine, call)(batches[0], *args)
     times: dict[str, list[float]] = {e.name: [] for e in engines}
     outputs: dict[str, list[Any]] = {e.name: [] for e in engines}
     for i, batch in enumerate(batches):
-        for engine in engines[i % len(engines):] + engines[: i % len(engines)]:
+        for engine in engines[i % len(engines) :] + engines[: i % len(engines)]:
             seconds, result = _timed(engine, call, batch, *args)
             times[engine.name].append(seconds)
             outputs[engine.name].append(result)
@@ -247,18 +293,28 @@ def run_decode_grid(engines: list[Engine], sources: list[list[int]], cfg: Decode
                 for engine in engines:
                     hyps, seconds = flat[engine.name], sum(times[engine.name])
                     tokens = sum(map(len, hyps))
-                    rows.append({
-                        "engine": engine.name, "mode": mode, "batch_size": size, "sentences": len(hyps),
-                        "batches": len(times[engine.name]), "tokens": tokens, "seconds": round(seconds, 4),
-                        "tokens_per_s": round(tokens / seconds, 1),
-                        "p50_ms": round(1000 * statistics.median(times[engine.name]), 3),
-                        "identical_to_torch": None if reference is None else sum(a == b for a, b in zip(hyps, reference)),
-                    })
+                    rows.append(
+                        {
+                            "engine": engine.name,
+                            "mode": mode,
+                            "batch_size": size,
+                            "sentences": len(hyps),
+                            "batches": len(times[engine.name]),
+                            "tokens": tokens,
+                            "seconds": round(seconds, 4),
+                            "tokens_per_s": round(tokens / seconds, 1),
+                            "p50_ms": round(1000 * statistics.median(times[engine.name]), 3),
+                            "identical_to_torch": None
+                            if reference is None
+                            else sum(a == b for a, b in zip(hyps, reference)),
+                        }
+                    )
     return rows
 
 
-def run_encoder(engines: list[Engine], sources: list[list[int]], cfg: DecodeBenchConfig, model_cfg,
-                peak: float | None) -> list[dict[str, Any]]:
+def run_encoder(
+    engines: list[Engine], sources: list[list[int]], cfg: DecodeBenchConfig, model_cfg, peak: float | None
+) -> list[dict[str, Any]]:
     """Encoder-only GFLOP/s per engine and batch size (CT2: encoder plus its first decoder step);
     the fraction of `peak` where there is one (None on cuda)."""
     rows = []
@@ -273,10 +329,17 @@ def run_encoder(engines: list[Engine], sources: list[list[int]], cfg: DecodeBenc
             plus_step = isinstance(engine, CT2Engine)
             total, seconds = flops + (step if plus_step else 0.0), seconds_of[engine.name]
             gflops = total / seconds / 1e9
-            rows.append({"engine": engine.name, "batch_size": size, "gflop": round(total / 1e9, 3),
-                         "seconds": round(seconds, 4), "gflops_per_s": round(gflops, 2),
-                         "fraction_of_peak": None if peak is None else round(gflops / peak, 3),
-                         "includes_first_decoder_step": plus_step})
+            rows.append(
+                {
+                    "engine": engine.name,
+                    "batch_size": size,
+                    "gflop": round(total / 1e9, 3),
+                    "seconds": round(seconds, 4),
+                    "gflops_per_s": round(gflops, 2),
+                    "fraction_of_peak": None if peak is None else round(gflops / peak, 3),
+                    "includes_first_decoder_step": plus_step,
+                }
+            )
     return rows
 
 
@@ -313,16 +376,36 @@ def machine_info(threads: int, device: str = "cpu") -> dict[str, Any]:
 
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor()
+    )
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    gpu = {"gpu": gpu_name(), "onnxruntime_providers": onnxruntime.get_available_providers(),
-           "torch_cuda": torch.version.cuda} if device == "cuda" else {}
-    return {"device": device, **gpu, "cpu": model, "cpu_flags": [f for f in CPU_FLAGS if f in flags],
-            "logical_cpus": os.cpu_count(),
-            "threads": threads, "nice": os.nice(0),
-            "load_average_start": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                         "ctranslate2": ctranslate2.__version__, "numpy": np.__version__}}
+    gpu = (
+        {
+            "gpu": gpu_name(),
+            "onnxruntime_providers": onnxruntime.get_available_providers(),
+            "torch_cuda": torch.version.cuda,
+        }
+        if device == "cuda"
+        else {}
+    )
+    return {
+        "device": device,
+        **gpu,
+        "cpu": model,
+        "cpu_flags": [f for f in CPU_FLAGS if f in flags],
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "nice": os.nice(0),
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+        "python": platform.python_version(),
+        "versions": {
+            "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__,
+            "ctranslate2": ctranslate2.__version__,
+            "numpy": np.__version__,
+        },
+    }
 
 
 def run(cfg: DecodeBenchConfig) -> dict[str, Any]:
@@ -348,10 +431,20 @@ def run(cfg: DecodeBenchConfig) -> dict[str, Any]:
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     info["other_processes_cores"] = share.other_cores()  # average over the whole measurement
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    return {"config": config, "split_sentences": split_size, "sentences": len(sources),
-            "source_tokens": sum(map(len, sources)), "engines": [e.name for e in engines], "skipped": skipped,
-            "variants": variants, "machine": info, "sgemm_gflops": peaks, "seconds": round(time.time() - started, 1),
-            "decode": decode_rows, "encoder": encoder_rows}
+    return {
+        "config": config,
+        "split_sentences": split_size,
+        "sentences": len(sources),
+        "source_tokens": sum(map(len, sources)),
+        "engines": [e.name for e in engines],
+        "skipped": skipped,
+        "variants": variants,
+        "machine": info,
+        "sgemm_gflops": peaks,
+        "seconds": round(time.time() - started, 1),
+        "decode": decode_rows,
+        "encoder": encoder_rows,
+    }
 
 
 def _parse(argv: list[str] | None) -> DecodeBenchConfig:
@@ -359,15 +452,25 @@ def _parse(argv: list[str] | None) -> DecodeBenchConfig:
     parser.add_argument("--checkpoint", type=Path, default=Path("models/default"))
     parser.add_argument("--data-dir", type=Path, default=None, help="Multi30k directory (default: $NMT_DATA_DIR)")
     parser.add_argument("--split", default="test_2016_flickr")
-    parser.add_argument("--sentences", type=int, default=DEFAULT_SENTENCES,
-                        help=f"evenly spaced subsample of the split (default {DEFAULT_SENTENCES}: ~10 min on 2 cores)")
+    parser.add_argument(
+        "--sentences",
+        type=int,
+        default=DEFAULT_SENTENCES,
+        help=f"evenly spaced subsample of the split (default {DEFAULT_SENTENCES}: ~10 min on 2 cores)",
+    )
     parser.add_argument("--batch-sizes", default="1,8,32")
     parser.add_argument("--modes", default="greedy,beam")
-    parser.add_argument("--engines", default=None,
-                        help=f"comma-separated (default on cpu: {','.join(ENGINES)}; "
-                             f"on cuda: {','.join(CUDA_ENGINES)})")
-    parser.add_argument("--device", choices=DEVICES, default="cpu",
-                        help="where the engines run (cuda: ORT's CUDA provider, CT2 and torch on the GPU)")
+    parser.add_argument(
+        "--engines",
+        default=None,
+        help=f"comma-separated (default on cpu: {','.join(ENGINES)}; on cuda: {','.join(CUDA_ENGINES)})",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the engines run (cuda: ORT's CUDA provider, CT2 and torch on the GPU)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="threads for every engine")
     parser.add_argument("--beam-size", type=int, default=4)
     parser.add_argument("--length-penalty", type=float, default=0.6)
@@ -375,22 +478,35 @@ def _parse(argv: list[str] | None) -> DecodeBenchConfig:
     parser.add_argument("--cache-dir", type=Path, default=Path("bundles/bench"), help="exported bundles, CT2 models")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--sgemm-size", type=int, default=2048, help="matrix size for the matmul peak")
-    parser.add_argument("--ort-spinning", choices=["on", "off"], default="off",
-                        help="on: ORT sessions with intra-op spinning on (an experiment; the engine always turns "
-                             "it off, see bench/results/profile.md)")
+    parser.add_argument(
+        "--ort-spinning",
+        choices=["on", "off"],
+        default="off",
+        help="on: ORT sessions with intra-op spinning on (an experiment; the engine always turns "
+        "it off, see bench/results/profile.md)",
+    )
     parser.add_argument("--no-parity", action="store_true", help="skip the exporter's parity check (tests)")
     parser.add_argument("--force", action="store_true", help="replace existing results in --out")
     args = parser.parse_args(argv)
     try:
         return DecodeBenchConfig(
-            checkpoint=args.checkpoint, data_dir=args.data_dir, split=args.split, sentences=args.sentences,
-            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), modes=tuple(args.modes.split(",")),
-            engines=None if args.engines is None else tuple(args.engines.split(",")), device=args.device,
+            checkpoint=args.checkpoint,
+            data_dir=args.data_dir,
+            split=args.split,
+            sentences=args.sentences,
+            batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+            modes=tuple(args.modes.split(",")),
+            engines=None if args.engines is None else tuple(args.engines.split(",")),
+            device=args.device,
             threads=args.threads,
             settings=SearchSettings(args.beam_size, args.length_penalty, args.max_len_extra),
-            cache_dir=args.cache_dir, out=args.out, force=args.force,
-            parity=not args.no_parity, ort_spinning=args.ort_spinning == "on",
-            sgemm_size=args.sgemm_size)
+            cache_dir=args.cache_dir,
+            out=args.out,
+            force=args.force,
+            parity=not args.no_parity,
+            ort_spinning=args.ort_spinning == "on",
+            sgemm_size=args.sgemm_size,
+        )
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
 

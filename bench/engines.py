@@ -38,26 +38,62 @@ DEVICES: tuple[str, ...] = ("cpu", "cuda")
 # ORT engines: (bundle in the cache, RuntimeConfig.precision, vocabulary shortlist on, step decoder on).
 # "-traced": the traced decoder and its concatenated cache, as before the step decoder (before/after in one run).
 ORT_ENGINES: dict[str, tuple[str, str, bool, bool]] = {
-    "ort-fp32-unfused": ("unfused", "fp32", False, True), "ort-fp32": ("fused", "fp32", False, True),
-    "ort-fp32-traced": ("fused", "fp32", False, False), "ort-fp32-shortlist": ("fused", "fp32", True, True),
-    "ort-int8": ("fused", "int8", False, True), "ort-int8-traced": ("fused", "int8", False, False),
-    "ort-int8-shortlist": ("fused", "int8", True, True), "ort-fp16": ("fused", "fp16", False, True),
-    "ort-fp16-shortlist": ("fused", "fp16", True, True)}
+    "ort-fp32-unfused": ("unfused", "fp32", False, True),
+    "ort-fp32": ("fused", "fp32", False, True),
+    "ort-fp32-traced": ("fused", "fp32", False, False),
+    "ort-fp32-shortlist": ("fused", "fp32", True, True),
+    "ort-int8": ("fused", "int8", False, True),
+    "ort-int8-traced": ("fused", "int8", False, False),
+    "ort-int8-shortlist": ("fused", "int8", True, True),
+    "ort-fp16": ("fused", "fp16", False, True),
+    "ort-fp16-shortlist": ("fused", "fp16", True, True),
+}
 # CT2 engines: (compute type, vocabulary map: the bundle's shortlist as CT2's vmap.txt).
 CT2_ENGINES: dict[str, tuple[str, bool]] = {
-    "ct2-float32": ("float32", False), "ct2-float32-vmap": ("float32", True), "ct2-int8": ("int8", False),
-    "ct2-int8-vmap": ("int8", True), "ct2-float16": ("float16", False), "ct2-float16-vmap": ("float16", True)}
+    "ct2-float32": ("float32", False),
+    "ct2-float32-vmap": ("float32", True),
+    "ct2-int8": ("int8", False),
+    "ct2-int8-vmap": ("int8", True),
+    "ct2-float16": ("float16", False),
+    "ct2-float16-vmap": ("float16", True),
+}
 # The default engines per device.
-ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-fp32-shortlist", "ort-int8",
-                            "ort-int8-shortlist", "ct2-float32", "ct2-float32-vmap", "ct2-int8", "ct2-int8-vmap")
-CUDA_ENGINES: tuple[str, ...] = ("torch", "ort-fp32-unfused", "ort-fp32", "ort-fp32-shortlist", "ort-fp16",
-                                 "ort-fp16-shortlist", "ct2-float32", "ct2-float32-vmap", "ct2-float16",
-                                 "ct2-float16-vmap")
+ENGINES: tuple[str, ...] = (
+    "torch",
+    "ort-fp32-unfused",
+    "ort-fp32",
+    "ort-fp32-shortlist",
+    "ort-int8",
+    "ort-int8-shortlist",
+    "ct2-float32",
+    "ct2-float32-vmap",
+    "ct2-int8",
+    "ct2-int8-vmap",
+)
+CUDA_ENGINES: tuple[str, ...] = (
+    "torch",
+    "ort-fp32-unfused",
+    "ort-fp32",
+    "ort-fp32-shortlist",
+    "ort-fp16",
+    "ort-fp16-shortlist",
+    "ct2-float32",
+    "ct2-float32-vmap",
+    "ct2-float16",
+    "ct2-float16-vmap",
+)
 ALL_ENGINES: tuple[str, ...] = ("torch", *ORT_ENGINES, *CT2_ENGINES)
 # Engines that run on one device only: ORT's int8-cpu variant; fp16-cuda and CT2 float16 (no
 # efficient float16 on the CPU). CT2 int8 runs on both (not in the cuda default).
-ONLY_ON: dict[str, str] = {"ort-int8": "cpu", "ort-int8-shortlist": "cpu", "ort-int8-traced": "cpu", "ort-fp16": "cuda",
-                           "ort-fp16-shortlist": "cuda", "ct2-float16": "cuda", "ct2-float16-vmap": "cuda"}
+ONLY_ON: dict[str, str] = {
+    "ort-int8": "cpu",
+    "ort-int8-shortlist": "cpu",
+    "ort-int8-traced": "cpu",
+    "ort-fp16": "cuda",
+    "ort-fp16-shortlist": "cuda",
+    "ct2-float16": "cuda",
+    "ct2-float16-vmap": "cuda",
+}
 
 
 def default_engines(device: str) -> tuple[str, ...]:
@@ -89,13 +125,17 @@ def cuda_problem(engines: Sequence[str]) -> str | None:
     problems = []
     ct2_gpus, torch_gpu = _ct2_cuda_devices(), torch.cuda.is_available()
     if not ct2_gpus and not torch_gpu:
-        problems.append(f"no CUDA device is visible (CTranslate2 {ctranslate2.__version__} counts 0, "
-                        f"torch {torch.__version__} has none)")
+        problems.append(
+            f"no CUDA device is visible (CTranslate2 {ctranslate2.__version__} counts 0, "
+            f"torch {torch.__version__} has none)"
+        )
     elif not ct2_gpus and any(e in CT2_ENGINES for e in engines):
         problems.append(f"CTranslate2 {ctranslate2.__version__} sees no CUDA device (engines ct2-*)")
     if any(e in ORT_ENGINES for e in engines) and "CUDAExecutionProvider" not in ort.get_available_providers():
-        problems.append(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (has "
-                        f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu)")
+        problems.append(
+            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (has "
+            f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu)"
+        )
     return "; ".join(problems) or None
 
 
@@ -110,8 +150,13 @@ def gpu_name() -> str | None:
         return torch.cuda.get_device_name(0)
     if smi := shutil.which("nvidia-smi"):
         try:
-            done = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                  text=True, timeout=20, check=True)
+            done = subprocess.run(
+                [smi, "--query-gpu=name", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            )
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
@@ -154,8 +199,16 @@ class TorchEngine:
         if beam_size == 1:
             found = greedy_search(self.model, sources, max_len_extra=extra, device=self.device, repetition_guard=False)
             return [h.tokens for h in found]
-        found = beam_search(self.model, sources, beam_size, self.settings.length_penalty, 1, extra,
-                            device=self.device, repetition_guard=False)
+        found = beam_search(
+            self.model,
+            sources,
+            beam_size,
+            self.settings.length_penalty,
+            1,
+            extra,
+            device=self.device,
+            repetition_guard=False,
+        )
         return [hyps[0].tokens for hyps in found]
 
     def encode(self, sources: list[list[int]]) -> None:
@@ -187,20 +240,41 @@ class OrtEngine:
     name says so. device "cuda": the runtime's CUDA provider (fp32 -> the portable fp32 variant,
     fp16 -> fp16-cuda; engine/runtime.py PREFERENCE)."""
 
-    def __init__(self, name: str, bundle_dir: Path, precision: str, threads: int, settings: SearchSettings,
-                 spinning: bool = False, shortlist: bool = False, device: str = "cpu", step_decoder: bool = True):
+    def __init__(
+        self,
+        name: str,
+        bundle_dir: Path,
+        precision: str,
+        threads: int,
+        settings: SearchSettings,
+        spinning: bool = False,
+        shortlist: bool = False,
+        device: str = "cpu",
+        step_decoder: bool = True,
+    ):
         from nmt.engine.decoding import DecodeOptions, Decoder
         from nmt.engine.runtime import RuntimeConfig, load_sessions
 
-        cfg = RuntimeConfig(device=device, precision=precision, intra_op_threads=threads, inter_op_threads=1,
-                            spinning=spinning, shortlist=shortlist, step_decoder=step_decoder)
+        cfg = RuntimeConfig(
+            device=device,
+            precision=precision,
+            intra_op_threads=threads,
+            inter_op_threads=1,
+            spinning=spinning,
+            shortlist=shortlist,
+            step_decoder=step_decoder,
+        )
         self.name, self.sessions, self.spinning = name, load_sessions(bundle_dir, cfg), spinning
         if shortlist and self.sessions.shortlist is None:
             raise ValueError(f"{bundle_dir} has no vocabulary shortlist")
         self.decoder = Decoder(self.sessions)
         self._options = {
-            beam: DecodeOptions(beam_size=beam, length_penalty=settings.length_penalty,
-                                max_len_extra=settings.max_len_extra, repetition_guard=False)
+            beam: DecodeOptions(
+                beam_size=beam,
+                length_penalty=settings.length_penalty,
+                max_len_extra=settings.max_len_extra,
+                repetition_guard=False,
+            )
             for beam in {1, settings.beam_size}
         }
 
@@ -223,19 +297,30 @@ class OrtEngine:
 class CT2Engine:
     """A CTranslate2 Translator on a model converted by bench/ct2.py (inter 1, intra `threads`)."""
 
-    def __init__(self, name: str, model_dir: Path, compute_type: str, threads: int, pieces: Sequence[str],
-                 settings: SearchSettings, use_vmap: bool = False, device: str = "cpu"):
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        compute_type: str,
+        threads: int,
+        pieces: Sequence[str],
+        settings: SearchSettings,
+        use_vmap: bool = False,
+        device: str = "cpu",
+    ):
         import ctranslate2
 
         self.name, self.settings, self.pieces, self.use_vmap = name, settings, list(pieces), use_vmap
         self.index = {piece: i for i, piece in enumerate(self.pieces)}
-        self.translator = ctranslate2.Translator(str(model_dir), device=device, compute_type=compute_type,
-                                                 inter_threads=1, intra_threads=threads)
+        self.translator = ctranslate2.Translator(
+            str(model_dir), device=device, compute_type=compute_type, inter_threads=1, intra_threads=threads
+        )
 
     def _run(self, sources: list[list[int]], **options):
         tokens = [[self.pieces[i] for i in s] for s in sources]  # EOS is added by the model config
-        return self.translator.translate_batch(tokens, min_decoding_length=0, return_scores=True,
-                                               use_vmap=self.use_vmap, **options)
+        return self.translator.translate_batch(
+            tokens, min_decoding_length=0, return_scores=True, use_vmap=self.use_vmap, **options
+        )
 
     def translate(self, sources: list[list[int]], beam_size: int) -> list[list[int]]:
         max_len = max(map(len, sources)) + self.settings.max_len_extra
@@ -243,8 +328,14 @@ class CT2Engine:
             results = self._run(sources, beam_size=1, max_decoding_length=max_len)
             limits = [len(s) + self.settings.max_len_extra - 1 for s in sources]
             return [[self.index[p] for p in r.hypotheses[0][:limit]] for r, limit in zip(results, limits)]
-        results = self._run(sources, beam_size=beam_size, num_hypotheses=beam_size, patience=1.0,
-                            length_penalty=TINY_LENGTH_PENALTY, max_decoding_length=max_len)
+        results = self._run(
+            sources,
+            beam_size=beam_size,
+            num_hypotheses=beam_size,
+            patience=1.0,
+            length_penalty=TINY_LENGTH_PENALTY,
+            max_decoding_length=max_len,
+        )
         alpha = self.settings.length_penalty
         best = []
         for r in results:

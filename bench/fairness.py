@@ -43,16 +43,15 @@ from typing import Any
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from nmt.server.config import ENGINE_TURNS
 from nmt.server.kserve_pb import grpc_predict_v2_pb2 as kpb
 from nmt.server.kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
-from nmt.server.config import ENGINE_TURNS
-
-from .load import LoadBenchConfig, ServerProcess, Window, load_sentences
-from .flags import run_flags, source_flags
 from . import outcome
+from .flags import run_flags, source_flags
+from .load import LoadBenchConfig, ServerProcess, Window, load_sentences
 from .outcome import finish
 from .reload import link_or_copy, percentiles
 
@@ -81,10 +80,14 @@ class FairnessBenchConfig:
     def __post_init__(self) -> None:
         if self.clients < 1 or self.rounds < 1 or self.beam_size < 1 or self.sentences < 1 or self.duration <= 0:
             raise ValueError("clients, rounds, beam and sentences must be >= 1 and duration > 0")
-        if not self.engine_turns or not set(self.engine_turns) <= set(ENGINE_TURNS) or \
-                len(set(self.engine_turns)) != len(self.engine_turns):
-            raise ValueError(f"engine_turns must be distinct values of {', '.join(ENGINE_TURNS)}, got "
-                             f"{','.join(self.engine_turns)}")
+        if (
+            not self.engine_turns
+            or not set(self.engine_turns) <= set(ENGINE_TURNS)
+            or len(set(self.engine_turns)) != len(self.engine_turns)
+        ):
+            raise ValueError(
+                f"engine_turns must be distinct values of {', '.join(ENGINE_TURNS)}, got {','.join(self.engine_turns)}"
+            )
 
 
 class RepositoryProcess(ServerProcess):
@@ -99,18 +102,41 @@ class RepositoryProcess(ServerProcess):
         repository = self.workdir / "repo"
         for name in models:
             shutil.copytree(cfg.bundle, repository / name / "1", copy_function=link_or_copy)
-        cmd = [sys.executable, "-m", "nmt.server.main", "--model-repository", str(repository),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file),
-               "--threads", str(cfg.threads), "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING",
-               "--engine-turns", engine_turns]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nmt.server.main",
+            "--model-repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--port-file",
+            str(self.port_file),
+            "--threads",
+            str(cfg.threads),
+            "--default-beam-size",
+            str(cfg.beam_size),
+            "--log-level",
+            "WARNING",
+            "--engine-turns",
+            engine_turns,
+        ]
         self.proc = subprocess.Popen(cmd)
 
     def batches_by_model(self) -> dict[str, float]:
         """nmt_batch_sentences_count by model, from /metrics."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
-        return {s.labels["model"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
-                if s.name == "nmt_batch_sentences_count"}
+        return {
+            s.labels["model"]: s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "nmt_batch_sentences_count"
+        }
 
 
 def request(model: str, text: str, beam_size: int) -> pb.TranslateRequest:
@@ -136,8 +162,9 @@ def idle_rss_mb(cfg: FairnessBenchConfig, models: tuple[str, ...], sentences: li
         server.close()
 
 
-async def phase(server: RepositoryProcess, sentences: list[str], cfg: FairnessBenchConfig,
-                load_clients: int) -> dict[str, Any]:
+async def phase(
+    server: RepositoryProcess, sentences: list[str], cfg: FairnessBenchConfig, load_clients: int
+) -> dict[str, Any]:
     """One client on b (and `load_clients` on a) for WARMUP_S + duration; b's (and a's) latencies in the window."""
     probe, loaded = Window.after(WARMUP_S, cfg.duration), Window.after(WARMUP_S, cfg.duration)
     texts = itertools.cycle(sentences)
@@ -155,14 +182,20 @@ async def phase(server: RepositoryProcess, sentences: list[str], cfg: FairnessBe
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     await asyncio.sleep(SETTLE_S)  # a's cancelled calls' batches finish before the next phase
-    return {"load_clients": load_clients, "probe_latencies": probe.latencies, "probe_errors": probe.errors,
-            "load_requests": len(loaded.latencies), "load_errors": loaded.errors}
+    return {
+        "load_clients": load_clients,
+        "probe_latencies": probe.latencies,
+        "probe_errors": probe.errors,
+        "load_requests": len(loaded.latencies),
+        "load_errors": loaded.errors,
+    }
 
 
 async def unload(target: str, model: str) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
         await kpb_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload(
-            kpb.RepositoryModelUnloadRequest(model_name=model), timeout=60)
+            kpb.RepositoryModelUnloadRequest(model_name=model), timeout=60
+        )
 
 
 def run(cfg: FairnessBenchConfig) -> dict[str, Any]:
@@ -171,8 +204,9 @@ def run(cfg: FairnessBenchConfig) -> dict[str, Any]:
     for name in ("fairness.json", "fairness.md"):
         if (cfg.out / name).exists() and not cfg.force:
             raise ValueError(f"{cfg.out / name} exists: --force to overwrite it")
-    sentences = load_sentences(LoadBenchConfig(bundle=cfg.bundle, data_dir=cfg.data_dir, split=cfg.split,
-                                               sentences=cfg.sentences))
+    sentences = load_sentences(
+        LoadBenchConfig(bundle=cfg.bundle, data_dir=cfg.data_dir, split=cfg.split, sentences=cfg.sentences)
+    )
     rss_one = idle_rss_mb(cfg, (LOADED,), sentences)
     servers: dict[str, RepositoryProcess] = {}
     phases: list[dict[str, Any]] = []
@@ -185,12 +219,21 @@ def run(cfg: FairnessBenchConfig) -> dict[str, Any]:
         rss_two = server.memory_mb()[0]
         batches_before = server.batches_by_model()
         for round_ in range(cfg.rounds):
-            for turns, name, clients in ((t, n, c) for t in cfg.engine_turns
-                                         for n, c in (("alone", 0), ("loaded", cfg.clients))):
-                print(f"round {round_ + 1}/{cfg.rounds}, engine turns {turns}: {name} ({clients} clients on "
-                      f"{LOADED})", flush=True)
-                phases.append({"round": round_ + 1, "turns": turns, "phase": name,
-                               **asyncio.run(phase(servers[turns], sentences, cfg, clients))})
+            for turns, name, clients in (
+                (t, n, c) for t in cfg.engine_turns for n, c in (("alone", 0), ("loaded", cfg.clients))
+            ):
+                print(
+                    f"round {round_ + 1}/{cfg.rounds}, engine turns {turns}: {name} ({clients} clients on {LOADED})",
+                    flush=True,
+                )
+                phases.append(
+                    {
+                        "round": round_ + 1,
+                        "turns": turns,
+                        "phase": name,
+                        **asyncio.run(phase(servers[turns], sentences, cfg, clients)),
+                    }
+                )
         batches_after = server.batches_by_model()
         rss_loaded, peak = server.memory_mb()
         asyncio.run(unload(server.target, PROBE))
@@ -202,69 +245,109 @@ def run(cfg: FairnessBenchConfig) -> dict[str, Any]:
                 print(f"warning: nmt-serve (engine turns {turns}) exited with {code} on SIGTERM", file=sys.stderr)
     from nmt.training.cpu import cpu_summary  # /proc/cpuinfo only
 
-    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-            "machine": {"cpu": cpu_summary(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version(), "load_average_at_end": os.getloadavg()},
-            "sentences": len(sentences), **tally([p for p in phases if p["turns"] == cfg.engine_turns[0]], cfg),
-            "by_engine_turns": {t: tally([p for p in phases if p["turns"] == t], cfg) for t in cfg.engine_turns},
-            "phases": [{k: v for k, v in p.items() if k != "probe_latencies"} | percentiles(p["probe_latencies"])
-                       for p in phases],
-            "batches_by_model": {m: batches_after.get(m, 0.0) - batches_before.get(m, 0.0)
-                                 for m in sorted(batches_after)},
-            "memory_mb": {"one_model_idle": rss_one, "two_models_idle": rss_two,
-                          "per_loaded_model": rss_two - rss_one, "two_models_after_load": rss_loaded,
-                          "peak": peak, "after_unloading_b": rss_unloaded}}
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "machine": {
+            "cpu": cpu_summary(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "sentences": len(sentences),
+        **tally([p for p in phases if p["turns"] == cfg.engine_turns[0]], cfg),
+        "by_engine_turns": {t: tally([p for p in phases if p["turns"] == t], cfg) for t in cfg.engine_turns},
+        "phases": [
+            {k: v for k, v in p.items() if k != "probe_latencies"} | percentiles(p["probe_latencies"]) for p in phases
+        ],
+        "batches_by_model": {m: batches_after.get(m, 0.0) - batches_before.get(m, 0.0) for m in sorted(batches_after)},
+        "memory_mb": {
+            "one_model_idle": rss_one,
+            "two_models_idle": rss_two,
+            "per_loaded_model": rss_two - rss_one,
+            "two_models_after_load": rss_loaded,
+            "peak": peak,
+            "after_unloading_b": rss_unloaded,
+        },
+    }
 
 
 def tally(phases: list[dict[str, Any]], cfg: FairnessBenchConfig) -> dict[str, Any]:
     """b's latency alone and under load (all rounds together), their p99 ratio and the target."""
+
     def of(name: str) -> list[float]:
         return [x for p in phases if p["phase"] == name for x in p["probe_latencies"]]
+
     alone, loaded = percentiles(of("alone")), percentiles(of("loaded"))
     ratio = loaded["p99_ms"] / alone["p99_ms"] if alone["requests"] and loaded["requests"] else float("nan")
     load_s = cfg.duration * sum(p["phase"] == "loaded" for p in phases)
-    return {"probe_alone": alone, "probe_loaded": loaded, "p99_ratio": ratio,
-            "p50_ratio": loaded["p50_ms"] / alone["p50_ms"] if alone["requests"] and loaded["requests"] else float("nan"),
-            "load_requests_per_s": sum(p["load_requests"] for p in phases) / load_s if load_s else 0.0,
-            "errors": sum(p["probe_errors"] + p["load_errors"] for p in phases),
-            "target": {"target": f"b's p99 with {cfg.clients} clients on a <= {TARGET_RATIO:g}x its p99 alone",
-                       "value": f"{ratio:.2f}x", "pass": bool(ratio <= TARGET_RATIO)}}
+    return {
+        "probe_alone": alone,
+        "probe_loaded": loaded,
+        "p99_ratio": ratio,
+        "p50_ratio": loaded["p50_ms"] / alone["p50_ms"] if alone["requests"] and loaded["requests"] else float("nan"),
+        "load_requests_per_s": sum(p["load_requests"] for p in phases) / load_s if load_s else 0.0,
+        "errors": sum(p["probe_errors"] + p["load_errors"] for p in phases),
+        "target": {
+            "target": f"b's p99 with {cfg.clients} clients on a <= {TARGET_RATIO:g}x its p99 alone",
+            "value": f"{ratio:.2f}x",
+            "pass": bool(ratio <= TARGET_RATIO),
+        },
+    }
 
 
 def markdown(r: dict[str, Any]) -> str:
     c, m, g = r["config"], r["memory_mb"], r["target"]
-    return "\n".join([
-        "# Two models, one under load (`nmt-bench fairness`)", "",
-        f"`nmt-bench fairness --bundle {c['bundle']} --clients {c['clients']} --duration {c['duration']:g} "
-        f"--rounds {c['rounds']} --beam {c['beam_size']} --threads {c['threads']} --engine-turns "
-        f"{','.join(c['engine_turns'])}`; {r['sentences']} {c['split']} "
-        f"sentences, one per call; CPU: {r['machine']['cpu']} ({r['machine']['cpus']} visible, load average at end "
-        f"{', '.join(f'{x:.1f}' for x in r['machine']['load_average_at_end'])}).", "",
-        "One server per engine-turns setting, two copies of the bundle (models a and b); phases alternate: one "
-        f"client on b alone, then the same client on b while {c['clients']} clients load a.", "",
-        "| target (engine turns " + c["engine_turns"][0] + ") | value | result |", "|---|---|---|",
-        f"| {g['target']} | {g['value']} | {'PASS' if g['pass'] else 'FAIL'} |", "",
-        "| engine turns | model b | requests | p50 ms | p99 ms | p99 ratio | a requests/s |",
-        "|---|---|---|---|---|---|---|",
-        *(f"| {turns} | {name} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
-          + (f"{t['p99_ratio']:.2f}x | {t['load_requests_per_s']:.1f} |" if name != "alone" else " | |")
-          for turns, t in r["by_engine_turns"].items()
-          for name, p in (("alone", t["probe_alone"]), (f"{c['clients']} clients on a", t["probe_loaded"]))), "",
-        "| round | engine turns | phase | b requests | b p50 ms | b p99 ms | a requests | errors |",
-        "|---|---|---|---|---|---|---|---|",
-        *(f"| {p['round']} | {p['turns']} | {p['phase']} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
-          f"{p['load_requests']} | {p['probe_errors'] + p['load_errors']} |" for p in r["phases"]), "",
-        f"Model a under load (engine turns {c['engine_turns'][0]}): {r['load_requests_per_s']:.1f} requests/s. "
-        "Batches per model in the phases "
-        f"(nmt_batch_sentences_count{{model}}): "
-        + ", ".join(f"{k}: {v:.0f}" for k, v in r["batches_by_model"].items()) + ".", "",
-        "| server VmRSS | MB |", "|---|---|",
-        f"| model a only, idle | {m['one_model_idle']:.0f} |",
-        f"| models a and b, idle | {m['two_models_idle']:.0f} |",
-        f"| **per loaded model** (difference) | **{m['per_loaded_model']:.0f}** |",
-        f"| a and b, after the phases (peak) | {m['two_models_after_load']:.0f} ({m['peak']:.0f}) |",
-        f"| after unloading b | {m['after_unloading_b']:.0f} |", "",
-    ])
+    return "\n".join(
+        [
+            "# Two models, one under load (`nmt-bench fairness`)",
+            "",
+            f"`nmt-bench fairness --bundle {c['bundle']} --clients {c['clients']} --duration {c['duration']:g} "
+            f"--rounds {c['rounds']} --beam {c['beam_size']} --threads {c['threads']} --engine-turns "
+            f"{','.join(c['engine_turns'])}`; {r['sentences']} {c['split']} "
+            f"sentences, one per call; CPU: {r['machine']['cpu']} ({r['machine']['cpus']} visible, load average at end "
+            f"{', '.join(f'{x:.1f}' for x in r['machine']['load_average_at_end'])}).",
+            "",
+            "One server per engine-turns setting, two copies of the bundle (models a and b); phases alternate: one "
+            f"client on b alone, then the same client on b while {c['clients']} clients load a.",
+            "",
+            "| target (engine turns " + c["engine_turns"][0] + ") | value | result |",
+            "|---|---|---|",
+            f"| {g['target']} | {g['value']} | {'PASS' if g['pass'] else 'FAIL'} |",
+            "",
+            "| engine turns | model b | requests | p50 ms | p99 ms | p99 ratio | a requests/s |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {turns} | {name} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
+                + (f"{t['p99_ratio']:.2f}x | {t['load_requests_per_s']:.1f} |" if name != "alone" else " | |")
+                for turns, t in r["by_engine_turns"].items()
+                for name, p in (("alone", t["probe_alone"]), (f"{c['clients']} clients on a", t["probe_loaded"]))
+            ),
+            "",
+            "| round | engine turns | phase | b requests | b p50 ms | b p99 ms | a requests | errors |",
+            "|---|---|---|---|---|---|---|---|",
+            *(
+                f"| {p['round']} | {p['turns']} | {p['phase']} | {p['requests']} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} | "
+                f"{p['load_requests']} | {p['probe_errors'] + p['load_errors']} |"
+                for p in r["phases"]
+            ),
+            "",
+            f"Model a under load (engine turns {c['engine_turns'][0]}): {r['load_requests_per_s']:.1f} requests/s. "
+            "Batches per model in the phases "
+            f"(nmt_batch_sentences_count{{model}}): "
+            + ", ".join(f"{k}: {v:.0f}" for k, v in r["batches_by_model"].items())
+            + ".",
+            "",
+            "| server VmRSS | MB |",
+            "|---|---|",
+            f"| model a only, idle | {m['one_model_idle']:.0f} |",
+            f"| models a and b, idle | {m['two_models_idle']:.0f} |",
+            f"| **per loaded model** (difference) | **{m['per_loaded_model']:.0f}** |",
+            f"| a and b, after the phases (peak) | {m['two_models_after_load']:.0f} ({m['peak']:.0f}) |",
+            f"| after unloading b | {m['after_unloading_b']:.0f} |",
+            "",
+        ]
+    )
 
 
 def write_report(results: dict[str, Any], out: Path) -> str:
@@ -276,20 +359,41 @@ def parse_args(argv: list[str] | None) -> FairnessBenchConfig:
     p = argparse.ArgumentParser(prog="nmt-bench fairness", description=__doc__.splitlines()[0])
     source_flags(p, d.bundle, d.split)
     p.add_argument("--sentences", type=int, default=d.sentences, help="distinct sentences (default: %(default)s)")
-    p.add_argument("--clients", type=int, default=d.clients, help="closed-loop clients on model a in the loaded "
-                   "phases (default: %(default)s)")
-    p.add_argument("--duration", type=float, default=d.duration, help="measured seconds per phase "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=d.clients,
+        help="closed-loop clients on model a in the loaded phases (default: %(default)s)",
+    )
+    p.add_argument(
+        "--duration", type=float, default=d.duration, help="measured seconds per phase (default: %(default)s)"
+    )
     p.add_argument("--rounds", type=int, default=d.rounds, help="alone/loaded phase pairs (default: %(default)s)")
-    p.add_argument("--engine-turns", default=",".join(d.engine_turns), help="nmt-serve --engine-turns: off, "
-                   "shared, exclusive, or several, comma-separated (one server each, rounds alternating; the first "
-                   "one's ratio is the target's) "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--engine-turns",
+        default=",".join(d.engine_turns),
+        help="nmt-serve --engine-turns: off, "
+        "shared, exclusive, or several, comma-separated (one server each, rounds alternating; the first "
+        "one's ratio is the target's) "
+        "(default: %(default)s)",
+    )
     run_flags(p, d.beam_size, d.threads, d.out, "fairness")
     a = p.parse_args(argv)
     try:
-        return FairnessBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, a.clients, a.duration, a.rounds,
-                                   a.beam, a.threads, a.out, a.force, tuple(a.engine_turns.split(",")))
+        return FairnessBenchConfig(
+            a.bundle,
+            a.data_dir,
+            a.split,
+            a.sentences,
+            a.clients,
+            a.duration,
+            a.rounds,
+            a.beam,
+            a.threads,
+            a.out,
+            a.force,
+            tuple(a.engine_turns.split(",")),
+        )
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable

@@ -66,9 +66,11 @@ def ort_sgemm_gflops(threads: int, n: int = 2048, repeats: int = 10) -> float:
     from nmt.engine.runtime import session_options
 
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm",
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "sgemm",
         [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
     # IR 10 as the bundles use: newer onnx writes an IR that older onnxruntime (-gpu 1.31) refuses.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
     options = session_options(threads)

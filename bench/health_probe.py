@@ -39,11 +39,13 @@ def probe(target: str, seconds: float) -> list[float]:
     return latencies
 
 
-async def under_load(target: str, texts: Callable[[int], list[str]], clients: int, seconds: float,
-                     options: pb.DecodeOptions) -> tuple[list[float], dict[str, int]]:
+async def under_load(
+    target: str, texts: Callable[[int], list[str]], clients: int, seconds: float, options: pb.DecodeOptions
+) -> tuple[list[float], dict[str, int]]:
     """Health-check latencies (s) from a prober process while `clients` send texts(i) for `seconds`."""
-    prober = subprocess.Popen([sys.executable, "-m", "nmt.bench.health_probe", target, str(seconds)],
-                              stdout=subprocess.PIPE, text=True)
+    prober = subprocess.Popen(
+        [sys.executable, "-m", "nmt.bench.health_probe", target, str(seconds)], stdout=subprocess.PIPE, text=True
+    )
     codes: collections.Counter[str] = collections.Counter()
     end = time.perf_counter() + seconds
     async with grpc.aio.insecure_channel(target) as channel:

@@ -48,17 +48,22 @@ from nmt.server.continuous import continuous_unsupported
 from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
-from .load_report import write_report
 from .flags import source_flags
+from .load_report import write_report
 from .outcome import finish
 
 SERVER_START_TIMEOUT = 180.0
 # Extra nmt-serve flags per setting; the first one's mean batch sizes the engine-alone rows.
-SETTINGS = {"continuous": ["--batching", "continuous"], "static": ["--batching", "static"],
-            "unbatched": ["--batching", "static", "--max-batch-size", "1"]}
+SETTINGS = {
+    "continuous": ["--batching", "continuous"],
+    "static": ["--batching", "static"],
+    "unbatched": ["--batching", "static", "--max-batch-size", "1"],
+}
 # Settings run only when asked for (--also): the same servers on the traced decoder, for before/after.
-EXTRA_SETTINGS = {"continuous-traced": ["--batching", "continuous", "--step-decoder", "off"],
-                  "static-traced": ["--batching", "static", "--step-decoder", "off"]}
+EXTRA_SETTINGS = {
+    "continuous-traced": ["--batching", "continuous", "--step-decoder", "off"],
+    "static-traced": ["--batching", "static", "--step-decoder", "off"],
+}
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class LoadBenchConfig:
 @dataclass(frozen=True)
 class Level:
     """One server setting at one client count: what its measured window saw."""
+
     setting: str
     clients: int
     requests: int
@@ -106,7 +112,7 @@ def load_sentences(cfg: LoadBenchConfig) -> list[str]:
     from nmt.training.data import multi30k_path, read_lines  # no torch: plain file reading
 
     lines = [s for s in read_lines(multi30k_path(cfg.split, "en", cfg.data_dir)) if s.strip()]
-    return lines[:cfg.sentences] if cfg.sentences else lines
+    return lines[: cfg.sentences] if cfg.sentences else lines
 
 
 class ServerProcess:
@@ -122,9 +128,28 @@ class ServerProcess:
         self.port_file = self.workdir / "ports.json"
         self.port = self.metrics_port = 0
         self.target = ""
-        cmd = [sys.executable, "-m", "nmt.server.main", "--model-dir", str(cfg.bundle), "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file), "--threads", str(cfg.threads),
-               "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nmt.server.main",
+            "--model-dir",
+            str(cfg.bundle),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--port-file",
+            str(self.port_file),
+            "--threads",
+            str(cfg.threads),
+            "--default-beam-size",
+            str(cfg.beam_size),
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
         self.proc = subprocess.Popen(cmd)
 
     def wait_serving(self) -> None:
@@ -172,6 +197,7 @@ class ServerProcess:
 @dataclass
 class Window:
     """A closed loop's measured window: latencies (s) of the calls that finished inside it; failed calls."""
+
     start: float
     end: float
     latencies: list[float] = field(default_factory=list)
@@ -193,8 +219,9 @@ class Window:
             self.latencies.append(done - sent)
 
 
-async def closed_loop(server: ServerProcess, sentences: list[str], clients: int,
-                      cfg: LoadBenchConfig) -> tuple[list[float], int, tuple[float, float]]:
+async def closed_loop(
+    server: ServerProcess, sentences: list[str], clients: int, cfg: LoadBenchConfig
+) -> tuple[list[float], int, tuple[float, float]]:
     """Latencies (s) of the calls that finished in the window, failed calls, and the batch-histogram delta."""
     texts = itertools.cycle(sentences)
     options = request_options(beam_size=cfg.beam_size)
@@ -217,16 +244,34 @@ async def closed_loop(server: ServerProcess, sentences: list[str], clients: int,
     return measured.latencies, measured.errors, (after[0] - before[0], after[1] - before[1])
 
 
-def measure_level(name: str, clients: int, measured: tuple[list[float], int, tuple[float, float]],
-                  server: ServerProcess, duration: float) -> Level:
+def measure_level(
+    name: str,
+    clients: int,
+    measured: tuple[list[float], int, tuple[float, float]],
+    server: ServerProcess,
+    duration: float,
+) -> Level:
     latencies, errors, (batch_sum, batch_count) = measured
     rss, peak = server.memory_mb()
     ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
-    level = Level(name, clients, len(latencies), len(latencies) / duration, float(np.percentile(ms, 50)),
-                  float(np.percentile(ms, 99)), batch_sum / batch_count if batch_count else float("nan"),
-                  int(batch_count), errors, rss, peak)
-    print(f"{name:>10} {clients:3d} clients: {level.sentences_per_s:7.2f} sent/s  p50 {level.p50_ms:7.1f} ms"
-          f"  p99 {level.p99_ms:7.1f} ms  mean batch {level.mean_batch:5.2f}  RSS {rss:.0f} MB", flush=True)
+    level = Level(
+        name,
+        clients,
+        len(latencies),
+        len(latencies) / duration,
+        float(np.percentile(ms, 50)),
+        float(np.percentile(ms, 99)),
+        batch_sum / batch_count if batch_count else float("nan"),
+        int(batch_count),
+        errors,
+        rss,
+        peak,
+    )
+    print(
+        f"{name:>10} {clients:3d} clients: {level.sentences_per_s:7.2f} sent/s  p50 {level.p50_ms:7.1f} ms"
+        f"  p99 {level.p99_ms:7.1f} ms  mean batch {level.mean_batch:5.2f}  RSS {rss:.0f} MB",
+        flush=True,
+    )
     return level
 
 
@@ -253,17 +298,27 @@ class Engine:
             self.translator.translate(batch, self.options)
             seconds.append(time.perf_counter() - started)
         ms = np.asarray(seconds) * 1000
-        row = {"clients": clients, "batch_size": size, "batches": len(seconds),
-               "sentences_per_s": size * len(seconds) / sum(seconds), "p50_ms": float(np.percentile(ms, 50)),
-               "p99_ms": float(np.percentile(ms, 99)), "variant": self.translator.info.precision,
-               "provider": self.translator.info.provider}
-        print(f"   engine batch {size:3d}: {row['sentences_per_s']:7.2f} sent/s  p50 {row['p50_ms']:7.1f} ms"
-              f"  p99 {row['p99_ms']:7.1f} ms", flush=True)
+        row = {
+            "clients": clients,
+            "batch_size": size,
+            "batches": len(seconds),
+            "sentences_per_s": size * len(seconds) / sum(seconds),
+            "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)),
+            "variant": self.translator.info.precision,
+            "provider": self.translator.info.provider,
+        }
+        print(
+            f"   engine batch {size:3d}: {row['sentences_per_s']:7.2f} sent/s  p50 {row['p50_ms']:7.1f} ms"
+            f"  p99 {row['p99_ms']:7.1f} ms",
+            flush=True,
+        )
         return row
 
 
-async def measure_all(servers: dict[str, ServerProcess], engine: Engine, sentences: list[str],
-                      cfg: LoadBenchConfig) -> tuple[list[Level], list[dict[str, Any]]]:
+async def measure_all(
+    servers: dict[str, ServerProcess], engine: Engine, sentences: list[str], cfg: LoadBenchConfig
+) -> tuple[list[Level], list[dict[str, Any]]]:
     """Client count by client count: every server setting, then the engine on the batches that formed.
 
     Interleaved (not one setting after the other) so that load from other processes on a shared
@@ -299,10 +354,18 @@ def run(cfg: LoadBenchConfig) -> dict[str, Any]:
         for name, server in servers.items():
             if (code := server.close()) != 0:
                 print(f"warning: nmt-serve ({name}) exited with {code} on SIGTERM", file=sys.stderr)
-    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average_at_end": os.getloadavg()},
-            "sentences": len(sentences), "levels": [asdict(lv) for lv in levels], "engine": rows}
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "sentences": len(sentences),
+        "levels": [asdict(lv) for lv in levels],
+        "engine": rows,
+    }
 
 
 def parse_args(argv: list[str] | None) -> LoadBenchConfig:
@@ -313,18 +376,39 @@ def parse_args(argv: list[str] | None) -> LoadBenchConfig:
     p.add_argument("--clients", default=",".join(map(str, d.clients)), help="concurrent clients (default: %(default)s)")
     p.add_argument("--beam", type=int, default=d.beam_size, help="beam size, 1 = greedy (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=d.warmup, help="unmeasured seconds per level (default: %(default)s)")
-    p.add_argument("--duration", type=float, default=d.duration, help="measured seconds per level (default: %(default)s)")
-    p.add_argument("--engine-seconds", type=float, default=d.engine_seconds,
-                   help="engine-alone seconds per batch size (default: %(default)s)")
+    p.add_argument(
+        "--duration", type=float, default=d.duration, help="measured seconds per level (default: %(default)s)"
+    )
+    p.add_argument(
+        "--engine-seconds",
+        type=float,
+        default=d.engine_seconds,
+        help="engine-alone seconds per batch size (default: %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="ORT intra-op threads; 0 = ORT default")
     p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
-    p.add_argument("--also", default="", help=f"extra settings, comma-separated: {', '.join(EXTRA_SETTINGS)} "
-                                              "(the servers on the traced decoder)")
+    p.add_argument(
+        "--also",
+        default="",
+        help=f"extra settings, comma-separated: {', '.join(EXTRA_SETTINGS)} (the servers on the traced decoder)",
+    )
     a = p.parse_args(argv)
     try:
         clients = tuple(int(c) for c in a.clients.split(","))
-        return LoadBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, clients, a.beam, a.warmup, a.duration,
-                               a.engine_seconds, a.threads, a.out, tuple(n for n in a.also.split(",") if n))
+        return LoadBenchConfig(
+            a.bundle,
+            a.data_dir,
+            a.split,
+            a.sentences,
+            clients,
+            a.beam,
+            a.warmup,
+            a.duration,
+            a.engine_seconds,
+            a.threads,
+            a.out,
+            tuple(n for n in a.also.split(",") if n),
+        )
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable

@@ -14,8 +14,12 @@ import grpc
 Results = dict[str, Any]
 
 
-def finish(name: str, run: Callable[[], Results], report: Callable[[Results], str],
-           targets: Callable[[Results], list[dict[str, Any]]] = lambda results: []) -> int:
+def finish(
+    name: str,
+    run: Callable[[], Results],
+    report: Callable[[Results], str],
+    targets: Callable[[Results], list[dict[str, Any]]] = lambda results: [],
+) -> int:
     """Run the bench; exit status 1 with `nmt-bench NAME: error: ...` when it cannot run, or when a target
     fails (each {target, value, pass} printed after the report), else 0."""
     try:

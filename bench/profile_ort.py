@@ -35,8 +35,18 @@ from .engines import ORT_ENGINES, reopen_cpu_session
 ENGINES = {name: spec for name, spec in ORT_ENGINES.items() if spec[1] != "fp16"}
 # Kernels of matrix products (fp32 and the int8 variant's); "If" holds the output head's projection,
 # whose Gemm the profiler also lists on its own, so If is left out of every total.
-MATRIX_OPS = frozenset({"MatMul", "Gemm", "FusedGemm", "FusedMatMul", "MatMulInteger", "DynamicQuantizeMatMul",
-                        "MatMulIntegerToFloat", "QGemm"})
+MATRIX_OPS = frozenset(
+    {
+        "MatMul",
+        "Gemm",
+        "FusedGemm",
+        "FusedMatMul",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+    }
+)
 
 
 class _TimedRun:
@@ -62,16 +72,29 @@ class _TimedRun:
         return getattr(self.session, name)
 
 
-def _sessions(bundle: Path, precision: str, shortlist: bool, step: bool, threads: int, spinning: bool = False,
-              profile_prefix: Path | None = None):
+def _sessions(
+    bundle: Path,
+    precision: str,
+    shortlist: bool,
+    step: bool,
+    threads: int,
+    spinning: bool = False,
+    profile_prefix: Path | None = None,
+):
     """The engine's sessions (with `spinning`), the decoders (the engine's second, single-threaded
     one for small steps too) reopened with ORT's profiler when profile_prefix is given, and
     wrapped to time run()."""
     from nmt.engine.bundle import manifest_variants
     from nmt.engine.runtime import RuntimeConfig, load_sessions
 
-    cfg = RuntimeConfig(device="cpu", precision=precision, intra_op_threads=threads, spinning=spinning,
-                        shortlist=shortlist, step_decoder=step)
+    cfg = RuntimeConfig(
+        device="cpu",
+        precision=precision,
+        intra_op_threads=threads,
+        spinning=spinning,
+        shortlist=shortlist,
+        step_decoder=step,
+    )
     sessions = load_sessions(bundle, cfg)
     entry = manifest_variants(sessions.manifest)[sessions.variant]
     found = {}
@@ -121,8 +144,9 @@ def _op_shares(profile: Path) -> Counter[str]:
     return ops
 
 
-def profile(bundle: Path, engine: tuple[str, str, bool, bool], sources: list[list[int]], batch: int, beam: int,
-            threads: int) -> dict[str, Any]:
+def profile(
+    bundle: Path, engine: tuple[str, str, bool, bool], sources: list[list[int]], batch: int, beam: int, threads: int
+) -> dict[str, Any]:
     """The three passes of the module docstring for one engine (an ENGINES value), search and batch size."""
     _, precision, shortlist, step = engine
     served = _decode_all(_sessions(bundle, precision, shortlist, step, threads), sources, batch, beam)
@@ -135,31 +159,49 @@ def profile(bundle: Path, engine: tuple[str, str, bool, bool], sources: list[lis
             ops += _op_shares(Path(session.session.end_profiling()))
     steps, n = served["steps"], len(sources)
     per_step = lambda s: round(1e3 * s / steps, 3)  # noqa: E731
-    return {"steps": steps, "sentence_ms": round(1e3 * served["total"] / n, 2), "step_ms": per_step(served["decode"]),
-            "run_ms": per_step(served["run"]), "python_ms": per_step(served["decode"] - served["run"]),
-            "sentence_ms_spinning": round(1e3 * spinning["total"] / n, 2), "ops": ops}
+    return {
+        "steps": steps,
+        "sentence_ms": round(1e3 * served["total"] / n, 2),
+        "step_ms": per_step(served["decode"]),
+        "run_ms": per_step(served["run"]),
+        "python_ms": per_step(served["decode"] - served["run"]),
+        "sentence_ms_spinning": round(1e3 * spinning["total"] / n, 2),
+        "ops": ops,
+    }
 
 
 def markdown(rows: list[dict[str, Any]], top: int = 8) -> str:
-    lines = ["| engine | search | batch | ms/sentence | decoder step ms | in run() | Python around it | "
-             "ms/sentence, spinning on | engine's speed-up |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| engine | search | batch | ms/sentence | decoder step ms | in run() | Python around it | "
+        "ms/sentence, spinning on | engine's speed-up |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         share = lambda key: f"{r[key]:.2f} ({100 * r[key] / r['step_ms']:.0f}%)"  # noqa: E731
-        lines.append(f"| {r['engine']} | {r['search']} | {r['batch']} | {r['sentence_ms']:.1f} | {r['step_ms']:.2f} | "
-                     f"{share('run_ms')} | {share('python_ms')} | {r['sentence_ms_spinning']:.1f} | "
-                     f"{r['sentence_ms_spinning'] / r['sentence_ms']:.2f}× |")
-    lines += ["", "Decoder kernel time by op type (share of all kernel time, from ORT's profiler; the head's If "
-              "left out, its Gemm counted on its own); \"outside matrix kernels\": every op but "
-              f"{', '.join(sorted(MATRIX_OPS))}:", "",
-              "| engine | search | batch | outside matrix kernels | " + " | ".join(f"op {i + 1}" for i in range(top)) +
-              " |", "|---|---|---:|---:|" + "---|" * top]
+        lines.append(
+            f"| {r['engine']} | {r['search']} | {r['batch']} | {r['sentence_ms']:.1f} | {r['step_ms']:.2f} | "
+            f"{share('run_ms')} | {share('python_ms')} | {r['sentence_ms_spinning']:.1f} | "
+            f"{r['sentence_ms_spinning'] / r['sentence_ms']:.2f}× |"
+        )
+    lines += [
+        "",
+        "Decoder kernel time by op type (share of all kernel time, from ORT's profiler; the head's If "
+        'left out, its Gemm counted on its own); "outside matrix kernels": every op but '
+        f"{', '.join(sorted(MATRIX_OPS))}:",
+        "",
+        "| engine | search | batch | outside matrix kernels | " + " | ".join(f"op {i + 1}" for i in range(top)) + " |",
+        "|---|---|---:|---:|" + "---|" * top,
+    ]
     for r in rows:
         ops = Counter({op: t for op, t in r["ops"].items() if op != "If"})
         total = sum(ops.values()) or 1.0
         outside = sum(t for op, t in ops.items() if op not in MATRIX_OPS) / total
         cells = [f"{op} {100 * t / total:.0f}%" for op, t in ops.most_common(top)]
-        lines.append(f"| {r['engine']} | {r['search']} | {r['batch']} | {100 * outside:.0f}% | " +
-                     " | ".join(cells + [""] * (top - len(cells))) + " |")
+        lines.append(
+            f"| {r['engine']} | {r['search']} | {r['batch']} | {100 * outside:.0f}% | "
+            + " | ".join(cells + [""] * (top - len(cells)))
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 

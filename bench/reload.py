@@ -53,9 +53,9 @@ from nmt.server.kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
-from .load import LoadBenchConfig, ServerProcess, load_sentences
-from .flags import run_flags, source_flags
 from . import outcome
+from .flags import run_flags, source_flags
+from .load import LoadBenchConfig, ServerProcess, load_sentences
 from .outcome import finish
 
 MODEL = "default"
@@ -88,6 +88,7 @@ class ReloadBenchConfig:
 @dataclass
 class Call:
     """One request as the client saw it. Times are seconds since the load window began."""
+
     interface: str  # "kserve" or "nmt"
     sentence: int
     sent: float
@@ -115,6 +116,7 @@ class Load:
 @dataclass
 class Versions:
     """What the control side has done so far: the clients read it when they send and when they get an answer."""
+
     returned: int = 1  # the newest version whose RepositoryModelLoad returned OK
     started: int = 1  # the newest version whose RepositoryModelLoad was called
     loads: list[Load] = field(default_factory=list)
@@ -132,9 +134,27 @@ class RepositoryServer(ServerProcess):
         self.bundle = cfg.bundle
         self.repository = self.workdir / "repo"
         self.add_version(1)
-        cmd = [sys.executable, "-m", "nmt.server.main", "--model-repository", str(self.repository),
-               "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--port-file", str(self.port_file),
-               "--threads", str(cfg.threads), "--default-beam-size", str(cfg.beam_size), "--log-level", "WARNING"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nmt.server.main",
+            "--model-repository",
+            str(self.repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--port-file",
+            str(self.port_file),
+            "--threads",
+            str(cfg.threads),
+            "--default-beam-size",
+            str(cfg.beam_size),
+            "--log-level",
+            "WARNING",
+        ]
         self.proc = subprocess.Popen(cmd)
 
     def add_version(self, version: int) -> Path:
@@ -157,15 +177,18 @@ def link_or_copy(src: str, dst: str) -> str:
 def kserve_request(text: str, beam_size: int) -> kpb.ModelInferRequest:
     data = text.encode()
     tensor = kpb.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[1])
-    return kpb.ModelInferRequest(model_name=MODEL, inputs=[tensor],
-                                 raw_input_contents=[len(data).to_bytes(LENGTH_BYTES, "little") + data],
-                                 parameters={"beam_size": kpb.InferParameter(int64_param=beam_size)})
+    return kpb.ModelInferRequest(
+        model_name=MODEL,
+        inputs=[tensor],
+        raw_input_contents=[len(data).to_bytes(LENGTH_BYTES, "little") + data],
+        parameters={"beam_size": kpb.InferParameter(int64_param=beam_size)},
+    )
 
 
 def kserve_text(response: kpb.ModelInferResponse) -> str:
     raw = response.raw_output_contents[0]
     size = int.from_bytes(raw[:LENGTH_BYTES], "little")
-    return raw[LENGTH_BYTES:LENGTH_BYTES + size].decode()
+    return raw[LENGTH_BYTES : LENGTH_BYTES + size].decode()
 
 
 async def references(target: str, sentences: list[str], beam_size: int) -> list[str]:
@@ -175,14 +198,16 @@ async def references(target: str, sentences: list[str], beam_size: int) -> list[
         stub = pb_grpc.TranslationServiceStub(channel)
         found = []
         for text in sentences:
-            response = await stub.Translate(pb.TranslateRequest(texts=[text], options=options, model=MODEL),
-                                            timeout=CALL_TIMEOUT_S)
+            response = await stub.Translate(
+                pb.TranslateRequest(texts=[text], options=options, model=MODEL), timeout=CALL_TIMEOUT_S
+            )
             found.append(response.translations[0].hypotheses[0].text)
     return found
 
 
-async def load_window(server: RepositoryServer, sentences: list[str], cfg: ReloadBenchConfig
-                      ) -> tuple[list[Call], Versions]:
+async def load_window(
+    server: RepositoryServer, sentences: list[str], cfg: ReloadBenchConfig
+) -> tuple[list[Call], Versions]:
     """--clients closed loops for --duration s while the control side adds and loads a version every
     duration/(reloads+1) s. Every call sent is awaited (none cancelled)."""
     versions = Versions()
@@ -208,13 +233,17 @@ async def load_window(server: RepositoryServer, sentences: list[str], cfg: Reloa
         while now() < end:
             i, floor, sent = next(order), versions.returned, now()
             try:
-                response = await stub.Translate(pb.TranslateRequest(texts=[sentences[i]], options=options, model=MODEL),
-                                                timeout=CALL_TIMEOUT_S)
+                response = await stub.Translate(
+                    pb.TranslateRequest(texts=[sentences[i]], options=options, model=MODEL), timeout=CALL_TIMEOUT_S
+                )
             except grpc.aio.AioRpcError as e:
                 calls.append(Call("nmt", i, sent, now(), e.code().name, floor=floor, ceiling=versions.started))
                 continue
-            calls.append(Call("nmt", i, sent, now(), "OK", response.translations[0].hypotheses[0].text, 0, floor,
-                              versions.started))
+            calls.append(
+                Call(
+                    "nmt", i, sent, now(), "OK", response.translations[0].hypotheses[0].text, 0, floor, versions.started
+                )
+            )
 
     async def control(stub: kpb_grpc.GRPCInferenceServiceStub) -> None:
         every = cfg.duration / (cfg.reloads + 1)
@@ -234,8 +263,10 @@ async def load_window(server: RepositoryServer, sentences: list[str], cfg: Reloa
                 versions.returned = version
             print(f"  t={load.start:6.1f} s  load version {version}: {load.code} in {load.seconds:.2f} s", flush=True)
 
-    async with grpc.aio.insecure_channel(server.target) as kserve_ch, \
-            grpc.aio.insecure_channel(server.target) as nmt_ch:
+    async with (
+        grpc.aio.insecure_channel(server.target) as kserve_ch,
+        grpc.aio.insecure_channel(server.target) as nmt_ch,
+    ):
         kserve, nmt = kpb_grpc.GRPCInferenceServiceStub(kserve_ch), pb_grpc.TranslationServiceStub(nmt_ch)
         n_kserve = (cfg.clients + 1) // 2
         tasks = [asyncio.create_task(kserve_client(kserve)) for _ in range(n_kserve)]
@@ -264,10 +295,21 @@ async def unload_then_load(target: str, sentence: str, beam_size: int, newest: i
         load_s = time.perf_counter() - started
         answer = await stub.ModelInfer(kserve_request(sentence, beam_size), timeout=CALL_TIMEOUT_S)
         loaded_index = [(m.name, m.version, m.state, m.reason) for m in (await index()).models]
-    ok = (refused == "NOT_FOUND" and unloaded_index == [(MODEL, "", "UNAVAILABLE", "unloaded")]
-          and answer.model_version == str(newest) and loaded_index == [(MODEL, str(newest), "READY", "")])
-    return {"unload_s": unload_s, "index_after_unload": unloaded_index, "request_after_unload": refused,
-            "load_s": load_s, "version_after_load": answer.model_version, "index_after_load": loaded_index, "ok": ok}
+    ok = (
+        refused == "NOT_FOUND"
+        and unloaded_index == [(MODEL, "", "UNAVAILABLE", "unloaded")]
+        and answer.model_version == str(newest)
+        and loaded_index == [(MODEL, str(newest), "READY", "")]
+    )
+    return {
+        "unload_s": unload_s,
+        "index_after_unload": unloaded_index,
+        "request_after_unload": refused,
+        "load_s": load_s,
+        "version_after_load": answer.model_version,
+        "index_after_load": loaded_index,
+        "ok": ok,
+    }
 
 
 def percentiles(latencies: list[float]) -> dict[str, float | int]:
@@ -280,26 +322,42 @@ def tally(calls: list[Call], versions: Versions, reference: list[str], cfg: Relo
     ok = [c for c in calls if c.code == "OK"]
     loaded = {1} | {ld.version for ld in versions.loads if ld.code == "OK"}
     wrong_text = [c for c in ok if c.text != reference[c.sentence]]
-    wrong_version = [c for c in ok if c.interface == "kserve" and
-                     (c.version not in loaded or not c.floor <= c.version <= c.ceiling)]
+    wrong_version = [
+        c for c in ok if c.interface == "kserve" and (c.version not in loaded or not c.floor <= c.version <= c.ceiling)
+    ]
     by_version = Counter(str(c.version) for c in ok if c.interface == "kserve")
     around = []
     for ld in versions.loads:
         inside = [c.done - c.sent for c in ok if ld.start <= c.done <= ld.end + AFTER_LOAD_S]
-        around.append({"version": ld.version, "code": ld.code, "message": ld.message, "start_s": ld.start,
-                       "load_s": ld.seconds, **percentiles(inside)})
+        around.append(
+            {
+                "version": ld.version,
+                "code": ld.code,
+                "message": ld.message,
+                "start_s": ld.start,
+                "load_s": ld.seconds,
+                **percentiles(inside),
+            }
+        )
     span = max((c.done for c in calls), default=cfg.duration)
     return {
-        "requests": len(calls), "ok": len(ok), "failed": len(calls) - len(ok),
+        "requests": len(calls),
+        "ok": len(ok),
+        "failed": len(calls) - len(ok),
         "codes": dict(Counter(c.code for c in calls)),
-        "by_interface": {i: {"requests": sum(c.interface == i for c in calls),
-                             "failed": sum(c.interface == i and c.code != "OK" for c in calls)}
-                         for i in ("kserve", "nmt")},
+        "by_interface": {
+            i: {
+                "requests": sum(c.interface == i for c in calls),
+                "failed": sum(c.interface == i and c.code != "OK" for c in calls),
+            }
+            for i in ("kserve", "nmt")
+        },
         "kserve_answers_by_version": dict(sorted(by_version.items(), key=lambda kv: int(kv[0]))),
-        "nmt_answers_matching_reference": sum(c.interface == "nmt" for c in ok) - sum(
-            c.interface == "nmt" for c in wrong_text),
+        "nmt_answers_matching_reference": sum(c.interface == "nmt" for c in ok)
+        - sum(c.interface == "nmt" for c in wrong_text),
         "answers_not_from_one_version": len({id(c) for c in wrong_text + wrong_version}),
-        "wrong_text": len(wrong_text), "version_outside_window": len(wrong_version),
+        "wrong_text": len(wrong_text),
+        "version_outside_window": len(wrong_version),
         "examples": [asdict(c) for c in (wrong_text + wrong_version)[:5]],
         "sentences_per_s": len(ok) / span if span > 0 else float("nan"),
         "latency": percentiles([c.done - c.sent for c in ok]),
@@ -312,9 +370,11 @@ def targets(t: dict[str, Any]) -> list[dict[str, Any]]:
     versions = len(t["kserve_answers_by_version"])
     return [
         {"target": "0 failed requests", "value": f"{t['failed']} of {t['requests']}", "pass": t["failed"] == 0},
-        {"target": "every answer from exactly one complete version",
-         "value": f"{t['answers_not_from_one_version']} of {t['ok']} not ({versions} versions answered)",
-         "pass": t["answers_not_from_one_version"] == 0 and t["failed_loads"] == 0},
+        {
+            "target": "every answer from exactly one complete version",
+            "value": f"{t['answers_not_from_one_version']} of {t['ok']} not ({versions} versions answered)",
+            "pass": t["answers_not_from_one_version"] == 0 and t["failed_loads"] == 0,
+        },
     ]
 
 
@@ -324,14 +384,18 @@ def run(cfg: ReloadBenchConfig) -> dict[str, Any]:
     for name in ("reload.json", "reload.md"):
         if (cfg.out / name).exists() and not cfg.force:
             raise ValueError(f"{cfg.out / name} exists: --force to overwrite it")
-    sentences = load_sentences(LoadBenchConfig(bundle=cfg.bundle, data_dir=cfg.data_dir, split=cfg.split,
-                                               sentences=cfg.sentences))
+    sentences = load_sentences(
+        LoadBenchConfig(bundle=cfg.bundle, data_dir=cfg.data_dir, split=cfg.split, sentences=cfg.sentences)
+    )
     server = RepositoryServer(cfg)
     try:
         server.wait_serving()
         reference = asyncio.run(references(server.target, sentences, cfg.beam_size))
-        print(f"reference: {len(reference)} sentences on version 1; {cfg.clients} clients for {cfg.duration:g} s, "
-              f"{cfg.reloads} loads", flush=True)
+        print(
+            f"reference: {len(reference)} sentences on version 1; {cfg.clients} clients for {cfg.duration:g} s, "
+            f"{cfg.reloads} loads",
+            flush=True,
+        )
         calls, versions = asyncio.run(load_window(server, sentences, cfg))
         rss, peak = server.memory_mb()
         explicit = asyncio.run(unload_then_load(server.target, sentences[0], cfg.beam_size, versions.started))
@@ -341,48 +405,78 @@ def run(cfg: ReloadBenchConfig) -> dict[str, Any]:
     from nmt.training.cpu import cpu_summary  # /proc/cpuinfo only
 
     t = tally(calls, versions, reference, cfg)
-    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-            "machine": {"cpu": cpu_summary(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                        "python": platform.python_version(), "load_average_at_end": os.getloadavg()},
-            "sentences": len(sentences), **t, "server_rss_mb": rss, "server_peak_rss_mb": peak,
-            "unload_then_load": explicit, "targets": targets(t)}
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "machine": {
+            "cpu": cpu_summary(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "sentences": len(sentences),
+        **t,
+        "server_rss_mb": rss,
+        "server_peak_rss_mb": peak,
+        "unload_then_load": explicit,
+        "targets": targets(t),
+    }
 
 
 def markdown(r: dict[str, Any]) -> str:
     c = r["config"]
     lines = [
-        "# Reloads under load (`nmt-bench reload`)", "",
+        "# Reloads under load (`nmt-bench reload`)",
+        "",
         f"`nmt-bench reload --bundle {c['bundle']} --clients {c['clients']} --reloads {c['reloads']} "
         f"--duration {c['duration']:g} --beam {c['beam_size']}`; {r['sentences']} {c['split']} sentences, "
         f"one per call; CPU: {r['machine']['cpu']} ({r['machine']['cpus']} visible, load average at end "
-        f"{', '.join(f'{x:.1f}' for x in r['machine']['load_average_at_end'])}).", "",
+        f"{', '.join(f'{x:.1f}' for x in r['machine']['load_average_at_end'])}).",
+        "",
         "Versions are byte-identical copies of the bundle, told apart by their directory number (KServe "
         "model_version). An answer is from one complete version when its text equals the reference (version 1, "
         "one request at a time) and, over KServe, the version it names was loaded between its send and its answer.",
-        "", "| target | value | result |", "|---|---|---|",
-        *(f"| {g['target']} | {g['value']} | {'PASS' if g['pass'] else 'FAIL'} |" for g in r["targets"]), "",
-        "| requests | OK | failed | codes | sentences/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|",
+        "",
+        "| target | value | result |",
+        "|---|---|---|",
+        *(f"| {g['target']} | {g['value']} | {'PASS' if g['pass'] else 'FAIL'} |" for g in r["targets"]),
+        "",
+        "| requests | OK | failed | codes | sentences/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
         f"| {r['requests']} | {r['ok']} | {r['failed']} | {', '.join(f'{k} {v}' for k, v in r['codes'].items())} | "
-        f"{r['sentences_per_s']:.2f} | {r['latency']['p50_ms']:.1f} | {r['latency']['p99_ms']:.1f} |", "",
-        "| interface | requests | failed |", "|---|---|---|",
-        *(f"| {i} | {v['requests']} | {v['failed']} |" for i, v in r["by_interface"].items()), "",
-        "KServe answers by version: " + ", ".join(f"v{k}: {v}" for k, v in r["kserve_answers_by_version"].items())
+        f"{r['sentences_per_s']:.2f} | {r['latency']['p50_ms']:.1f} | {r['latency']['p99_ms']:.1f} |",
+        "",
+        "| interface | requests | failed |",
+        "|---|---|---|",
+        *(f"| {i} | {v['requests']} | {v['failed']} |" for i, v in r["by_interface"].items()),
+        "",
+        "KServe answers by version: "
+        + ", ".join(f"v{k}: {v}" for k, v in r["kserve_answers_by_version"].items())
         + f"; nmt.v1 answers equal to the reference: {r['nmt_answers_matching_reference']}; answers from no single "
         f"complete version: {r['answers_not_from_one_version']} (text differs: {r['wrong_text']}, version outside "
-        f"its window: {r['version_outside_window']}).", "",
-        f"Each load, and the calls that finished from its start to {AFTER_LOAD_S:g} s after it returned:", "",
-        "| version | at s | load s | result | requests | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|",
-        *(f"| {ld['version']} | {ld['start_s']:.1f} | {ld['load_s']:.2f} | {ld['code']} | {ld['requests']} | "
-          f"{ld['p50_ms']:.1f} | {ld['p99_ms']:.1f} |" for ld in r["loads"]), "",
+        f"its window: {r['version_outside_window']}).",
+        "",
+        f"Each load, and the calls that finished from its start to {AFTER_LOAD_S:g} s after it returned:",
+        "",
+        "| version | at s | load s | result | requests | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {ld['version']} | {ld['start_s']:.1f} | {ld['load_s']:.2f} | {ld['code']} | {ld['requests']} | "
+            f"{ld['p50_ms']:.1f} | {ld['p99_ms']:.1f} |"
+            for ld in r["loads"]
+        ),
+        "",
     ]
     u = r["unload_then_load"]
-    lines += [f"Explicit unload + load after the window (clients stopped): unload {u['unload_s']:.2f} s, then a "
-              f"request got {u['request_after_unload']} and the index said {u['index_after_unload']}; load "
-              f"{u['load_s']:.2f} s, then version {u['version_after_load']} answered: "
-              f"{'as expected' if u['ok'] else 'NOT as expected'}.", "",
-              f"Server RSS at the end of the window: {r['server_rss_mb']:.0f} MB "
-              f"(peak {r['server_peak_rss_mb']:.0f} MB).",
-              ""]
+    lines += [
+        f"Explicit unload + load after the window (clients stopped): unload {u['unload_s']:.2f} s, then a "
+        f"request got {u['request_after_unload']} and the index said {u['index_after_unload']}; load "
+        f"{u['load_s']:.2f} s, then version {u['version_after_load']} answered: "
+        f"{'as expected' if u['ok'] else 'NOT as expected'}.",
+        "",
+        f"Server RSS at the end of the window: {r['server_rss_mb']:.0f} MB (peak {r['server_peak_rss_mb']:.0f} MB).",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -395,16 +489,32 @@ def parse_args(argv: list[str] | None) -> ReloadBenchConfig:
     p = argparse.ArgumentParser(prog="nmt-bench reload", description=__doc__.splitlines()[0])
     source_flags(p, d.bundle, d.split)
     p.add_argument("--sentences", type=int, default=d.sentences, help="distinct sentences (default: %(default)s)")
-    p.add_argument("--clients", type=int, default=d.clients, help="closed-loop clients, half KServe, half nmt.v1 "
-                   "(default: %(default)s)")
-    p.add_argument("--reloads", type=int, default=d.reloads, help="versions loaded in the window "
-                   "(default: %(default)s)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=d.clients,
+        help="closed-loop clients, half KServe, half nmt.v1 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reloads", type=int, default=d.reloads, help="versions loaded in the window (default: %(default)s)"
+    )
     p.add_argument("--duration", type=float, default=d.duration, help="seconds of load (default: %(default)s)")
     run_flags(p, d.beam_size, d.threads, d.out, "reload")
     a = p.parse_args(argv)
     try:
-        return ReloadBenchConfig(a.bundle, a.data_dir, a.split, a.sentences, a.clients, a.reloads, a.duration,
-                                 a.beam, a.threads, a.out, a.force)
+        return ReloadBenchConfig(
+            a.bundle,
+            a.data_dir,
+            a.split,
+            a.sentences,
+            a.clients,
+            a.reloads,
+            a.duration,
+            a.beam,
+            a.threads,
+            a.out,
+            a.force,
+        )
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable

@@ -73,11 +73,14 @@ def _identical(results: dict[str, Any], engine: str) -> str:
 
 def _speed_table(results: dict[str, Any]) -> list[str]:
     cells, table = _cells(results), _lookup(results)
-    lines = ["| engine | variant | " + " | ".join(f"{m} b={s}" for m, s in cells) + " | identical to torch |",
-             "|---|---|" + "---:|" * len(cells) + "---|"]
+    lines = [
+        "| engine | variant | " + " | ".join(f"{m} b={s}" for m, s in cells) + " | identical to torch |",
+        "|---|---|" + "---:|" * len(cells) + "---|",
+    ]
     for engine in results["engines"]:
-        values = [f"{table[(engine, m, s)]['tokens_per_s']:.0f} ({table[(engine, m, s)]['p50_ms']:.1f})"
-                  for m, s in cells]
+        values = [
+            f"{table[(engine, m, s)]['tokens_per_s']:.0f} ({table[(engine, m, s)]['p50_ms']:.1f})" for m, s in cells
+        ]
         variant = results["variants"].get(engine, "eager")
         lines.append(f"| {engine} | {variant} | " + " | ".join(values) + f" | {_identical(results, engine)} |")
     for engine, reason in results["skipped"].items():
@@ -102,9 +105,11 @@ def _encoder_table(results: dict[str, Any]) -> list[str]:
     table = {(r["engine"], r["batch_size"]): r for r in results["encoder"]}
     lines = ["| engine | " + " | ".join(f"b={s}" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
     for engine in results["engines"]:
-        values = [f"{row['gflops_per_s']:.1f}" + ("" if row["fraction_of_peak"] is None
-                                                  else f" ({100 * row['fraction_of_peak']:.0f}%)")
-                  for row in (table[(engine, s)] for s in sizes)]
+        values = [
+            f"{row['gflops_per_s']:.1f}"
+            + ("" if row["fraction_of_peak"] is None else f" ({100 * row['fraction_of_peak']:.0f}%)")
+            for row in (table[(engine, s)] for s in sizes)
+        ]
         star = " *" if table[(engine, sizes[0])]["includes_first_decoder_step"] else ""
         lines.append(f"| {engine}{star} | " + " | ".join(values) + " |")
     return lines
@@ -117,31 +122,41 @@ def _warning(machine: dict[str, Any]) -> list[str]:
     other = machine.get("other_processes_cores")
     if other is None or other <= DISTURBED_CORES:
         return []
-    return [f"**Disturbed run: other processes kept {other} of {machine['logical_cpus']} cores busy on average. "
-            "Every engine runs 2 threads that meet at a barrier after each operator, so a busy core slows the "
-            "engines with many small operators the most; compare with care.**", ""]
+    return [
+        f"**Disturbed run: other processes kept {other} of {machine['logical_cpus']} cores busy on average. "
+        "Every engine runs 2 threads that meet at a barrier after each operator, so a busy core slows the "
+        "engines with many small operators the most; compare with care.**",
+        "",
+    ]
 
 
 def _encoder_intro(results: dict[str, Any]) -> str:
     cfg, machine, peaks = results["config"], results["machine"], results["sgemm_gflops"]
-    ct2 = ("* CTranslate2's Python API has no encoder-only call: its time includes one greedy decoder step, "
-           "whose FLOPs are counted too.")
+    ct2 = (
+        "* CTranslate2's Python API has no encoder-only call: its time includes one greedy decoder step, "
+        "whose FLOPs are counted too."
+    )
     if peaks is None:
-        return (f"On {_device(results)} ({machine.get('gpu') or 'GPU unknown'}): no matmul peak (the CPU's fp32 "
-                f"sgemm is no yardstick for a GPU), so GFLOP/s alone. {ct2}")
-    return (f"Peak at {machine['threads']} threads, {cfg['sgemm_size']}×{cfg['sgemm_size']} fp32 on the "
-            f"{peaks.get('device', 'cpu').upper()} (best of a measurement before and after the decoding grid): "
-            f"torch.mm {peaks['torch_mm']} GFLOP/s, ONNX Runtime MatMul {peaks['ort_matmul']} GFLOP/s. The int8 "
-            f"engines are held against the same fp32 peak, so they can exceed 100%. {ct2}")
+        return (
+            f"On {_device(results)} ({machine.get('gpu') or 'GPU unknown'}): no matmul peak (the CPU's fp32 "
+            f"sgemm is no yardstick for a GPU), so GFLOP/s alone. {ct2}"
+        )
+    return (
+        f"Peak at {machine['threads']} threads, {cfg['sgemm_size']}×{cfg['sgemm_size']} fp32 on the "
+        f"{peaks.get('device', 'cpu').upper()} (best of a measurement before and after the decoding grid): "
+        f"torch.mm {peaks['torch_mm']} GFLOP/s, ONNX Runtime MatMul {peaks['ort_matmul']} GFLOP/s. The int8 "
+        f"engines are held against the same fp32 peak, so they can exceed 100%. {ct2}"
+    )
 
 
 def markdown(results: dict[str, Any]) -> str:
     cfg, machine = results["config"], results["machine"]
     settings = cfg["settings"]
-    device = (f"Device: cuda, GPU {machine.get('gpu') or 'unknown'} (host " if _device(results) == "cuda"
-              else "")
+    device = f"Device: cuda, GPU {machine.get('gpu') or 'unknown'} (host " if _device(results) == "cuda" else ""
     head = [
-        "# Decoding benchmark (`nmt-bench decode`)", "", *_warning(machine),
+        "# Decoding benchmark (`nmt-bench decode`)",
+        "",
+        *_warning(machine),
         f"{results['sentences']} sentences of {cfg['split']} (evenly spaced out of {results['split_sentences']}; "
         f"{results['source_tokens']} source tokens), checkpoint `{cfg['checkpoint']}`. "
         f"Greedy and beam {settings['beam_size']} (GNMT length penalty {settings['length_penalty']}, at most "
@@ -151,15 +166,20 @@ def markdown(results: dict[str, Any]) -> str:
         f"{machine['load_average_start'][0]} at the start, {machine['load_average_end'][0]} at the end, other "
         f"processes kept {machine.get('other_processes_cores')} cores busy on average while it ran; "
         f"{', '.join(f'{k} {v}' for k, v in machine['versions'].items())}. Whole grid: {results['seconds']:.0f} s.",
-        "", "## Target tokens per second (p50 batch latency, ms)", "",
+        "",
+        "## Target tokens per second (p50 batch latency, ms)",
+        "",
         "Tokens of the best hypothesis without EOS, over the summed batch latencies. Batches go through the "
-        "engines in turn.", "",
+        "engines in turn.",
+        "",
     ]
     ratio = ["", "## Goals (ratios of tokens per second, same run)", ""]
     of_peak = "" if results["sgemm_gflops"] is None else " (% of the measured fp32 matmul peak)"
     encoder = ["", f"## Encoder: achieved GFLOP/s of its matrix products{of_peak}", "", _encoder_intro(results), ""]
-    return "\n".join(head + _speed_table(results) + ratio + _ratio_table(results) + encoder
-                     + _encoder_table(results)) + "\n"
+    return (
+        "\n".join(head + _speed_table(results) + ratio + _ratio_table(results) + encoder + _encoder_table(results))
+        + "\n"
+    )
 
 
 def plot(results: dict[str, Any], path: Path) -> None:

@@ -44,10 +44,10 @@ def longest_run(words: list[str], n: int) -> tuple[int, list[str]]:
     best, gram = 0, []
     for i in range(len(words) - n + 1):
         reps = 1
-        while words[i + reps * n:i + (reps + 1) * n] == words[i:i + n]:
+        while words[i + reps * n : i + (reps + 1) * n] == words[i : i + n]:
             reps += 1
         if reps > best:
-            best, gram = reps, words[i:i + n]
+            best, gram = reps, words[i : i + n]
     return best, gram
 
 
@@ -101,7 +101,7 @@ def translate_all(translator: Any, options: Any, texts: tuple[str, ...] | list[s
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outputs = [""] * len(texts)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         results = translator.translate([texts[i] for i in chunk], options)
         assert len(results) == len(chunk), (len(results), len(chunk))
         for i, hyps in zip(chunk, results):
@@ -127,12 +127,22 @@ def span_stats(cond: sets.Condition, outputs: list[str]) -> dict[str, Any]:
             by_kind.setdefault(kind, [0, 0])[0] += hit
             by_kind[kind][1] += 1
         if not all(hits):
-            missed.append({"index": i, "source": cond.sources[i], "output": out,
-                           "missing": [s for s, h in zip(spans, hits) if not h]})
-    return {"spans": total, "verbatim": found, "verbatim_pct": 100.0 * found / max(total, 1),
-            "once_pct": 100.0 * once / max(len(outputs), 1),
-            "by_kind_pct": {k: round(100.0 * v[0] / v[1], 1) for k, v in sorted(by_kind.items())},
-            "missed_examples": missed[:MAX_EXAMPLES]}
+            missed.append(
+                {
+                    "index": i,
+                    "source": cond.sources[i],
+                    "output": out,
+                    "missing": [s for s, h in zip(spans, hits) if not h],
+                }
+            )
+    return {
+        "spans": total,
+        "verbatim": found,
+        "verbatim_pct": 100.0 * found / max(total, 1),
+        "once_pct": 100.0 * once / max(len(outputs), 1),
+        "by_kind_pct": {k: round(100.0 * v[0] / v[1], 1) for k, v in sorted(by_kind.items())},
+        "missed_examples": missed[:MAX_EXAMPLES],
+    }
 
 
 def score(cond: sets.Condition, outputs: list[str]) -> dict[str, Any]:
@@ -144,13 +154,22 @@ def score(cond: sets.Condition, outputs: list[str]) -> dict[str, Any]:
     bleu_ci = BLEU(lowercase=True).corpus_score(outputs, refs)  # = sacrebleu.corpus_bleu(..., lowercase=True)
     bad = degenerate_list(cond.sources, outputs)
     row: dict[str, Any] = {
-        "condition": cond.name, "texts": len(outputs), "bleu": round(bleu.score, 2), "bleu_ci": round(bleu_ci.score, 2),
-        "chrf": round(chrf_metric.corpus_score(outputs, refs).score, 2), "sys_len": bleu.sys_len,
-        "ref_len": bleu.ref_len, "len_ratio": round(bleu.sys_len / max(bleu.ref_len, 1), 4),
+        "condition": cond.name,
+        "texts": len(outputs),
+        "bleu": round(bleu.score, 2),
+        "bleu_ci": round(bleu_ci.score, 2),
+        "chrf": round(chrf_metric.corpus_score(outputs, refs).score, 2),
+        "sys_len": bleu.sys_len,
+        "ref_len": bleu.ref_len,
+        "len_ratio": round(bleu.sys_len / max(bleu.ref_len, 1), 4),
         "signatures": {"bleu": str(bleu_metric.get_signature()), "chrf": str(chrf_metric.get_signature())},
-        "degenerate": len(bad), "degenerate_examples": bad[:MAX_EXAMPLES],
-        "examples": [{"source": s, "output": o, "reference": r}
-                     for s, o, r in list(zip(cond.sources, outputs, cond.references))[:3]]}
+        "degenerate": len(bad),
+        "degenerate_examples": bad[:MAX_EXAMPLES],
+        "examples": [
+            {"source": s, "output": o, "reference": r}
+            for s, o, r in list(zip(cond.sources, outputs, cond.references))[:3]
+        ],
+    }
     if cond.spans:
         row["spans"] = span_stats(cond, outputs)
     return row
@@ -170,15 +189,31 @@ def check_targets(rows: list[dict[str, Any]], odd_degenerate: int) -> list[dict[
     len_off = abs((para["len_ratio_vs_plain"] or 0.0) - 1.0)
     total_bad = sum(row["degenerate"] for row in rows) + odd_degenerate
     targets = [
-        ("paragraphs BLEU >= plain - 0.5", f"{para['bleu']:.2f} vs {plain['bleu'] - PARAGRAPH_BLEU_DROP:.2f}",
-         para["bleu"] >= plain["bleu"] - PARAGRAPH_BLEU_DROP),
-        ("paragraphs length ratio within 2% of plain", f"{para['len_ratio']:.3f} vs {plain['len_ratio']:.3f} "
-         f"({100 * len_off:.1f}%)", len_off <= PARAGRAPH_LEN_RATIO),
-        *((f"{name} BLEU-ci >= 95% of plain", f"{by[name]['bleu_ci_pct_of_plain']}%",
-           (by[name]["bleu_ci_pct_of_plain"] or 0.0) >= 100 * CASE_SHARE) for name in ("ALL CAPS", "Title Case")),
-        ("protected spans 100% verbatim", f"{by['protected spans']['spans']['verbatim_pct']:.1f}%",
-         by["protected spans"]["spans"]["verbatim"] == by["protected spans"]["spans"]["spans"]),
-        ("0 degenerate outputs", f"{total_bad} (odd inputs {odd_degenerate})", total_bad == 0)]
+        (
+            "paragraphs BLEU >= plain - 0.5",
+            f"{para['bleu']:.2f} vs {plain['bleu'] - PARAGRAPH_BLEU_DROP:.2f}",
+            para["bleu"] >= plain["bleu"] - PARAGRAPH_BLEU_DROP,
+        ),
+        (
+            "paragraphs length ratio within 2% of plain",
+            f"{para['len_ratio']:.3f} vs {plain['len_ratio']:.3f} ({100 * len_off:.1f}%)",
+            len_off <= PARAGRAPH_LEN_RATIO,
+        ),
+        *(
+            (
+                f"{name} BLEU-ci >= 95% of plain",
+                f"{by[name]['bleu_ci_pct_of_plain']}%",
+                (by[name]["bleu_ci_pct_of_plain"] or 0.0) >= 100 * CASE_SHARE,
+            )
+            for name in ("ALL CAPS", "Title Case")
+        ),
+        (
+            "protected spans 100% verbatim",
+            f"{by['protected spans']['spans']['verbatim_pct']:.1f}%",
+            by["protected spans"]["spans"]["verbatim"] == by["protected spans"]["spans"]["spans"],
+        ),
+        ("0 degenerate outputs", f"{total_bad} (odd inputs {odd_degenerate})", total_bad == 0),
+    ]
     return [{"target": name, "value": value, "pass": bool(ok)} for name, value, ok in targets]
 
 
@@ -189,8 +224,14 @@ def machine_info() -> dict[str, Any]:
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), platform.processor())
     flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
-    return {"cpu": model, "cpu_flags": flags, "logical_cpus": os.cpu_count(), "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "load_average_start": [round(x, 2) for x in os.getloadavg()]}
+    return {
+        "cpu": model,
+        "cpu_flags": flags,
+        "logical_cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "load_average_start": [round(x, 2) for x in os.getloadavg()],
+    }
 
 
 def code_state() -> dict[str, Any]:
@@ -205,16 +246,21 @@ def code_state() -> dict[str, Any]:
 
     def git(*args: str) -> str | None:
         try:
-            return subprocess.run(["git", *args], cwd=engine_dir, capture_output=True, text=True, timeout=30,
-                                  check=True).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=engine_dir, capture_output=True, text=True, timeout=30, check=True
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return None
 
     dirty = git("status", "--porcelain", "--", ".")
-    return {"engine_dir": str(engine_dir), "commit": git("rev-parse", "HEAD"),
-            "engine_uncommitted": dirty.splitlines() if dirty else [], "engine_py_sha256": digest.hexdigest(),
-            "engine_text_module": (engine_dir / "text.py").is_file(),
-            "text_pipeline_loaded": "nmt.engine.text" in sys.modules}  # did the Translator import it
+    return {
+        "engine_dir": str(engine_dir),
+        "commit": git("rev-parse", "HEAD"),
+        "engine_uncommitted": dirty.splitlines() if dirty else [],
+        "engine_py_sha256": digest.hexdigest(),
+        "engine_text_module": (engine_dir / "text.py").is_file(),
+        "text_pipeline_loaded": "nmt.engine.text" in sys.modules,
+    }  # did the Translator import it
 
 
 def load_split(cfg: RobustnessConfig) -> tuple[list[str], list[str], int]:
@@ -248,14 +294,26 @@ def run(cfg: RobustnessConfig) -> dict[str, Any]:
     code["engine_changed_during_run"] = code_state()["engine_py_sha256"] != code["engine_py_sha256"]
     info["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    return {"date": time.strftime("%Y-%m-%d %H:%M"), "config": config, "bundle": str(cfg.bundle.resolve()),
-            "split": cfg.split, "split_sentences": split_size, "sentences": len(sources),
-            "options": asdict(options), "engine": {"runtime": asdict(runtime), "model": asdict(translator.info)},
-            "code": code, "machine": info, "seconds": round(time.time() - started, 1),
-            "conditions": rows, "odd_inputs": {
-                "count": len(odd), "degenerate": odd_bad,
-                "outputs": [{"source": s, "output": o} for s, o in zip(odd, odd_outputs)]},
-            "targets": check_targets(rows, len(odd_bad))}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "config": config,
+        "bundle": str(cfg.bundle.resolve()),
+        "split": cfg.split,
+        "split_sentences": split_size,
+        "sentences": len(sources),
+        "options": asdict(options),
+        "engine": {"runtime": asdict(runtime), "model": asdict(translator.info)},
+        "code": code,
+        "machine": info,
+        "seconds": round(time.time() - started, 1),
+        "conditions": rows,
+        "odd_inputs": {
+            "count": len(odd),
+            "degenerate": odd_bad,
+            "outputs": [{"source": s, "output": o} for s, o in zip(odd, odd_outputs)],
+        },
+        "targets": check_targets(rows, len(odd_bad)),
+    }
 
 
 def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
@@ -263,41 +321,63 @@ def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
 
 
 def table(results: dict[str, Any]) -> list[str]:
-    lines = ["| condition | texts | BLEU | BLEU-ci | chrF | len ratio | Δ BLEU vs plain | BLEU-ci % of plain "
-             "| degenerate | verbatim % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| condition | texts | BLEU | BLEU-ci | chrF | len ratio | Δ BLEU vs plain | BLEU-ci % of plain "
+        "| degenerate | verbatim % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results["conditions"]:
         spans = r.get("spans")
-        lines.append(f"| {r['condition']} | {r['texts']} | {r['bleu']:.2f} | {r['bleu_ci']:.2f} | {r['chrf']:.2f} | "
-                     f"{r['len_ratio']:.3f} | {r['delta_bleu']:+.2f} | {fmt(r['bleu_ci_pct_of_plain'], '.1f')} | "
-                     f"{r['degenerate']} | {fmt(spans['verbatim_pct'], '.1f') if spans else '-'} |")
+        lines.append(
+            f"| {r['condition']} | {r['texts']} | {r['bleu']:.2f} | {r['bleu_ci']:.2f} | {r['chrf']:.2f} | "
+            f"{r['len_ratio']:.3f} | {r['delta_bleu']:+.2f} | {fmt(r['bleu_ci_pct_of_plain'], '.1f')} | "
+            f"{r['degenerate']} | {fmt(spans['verbatim_pct'], '.1f') if spans else '-'} |"
+        )
     return lines
 
 
 def markdown(results: dict[str, Any]) -> str:
     cfg, m, code = results["config"], results["machine"], results["code"]
-    pipeline = ("the Translator loaded engine/text.py (the text pipeline)" if code["text_pipeline_loaded"] else
-                "the Translator did not load engine/text.py: numbers before the text pipeline")
+    pipeline = (
+        "the Translator loaded engine/text.py (the text pipeline)"
+        if code["text_pipeline_loaded"]
+        else "the Translator did not load engine/text.py: numbers before the text pipeline"
+    )
     changed = ", CHANGED during the run" if code.get("engine_changed_during_run") else ""
-    lines = [f"# Robustness (`nmt-bench robustness`): {results['split']}", "",
-             f"{results['sentences']} of {results['split_sentences']} sentences of {results['split']} "
-             f"({cfg['src']}→{cfg['tgt']}), bundle `{cfg['bundle']}` ({results['engine']['model']['precision']}, "
-             f"{results['engine']['model']['provider']}), the bundle's default options "
-             f"{json.dumps(results['options'])}, batches of {cfg['batch_size']}, seed {cfg['seed']}. "
-             f"Commit {str(code['commit'])[:12]}; {pipeline}"
-             f"{'; uncommitted engine/ changes' if code['engine_uncommitted'] else ''} (engine *.py sha256 "
-             f"{str(code['engine_py_sha256'])[:12]}{changed}). CPU: {m['cpu']} "
-             f"({m['logical_cpus']} logical CPUs), load average {m['load_average_start'][0]} at the start, "
-             f"{m['load_average_end'][0]} at the end; {results['seconds']} s in all. {results['date']}.", "",
-             *([f"**Note:** {results['note']}", ""] if results.get("note") else []), *table(results), "",
-             "BLEU: sacreBLEU (13a, cased); BLEU-ci: lowercased; len ratio: sys_len/ref_len. Paragraphs are "
-             "scored per paragraph against the group's references joined with a space; protected spans against "
-             "the German references with the same spans (their BLEU is secondary: the references differ from "
-             "plain's), verbatim: spans found as exact substrings of the output.", ""]
+    lines = [
+        f"# Robustness (`nmt-bench robustness`): {results['split']}",
+        "",
+        f"{results['sentences']} of {results['split_sentences']} sentences of {results['split']} "
+        f"({cfg['src']}→{cfg['tgt']}), bundle `{cfg['bundle']}` ({results['engine']['model']['precision']}, "
+        f"{results['engine']['model']['provider']}), the bundle's default options "
+        f"{json.dumps(results['options'])}, batches of {cfg['batch_size']}, seed {cfg['seed']}. "
+        f"Commit {str(code['commit'])[:12]}; {pipeline}"
+        f"{'; uncommitted engine/ changes' if code['engine_uncommitted'] else ''} (engine *.py sha256 "
+        f"{str(code['engine_py_sha256'])[:12]}{changed}). CPU: {m['cpu']} "
+        f"({m['logical_cpus']} logical CPUs), load average {m['load_average_start'][0]} at the start, "
+        f"{m['load_average_end'][0]} at the end; {results['seconds']} s in all. {results['date']}.",
+        "",
+        *([f"**Note:** {results['note']}", ""] if results.get("note") else []),
+        *table(results),
+        "",
+        "BLEU: sacreBLEU (13a, cased); BLEU-ci: lowercased; len ratio: sys_len/ref_len. Paragraphs are "
+        "scored per paragraph against the group's references joined with a space; protected spans against "
+        "the German references with the same spans (their BLEU is secondary: the references differ from "
+        "plain's), verbatim: spans found as exact substrings of the output.",
+        "",
+    ]
     spans = next(r["spans"] for r in results["conditions"] if "spans" in r)
-    lines += [f"Protected spans: {spans['verbatim']} of {spans['spans']} verbatim; every span exactly once in "
-              f"{spans['once_pct']:.1f}% of outputs; verbatim by kind: "
-              + ", ".join(f"{k} {v:.1f}%" for k, v in spans["by_kind_pct"].items()) + ".", "",
-              "## Targets", "", "| target | value | result |", "|---|---|---|"]
+    lines += [
+        f"Protected spans: {spans['verbatim']} of {spans['spans']} verbatim; every span exactly once in "
+        f"{spans['once_pct']:.1f}% of outputs; verbatim by kind: "
+        + ", ".join(f"{k} {v:.1f}%" for k, v in spans["by_kind_pct"].items())
+        + ".",
+        "",
+        "## Targets",
+        "",
+        "| target | value | result |",
+        "|---|---|---|",
+    ]
     lines += [f"| {t['target']} | {t['value']} | {'PASS' if t['pass'] else 'FAIL'} |" for t in results["targets"]]
     odd = results["odd_inputs"]
     lines += ["", f"## Odd inputs: {len(odd['degenerate'])} of {odd['count']} degenerate", ""]
@@ -306,8 +386,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"| {cell(d['source'])} | {cell(d['output'])} | {d['reason']} |" for d in odd["degenerate"]]
     for r in results["conditions"]:
         if r["degenerate"]:
-            lines += ["", f"Degenerate in {r['condition']}: {r['degenerate']}, e.g. "
-                      + "; ".join(f"{cell(d['output'][:80])} ({d['reason']})" for d in r["degenerate_examples"][:3])]
+            lines += [
+                "",
+                f"Degenerate in {r['condition']}: {r['degenerate']}, e.g. "
+                + "; ".join(f"{cell(d['output'][:80])} ({d['reason']})" for d in r["degenerate_examples"][:3]),
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -330,8 +413,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
     width = 0.8 / len(metrics)
     for k, (key, label) in enumerate(metrics):
         values = [100.0 * r[key] / plain[key] if plain[key] else 0.0 for r in rows]
-        ax.bar([i + (k - 1) * width for i in range(len(rows))], values, width, label=f"{label} % of plain",
-               alpha=1.0 if key == "bleu_ci" else 0.5)
+        ax.bar(
+            [i + (k - 1) * width for i in range(len(rows))],
+            values,
+            width,
+            label=f"{label} % of plain",
+            alpha=1.0 if key == "bleu_ci" else 0.5,
+        )
     ax.axhline(100 * CASE_SHARE, color="red", linestyle="--", linewidth=1, label="95% target")
     ax.set_xticks(range(len(rows)), [r["condition"] for r in rows], rotation=15)
     ax.set_ylabel("% of plain")
@@ -346,10 +434,13 @@ def summary(results: dict[str, Any]) -> str:
     lines = [f"{'condition':<16} {'BLEU':>6} {'BLEU-ci':>7} {'chrF':>6} {'len':>6} {'Δ':>6} {'degen':>5} verbatim"]
     for r in results["conditions"]:
         verbatim = f"{r['spans']['verbatim_pct']:.1f}%" if "spans" in r else "-"
-        lines.append(f"{r['condition']:<16} {r['bleu']:>6.2f} {r['bleu_ci']:>7.2f} {r['chrf']:>6.2f} "
-                     f"{r['len_ratio']:>6.3f} {r['delta_bleu']:>+6.2f} {r['degenerate']:>5} {verbatim}")
-    lines.append(f"odd inputs: {len(results['odd_inputs']['degenerate'])} of {results['odd_inputs']['count']} "
-                 "degenerate")
+        lines.append(
+            f"{r['condition']:<16} {r['bleu']:>6.2f} {r['bleu_ci']:>7.2f} {r['chrf']:>6.2f} "
+            f"{r['len_ratio']:>6.3f} {r['delta_bleu']:>+6.2f} {r['degenerate']:>5} {verbatim}"
+        )
+    lines.append(
+        f"odd inputs: {len(results['odd_inputs']['degenerate'])} of {results['odd_inputs']['count']} degenerate"
+    )
     lines += [f"{'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {t['value']}" for t in results["targets"]]
     return "\n".join(lines)
 
@@ -362,19 +453,36 @@ def parse_args(argv: list[str] | None) -> RobustnessConfig:
     p.add_argument("--data-dir", type=Path, help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
     p.add_argument("--src", default=d.src, help="source language (default: %(default)s)")
     p.add_argument("--tgt", default=d.tgt, help="target language (default: %(default)s)")
-    p.add_argument("--limit", type=int, help="first N sentences, and N protected-span texts (default: the split; "
-                   f"at least {sets.SPAN_SENTENCES} span texts)")
+    p.add_argument(
+        "--limit",
+        type=int,
+        help="first N sentences, and N protected-span texts (default: the split; "
+        f"at least {sets.SPAN_SENTENCES} span texts)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="paragraphs, spans, fuzz (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="texts per translate call (default: "
-                   "%(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="texts per translate call (default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="ORT intra-op threads; 0 = the engine's default")
     p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="replace existing robustness-SPLIT.* in --out")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target fails")
     a = p.parse_args(argv)
     try:
-        return RobustnessConfig(a.bundle, a.split, a.data_dir, a.src, a.tgt, a.limit, a.seed, a.batch_size,
-                                a.threads, a.out, a.force, a.strict)
+        return RobustnessConfig(
+            a.bundle,
+            a.split,
+            a.data_dir,
+            a.src,
+            a.tgt,
+            a.limit,
+            a.seed,
+            a.batch_size,
+            a.threads,
+            a.out,
+            a.force,
+            a.strict,
+        )
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable
@@ -384,8 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     existing = [p.name for p in cfg.result_paths() if p.exists()]
     if existing and not cfg.force:
-        print(f"nmt-bench robustness: error: {cfg.out} already has {', '.join(existing)}; pass --force to replace",
-              file=sys.stderr)
+        print(
+            f"nmt-bench robustness: error: {cfg.out} already has {', '.join(existing)}; pass --force to replace",
+            file=sys.stderr,
+        )
         return 2
     try:
         results = run(cfg)

@@ -22,19 +22,30 @@ ODD_INPUTS = 200
 # Span generators, by kind: each returns one span (verbatim text the output must contain).
 NAMES = ("anna", "ben", "carla", "deniz", "emil", "fatima", "jonas", "lea", "mia", "noah")
 SPAN_KINDS: dict[str, Callable[[random.Random], str]] = {
-    "url": lambda r: r.choice([f"https://example.com/photos?id={r.randint(1, 999)}",
-                               f"www.{r.choice('xyz')}.org/{r.choice(NAMES)}_{r.choice(NAMES)}",
-                               f"http://photos.example.net/{r.choice(NAMES)}/{r.randint(100, 9999)}.jpg"]),
-    "email": lambda r: r.choice([f"{r.choice(NAMES)}@example.com",
-                                 f"{r.choice(NAMES)}.{r.choice(NAMES)}{r.randint(1, 99)}@mail.example.de"]),
+    "url": lambda r: r.choice(
+        [
+            f"https://example.com/photos?id={r.randint(1, 999)}",
+            f"www.{r.choice('xyz')}.org/{r.choice(NAMES)}_{r.choice(NAMES)}",
+            f"http://photos.example.net/{r.choice(NAMES)}/{r.randint(100, 9999)}.jpg",
+        ]
+    ),
+    "email": lambda r: r.choice(
+        [f"{r.choice(NAMES)}@example.com", f"{r.choice(NAMES)}.{r.choice(NAMES)}{r.randint(1, 99)}@mail.example.de"]
+    ),
     "handle": lambda r: r.choice([f"@{r.choice(NAMES)}_{r.randint(1, 999)}", f"@{r.choice(NAMES).capitalize()}Photos"]),
     "count": lambda r: r.choice([str(r.randint(2, 99)), f"{r.randint(1, 9)},{r.randint(0, 999):03d}"]),
     "decimal": lambda r: f"{r.randint(1, 4)}.{r.randint(1, 9)}",
     "date": lambda r: f"20{r.randint(10, 30)}-{r.randint(1, 12):02d}-{r.randint(1, 28):02d}",
     "time": lambda r: f"{r.randint(6, 22)}:{r.choice(['00', '15', '30', '45'])}",
     "percent": lambda r: f"{r.choice([5, 10, 25, 50, 75, 90])}%",
-    "path": lambda r: r.choice(["/var/log/syslog", f"C:\\Users\\{r.choice(NAMES)}\\notes.txt", "./data/train.en",
-                                f"/home/{r.choice(NAMES)}/photos/img_{r.randint(1, 999)}.png"]),
+    "path": lambda r: r.choice(
+        [
+            "/var/log/syslog",
+            f"C:\\Users\\{r.choice(NAMES)}\\notes.txt",
+            "./data/train.en",
+            f"/home/{r.choice(NAMES)}/photos/img_{r.randint(1, 999)}.png",
+        ]
+    ),
 }
 LINKS = ("url", "email", "handle", "path")
 # (English, German by hand, the kinds each slot draws from). {s}/{r}: the sentence without its final
@@ -118,8 +129,8 @@ def paragraphs(sources: list[str], references: list[str], seed: int) -> Conditio
     texts, refs, start = [], [], 0
     for k in group_sizes(len(sources), rng):
         sep = rng.choices([s for s, _ in SEPARATORS], weights=[w for _, w in SEPARATORS])[0]
-        texts.append(sep.join(s.strip() for s in sources[start:start + k]))
-        refs.append(" ".join(r.strip() for r in references[start:start + k]))
+        texts.append(sep.join(s.strip() for s in sources[start : start + k]))
+        refs.append(" ".join(r.strip() for r in references[start : start + k]))
         start += k
     return Condition("paragraphs", tuple(texts), tuple(refs))
 
@@ -143,8 +154,9 @@ def protected_spans(sources: list[str], references: list[str], seed: int, count:
     count = max(len(sources), SPAN_SENTENCES) if count is None else count
     texts, refs, spans, kinds = [], [], [], []
     for i in range(count):
-        text, ref, drawn, drawn_kinds = embed_spans(rng, sources[i % len(sources)].strip(),
-                                                    references[i % len(references)].strip())
+        text, ref, drawn, drawn_kinds = embed_spans(
+            rng, sources[i % len(sources)].strip(), references[i % len(references)].strip()
+        )
         texts.append(text)
         refs.append(ref)
         spans.append(tuple(drawn))
@@ -152,25 +164,53 @@ def protected_spans(sources: list[str], references: list[str], seed: int, count:
     return Condition("protected spans", tuple(texts), tuple(refs), tuple(spans), tuple(kinds))
 
 
-def build_conditions(sources: list[str], references: list[str], seed: int, span_count: int | None = None
-                     ) -> list[Condition]:
+def build_conditions(
+    sources: list[str], references: list[str], seed: int, span_count: int | None = None
+) -> list[Condition]:
     """Every scored condition, plain first (the others are compared with it)."""
-    return [plain(sources, references), paragraphs(sources, references, seed), all_caps(sources, references),
-            title(sources, references), no_final_punct(sources, references),
-            protected_spans(sources, references, seed, span_count)]
+    return [
+        plain(sources, references),
+        paragraphs(sources, references, seed),
+        all_caps(sources, references),
+        title(sources, references),
+        no_final_punct(sources, references),
+        protected_spans(sources, references, seed, span_count),
+    ]
 
 
 # Odd inputs: no reference, only checked for degenerate outputs.
-FIXED_ODD = ("A MAN RIDES A BIKE.", "A Man Rides A Bike Down The Street.",
-             "Visit https://example.com/photos to see 25 pictures.", "A man rides a bike.\\nTwo dogs play.",
-             "\"A man rides a bike,\" she said.")
-SINGLE_WORDS = ("dog", "Hello", "the", "Yes", "running", "bicycle", "Thanks", "no", "Berlin", "beautiful",
-                "OK", "why?", "Stop!", "children", "I")
-LONE_SYMBOLS = ("&", "#", "$", "%", "*", "→", "©", "-", "...", "\"", "(", ")", "/", "@", "€", "|", "+", "=",
-                "~", "•")
-SCRIPTS = {"cyrillic": ("Привет", "мир", "собака", "бежит", "улица"), "cjk": ("我爱你", "狗", "東京", "こんにちは", "사람"),
-           "arabic": ("مرحبا", "كلب", "شارع", "رجل"), "emoji": ("😀", "🐶", "🚲", "❤️", "👍🏽", "🎉"),
-           "english": ("a", "man", "dog", "runs", "the", "street", "red", "ball", "two", "women")}
+FIXED_ODD = (
+    "A MAN RIDES A BIKE.",
+    "A Man Rides A Bike Down The Street.",
+    "Visit https://example.com/photos to see 25 pictures.",
+    "A man rides a bike.\\nTwo dogs play.",
+    '"A man rides a bike," she said.',
+)
+SINGLE_WORDS = (
+    "dog",
+    "Hello",
+    "the",
+    "Yes",
+    "running",
+    "bicycle",
+    "Thanks",
+    "no",
+    "Berlin",
+    "beautiful",
+    "OK",
+    "why?",
+    "Stop!",
+    "children",
+    "I",
+)
+LONE_SYMBOLS = ("&", "#", "$", "%", "*", "→", "©", "-", "...", '"', "(", ")", "/", "@", "€", "|", "+", "=", "~", "•")
+SCRIPTS = {
+    "cyrillic": ("Привет", "мир", "собака", "бежит", "улица"),
+    "cjk": ("我爱你", "狗", "東京", "こんにちは", "사람"),
+    "arabic": ("مرحبا", "كلب", "شارع", "رجل"),
+    "emoji": ("😀", "🐶", "🚲", "❤️", "👍🏽", "🎉"),
+    "english": ("a", "man", "dog", "runs", "the", "street", "red", "ball", "two", "women"),
+}
 
 
 def fuzz(rng: random.Random) -> str:

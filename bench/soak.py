@@ -41,14 +41,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from nmt.server.nmt_pb import translation_pb2 as pb
 
-from .load import LoadBenchConfig, ServerProcess, load_sentences
-from .flags import source_flags
 from . import outcome
+from .flags import source_flags
+from .load import LoadBenchConfig, ServerProcess, load_sentences
 from .outcome import finish
 
-BAD_REQUESTS = [pb.TranslateRequest(texts=[]).SerializeToString(),
-                pb.TranslateRequest(texts=["A dog."], options=pb.DecodeOptions(length_penalty=1e4)).SerializeToString(),
-                b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01"]  # not a protobuf message
+BAD_REQUESTS = [
+    pb.TranslateRequest(texts=[]).SerializeToString(),
+    pb.TranslateRequest(texts=["A dog."], options=pb.DecodeOptions(length_penalty=1e4)).SerializeToString(),
+    b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x01",
+]  # not a protobuf message
 TRANSLATE = "/nmt.v1.TranslationService/Translate"
 
 
@@ -78,6 +80,7 @@ class SoakConfig:
 @dataclass
 class Interval:
     """What the client saw in one sampling interval."""
+
     latencies: list[float] = field(default_factory=list)  # seconds, calls that finished OK
     codes: collections.Counter[str] = field(default_factory=collections.Counter)
     skipped: int = 0  # not sent: --max-in-flight calls were still running
@@ -86,10 +89,16 @@ class Interval:
 def sample(interval: Interval, t: float, seconds: float, server: ServerProcess) -> dict[str, Any]:
     rss, peak = server.memory_mb()
     ms = np.asarray(interval.latencies) * 1000
-    return {"t_s": round(t, 1), "rss_mb": round(rss, 1), "peak_rss_mb": round(peak, 1),
-            "ok_per_s": round(len(ms) / seconds, 2), "p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
-            "p99_ms": float(np.percentile(ms, 99)) if ms.size else None, "codes": dict(interval.codes),
-            "skipped": interval.skipped}
+    return {
+        "t_s": round(t, 1),
+        "rss_mb": round(rss, 1),
+        "peak_rss_mb": round(peak, 1),
+        "ok_per_s": round(len(ms) / seconds, 2),
+        "p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
+        "p99_ms": float(np.percentile(ms, 99)) if ms.size else None,
+        "codes": dict(interval.codes),
+        "skipped": interval.skipped,
+    }
 
 
 async def soak(server: ServerProcess, sentences: list[str], cfg: SoakConfig) -> list[dict[str, Any]]:
@@ -144,10 +153,17 @@ def growth(samples: list[dict[str, Any]], cfg: SoakConfig) -> dict[str, Any]:
     t, rss = np.array([s["t_s"] for s in after]), np.array([s["rss_mb"] for s in after])
     slope = float(np.polyfit(t, rss, 1)[0]) * 3600 if len(after) >= 2 else float("nan")
     p99 = [s["p99_ms"] for s in after if s["p99_ms"] is not None]
-    return {"from_s": after[0]["t_s"], "to_s": after[-1]["t_s"], "rss_first_mb": after[0]["rss_mb"],
-            "rss_last_mb": after[-1]["rss_mb"], "rss_growth_mb": round(after[-1]["rss_mb"] - after[0]["rss_mb"], 1),
-            "rss_slope_mb_per_hour": round(slope, 2), "peak_rss_mb": max(s["peak_rss_mb"] for s in samples),
-            "p99_first_ms": p99[0] if p99 else None, "p99_last_ms": p99[-1] if p99 else None}
+    return {
+        "from_s": after[0]["t_s"],
+        "to_s": after[-1]["t_s"],
+        "rss_first_mb": after[0]["rss_mb"],
+        "rss_last_mb": after[-1]["rss_mb"],
+        "rss_growth_mb": round(after[-1]["rss_mb"] - after[0]["rss_mb"], 1),
+        "rss_slope_mb_per_hour": round(slope, 2),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in samples),
+        "p99_first_ms": p99[0] if p99 else None,
+        "p99_last_ms": p99[-1] if p99 else None,
+    }
 
 
 def server_counts(server: ServerProcess) -> dict[str, float]:
@@ -164,8 +180,9 @@ def server_counts(server: ServerProcess) -> dict[str, float]:
 def run(cfg: SoakConfig) -> dict[str, Any]:
     if not (cfg.bundle / "manifest.json").is_file():
         raise ValueError(f"no bundle at {cfg.bundle} (make bundle, or nmt-export models/default {cfg.bundle})")
-    load_cfg = LoadBenchConfig(bundle=cfg.bundle, data_dir=cfg.data_dir, split=cfg.split, beam_size=cfg.beam_size,
-                               threads=cfg.threads)
+    load_cfg = LoadBenchConfig(
+        bundle=cfg.bundle, data_dir=cfg.data_dir, split=cfg.split, beam_size=cfg.beam_size, threads=cfg.threads
+    )
     sentences = load_sentences(load_cfg)
     server = ServerProcess(load_cfg, [])
     try:
@@ -176,33 +193,51 @@ def run(cfg: SoakConfig) -> dict[str, Any]:
         if (code := server.close()) != 0:
             print(f"warning: nmt-serve exited with {code} on SIGTERM", file=sys.stderr)
     seen = sum((collections.Counter(s["codes"]) for s in samples), collections.Counter())
-    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                        "load_average_at_end": os.getloadavg()},
-            "samples": samples, "growth": growth(samples, cfg), "client_codes": dict(seen),
-            "server_codes": counted, "skipped": sum(s["skipped"] for s in samples)}
+    return {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_at_end": os.getloadavg(),
+        },
+        "samples": samples,
+        "growth": growth(samples, cfg),
+        "client_codes": dict(seen),
+        "server_codes": counted,
+        "skipped": sum(s["skipped"] for s in samples),
+    }
 
 
 def markdown(results: dict[str, Any]) -> str:
     c, g = results["config"], results["growth"]
     fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)  # noqa: E731
-    lines = [f"# nmt-bench soak — {c['minutes']:g} min at {c['rate']:g} calls/s (beam {c['beam_size']}, "
-             f"{c['bad_fraction']:.0%} bad requests), {results['machine']['cpus']} CPUs", "",
-             f"`nmt-bench soak --bundle {c['bundle']} --minutes {c['minutes']:g} --rate {c['rate']:g}`", "",
-             "| after the warm-up | value |", "|---|---:|",
-             f"| window | {g['from_s']:.0f} s - {g['to_s']:.0f} s |",
-             f"| RSS first / last | {g['rss_first_mb']:.1f} / {g['rss_last_mb']:.1f} MB |",
-             f"| RSS growth | {g['rss_growth_mb']:+.1f} MB |",
-             f"| RSS slope (least squares) | {g['rss_slope_mb_per_hour']:+.2f} MB/hour |",
-             f"| peak RSS (VmHWM) | {g['peak_rss_mb']:.1f} MB |",
-             f"| p99 first / last interval | {fmt(g['p99_first_ms'])} / {fmt(g['p99_last_ms'])} ms |",
-             f"| calls by code, client | {json.dumps(results['client_codes'], sort_keys=True)} |",
-             f"| Translate by code, server's nmt_requests_total | {json.dumps(results['server_codes'], sort_keys=True)} |",
-             f"| skipped (max in flight) | {results['skipped']} |", "",
-             "| t s | RSS MB | OK/s | p50 ms | p99 ms | codes |", "|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# nmt-bench soak — {c['minutes']:g} min at {c['rate']:g} calls/s (beam {c['beam_size']}, "
+        f"{c['bad_fraction']:.0%} bad requests), {results['machine']['cpus']} CPUs",
+        "",
+        f"`nmt-bench soak --bundle {c['bundle']} --minutes {c['minutes']:g} --rate {c['rate']:g}`",
+        "",
+        "| after the warm-up | value |",
+        "|---|---:|",
+        f"| window | {g['from_s']:.0f} s - {g['to_s']:.0f} s |",
+        f"| RSS first / last | {g['rss_first_mb']:.1f} / {g['rss_last_mb']:.1f} MB |",
+        f"| RSS growth | {g['rss_growth_mb']:+.1f} MB |",
+        f"| RSS slope (least squares) | {g['rss_slope_mb_per_hour']:+.2f} MB/hour |",
+        f"| peak RSS (VmHWM) | {g['peak_rss_mb']:.1f} MB |",
+        f"| p99 first / last interval | {fmt(g['p99_first_ms'])} / {fmt(g['p99_last_ms'])} ms |",
+        f"| calls by code, client | {json.dumps(results['client_codes'], sort_keys=True)} |",
+        f"| Translate by code, server's nmt_requests_total | {json.dumps(results['server_codes'], sort_keys=True)} |",
+        f"| skipped (max in flight) | {results['skipped']} |",
+        "",
+        "| t s | RSS MB | OK/s | p50 ms | p99 ms | codes |",
+        "|---:|---:|---:|---:|---:|---|",
+    ]
     for s in results["samples"]:
-        lines.append(f"| {s['t_s']:.0f} | {s['rss_mb']:.1f} | {s['ok_per_s']:.2f} | {fmt(s['p50_ms'])} | "
-                     f"{fmt(s['p99_ms'])} | {json.dumps(s['codes'], sort_keys=True)} |")
+        lines.append(
+            f"| {s['t_s']:.0f} | {s['rss_mb']:.1f} | {s['ok_per_s']:.2f} | {fmt(s['p50_ms'])} | "
+            f"{fmt(s['p99_ms'])} | {json.dumps(s['codes'], sort_keys=True)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -212,21 +247,41 @@ def parse_args(argv: list[str] | None) -> SoakConfig:
     source_flags(p, d.bundle, d.split)
     p.add_argument("--minutes", type=float, default=d.minutes, help="how long (default: %(default)s)")
     p.add_argument("--rate", type=float, default=d.rate, help="calls per second (default: %(default)s)")
-    p.add_argument("--bad-fraction", type=float, default=d.bad_fraction, help="share of bad requests (default: "
-                   "%(default)s)")
+    p.add_argument(
+        "--bad-fraction", type=float, default=d.bad_fraction, help="share of bad requests (default: %(default)s)"
+    )
     p.add_argument("--beam", type=int, default=d.beam_size, help="the server's default beam (default: %(default)s)")
-    p.add_argument("--sample-seconds", type=float, default=d.sample_seconds, help="sampling interval (default: "
-                   "%(default)s)")
-    p.add_argument("--warmup-minutes", type=float, default=d.warmup_minutes, help="not counted in the growth "
-                   "(default: %(default)s)")
-    p.add_argument("--max-in-flight", type=int, default=d.max_in_flight, help="most calls at once (default: "
-                   "%(default)s)")
+    p.add_argument(
+        "--sample-seconds", type=float, default=d.sample_seconds, help="sampling interval (default: %(default)s)"
+    )
+    p.add_argument(
+        "--warmup-minutes",
+        type=float,
+        default=d.warmup_minutes,
+        help="not counted in the growth (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-in-flight", type=int, default=d.max_in_flight, help="most calls at once (default: %(default)s)"
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="ORT intra-op threads; 0 = ORT default")
     p.add_argument("--out", type=Path, default=d.out, help="results directory (default: %(default)s)")
     a = p.parse_args(argv)
     try:
-        return SoakConfig(a.bundle, a.data_dir, a.split, a.minutes, a.rate, a.bad_fraction, a.beam,
-                          a.sample_seconds, a.warmup_minutes, a.max_in_flight, a.threads, d.seed, a.out)
+        return SoakConfig(
+            a.bundle,
+            a.data_dir,
+            a.split,
+            a.minutes,
+            a.rate,
+            a.bad_fraction,
+            a.beam,
+            a.sample_seconds,
+            a.warmup_minutes,
+            a.max_in_flight,
+            a.threads,
+            d.seed,
+            a.out,
+        )
     except ValueError as e:
         p.error(str(e))
         raise  # unreachable

@@ -66,9 +66,14 @@ def measure(translator: Translator, sources: list[list[int]], batch: int, option
         result = decoder.search(sources[start : start + batch], options)
         decode, encode, steps = decode + result.decode_seconds, encode + result.encode_seconds, steps + result.steps
     run = sum(t.seconds for t in timed if t is not None)  # both decoder sessions (engine/runtime.py)
-    return {"step_ms": 1e3 * decode / steps, "run_ms": 1e3 * run / steps,
-            "other_ms": 1e3 * (decode - run) / steps, "run_share": run / decode,
-            "encode_ms_per_batch": 1e3 * encode / -(-len(sources) // batch), "steps": steps}
+    return {
+        "step_ms": 1e3 * decode / steps,
+        "run_ms": 1e3 * run / steps,
+        "other_ms": 1e3 * (decode - run) / steps,
+        "run_share": run / decode,
+        "encode_ms_per_batch": 1e3 * encode / -(-len(sources) // batch),
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,16 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     translator = Translator.from_bundle(args.bundle, RuntimeConfig(args.device, args.precision, args.threads))
     sources = translator.tokenize(read_sentences(args.sentences, args.count))
-    print(f"bundle {args.bundle}, variant {translator.info.precision} on {translator.info.provider}, "
-          f"{args.threads} thread(s), {len(sources)} sentences")
+    print(
+        f"bundle {args.bundle}, variant {translator.info.precision} on {translator.info.provider}, "
+        f"{args.threads} thread(s), {len(sources)} sentences"
+    )
     print("| search | batch | step ms | run() ms | other ms | run() share | encode ms/batch | steps |")
     print("|--------|-------|---------|----------|----------|-------------|-----------------|-------|")
     for name, options in (("greedy", DecodeOptions(beam_size=1)), ("beam 4", DecodeOptions(beam_size=4))):
         for batch in (int(b) for b in args.batches.split(",")):
-            m = min((measure(translator, sources, batch, options) for _ in range(args.repeat)),
-                    key=lambda r: r["step_ms"])
-            print(f"| {name} | {batch} | {m['step_ms']:.2f} | {m['run_ms']:.2f} | {m['other_ms']:.3f} | "
-                  f"{100 * m['run_share']:.1f}% | {m['encode_ms_per_batch']:.1f} | {m['steps']} |", flush=True)
+            m = min(
+                (measure(translator, sources, batch, options) for _ in range(args.repeat)), key=lambda r: r["step_ms"]
+            )
+            print(
+                f"| {name} | {batch} | {m['step_ms']:.2f} | {m['run_ms']:.2f} | {m['other_ms']:.3f} | "
+                f"{100 * m['run_share']:.1f}% | {m['encode_ms_per_batch']:.1f} | {m['steps']} |",
+                flush=True,
+            )
     return 0
 
 

@@ -32,7 +32,6 @@ import numpy as np
 
 from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
-
 from nmt.training.cpu import cpu_info, cpu_summary
 
 from . import adversarial_text, health_probe
@@ -55,8 +54,9 @@ def options(pipeline: bool, beam: int) -> pb.DecodeOptions:
     return pb.DecodeOptions(beam_size=beam, split_sentences=pipeline, normalize_case=pipeline, protect_spans=pipeline)
 
 
-async def closed_loop(stub: pb_grpc.TranslationServiceStub, sentences: list[str], clients: int, pipeline: bool,
-                      cfg: LoadBenchConfig) -> tuple[list[float], int]:
+async def closed_loop(
+    stub: pb_grpc.TranslationServiceStub, sentences: list[str], clients: int, pipeline: bool, cfg: LoadBenchConfig
+) -> tuple[list[float], int]:
     """Latencies (s) of the calls finished inside the measured window, and failed calls."""
     measured = Window.after(cfg.warmup, cfg.duration)
     request_options = options(pipeline, cfg.beam_size)
@@ -64,39 +64,58 @@ async def closed_loop(stub: pb_grpc.TranslationServiceStub, sentences: list[str]
     async def client(offset: int) -> None:
         i = offset
         while time.perf_counter() < measured.end:
-            await measured.call(stub, pb.TranslateRequest(texts=[sentences[i % len(sentences)]], options=request_options))
+            await measured.call(
+                stub, pb.TranslateRequest(texts=[sentences[i % len(sentences)]], options=request_options)
+            )
             i += clients
 
     await asyncio.gather(*(client(c) for c in range(clients)))
     return measured.latencies, measured.errors
 
 
-async def paragraph_against_requests(stub: pb_grpc.TranslationServiceStub, sentences: list[str],
-                                     cfg: TextCostConfig) -> dict[str, Any]:
+async def paragraph_against_requests(
+    stub: pb_grpc.TranslationServiceStub, sentences: list[str], cfg: TextCostConfig
+) -> dict[str, Any]:
     """Wall seconds: one text of N sentences in one request vs N concurrent one-sentence requests."""
     chosen = [s for s in sentences if s.rstrip().endswith((".", "!", "?"))][: cfg.paragraph]
     beam = cfg.load.beam_size
     text = " ".join(chosen)
     one, many = [], []
     for repeat in range(cfg.repeats):
-        for kind in (("one", "many") if repeat % 2 == 0 else ("many", "one")):
+        for kind in ("one", "many") if repeat % 2 == 0 else ("many", "one"):
             started = time.perf_counter()
             if kind == "one":
-                reply = await stub.Translate(pb.TranslateRequest(texts=[text], options=options(True, beam)), timeout=600)
+                reply = await stub.Translate(
+                    pb.TranslateRequest(texts=[text], options=options(True, beam)), timeout=600
+                )
                 assert len(reply.translations) == 1
                 one.append(time.perf_counter() - started)
             else:
-                await asyncio.gather(*(stub.Translate(pb.TranslateRequest(texts=[s], options=options(True, beam)),
-                                                      timeout=600) for s in chosen))
+                await asyncio.gather(
+                    *(
+                        stub.Translate(pb.TranslateRequest(texts=[s], options=options(True, beam)), timeout=600)
+                        for s in chosen
+                    )
+                )
                 many.append(time.perf_counter() - started)
-    return {"sentences": len(chosen), "one_request_s": float(np.median(one)), "concurrent_requests_s":
-            float(np.median(many)), "ratio": float(np.median(one) / np.median(many)), "runs_one": one, "runs_many": many}
+    return {
+        "sentences": len(chosen),
+        "one_request_s": float(np.median(one)),
+        "concurrent_requests_s": float(np.median(many)),
+        "ratio": float(np.median(one) / np.median(many)),
+        "runs_one": one,
+        "runs_many": many,
+    }
 
 
 def summarize(latencies: list[float], errors: int, seconds: float) -> dict[str, float]:
-    return {"calls": len(latencies), "errors": errors, "sentences_per_s": len(latencies) / seconds,
-            "p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies else float("nan"),
-            "p99_ms": float(np.percentile(latencies, 99) * 1e3) if latencies else float("nan")}
+    return {
+        "calls": len(latencies),
+        "errors": errors,
+        "sentences_per_s": len(latencies) / seconds,
+        "p50_ms": float(np.percentile(latencies, 50) * 1e3) if latencies else float("nan"),
+        "p99_ms": float(np.percentile(latencies, 99) * 1e3) if latencies else float("nan"),
+    }
 
 
 async def measure(cfg: TextCostConfig, target: str, sentences: list[str]) -> dict[str, Any]:
@@ -105,7 +124,7 @@ async def measure(cfg: TextCostConfig, target: str, sentences: list[str]) -> dic
         stub = pb_grpc.TranslationServiceStub(channel)
         for r in range(cfg.rounds):
             for clients in cfg.load.clients:
-                for pipeline in ((True, False) if r % 2 == 0 else (False, True)):
+                for pipeline in (True, False) if r % 2 == 0 else (False, True):
                     lat, err = await closed_loop(stub, sentences, clients, pipeline, cfg.load)
                     old = pooled.get((clients, pipeline), ([], 0))
                     pooled[(clients, pipeline)] = (old[0] + lat, old[1] + err)
@@ -115,8 +134,15 @@ async def measure(cfg: TextCostConfig, target: str, sentences: list[str]) -> dic
     levels = []
     for clients in cfg.load.clients:
         on, off = (summarize(*pooled[(clients, p)], seconds) for p in (True, False))
-        levels.append({"clients": clients, "on": on, "off": off, "p50_ratio": on["p50_ms"] / off["p50_ms"],
-                       "throughput_ratio": on["sentences_per_s"] / off["sentences_per_s"]})
+        levels.append(
+            {
+                "clients": clients,
+                "on": on,
+                "off": off,
+                "p50_ratio": on["p50_ms"] / off["p50_ms"],
+                "throughput_ratio": on["sentences_per_s"] / off["sentences_per_s"],
+            }
+        )
     return {"levels": levels, "paragraph": paragraph, "health": health}
 
 
@@ -129,11 +155,20 @@ async def health_while_loaded(cfg: TextCostConfig, target: str, sentences: list[
     """A separate process's health checks while clients send test sentences, then hostile texts."""
     rows = []
     for kind, texts in (("test sentences", lambda i: [sentences[i % len(sentences)]]), ("hostile texts", hostile)):
-        latencies, codes = await health_probe.under_load(target, texts, cfg.health_clients, cfg.health_seconds,
-                                                         options(True, cfg.load.beam_size))
+        latencies, codes = await health_probe.under_load(
+            target, texts, cfg.health_clients, cfg.health_seconds, options(True, cfg.load.beam_size)
+        )
         ms = np.array(latencies) * 1e3
-        rows.append({"clients_send": kind, "checks": len(ms), "p50_ms": float(np.percentile(ms, 50)),
-                     "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max()), "codes": codes})
+        rows.append(
+            {
+                "clients_send": kind,
+                "checks": len(ms),
+                "p50_ms": float(np.percentile(ms, 50)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "max_ms": float(ms.max()),
+                "codes": codes,
+            }
+        )
     return rows
 
 
@@ -141,30 +176,58 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "text_cost.json").write_text(json.dumps(result, indent=2) + "\n")
     cfg = result["config"]
-    lines = ["# Text pipeline cost (`nmt-bench text-cost`)", "", f"CPU: {result['cpu_summary']}", "",
-             "## Hostile texts", "", f"Bundle `{cfg['load']['bundle']}`: CPU time of the translator's prepare "
-             "(sentences, case, protected spans, tokenizer) for one text of each shape, the least of "
-             f"{result['adversarial']['rounds']} rounds.", "", *adversarial_text.markdown(result["adversarial"]), ""]
+    lines = [
+        "# Text pipeline cost (`nmt-bench text-cost`)",
+        "",
+        f"CPU: {result['cpu_summary']}",
+        "",
+        "## Hostile texts",
+        "",
+        f"Bundle `{cfg['load']['bundle']}`: CPU time of the translator's prepare "
+        "(sentences, case, protected spans, tokenizer) for one text of each shape, the least of "
+        f"{result['adversarial']['rounds']} rounds.",
+        "",
+        *adversarial_text.markdown(result["adversarial"]),
+        "",
+    ]
     if "levels" in result:
         p = result["paragraph"]
-        lines += ["## Under load", "", f"Beam {cfg['load']['beam_size']}, {cfg['rounds']} rounds of "
-                  f"{cfg['load']['duration']:g} s per setting (on and off alternating), static batching.", "",
-                  "| clients | p50 on (ms) | p50 off (ms) | p50 on/off | sent/s on | sent/s off | throughput on/off "
-                  "| errors |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "## Under load",
+            "",
+            f"Beam {cfg['load']['beam_size']}, {cfg['rounds']} rounds of "
+            f"{cfg['load']['duration']:g} s per setting (on and off alternating), static batching.",
+            "",
+            "| clients | p50 on (ms) | p50 off (ms) | p50 on/off | sent/s on | sent/s off | throughput on/off "
+            "| errors |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for lv in result["levels"]:
             on, off = lv["on"], lv["off"]
-            lines.append(f"| {lv['clients']} | {on['p50_ms']:.1f} | {off['p50_ms']:.1f} | {lv['p50_ratio']:.3f} | "
-                         f"{on['sentences_per_s']:.1f} | {off['sentences_per_s']:.1f} | {lv['throughput_ratio']:.3f} | "
-                         f"{on['errors'] + off['errors']} |")
-        lines += ["", f"One text of {p['sentences']} sentences in one request: {p['one_request_s']:.2f} s (median "
-                  f"of {len(p['runs_one'])}); the same sentences as {p['sentences']} concurrent requests: "
-                  f"{p['concurrent_requests_s']:.2f} s; ratio **{p['ratio']:.3f}** (goal: at most 1.1).", "",
-                  "## Health checks under load", "", f"{cfg['health_clients']} clients for {cfg['health_seconds']:g} s "
-                  "each; a health check every 10 ms from a process of its own (as a liveness probe).", "",
-                  "| clients send | checks | p50 (ms) | p99 (ms) | max (ms) | answers |", "|---|---:|---:|---:|---:|---|"]
+            lines.append(
+                f"| {lv['clients']} | {on['p50_ms']:.1f} | {off['p50_ms']:.1f} | {lv['p50_ratio']:.3f} | "
+                f"{on['sentences_per_s']:.1f} | {off['sentences_per_s']:.1f} | {lv['throughput_ratio']:.3f} | "
+                f"{on['errors'] + off['errors']} |"
+            )
+        lines += [
+            "",
+            f"One text of {p['sentences']} sentences in one request: {p['one_request_s']:.2f} s (median "
+            f"of {len(p['runs_one'])}); the same sentences as {p['sentences']} concurrent requests: "
+            f"{p['concurrent_requests_s']:.2f} s; ratio **{p['ratio']:.3f}** (goal: at most 1.1).",
+            "",
+            "## Health checks under load",
+            "",
+            f"{cfg['health_clients']} clients for {cfg['health_seconds']:g} s "
+            "each; a health check every 10 ms from a process of its own (as a liveness probe).",
+            "",
+            "| clients send | checks | p50 (ms) | p99 (ms) | max (ms) | answers |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
         for h in result["health"]:
-            lines.append(f"| {h['clients_send']} | {h['checks']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | "
-                         f"{h['max_ms']:.1f} | {', '.join(f'{k} {v}' for k, v in sorted(h['codes'].items()))} |")
+            lines.append(
+                f"| {h['clients_send']} | {h['checks']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | "
+                f"{h['max_ms']:.1f} | {', '.join(f'{k} {v}' for k, v in sorted(h['codes'].items()))} |"
+            )
         lines.append("")
     (out / "text_cost.md").write_text("\n".join(lines))
 
@@ -180,12 +243,19 @@ def hostile_texts(bundle: Path) -> dict[str, Any]:
 def run(cfg: TextCostConfig) -> dict[str, Any]:
     config = asdict(cfg)
     config["load"] = {k: str(v) if isinstance(v, Path) else v for k, v in config["load"].items()}
-    result = {"config": config, "cpu": cpu_info(), "cpu_summary": cpu_summary(), "python": platform.python_version(),
-              "adversarial": hostile_texts(cfg.load.bundle)}
+    result = {
+        "config": config,
+        "cpu": cpu_info(),
+        "cpu_summary": cpu_summary(),
+        "python": platform.python_version(),
+        "adversarial": hostile_texts(cfg.load.bundle),
+    }
     if cfg.adversarial_only:
         return result
     sentences = load_sentences(cfg.load)
-    server = ServerProcess(cfg.load, ["--batching", "static", "--max-sentences-per-request", str(max(256, cfg.paragraph))])
+    server = ServerProcess(
+        cfg.load, ["--batching", "static", "--max-sentences-per-request", str(max(256, cfg.paragraph))]
+    )
     try:
         server.wait_serving()
         measured = asyncio.run(measure(cfg, server.target, sentences))
@@ -213,10 +283,20 @@ def parse_args(argv: list[str] | None) -> TextCostConfig:
     p.add_argument("--out", type=Path, default=d.load.out)
     p.add_argument("--force", action="store_true", help="overwrite existing results")
     a = p.parse_args(argv)
-    load = replace(d.load, bundle=a.bundle, data_dir=a.data_dir, clients=tuple(int(c) for c in a.clients.split(",")),
-                   beam_size=a.beam, warmup=a.warmup, duration=a.duration, threads=a.threads, out=a.out)
-    return TextCostConfig(load, a.rounds, a.paragraph, a.repeats, a.adversarial_only, a.health_clients,
-                          a.health_seconds, a.force)
+    load = replace(
+        d.load,
+        bundle=a.bundle,
+        data_dir=a.data_dir,
+        clients=tuple(int(c) for c in a.clients.split(",")),
+        beam_size=a.beam,
+        warmup=a.warmup,
+        duration=a.duration,
+        threads=a.threads,
+        out=a.out,
+    )
+    return TextCostConfig(
+        load, a.rounds, a.paragraph, a.repeats, a.adversarial_only, a.health_clients, a.health_seconds, a.force
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

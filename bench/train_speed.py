@@ -114,9 +114,15 @@ def run_variant(v: Variant, examples, vocab_size: int, steps: int, warmup_steps:
             tokens, seconds = tokens + batch.n_tokens, seconds + elapsed
         else:
             compile_s += elapsed
-    return {**v.__dict__, "label": v.label, "steps": len(batches) - warmup_steps, "target_tokens": tokens,
-            "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-            "warmup_seconds": round(compile_s, 1)}
+    return {
+        **v.__dict__,
+        "label": v.label,
+        "steps": len(batches) - warmup_steps,
+        "target_tokens": tokens,
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "warmup_seconds": round(compile_s, 1),
+    }
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
@@ -135,14 +141,22 @@ def variants(args: argparse.Namespace) -> list[Variant]:
 def markdown(result: dict[str, Any]) -> str:
     rows = result["rows"]
     base = {r["preset"]: r["tokens_per_s"] for r in rows if r["step"] == "legacy"}
-    lines = [f"# nmt-bench train ({result['date']})", "", f"CPU: {result['cpu']}", f"torch {result['torch']}, "
-             f"{result['threads']} threads, {result['steps']} timed steps per row after {result['warmup_steps']} untimed, "
-             f"vocabulary {result['vocab_size']}", "",
-             "| preset | budget | step | precision | compile | target tok/s | x legacy | untimed warm-up s |",
-             "|---|---:|---|---|---|---:|---:|---:|"]
+    lines = [
+        f"# nmt-bench train ({result['date']})",
+        "",
+        f"CPU: {result['cpu']}",
+        f"torch {result['torch']}, "
+        f"{result['threads']} threads, {result['steps']} timed steps per row after {result['warmup_steps']} untimed, "
+        f"vocabulary {result['vocab_size']}",
+        "",
+        "| preset | budget | step | precision | compile | target tok/s | x legacy | untimed warm-up s |",
+        "|---|---:|---|---|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['budget']} | {r['step']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} "
-                     f"| {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base[r['preset']]:.2f} | {r['warmup_seconds']} |")
+        lines.append(
+            f"| {r['preset']} | {r['budget']} | {r['step']} | {r['precision']} | {'yes' if r['compiled'] else 'no'} "
+            f"| {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base[r['preset']]:.2f} | {r['warmup_seconds']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -174,9 +188,17 @@ def main(argv: list[str] | None = None) -> int:
     for v in variants(args):
         rows.append(run_variant(v, examples, args.vocab_size, args.steps, args.warmup_steps))
         print(f"{v.label:36s} {rows[-1]['tokens_per_s']:8.0f} tok/s", flush=True)
-    result = {"date": time.strftime("%Y-%m-%d"), "cpu": cpu_summary(), "cpu_flags": cpu_info()["flags"],
-              "torch": torch.__version__, "threads": args.threads, "steps": args.steps,
-              "warmup_steps": args.warmup_steps, "vocab_size": args.vocab_size, "rows": rows}
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": cpu_summary(),
+        "cpu_flags": cpu_info()["flags"],
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
+        "vocab_size": args.vocab_size,
+        "rows": rows,
+    }
     (args.out / "train.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "train.md").write_text(markdown(result))
     print(markdown(result))

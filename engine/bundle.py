@@ -46,11 +46,17 @@ ENCODER_CPU, DECODER_CPU = "encoder.cpu.onnx", "decoder.cpu.onnx"
 ENCODER_INT8, DECODER_INT8 = "encoder.int8.onnx", "decoder.int8.onnx"
 # The step decoder (export/step_decoder.py) of the CPU variants, manifest["variants"][name]["step_decoder"];
 # STEP_DECODER is the export's intermediate, removed once the variants are built.
-STEP_DECODER, STEP_DECODER_CPU, STEP_DECODER_INT8 = ("decoder.step.onnx", "decoder.step.cpu.onnx",
-                                                     "decoder.step.int8.onnx")
+STEP_DECODER, STEP_DECODER_CPU, STEP_DECODER_INT8 = (
+    "decoder.step.onnx",
+    "decoder.step.cpu.onnx",
+    "decoder.step.int8.onnx",
+)
 # The per-row step decoder for continuous batching, manifest["variants"][name]["rows_decoder"] (same scheme).
-ROWS_DECODER, ROWS_DECODER_CPU, ROWS_DECODER_INT8 = ("decoder.rows.onnx", "decoder.rows.cpu.onnx",
-                                                     "decoder.rows.int8.onnx")
+ROWS_DECODER, ROWS_DECODER_CPU, ROWS_DECODER_INT8 = (
+    "decoder.rows.onnx",
+    "decoder.rows.cpu.onnx",
+    "decoder.rows.int8.onnx",
+)
 # The step decoders' own inputs (export/step_decoder.py); the others are the traced decoder's names.
 TOKENS, PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION = "tokens", "past_sequence_length", "beam_width", "cache_indirection"
 SEQLENS_K, TOTAL_LENGTH = "seqlens_k", "total_sequence_length"  # the per-row one's
@@ -129,9 +135,8 @@ def graph_spec(n_layers: int) -> dict[str, Any]:
                 **{name: kv.format("past_len") for name in past_names(n_layers)},
                 **{name: kv.format("src_len") for name in cross_names(n_layers)},
                 PAST_MASK: "(batch, past_len + tgt_len) bool, True = a real key (cached slots the row has, and "
-                           "its new tokens); a row's positions count its real keys",
-                VOCAB_IDS: "(vocab',) int64, optional (default: every id): the ids to score, ascending, 0..3 "
-                           "included",
+                "its new tokens); a row's positions count its real keys",
+                VOCAB_IDS: "(vocab',) int64, optional (default: every id): the ids to score, ascending, 0..3 included",
                 TOP_K: "(1,) int64, optional (default 0): candidates per row in the top_* outputs",
             },
             "outputs": {
@@ -144,20 +149,29 @@ def graph_spec(n_layers: int) -> dict[str, Any]:
         },
         # The CPU variants' step decoders (export/step_decoder.py): the decoder's outputs, other inputs.
         "step_decoder": {
-            "inputs": {TOKENS: "(batch,) int64, batch = sentences x beam",
-                       PAST_LENGTH: "(1,) int32, cached positions of every row",
-                       BEAM_WIDTH: "(1,) int32", CACHE_INDIRECTION: "(sentences, beam, capacity) int32",
-                       "src_mask": "(sentences, src_len) bool",
-                       **{name: kv.format("capacity") + ", written in place" for name in past_names(n_layers)},
-                       **{name: "(sentences, n_heads, src_len, d_head)" for name in cross_names(n_layers)},
-                       VOCAB_IDS: "(vocab',) int64, required", TOP_K: "(1,) int64, required"},
+            "inputs": {
+                TOKENS: "(batch,) int64, batch = sentences x beam",
+                PAST_LENGTH: "(1,) int32, cached positions of every row",
+                BEAM_WIDTH: "(1,) int32",
+                CACHE_INDIRECTION: "(sentences, beam, capacity) int32",
+                "src_mask": "(sentences, src_len) bool",
+                **{name: kv.format("capacity") + ", written in place" for name in past_names(n_layers)},
+                **{name: "(sentences, n_heads, src_len, d_head)" for name in cross_names(n_layers)},
+                VOCAB_IDS: "(vocab',) int64, required",
+                TOP_K: "(1,) int64, required",
+            },
         },
         "rows_decoder": {
-            "inputs": {TOKENS: "(batch,) int64", SEQLENS_K: "(batch,) int32, each row's cached positions",
-                       TOTAL_LENGTH: "() int32, max(seqlens_k) + 1", "src_mask": "(batch, src_len) bool",
-                       **{name: kv.format("capacity") + ", written in place" for name in past_names(n_layers)},
-                       **{name: kv.format("src_len") for name in cross_names(n_layers)},
-                       VOCAB_IDS: "(vocab',) int64, required", TOP_K: "(1,) int64, required"},
+            "inputs": {
+                TOKENS: "(batch,) int64",
+                SEQLENS_K: "(batch,) int32, each row's cached positions",
+                TOTAL_LENGTH: "() int32, max(seqlens_k) + 1",
+                "src_mask": "(batch, src_len) bool",
+                **{name: kv.format("capacity") + ", written in place" for name in past_names(n_layers)},
+                **{name: kv.format("src_len") for name in cross_names(n_layers)},
+                VOCAB_IDS: "(vocab',) int64, required",
+                TOP_K: "(1,) int64, required",
+            },
         },
     }
 
@@ -185,8 +199,10 @@ def _bundle_files(directory: Path) -> list[str]:
 
 def write_manifest(directory: Path, fields: dict[str, Any]) -> dict[str, Any]:
     """Hash every file already in `directory` and write manifest.json beside them."""
-    files = {name: {"sha256": sha256_file(directory / name), "size": (directory / name).stat().st_size}
-             for name in _bundle_files(directory)}
+    files = {
+        name: {"sha256": sha256_file(directory / name), "size": (directory / name).stat().st_size}
+        for name in _bundle_files(directory)
+    }
     manifest = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, **fields, "files": files}
     manifest[SELF_HASH] = content_hash(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
@@ -228,11 +244,21 @@ def manifest_variants(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     graphs = manifest.get("graphs")
     if not isinstance(graphs, dict):
         return {}
-    variants = {"fp32": {"encoder": graphs.get("encoder", ENCODER), "decoder": graphs.get("decoder", DECODER),
-                         "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"], "kv_dtype": "float32"}}
+    variants = {
+        "fp32": {
+            "encoder": graphs.get("encoder", ENCODER),
+            "decoder": graphs.get("decoder", DECODER),
+            "providers": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+            "kv_dtype": "float32",
+        }
+    }
     if "encoder_cpu" in graphs:
-        variants["fp32-cpu"] = {"encoder": graphs["encoder_cpu"], "decoder": graphs.get("decoder_cpu"),
-                                "providers": ["CPUExecutionProvider"], "kv_dtype": "float32"}
+        variants["fp32-cpu"] = {
+            "encoder": graphs["encoder_cpu"],
+            "decoder": graphs.get("decoder_cpu"),
+            "providers": ["CPUExecutionProvider"],
+            "kv_dtype": "float32",
+        }
     return variants
 
 
@@ -246,9 +272,11 @@ def _variant_problems(manifest: dict[str, Any]) -> list[str]:
         if not isinstance(entry, dict):
             problems.append(f"variant {name}: not a table")
             continue
-        problems += [f"variant {name}: {entry.get(role)!r} is not a file listed in the manifest"
-                     for role in ("encoder", "decoder")
-                     if not isinstance(entry.get(role), str) or entry[role] not in manifest["files"]]
+        problems += [
+            f"variant {name}: {entry.get(role)!r} is not a file listed in the manifest"
+            for role in ("encoder", "decoder")
+            if not isinstance(entry.get(role), str) or entry[role] not in manifest["files"]
+        ]
         for role in ("step_decoder", "rows_decoder"):  # optional
             step = entry.get(role)
             if step is not None and (not isinstance(step, str) or step not in manifest["files"]):

@@ -33,15 +33,22 @@ def compact(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
 class HostCache:
     """Source side and KV cache of the rows still being decoded, in host memory (numpy)."""
 
-    def __init__(self, sessions: Sessions, src_ids: np.ndarray, src_mask: np.ndarray, repeat: int,
-                 vocab_ids: np.ndarray | None = None):
+    def __init__(
+        self,
+        sessions: Sessions,
+        src_ids: np.ndarray,
+        src_mask: np.ndarray,
+        repeat: int,
+        vocab_ids: np.ndarray | None = None,
+    ):
         self.sessions, L = sessions, sessions.n_layers
         self.cross_names, self.past_names, self.outputs = cross_names(L), past_names(L), decoder_outputs(L)
         self.head = sessions.has_head  # feed vocab_ids and top_k, read the top-k outputs
         self.vocab_ids = vocab_ids  # None: every id (the graph's default)
         self.feeds_mask = takes_past_mask([i.name for i in sessions.decoder.get_inputs()])  # format 3
-        cross = sessions.run_encoder(self.cross_names, {"src_ids": src_ids, "src_mask": src_mask},
-                                     rows=len(src_ids) * repeat)
+        cross = sessions.run_encoder(
+            self.cross_names, {"src_ids": src_ids, "src_mask": src_mask}, rows=len(src_ids) * repeat
+        )
         self.cross = [np.repeat(c, repeat, axis=0) for c in cross] if repeat > 1 else cross
         self.src_mask = np.repeat(src_mask, repeat, axis=0) if repeat > 1 else src_mask
         rows = len(self.src_mask)
@@ -49,8 +56,12 @@ class HostCache:
         self.past = [empty] * (2 * L)
 
     def _feeds(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {"tgt_ids": tokens[:, None], "src_mask": self.src_mask,
-                 **dict(zip(self.past_names, self.past)), **dict(zip(self.cross_names, self.cross))}
+        feeds = {
+            "tgt_ids": tokens[:, None],
+            "src_mask": self.src_mask,
+            **dict(zip(self.past_names, self.past)),
+            **dict(zip(self.cross_names, self.cross)),
+        }
         if self.feeds_mask:
             feeds[PAST_MASK] = self.full_mask(len(tokens))
         return feeds
@@ -64,8 +75,9 @@ class HostCache:
 
     def _run(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
         """One decoder step: `host_outputs`, and the present K/V become the past."""
-        found = self.sessions.run_decoder([*host_outputs, *self.outputs[1:]],
-                                          {**self._feeds(tokens), **self._head_feeds(k)}, len(tokens))
+        found = self.sessions.run_decoder(
+            [*host_outputs, *self.outputs[1:]], {**self._feeds(tokens), **self._head_feeds(k)}, len(tokens)
+        )
         self.past = found[len(host_outputs) :]
         return found[: len(host_outputs)]
 
@@ -118,8 +130,14 @@ class CudaCache(HostCache):
 
     DEVICE = "cuda"  # ORT device name of the KV tensors (tests run this class with "cpu")
 
-    def __init__(self, sessions: Sessions, src_ids: np.ndarray, src_mask: np.ndarray, repeat: int,
-                 vocab_ids: np.ndarray | None = None):
+    def __init__(
+        self,
+        sessions: Sessions,
+        src_ids: np.ndarray,
+        src_mask: np.ndarray,
+        repeat: int,
+        vocab_ids: np.ndarray | None = None,
+    ):
         super().__init__(sessions, src_ids, src_mask, repeat)  # encoder outputs once through host: small
         self.head = False  # see the class docstring
         self._upload_source()
@@ -151,7 +169,7 @@ class CudaCache(HostCache):
         with self.sessions.turns.step(len(tokens), self.sessions.threads_for(len(tokens)), shrinks=False):
             self.sessions.decoder.run_with_iobinding(binding)
         found = binding.get_outputs()
-        self.past = found[len(host_outputs):]
+        self.past = found[len(host_outputs) :]
         return [value.numpy() for value in found[: len(host_outputs)]]
 
     def select(self, rows: np.ndarray, source_rows: np.ndarray | None) -> None:

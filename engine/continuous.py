@@ -166,8 +166,9 @@ class _SourceSide:
         self.cross, self.mask = cross, mask
 
 
-def _host_top_k(log_probs: np.ndarray, k: int,
-                vocab_ids: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _host_top_k(
+    log_probs: np.ndarray, k: int, vocab_ids: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """row_top_k of log_probs (R, V'), ids mapped back through vocab_ids (None: every id)."""
     values, ids, eos = row_top_k(log_probs, k)
     return values, (ids if vocab_ids is None else vocab_ids[ids]), eos
@@ -180,8 +181,10 @@ class RunningBatch:
         # The per-row step decoder when the bundle has one (each row at its own length, engine/row_cache.py);
         # else the traced decoder, every row's cache as wide as the oldest's (past_mask).
         if sessions.rows is None and not takes_past_mask([i.name for i in sessions.decoder.get_inputs()]):
-            raise NoPastMask("the bundle's decoder has no past_mask input (bundle format before 3): re-export it "
-                             "for continuous batching")
+            raise NoPastMask(
+                "the bundle's decoder has no past_mask input (bundle format before 3): re-export it "
+                "for continuous batching"
+            )
         self.sessions, L = sessions, sessions.n_layers
         self._checker = Decoder(sessions)  # the same source checks and special ids as the static search
         self._cross_names, self._past_names, self._outputs = cross_names(L), past_names(L), decoder_outputs(L)
@@ -275,8 +278,11 @@ class RunningBatch:
 
     def _blocked(self) -> np.ndarray | None:
         """The repetition guard's tokens per row (R, MAX_REPEAT_NGRAM), -1 for none; None: none at all."""
-        per_row = [blocked_tokens(prefix) if s.options.repetition_guard else []
-                   for s in self.sentences for prefix in s.beams.prefixes[0][: s.rows]]
+        per_row = [
+            blocked_tokens(prefix) if s.options.repetition_guard else []
+            for s in self.sentences
+            for prefix in s.beams.prefixes[0][: s.rows]
+        ]
         if not any(per_row):
             return None
         blocked = np.full((len(per_row), MAX_REPEAT_NGRAM), -1, dtype=np.int64)
@@ -292,8 +298,13 @@ class RunningBatch:
             return self._run_per_row(extra)
         mask = np.concatenate([self.past_mask, np.ones((self.rows, 1), bool)], axis=1)  # the new token is real
         cross, src_mask = self.source.views()
-        feeds = {"tgt_ids": self.tokens[:, None], "src_mask": src_mask, PAST_MASK: mask,
-                 **dict(zip(self._past_names, self.past)), **dict(zip(self._cross_names, cross))}
+        feeds = {
+            "tgt_ids": self.tokens[:, None],
+            "src_mask": src_mask,
+            PAST_MASK: mask,
+            **dict(zip(self._past_names, self.past)),
+            **dict(zip(self._cross_names, cross)),
+        }
         self.past_mask = mask
         k = self._candidates(extra)
         vocab_ids = self._vocab.ids()
@@ -322,22 +333,28 @@ class RunningBatch:
         k = self._candidates(extra)
         vocab_ids = self._vocab.ids()
         scored = self._every_id if vocab_ids is None else vocab_ids
-        feeds = {"src_mask": src_mask, VOCAB_IDS: scored, TOP_K: np.array([min(k, len(scored)) if k > 1 else 0]),
-                 **dict(zip(self._cross_names, cross))}
+        feeds = {
+            "src_mask": src_mask,
+            VOCAB_IDS: scored,
+            TOP_K: np.array([min(k, len(scored)) if k > 1 else 0]),
+            **dict(zip(self._cross_names, cross)),
+        }
         if k > 1:
             return tuple(self.cache.run(self.tokens, feeds, head_outputs()))  # type: ignore[return-value]
         (log_probs,) = self.cache.run(self.tokens, feeds, ["log_probs"])  # greedy only: argmax below
         return _host_top_k(log_probs, k, vocab_ids)
 
-    def _advance(self, values: np.ndarray, ids: np.ndarray,
-                 eos: np.ndarray) -> tuple[list[Finished], list[int], list[int], list[int]]:
+    def _advance(
+        self, values: np.ndarray, ids: np.ndarray, eos: np.ndarray
+    ) -> tuple[list[Finished], list[int], list[int], list[int]]:
         """Each sentence's search rule on its rows -> (finished, surviving sentences, next rows, next tokens)."""
         sentences = self.sentences
         starts = [0, *itertools.accumulate(s.rows for s in sentences)][:-1]
         limited = [i for i, s in enumerate(sentences) if s.step + 1 >= s.max_len]
         if limited:
-            only_eos(values, ids, eos, np.concatenate([np.arange(starts[i], starts[i] + sentences[i].rows)
-                                                       for i in limited]))
+            only_eos(
+                values, ids, eos, np.concatenate([np.arange(starts[i], starts[i] + sentences[i].rows) for i in limited])
+            )
         candidates = self._beam_candidates(values, ids, starts)
         greedy = [i for i, s in enumerate(sentences) if s.rows == 1]
         greedy_rows = np.array([starts[i] for i in greedy], np.int64)
@@ -367,8 +384,9 @@ class RunningBatch:
                 tokens += [token for _, token, _ in alive]
         return finished, survivors, next_rows, tokens
 
-    def _beam_candidates(self, values: np.ndarray, ids: np.ndarray,
-                         starts: list[int]) -> dict[int, tuple[list[int], list[int], list[float]]]:
+    def _beam_candidates(
+        self, values: np.ndarray, ids: np.ndarray, starts: list[int]
+    ) -> dict[int, tuple[list[int], list[int], list[float]]]:
         """decoding._beam's best 2·beam candidates (beam, token, score) of each beam sentence, for the
         sentences of each beam size together."""
         by_size: dict[int, list[int]] = {}
@@ -388,8 +406,9 @@ class RunningBatch:
         return found
 
     @staticmethod
-    def _beam_step(sentence: _Sentence, origin: list[int], token: list[int],
-                   values: list[float]) -> list[tuple[int, int, float]] | None:
+    def _beam_step(
+        sentence: _Sentence, origin: list[int], token: list[int], values: list[float]
+    ) -> list[tuple[int, int, float]] | None:
         """decoding._beam's rule for one sentence: its next (beam, token, score), or None when it is done."""
         K = sentence.rows
         alive = advance_beams(sentence.beams, 0, origin, token, values, K, sentence.options.length_penalty)

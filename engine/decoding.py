@@ -90,8 +90,10 @@ class DecodeOptions:
         if not 1 <= self.n_best <= self.beam_size:
             raise ValueError(f"n_best must be between 1 and beam_size ({self.beam_size}), got {self.n_best}")
         if not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:  # NaN fails too
-            raise ValueError(f"length_penalty must be a finite number between 0 and {MAX_LENGTH_PENALTY:g}, "
-                             f"got {self.length_penalty}")
+            raise ValueError(
+                f"length_penalty must be a finite number between 0 and {MAX_LENGTH_PENALTY:g}, "
+                f"got {self.length_penalty}"
+            )
         if self.max_len_extra < 1:
             raise ValueError(f"max_len_extra must be at least 1, got {self.max_len_extra}")
 
@@ -114,8 +116,9 @@ def pad_sources(sources: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, ids != PAD_ID  # a PAD inside a source is masked, as in training.search.pad_batch
 
 
-def _greedy(cache: HostCache, sources: list[list[int]], max_len_extra: int,
-            guard: bool = True) -> tuple[list[list[Hypothesis]], int]:
+def _greedy(
+    cache: HostCache, sources: list[list[int]], max_len_extra: int, guard: bool = True
+) -> tuple[list[list[Hypothesis]], int]:
     """Most probable next token at each step; finished rows leave the batch."""
     n = len(sources)
     max_lens = np.array([len(s) + max_len_extra for s in sources])
@@ -153,8 +156,9 @@ def only_eos(values: np.ndarray, ids: np.ndarray, eos: np.ndarray, rows: np.ndar
     values[rows, 0], ids[rows, 0] = eos[rows], EOS_ID
 
 
-def best_candidates(scores: np.ndarray, values: np.ndarray, ids: np.ndarray,
-                    count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def best_candidates(
+    scores: np.ndarray, values: np.ndarray, ids: np.ndarray, count: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The `count` best extensions per sentence from each beam's own best k (exact: module docstring
     of export/decoder_head.py): scores (A, K), values and ids (A, K, k) -> scores, beams, tokens (A, count).
 
@@ -223,8 +227,9 @@ def _beam(cache: HostCache, sources: list[list[int]], options: DecodeOptions) ->
     return ranked, step
 
 
-def advance_beams(beams: Beams, sentence: int, origin: list[int], token: list[int], score: list[float], K: int,
-                  alpha: float) -> list[tuple[int, int, float]]:
+def advance_beams(
+    beams: Beams, sentence: int, origin: list[int], token: list[int], score: list[float], K: int, alpha: float
+) -> list[tuple[int, int, float]]:
     """One beam-search step of sentence `sentence` of `beams`, from its candidates best first (the
     (beam, token, score) triples of best_candidates, as lists): an EOS candidate ranked among the best
     K (and finite) becomes a finished Hypothesis, normalized by length_penalty(length + EOS, alpha);
@@ -290,5 +295,7 @@ class Decoder:
             if any(not 0 <= t < vocab for t in source):
                 raise ValueError(f"source {i} has a token id outside the vocabulary (0..{vocab - 1})")
             if limit is not None and len(source) + options.max_len_extra > limit:
-                raise ValueError(f"source {i} is too long: {len(source)} tokens + max_len_extra "
-                                 f"{options.max_len_extra} exceeds the model's {limit} positions")
+                raise ValueError(
+                    f"source {i} is too long: {len(source)} tokens + max_len_extra "
+                    f"{options.max_len_extra} exceeds the model's {limit} positions"
+                )

@@ -28,8 +28,11 @@ class MarianTokenizer:
 
         self.source, self.target = processor("source"), processor("target")
         self.vocab = self._read_vocab(directory / files["vocab"])
-        target_vocab = self.vocab if files["target_vocab"] == files["vocab"] else \
-            self._read_vocab(directory / files["target_vocab"])
+        target_vocab = (
+            self.vocab
+            if files["target_vocab"] == files["vocab"]
+            else self._read_vocab(directory / files["target_vocab"])
+        )
         self.pieces_of = {i: piece for piece, i in target_vocab.items()}
         self.unk, self.eos, self.pad = special_ids["unk"], special_ids["eos"], special_ids["pad"]
         self.skipped = {self.unk, self.eos, self.pad}
@@ -56,8 +59,9 @@ class MarianTokenizer:
         return prefix + [self.vocab.get(piece, self.unk) for piece in pieces]
 
     def decode(self, ids: list[list[int]]) -> list[str]:
-        return [self.target.decode_pieces([self.pieces_of[i] for i in row if i not in self.skipped]).strip()
-                for row in ids]
+        return [
+            self.target.decode_pieces([self.pieces_of[i] for i in row if i not in self.skipped]).strip() for row in ids
+        ]
 
     def normalize(self, text: str) -> str:
         """The text as the model sees it ("" for a blank text)."""

@@ -40,8 +40,9 @@ class RowBuffers:
         if rows <= have_rows and length <= have_length:
             return
         used = int(self.lengths.max(initial=0))
-        self.buffers = regrown(self.sessions, self.buffers, self.rows, max(length, have_length), used,
-                               capacity_rows=max(rows, have_rows))
+        self.buffers = regrown(
+            self.sessions, self.buffers, self.rows, max(length, have_length), used, capacity_rows=max(rows, have_rows)
+        )
 
     def add(self, count: int) -> None:
         """`count` new rows at the end, with nothing cached."""
@@ -71,9 +72,9 @@ class RowBuffers:
             self._resize(0, 2 * self.buffers[0].shape[2])
         step_feeds = {**feeds, TOKENS: tokens, SEQLENS_K: self.lengths, TOTAL_LENGTH: np.array(total, np.int32)}
         binding = self.sessions.run_step(
-            lambda session: bind_in_place(session, step_feeds, self.buffers, self.rows, host_outputs), self.rows,
-            per_row=True)
+            lambda session: bind_in_place(session, step_feeds, self.buffers, self.rows, host_outputs),
+            self.rows,
+            per_row=True,
+        )
         self.lengths = self.lengths + 1
-        return [value.numpy() for value in binding.get_outputs()[-len(host_outputs):]]
-
-
+        return [value.numpy() for value in binding.get_outputs()[-len(host_outputs) :]]

@@ -58,16 +58,31 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "int8", "fp16")
 CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # Variant names to try, best first, per (provider, precision).
 PREFERENCE: dict[tuple[str, str], tuple[str, ...]] = {
-    (CUDA, "auto"): ("fp16-cuda", "fp32"), (CUDA, "fp32"): ("fp32",), (CUDA, "int8"): (),
+    (CUDA, "auto"): ("fp16-cuda", "fp32"),
+    (CUDA, "fp32"): ("fp32",),
+    (CUDA, "int8"): (),
     (CUDA, "fp16"): ("fp16-cuda",),
-    (CPU, "auto"): ("fp32-cpu", "fp32"), (CPU, "fp32"): ("fp32-cpu", "fp32"), (CPU, "int8"): ("int8-cpu",),
+    (CPU, "auto"): ("fp32-cpu", "fp32"),
+    (CPU, "fp32"): ("fp32-cpu", "fp32"),
+    (CPU, "int8"): ("int8-cpu",),
     (CPU, "fp16"): (),
 }
 # ONNX tensor types of the KV inputs -> numpy dtypes.
 # What InferenceSession raises for a file it cannot load (pybind exception types, not ValueError).
 ORT_ERRORS: tuple[type[Exception], ...] = tuple(
-    getattr(ort_state, name) for name in ("Fail", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "InvalidGraph",
-                                          "NotImplemented", "RuntimeException", "EPFail") if hasattr(ort_state, name))
+    getattr(ort_state, name)
+    for name in (
+        "Fail",
+        "InvalidArgument",
+        "NoSuchFile",
+        "InvalidProtobuf",
+        "InvalidGraph",
+        "NotImplemented",
+        "RuntimeException",
+        "EPFail",
+    )
+    if hasattr(ort_state, name)
+)
 # Measured (models/default, 2 AMD EPYC cores, intra-op spinning off, engine end to end, the two
 # settings taking turns per batch): one thread for steps of <= 64 rows was 1.05-1.28x faster at
 # greedy b=1..32 and beam 4 b=1..8, and a tie at beam 4 b=32 (128 rows, shrinking as sentences
@@ -173,8 +188,9 @@ class Sessions:
         with self.turns.step(rows, self.threads_for(rows), shrinks=self.decoder_small is not None) as threads:
             return self.decoder_for(rows, threads).run(outputs, feeds)
 
-    def run_step(self, bind: Callable[[ort.InferenceSession], ort.IOBinding], rows: int,
-                 per_row: bool = False) -> ort.IOBinding:
+    def run_step(
+        self, bind: Callable[[ort.InferenceSession], ort.IOBinding], rows: int, per_row: bool = False
+    ) -> ort.IOBinding:
         """One step-decoder run (per_row: the per-row graph's) of `rows` rows in its turn: `bind` binds the
         chosen session's inputs and outputs (IO binding: the KV buffers are written in place); returns
         the binding, run."""
@@ -204,8 +220,10 @@ def choose_provider(device: str, available: list[str]) -> list[str]:
     if CUDA in available:
         return [CUDA] if device == "cuda" else [CUDA, CPU]
     if device == "cuda":
-        raise ValueError(f"device 'cuda' needs onnxruntime's {CUDA}, but this onnxruntime {ort.__version__} has only "
-                         f"{', '.join(available)} (install onnxruntime-gpu, or use device 'cpu' or 'auto')")
+        raise ValueError(
+            f"device 'cuda' needs onnxruntime's {CUDA}, but this onnxruntime {ort.__version__} has only "
+            f"{', '.join(available)} (install onnxruntime-gpu, or use device 'cpu' or 'auto')"
+        )
     log.warning("device 'auto': %s is not available in this onnxruntime; falling back to %s", CUDA, CPU)
     return [CPU]
 
@@ -219,8 +237,9 @@ def choose_variant(variants: dict[str, dict[str, Any]], precision: str, provider
         for name in PREFERENCE[(provider, precision)]:
             if name in variants and provider in variants[name].get("providers", [CPU]):
                 return name, provider
-    raise ValueError(f"no variant of the bundle runs with precision {precision!r} on {' or '.join(providers)}; "
-                     f"it has: {have}")
+    raise ValueError(
+        f"no variant of the bundle runs with precision {precision!r} on {' or '.join(providers)}; it has: {have}"
+    )
 
 
 def session_options(intra_op_threads: int = 0, inter_op_threads: int = 1, spinning: bool = False) -> ort.SessionOptions:
@@ -243,18 +262,23 @@ def _session(path: Path, provider: str, cfg: RuntimeConfig) -> ort.InferenceSess
     try:
         # enable_fallback=0: when CUDA fails to start (no device, driver too old), ORT would print a
         # banner on stdout and quietly retry on the CPU; raise instead, with its reason.
-        session = ort.InferenceSession(str(path), options, providers=providers,
-                                       **({"enable_fallback": 0} if provider == CUDA else {}))
+        session = ort.InferenceSession(
+            str(path), options, providers=providers, **({"enable_fallback": 0} if provider == CUDA else {})
+        )
     except (*ORT_ERRORS, RuntimeError) as e:
         if provider == CUDA:
-            raise ProviderError(f"{path.name}: onnxruntime {ort.__version__} could not start {provider}: "
-                                f"{' '.join(str(e).split())}; is a GPU visible (docker run --gpus all)? Else use "
-                                "device 'cpu'") from e
+            raise ProviderError(
+                f"{path.name}: onnxruntime {ort.__version__} could not start {provider}: "
+                f"{' '.join(str(e).split())}; is a GPU visible (docker run --gpus all)? Else use "
+                "device 'cpu'"
+            ) from e
         raise BundleError(f"{path.name}: onnxruntime cannot load it: {e}") from e
     if session.get_providers()[0] != provider:  # the CUDA provider library did not load: ORT logged why
-        raise ProviderError(f"{path.name}: onnxruntime {ort.__version__} could not start {provider} (got "
-                            f"{session.get_providers()}): its CUDA/cuDNN libraries did not load (onnxruntime's log "
-                            "above names the missing one); use the CUDA image, or device 'cpu'")
+        raise ProviderError(
+            f"{path.name}: onnxruntime {ort.__version__} could not start {provider} (got "
+            f"{session.get_providers()}): its CUDA/cuDNN libraries did not load (onnxruntime's log "
+            "above names the missing one); use the CUDA image, or device 'cpu'"
+        )
     return session
 
 
@@ -266,8 +290,9 @@ def _describe(encoder: ort.InferenceSession, decoder: ort.InferenceSession) -> d
     outputs = [o.name for o in decoder.get_outputs()]
     head = has_head(outputs)
     if not n_layers or missing or outputs != decoder_outputs(n_layers) + (head_outputs() if head else []):
-        raise BundleError(f"the decoder graph does not have the bundle interface (inputs missing: {missing}, "
-                          f"outputs: {outputs})")
+        raise BundleError(
+            f"the decoder graph does not have the bundle interface (inputs missing: {missing}, outputs: {outputs})"
+        )
     encoder_outputs = [o.name for o in encoder.get_outputs()]
     if encoder_outputs != cross_names(n_layers):
         raise BundleError(f"the encoder outputs {encoder_outputs}, expected {cross_names(n_layers)}")
@@ -279,14 +304,27 @@ def _describe(encoder: ort.InferenceSession, decoder: ort.InferenceSession) -> d
         vocab = int(stated) if stated.isdigit() else vocab
     if past.type not in KV_TYPES or not all(isinstance(x, int) for x in (n_heads, d_head, vocab)):
         raise BundleError(f"unsupported decoder KV input {past.name}: {past.type} {past.shape}, log_probs {vocab}")
-    return {"n_layers": n_layers, "n_heads": n_heads, "d_head": d_head, "kv_dtype": KV_TYPES[past.type],
-            "vocab_size": vocab, "has_head": head}
+    return {
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "d_head": d_head,
+        "kv_dtype": KV_TYPES[past.type],
+        "vocab_size": vocab,
+        "has_head": head,
+    }
 
 
-def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers: list[str] | str = CPU,
-                  cfg: RuntimeConfig | None = None, *, variant: str = "loose",
-                  manifest: dict[str, Any] | None = None, step_path: str | Path | None = None,
-                  rows_path: str | Path | None = None) -> Sessions:
+def open_sessions(
+    encoder_path: str | Path,
+    decoder_path: str | Path,
+    providers: list[str] | str = CPU,
+    cfg: RuntimeConfig | None = None,
+    *,
+    variant: str = "loose",
+    manifest: dict[str, Any] | None = None,
+    step_path: str | Path | None = None,
+    rows_path: str | Path | None = None,
+) -> Sessions:
     """Sessions for two graph files (loose, or one variant of a bundle).
 
     `providers` is the provider to use (CPU or CUDA), or a list of which the first is used.
@@ -312,11 +350,19 @@ def open_sessions(encoder_path: str | Path, decoder_path: str | Path, providers:
     small = None
     if traced_steps and provider == CPU and cfg.single_thread_rows and cfg.intra_op_threads != 1:
         small = _session(Path(decoder_path), provider, replace(cfg, intra_op_threads=1))
-    return Sessions(encoder=encoder, decoder=decoder, variant=variant, provider=provider, manifest=manifest,
-                    decoder_small=small, single_thread_rows=cfg.single_thread_rows if small else 0,
-                    threads=cfg.intra_op_threads if provider == CPU else 0, **steps,
-                    step_single_thread_rows=cfg.step_single_thread_rows if twins else 0,
-                    **_describe(encoder, decoder))
+    return Sessions(
+        encoder=encoder,
+        decoder=decoder,
+        variant=variant,
+        provider=provider,
+        manifest=manifest,
+        decoder_small=small,
+        single_thread_rows=cfg.single_thread_rows if small else 0,
+        threads=cfg.intra_op_threads if provider == CPU else 0,
+        **steps,
+        step_single_thread_rows=cfg.step_single_thread_rows if twins else 0,
+        **_describe(encoder, decoder),
+    )
 
 
 def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig, providers: list[str]) -> Sessions:
@@ -325,9 +371,16 @@ def _open_variant(bundle_dir: Path, manifest: dict[str, Any], cfg: RuntimeConfig
     name, provider = choose_variant(variants, cfg.precision, providers)
     entry = variants[name]
     step, rows = (entry.get(role) for role in ("step_decoder", "rows_decoder"))
-    sessions = open_sessions(bundle_dir / entry["encoder"], bundle_dir / entry["decoder"], provider, cfg,
-                             variant=name, manifest=manifest, step_path=None if step is None else bundle_dir / step,
-                             rows_path=None if rows is None else bundle_dir / rows)
+    sessions = open_sessions(
+        bundle_dir / entry["encoder"],
+        bundle_dir / entry["decoder"],
+        provider,
+        cfg,
+        variant=name,
+        manifest=manifest,
+        step_path=None if step is None else bundle_dir / step,
+        rows_path=None if rows is None else bundle_dir / rows,
+    )
     declared = entry.get("kv_dtype", "float32")
     if np.dtype(declared) != sessions.kv_dtype:
         raise BundleError(f"variant {name}: manifest says kv_dtype {declared}, the decoder takes {sessions.kv_dtype}")
@@ -350,7 +403,13 @@ def load_sessions(bundle_dir: str | Path, cfg: RuntimeConfig | None = None) -> S
             raise
         log.warning("device 'auto': %s; falling back to %s", e, CPU)
         sessions = _open_variant(bundle_dir, manifest, cfg, [CPU])
-    log.info("bundle %s: variant %s on %s (intra_op_threads=%d, inter_op_threads=%d, vocabulary shortlist %s)",
-             bundle_dir.name, sessions.variant, sessions.provider, cfg.intra_op_threads, cfg.inter_op_threads,
-             "on" if sessions.shortlist is not None else "off")
+    log.info(
+        "bundle %s: variant %s on %s (intra_op_threads=%d, inter_op_threads=%d, vocabulary shortlist %s)",
+        bundle_dir.name,
+        sessions.variant,
+        sessions.provider,
+        cfg.intra_op_threads,
+        cfg.inter_op_threads,
+        "on" if sessions.shortlist is not None else "off",
+    )
     return sessions

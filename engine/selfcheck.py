@@ -47,13 +47,18 @@ class Reference:
             return None
         try:
             sources, tokens = stored["sources"], stored["tokens"]
-            reference = cls(tuple(map(str, sources)), tuple(tuple(int(t) for t in ids) for ids in tokens),
-                            int(stored["max_len_extra"]))
+            reference = cls(
+                tuple(map(str, sources)),
+                tuple(tuple(int(t) for t in ids) for ids in tokens),
+                int(stored["max_len_extra"]),
+            )
         except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"manifest.json: parity.reference is malformed: {e!r}") from e
         if not reference.sources or len(reference.sources) != len(reference.tokens) or reference.max_len_extra < 1:
-            raise BundleError("manifest.json: parity.reference needs as many token lists as sources (at least one) "
-                              "and max_len_extra >= 1")
+            raise BundleError(
+                "manifest.json: parity.reference needs as many token lists as sources (at least one) "
+                "and max_len_extra >= 1"
+            )
         return reference
 
 
@@ -69,13 +74,20 @@ def selfcheck(translator: Translator, reference: Reference) -> None:
     sources = translator.tokenize(list(reference.sources))
     options = DecodeOptions(beam_size=1, max_len_extra=reference.max_len_extra)
     found = translator.search(sources, options).hypotheses
-    differ = [(i, list(want), hyps[0].tokens) for i, (want, hyps) in enumerate(zip(reference.tokens, found))
-              if list(want) != hyps[0].tokens]
+    differ = [
+        (i, list(want), hyps[0].tokens)
+        for i, (want, hyps) in enumerate(zip(reference.tokens, found))
+        if list(want) != hyps[0].tokens
+    ]
     if differ:
-        details = "; ".join(f"{reference.sources[i]!r}: expected {want}, got {got} "
-                            f"({translator.detokenize([got])[0]!r})" for i, want, got in differ)
-        raise SelfCheckError(f"self-check failed: variant {sessions.variant} on {sessions.provider} differs from the "
-                             f"exporter's torch reference on {len(differ)} of {len(sources)} sentences: {details}")
+        details = "; ".join(
+            f"{reference.sources[i]!r}: expected {want}, got {got} ({translator.detokenize([got])[0]!r})"
+            for i, want, got in differ
+        )
+        raise SelfCheckError(
+            f"self-check failed: variant {sessions.variant} on {sessions.provider} differs from the "
+            f"exporter's torch reference on {len(differ)} of {len(sources)} sentences: {details}"
+        )
 
 
 def startup_check(translator: Translator) -> str:
@@ -90,11 +102,18 @@ def startup_check(translator: Translator) -> str:
         return VALIDATED
     reference = Reference.from_manifest(manifest)
     if reference is None:
-        log.warning("variant %s was not validated on %s at export and the bundle has no parity.reference to check "
-                    "it with (exported with --no-validate or by an older nmt-export)", sessions.variant,
-                    sessions.provider)
+        log.warning(
+            "variant %s was not validated on %s at export and the bundle has no parity.reference to check "
+            "it with (exported with --no-validate or by an older nmt-export)",
+            sessions.variant,
+            sessions.provider,
+        )
         return NO_REFERENCE
     selfcheck(translator, reference)
-    log.info("self-check: variant %s on %s reproduced torch's greedy output on %d reference sentences",
-             sessions.variant, sessions.provider, len(reference.sources))
+    log.info(
+        "self-check: variant %s on %s reproduced torch's greedy output on %d reference sentences",
+        sessions.variant,
+        sessions.provider,
+        len(reference.sources),
+    )
     return PASSED

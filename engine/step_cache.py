@@ -33,8 +33,9 @@ def kv_buffer(sessions: Sessions, rows: int, length: int) -> np.ndarray:
     return np.empty((rows, sessions.n_heads, length, sessions.d_head), sessions.kv_dtype)
 
 
-def regrown(sessions: Sessions, buffers: list[np.ndarray], rows: int, length: int, used: int,
-            capacity_rows: int | None = None) -> list[np.ndarray]:
+def regrown(
+    sessions: Sessions, buffers: list[np.ndarray], rows: int, length: int, used: int, capacity_rows: int | None = None
+) -> list[np.ndarray]:
     """New buffers of `length` positions (and capacity_rows rows, default `rows`), the first `used`
     positions of the first `rows` rows copied over."""
     grown = []
@@ -45,8 +46,13 @@ def regrown(sessions: Sessions, buffers: list[np.ndarray], rows: int, length: in
     return grown
 
 
-def bind_in_place(session: ort.InferenceSession, feeds: dict[str, np.ndarray], buffers: list[np.ndarray], rows: int,
-                  host_outputs: list[str]) -> ort.IOBinding:
+def bind_in_place(
+    session: ort.InferenceSession,
+    feeds: dict[str, np.ndarray],
+    buffers: list[np.ndarray],
+    rows: int,
+    host_outputs: list[str],
+) -> ort.IOBinding:
     """A step decoder's binding: `feeds` from host memory, each past_* input and its present_* output
     bound to the first `rows` rows of the same buffer (written in place), `host_outputs` allocated by ORT."""
     binding = session.io_binding()
@@ -67,8 +73,14 @@ class StepCache(HostCache):
 
     Rows are grouped by sentence: `beam` consecutive rows each (the static search's layout)."""
 
-    def __init__(self, sessions: Sessions, src_ids: np.ndarray, src_mask: np.ndarray, repeat: int,
-                 vocab_ids: np.ndarray | None = None):
+    def __init__(
+        self,
+        sessions: Sessions,
+        src_ids: np.ndarray,
+        src_mask: np.ndarray,
+        repeat: int,
+        vocab_ids: np.ndarray | None = None,
+    ):
         super().__init__(sessions, src_ids, src_mask, 1, vocab_ids)  # the graph takes the source once per sentence
         self.beam, self.length = repeat, 0
         self.vocab_feed = np.arange(sessions.vocab_size, dtype=np.int64) if vocab_ids is None else vocab_ids
@@ -97,11 +109,15 @@ class StepCache(HostCache):
             return self._first_step(tokens, k, host_outputs)
         if self.length == self.buffers[0].shape[2]:
             self._grow()
-        step_feeds = {TOKENS: tokens, PAST_LENGTH: np.array([self.length], np.int32),
-                      CACHE_INDIRECTION: self.indirection, TOP_K: np.array([min(k, len(self.vocab_feed))], np.int64)}
+        step_feeds = {
+            TOKENS: tokens,
+            PAST_LENGTH: np.array([self.length], np.int32),
+            CACHE_INDIRECTION: self.indirection,
+            TOP_K: np.array([min(k, len(self.vocab_feed))], np.int64),
+        }
         binding = self.sessions.run_step(lambda session: self._bind(session, step_feeds, host_outputs), len(tokens))
         self.length += 1
-        return [value.numpy() for value in binding.get_outputs()[-len(host_outputs):]]
+        return [value.numpy() for value in binding.get_outputs()[-len(host_outputs) :]]
 
     def _first_step(self, tokens: np.ndarray, k: int, host_outputs: list[str]) -> list[np.ndarray]:
         """A sentence's beams all start from BOS with nothing cached, so they are the same row: one row
@@ -110,19 +126,26 @@ class StepCache(HostCache):
         K, first = self.beam, tokens[:: self.beam]
         n = len(first)
         alone = [kv_buffer(self.sessions, n, 1) for _ in self.buffers]
-        feeds = {TOKENS: first, PAST_LENGTH: np.array([0], np.int32), BEAM_WIDTH: np.array([1], np.int32),
-                 CACHE_INDIRECTION: np.zeros((n, 1, 1), np.int32), "src_mask": self.src_mask,
-                 VOCAB_IDS: self.vocab_feed, TOP_K: np.array([min(k, len(self.vocab_feed))], np.int64),
-                 **dict(zip(self.cross_names, self.cross))}
+        feeds = {
+            TOKENS: first,
+            PAST_LENGTH: np.array([0], np.int32),
+            BEAM_WIDTH: np.array([1], np.int32),
+            CACHE_INDIRECTION: np.zeros((n, 1, 1), np.int32),
+            "src_mask": self.src_mask,
+            VOCAB_IDS: self.vocab_feed,
+            TOP_K: np.array([min(k, len(self.vocab_feed))], np.int64),
+            **dict(zip(self.cross_names, self.cross)),
+        }
         bind = lambda session: bind_in_place(session, feeds, alone, n, host_outputs)  # noqa: E731
-        found = self.sessions.run_step(bind, n).get_outputs()[-len(host_outputs):]
+        found = self.sessions.run_step(bind, n).get_outputs()[-len(host_outputs) :]
         for buffer, written in zip(self.buffers, alone):
             buffer[: n * K, :, 0] = np.repeat(written[:, :, 0], K, axis=0)
         self.length = 1
         return [np.repeat(value.numpy(), K, axis=0) for value in found]
 
-    def _bind(self, session: ort.InferenceSession, step_feeds: dict[str, np.ndarray],
-              host_outputs: list[str]) -> ort.IOBinding:
+    def _bind(
+        self, session: ort.InferenceSession, step_feeds: dict[str, np.ndarray], host_outputs: list[str]
+    ) -> ort.IOBinding:
         """The session's binding: made whole when the rows, buffers or session changed (select, _grow),
         else the last one with this step's feeds rebound (~30 bindings fewer per step)."""
         key = (id(session), len(step_feeds[TOKENS]), self.buffers[0].shape[2], tuple(host_outputs))
@@ -133,8 +156,12 @@ class StepCache(HostCache):
             for name in host_outputs:  # unallocated again: top_k may differ from the last step's
                 binding.bind_output(name)
             return binding
-        fixed = {BEAM_WIDTH: np.array([self.beam], np.int32), "src_mask": self.src_mask, VOCAB_IDS: self.vocab_feed,
-                 **dict(zip(self.cross_names, self.cross))}
+        fixed = {
+            BEAM_WIDTH: np.array([self.beam], np.int32),
+            "src_mask": self.src_mask,
+            VOCAB_IDS: self.vocab_feed,
+            **dict(zip(self.cross_names, self.cross)),
+        }
         binding = bind_in_place(session, {**fixed, **step_feeds}, self.buffers, len(step_feeds[TOKENS]), host_outputs)
         self._bound = (key, binding, fixed)  # `fixed` keeps the bound arrays alive
         return binding

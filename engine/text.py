@@ -39,14 +39,19 @@ _HARD_BREAK = re.compile(r"(?:\r\n|[\n\r\u2028\u2029]|\\[nrt])+")
 # word that starts sentences, capitalised right after a lower-case word that cannot end one, and
 # followed by a lower-case word, starts a new sentence. Of Multi30k's 29,000 training captions it
 # splits one that sentencex keeps whole ("A black Dog, in a Alley maybe, He might be lost, ...").
-_RUN_ON = re.compile(r"(?<=[a-z,] )(?=(?:A|An|The|This|These|Those|There|Two|Three|Four|Five|Six|Several|Many|Some"
-                     r"|One|He|She|They|We|It) [a-z])")
+_RUN_ON = re.compile(
+    r"(?<=[a-z,] )(?=(?:A|An|The|This|These|Those|There|Two|Three|Four|Five|Six|Several|Many|Some"
+    r"|One|He|She|They|We|It) [a-z])"
+)
 _NO_END = frozenset("the a an of in on at to for with by and or from as is are was were".split())
 
 
 def _run_on_cuts(sentence: str) -> list[int]:
-    return [m.start() for m in _RUN_ON.finditer(sentence)
-            if _word_before(sentence, m.start() - 1).strip(",").lower() not in _NO_END]
+    return [
+        m.start()
+        for m in _RUN_ON.finditer(sentence)
+        if _word_before(sentence, m.start() - 1).strip(",").lower() not in _NO_END
+    ]
 
 
 def _word_before(text: str, end: int) -> str:
@@ -165,8 +170,9 @@ def prepare(text: str, options: TextOptions, lang: str = "en") -> PreparedText:
     return PreparedText(text, tuple(bounds), tuple(sentences))
 
 
-def prepare_sentence(sentence: str, options: TextOptions, matches: list[tuple[int, int, int]] | None = None
-                     ) -> Sentence:
+def prepare_sentence(
+    sentence: str, options: TextOptions, matches: list[tuple[int, int, int]] | None = None
+) -> Sentence:
     """Spans are masked first, so that neither the case rules nor the model touch them."""
     masked, spans = mask_spans(sentence, matches) if options.protect_spans else (sentence, [])
     if not any(c.isalpha() for c in masked):  # invisible characters only (U+200B, NUL, ...): blank
@@ -181,8 +187,9 @@ def prepare_sentence(sentence: str, options: TextOptions, matches: list[tuple[in
     return Sentence(re.sub(r"\s{2,}", " ", source).strip(), case, tuple(placed))
 
 
-def split_sentences(text: str, lang: str = "en", matches: list[tuple[int, int, int]] | None = None
-                    ) -> list[tuple[int, int]]:
+def split_sentences(
+    text: str, lang: str = "en", matches: list[tuple[int, int, int]] | None = None
+) -> list[tuple[int, int]]:
     """[start, end) of each sentence, whitespace excluded: everything between them is a separator."""
     bounds: list[tuple[int, int]] = []
     line_start = 0
@@ -241,8 +248,12 @@ def _spans(text: str) -> Iterator[tuple[int, int, int]]:
         for match in _SPANS.finditer(text, cursor):
             end = match.end()
             yield match.start(), end, match.lastindex or 0
-            if end < len(text) and _in_local_part(text[end - 1]) and _in_local_part(text[end]) \
-                    and not _URL.match(text, end):  # a URL comes first, the address second
+            if (
+                end < len(text)
+                and _in_local_part(text[end - 1])
+                and _in_local_part(text[end])
+                and not _URL.match(text, end)
+            ):  # a URL comes first, the address second
                 if end >= run_end:  # past the run scanned last
                     run_end = _LOCAL_PART.match(text, end).end()  # type: ignore[union-attr]
                     domain = _DOMAIN.match(text, run_end)
@@ -277,9 +288,11 @@ def normalize_case(sentence: str, case: Case) -> str:
     if case is Case.AS_IS:
         return sentence
     if case is Case.TITLE:  # keep words that are not plain Capitalised (NASA, iPhone)
-        lowered = re.sub(r"\b([^\W\d_])([^\W\d_]*)\b",
-                         lambda m: m.group(0).lower() if m.group(2).islower() or not m.group(2) else m.group(0),
-                         sentence)
+        lowered = re.sub(
+            r"\b([^\W\d_])([^\W\d_]*)\b",
+            lambda m: m.group(0).lower() if m.group(2).islower() or not m.group(2) else m.group(0),
+            sentence,
+        )
     else:
         lowered = sentence.lower()
     lowered = re.sub(r"\bi\b", "I", lowered)
@@ -332,7 +345,7 @@ def put_spans_back(translation: str, spans: tuple[tuple[str, str, float], ...]) 
         names = "|".join(re.escape(p) for p in index)
         for match in re.finditer(rf"(?<!\w)(?:{names})(?!\w)", translation, re.IGNORECASE):
             i = index[match.group(0).lower()]
-            before = translation[cursor:match.start()]
+            before = translation[cursor : match.start()]
             if i in found:  # a later copy goes, and one whitespace character before it
                 out.append(before[:-1] if before[-1:].isspace() else before)
             else:
@@ -395,9 +408,13 @@ def _fill(text: str, insertions: list[tuple[int, str, list[int]]], spans: list[s
     """`text` with each marker replaced by its span and `insertions` made, in one pass."""
     if insertions and insertions[0][1] == "alone":
         return (" ".join(spans[i] for i in insertions[0][2]) + " " + _fill(text, [], spans).strip()).strip()
-    events = sorted([(m.start(), 1, m.end(), spans[ord(m.group(1)) - 0xE100]) for m in _MARKERS.finditer(text)] +
-                    [(offset, 0, offset, "".join(spans[i] + " " if how == "before" else " " + spans[i]
-                                                 for i in indices)) for offset, how, indices in insertions])
+    events = sorted(
+        [(m.start(), 1, m.end(), spans[ord(m.group(1)) - 0xE100]) for m in _MARKERS.finditer(text)]
+        + [
+            (offset, 0, offset, "".join(spans[i] + " " if how == "before" else " " + spans[i] for i in indices))
+            for offset, how, indices in insertions
+        ]
+    )
     out, cursor = [], 0
     for start, _, end, piece in events:
         out += [text[cursor:start], piece]
@@ -423,7 +440,7 @@ def degenerate(source: str, output: str) -> str | None:
             if all(words[start + j * n : start + (j + 1) * n] == words[start : start + n] for j in range(1, 4)):
                 looped = " ".join(words[start : start + n] * 4)
                 if looped not in allowed and looped not in source_words:
-                    return f"{' '.join(words[start:start + n])!r} 4 times in a row"
+                    return f"{' '.join(words[start : start + n])!r} 4 times in a row"
                 allowed.add(looped)  # the source loops so: each loop looked up once
     for match in _LOOP.finditer(output):
         if match.group(1) * 4 not in source:

@@ -63,8 +63,9 @@ class Prepared:
     def sentence_count(self) -> int:
         return sum(len(t.sentences) for t in self.texts if t is not None)
 
-    def finish(self, detokenize: Callable[[list[list[int]]], list[str]], found: list[list[Hypothesis]],
-               n_best: int) -> list[list[Translation]]:
+    def finish(
+        self, detokenize: Callable[[list[list[int]]], list[str]], found: list[list[Hypothesis]], n_best: int
+    ) -> list[list[Translation]]:
         """n_best translations per text from each source's hypotheses (ask the search for all of its
         beam: degenerate ones are dropped here). The k-th joins every sentence's k-th best (its last
         when it has fewer); tokens and scores add up over the sentences. A sentence whose every
@@ -95,12 +96,17 @@ class Prepared:
         return results
 
     @staticmethod
-    def _join(prepared: PreparedText, hyps: dict[int, list[Hypothesis]], k: int,
-              decoded: dict[int, str | None]) -> Translation:
+    def _join(
+        prepared: PreparedText, hyps: dict[int, list[Hypothesis]], k: int, decoded: dict[int, str | None]
+    ) -> Translation:
         chosen = {i: h[min(k, len(h) - 1)] for i, h in hyps.items()}
         text = prepared.finish([decoded[id(chosen[i])] if i in chosen else "" for i in range(len(prepared.sentences))])
-        return Translation(text, sum(len(h.tokens) for h in chosen.values()), sum(h.score for h in chosen.values()),
-                           sum(h.normalized_score for h in chosen.values()))
+        return Translation(
+            text,
+            sum(len(h.tokens) for h in chosen.values()),
+            sum(h.score for h in chosen.values()),
+            sum(h.normalized_score for h in chosen.values()),
+        )
 
 
 def _most(hyps: dict[int, list[Hypothesis]]) -> int:
@@ -157,8 +163,9 @@ class Translator:
     def prepare(self, texts: list[str], options: TextOptions) -> Prepared:
         return prepare_texts(self, texts, options)
 
-    def translate(self, texts: list[str], options: DecodeOptions,
-                  text_options: TextOptions = TextOptions()) -> list[list[Translation]]:
+    def translate(
+        self, texts: list[str], options: DecodeOptions, text_options: TextOptions = TextOptions()
+    ) -> list[list[Translation]]:
         """n_best translations per text, best first, in input order; each text's sentences are
         decoded together with every other text's (one search), then joined back."""
         if not texts:
@@ -174,13 +181,20 @@ def prepare_texts(translator: Translator, texts: list[str], options: TextOptions
     gets an empty translation without the engine, as the server answers it: the model would invent one."""
     lang = translator.info.src_lang or "en"
     prepared = [prepare(text, options, lang) if text.strip() else None for text in texts]
-    wanted = [(t, s) for t, p in enumerate(prepared) if p is not None
-              for s, sentence in enumerate(p.sentences) if sentence.source]
+    wanted = [
+        (t, s)
+        for t, p in enumerate(prepared)
+        if p is not None
+        for s, sentence in enumerate(p.sentences)
+        if sentence.source
+    ]
     tokens = translator.tokenize([prepared[t].sentences[s].source for t, s in wanted]) if wanted else []  # type: ignore[union-attr]
     kept = [(owner, source) for owner, source in zip(wanted, tokens) if source]
     translated = {text for (text, _), _ in kept}
-    texts_out = [p if p is not None and (i in translated or any(s.verbatim for s in p.sentences)) else None
-                 for i, p in enumerate(prepared)]  # nothing to translate or keep: blank
+    texts_out = [
+        p if p is not None and (i in translated or any(s.verbatim for s in p.sentences)) else None
+        for i, p in enumerate(prepared)
+    ]  # nothing to translate or keep: blank
     return Prepared(texts_out, [source for _, source in kept], [owner for owner, _ in kept])
 
 

@@ -59,8 +59,13 @@ class _Held(threading.local):
 class EngineTurns:
     """A budget of `cores` threads shared by the engine steps of several models (thread-safe)."""
 
-    def __init__(self, cores: int | None = None, quantum_s: float = QUANTUM_S,
-                 clock: Callable[[], float] = time.monotonic, on_wait: Callable[[float], None] | None = None):
+    def __init__(
+        self,
+        cores: int | None = None,
+        quantum_s: float = QUANTUM_S,
+        clock: Callable[[], float] = time.monotonic,
+        on_wait: Callable[[float], None] | None = None,
+    ):
         if quantum_s <= 0:
             raise ValueError(f"quantum_s must be > 0, got {quantum_s}")
         self.cores = cores or os.cpu_count() or 1
@@ -145,8 +150,10 @@ class EngineTurns:
         """A holder's next step: keep (fitting its threads to `want`), or False: give them all back first."""
         with self._cond:
             now = self._clock()
-            if any((now - w.since >= self.quantum_s or w.rows * SMALLER <= rows) and not self._fits(w)
-                   for w in self._waiting):
+            if any(
+                (now - w.since >= self.quantum_s or w.rows * SMALLER <= rows) and not self._fits(w)
+                for w in self._waiting
+            ):
                 return False
             if want > claim.threads and not (shrinks and claim.threads == 1):
                 if self._waiting or self._free < want - claim.threads:
@@ -167,9 +174,15 @@ class EngineTurns:
         """Hand free threads to the waiting steps in order (under the lock); the first that does not fit
         stops the others."""
         now = self._clock()
-        order = sorted(self._waiting, key=lambda w: (now - w.since < self.quantum_s,
-                                                     w.since if now - w.since >= self.quantum_s else 0.0,
-                                                     w.rows, w.since))
+        order = sorted(
+            self._waiting,
+            key=lambda w: (
+                now - w.since < self.quantum_s,
+                w.since if now - w.since >= self.quantum_s else 0.0,
+                w.rows,
+                w.since,
+            ),
+        )
         granted = False
         for claim in order:
             threads = claim.want if self._free >= claim.want else 1 if claim.shrinks and self._free else 0

@@ -1,9 +1,9 @@
 """nmt-export: a training checkpoint -> a model bundle; or verify an existing bundle.
 
-    nmt-export CHECKPOINT OUT [--variants fp32-cpu,int8-cpu,fp16-cuda | --no-optimize]
-               [--attention onnx|mha|none] [--data-dir DIR] [--parity-limit N] [--quiet] [--force]
-               [--no-shortlist | --shortlist-corpus SRC TGT]
-    nmt-export --verify BUNDLE
+nmt-export CHECKPOINT OUT [--variants fp32-cpu,int8-cpu,fp16-cuda | --no-optimize]
+           [--attention onnx|mha|none] [--data-dir DIR] [--parity-limit N] [--quiet] [--force]
+           [--no-shortlist | --shortlist-corpus SRC TGT]
+nmt-export --verify BUNDLE
 """
 
 from __future__ import annotations
@@ -28,22 +28,37 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", nargs="?", help="training checkpoint directory")
     parser.add_argument("out", nargs="?", help="bundle directory to write")
     parser.add_argument("--verify", metavar="BUNDLE", help="only verify the sha256 of every file in BUNDLE")
-    parser.add_argument("--attention", choices=fuse.ATTENTION_FORMS, default=fuse.DEFAULT_FORM,
-                        help="attention op (onnx: ONNX Attention-23; mha: ORT MultiHeadAttention; none: unfused)")
+    parser.add_argument(
+        "--attention",
+        choices=fuse.ATTENTION_FORMS,
+        default=fuse.DEFAULT_FORM,
+        help="attention op (onnx: ONNX Attention-23; mha: ORT MultiHeadAttention; none: unfused)",
+    )
     which = parser.add_mutually_exclusive_group()
-    which.add_argument("--variants", default="all", metavar="LIST",
-                       help=f"comma-separated variants to write besides fp32 ({', '.join(VARIANTS[1:])}); default: all")
+    which.add_argument(
+        "--variants",
+        default="all",
+        metavar="LIST",
+        help=f"comma-separated variants to write besides fp32 ({', '.join(VARIANTS[1:])}); default: all",
+    )
     which.add_argument("--no-optimize", action="store_true", help="write only the portable fp32 graphs")
     parser.add_argument("--no-validate", action="store_true", help="skip the parity checks")
     parser.add_argument("--sentences", type=Path, help="parity source sentences, one a line (no BLEU)")
-    parser.add_argument("--data-dir", help="Multi30k directory: parity on test_2016_flickr (default: $NMT_DATA_DIR; "
-                                           "without one, a few built-in sentences)")
+    parser.add_argument(
+        "--data-dir",
+        help="Multi30k directory: parity on test_2016_flickr (default: $NMT_DATA_DIR; "
+        "without one, a few built-in sentences)",
+    )
     parser.add_argument("--parity-limit", type=int, metavar="N", help="check only the first N parity sentences")
     parser.add_argument("--max-len-extra", type=int, default=50, help="greedy length limit in the parity check")
     shortlist = parser.add_mutually_exclusive_group()
     shortlist.add_argument("--no-shortlist", action="store_true", help="write no vocabulary shortlist")
-    shortlist.add_argument("--shortlist-corpus", nargs=2, metavar=("SRC", "TGT"),
-                           help="parallel text for the vocabulary shortlist (default: Multi30k train in --data-dir)")
+    shortlist.add_argument(
+        "--shortlist-corpus",
+        nargs=2,
+        metavar=("SRC", "TGT"),
+        help="parallel text for the vocabulary shortlist (default: Multi30k train in --data-dir)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     return parser
@@ -57,11 +72,18 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     if args.sentences:
         sentences = tuple(line for line in args.sentences.read_text().splitlines() if line.strip())
     variants = (FP32,) if args.no_optimize else parse_variants(args.variants)
-    return ExportOptions(attention=args.attention, variants=variants, validate=not args.no_validate,
-                         sentences=sentences, data_dir=args.data_dir, parity_limit=args.parity_limit,
-                         max_len_extra=args.max_len_extra, progress=not args.quiet,
-                         shortlist=not args.no_shortlist,
-                         shortlist_corpus=tuple(args.shortlist_corpus) if args.shortlist_corpus else None)
+    return ExportOptions(
+        attention=args.attention,
+        variants=variants,
+        validate=not args.no_validate,
+        sentences=sentences,
+        data_dir=args.data_dir,
+        parity_limit=args.parity_limit,
+        max_len_extra=args.max_len_extra,
+        progress=not args.quiet,
+        shortlist=not args.no_shortlist,
+        shortlist_corpus=tuple(args.shortlist_corpus) if args.shortlist_corpus else None,
+    )
 
 
 def _verify(bundle_dir: str) -> int:

@@ -87,18 +87,24 @@ def _branch_on_full_vocabulary(graph: onnx.GraphProto, vocab_size: int) -> None:
         graph.node.remove(node)
     position = list(graph.node).index(softmax)
     logits, attributes = gemm.output[0], {a.name: helper.get_attribute_value(a) for a in gemm.attribute}
-    full = helper.make_node("Gemm", [gemm.input[0], gather.input[0]], [f"{PREFIX}full_logits"],
-                            f"{PREFIX}full_projection", **attributes)
+    full = helper.make_node(
+        "Gemm", [gemm.input[0], gather.input[0]], [f"{PREFIX}full_logits"], f"{PREFIX}full_projection", **attributes
+    )
     gemm.output[0] = f"{PREFIX}shortlist_logits"
     logits_info = lambda name: helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", "vocab"])  # noqa: E731
     branch = helper.make_node(
-        "If", [f"{PREFIX}is_full"], [logits], f"{PREFIX}projection",
+        "If",
+        [f"{PREFIX}is_full"],
+        [logits],
+        f"{PREFIX}projection",
         then_branch=helper.make_graph([full], "full_vocabulary", [], [logits_info(f"{PREFIX}full_logits")]),
-        else_branch=helper.make_graph(traced, "shortlist", [], [logits_info(f"{PREFIX}shortlist_logits")]))
+        else_branch=helper.make_graph(traced, "shortlist", [], [logits_info(f"{PREFIX}shortlist_logits")]),
+    )
     graph.initializer.append(numpy_helper.from_array(np.array([vocab_size], dtype=np.int64), f"{PREFIX}vocab_size"))
-    condition = [helper.make_node("Shape", [VOCAB_IDS], [f"{PREFIX}scored"], f"{PREFIX}scored"),
-                 helper.make_node("Equal", [f"{PREFIX}scored", f"{PREFIX}vocab_size"], [f"{PREFIX}is_full"],
-                                  f"{PREFIX}is_full")]
+    condition = [
+        helper.make_node("Shape", [VOCAB_IDS], [f"{PREFIX}scored"], f"{PREFIX}scored"),
+        helper.make_node("Equal", [f"{PREFIX}scored", f"{PREFIX}vocab_size"], [f"{PREFIX}is_full"], f"{PREFIX}is_full"),
+    ]
     for offset, node in enumerate([*condition, branch]):
         graph.node.insert(position + offset, node)
 
@@ -115,6 +121,7 @@ def _block_top_k(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
     When BLOCK does not divide V' (a shortlist), the last block is padded with -inf first (a copy of
     log_probs; log_probs are finite, so padding never ranks above a token); the full vocabulary of
     the models here (8000) needs none."""
+
     def const(name: str, value) -> str:
         graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.int64), f"{PREFIX}{name}"))
         return f"{PREFIX}{name}"
@@ -125,14 +132,16 @@ def _block_top_k(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
     rows_blocks_block, rows_any = const("rows_blocks_block", [0, -1, BLOCK]), const("rows_any", [0, -1])
     in_block = const("in_block", np.arange(BLOCK))
     graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), n("minus_inf")))
-    sizes = [node("Shape", ["log_probs"], [n("scored_width")], start=1, end=2),
-             node("Add", [n("scored_width"), const("block_minus_one", [BLOCK - 1])], [n("ceil_numerator")]),
-             node("Div", [n("ceil_numerator"), block], [n("blocks")]),
-             node("Mul", [n("blocks"), block], [n("padded_width")]),
-             node("Sub", [n("padded_width"), n("scored_width")], [n("pad")]),
-             node("Equal", [n("pad"), zero], [n("divisible_1d")]),
-             node("Squeeze", [n("divisible_1d")], [n("divisible")]),
-             node("Min", [TOP_K, n("blocks")], [n("top_blocks")])]
+    sizes = [
+        node("Shape", ["log_probs"], [n("scored_width")], start=1, end=2),
+        node("Add", [n("scored_width"), const("block_minus_one", [BLOCK - 1])], [n("ceil_numerator")]),
+        node("Div", [n("ceil_numerator"), block], [n("blocks")]),
+        node("Mul", [n("blocks"), block], [n("padded_width")]),
+        node("Sub", [n("padded_width"), n("scored_width")], [n("pad")]),
+        node("Equal", [n("pad"), zero], [n("divisible_1d")]),
+        node("Squeeze", [n("divisible_1d")], [n("divisible")]),
+        node("Min", [TOP_K, n("blocks")], [n("top_blocks")]),
+    ]
 
     def stages(source: str, tag: str) -> list[onnx.NodeProto]:
         t = lambda name: n(f"{tag}/{name}")  # noqa: E731
@@ -149,25 +158,43 @@ def _block_top_k(graph: onnx.GraphProto, name: str) -> onnx.NodeProto:
             node("Reshape", [t("candidate_ids_3d"), rows_any], [t("candidate_ids")]),
             node("GatherElements", [source, t("candidate_ids")], [t("candidates")], axis=1),
             node("TopK", [t("candidates"), TOP_K], [t("values"), t("position")], axis=-1),
-            node("GatherElements", [t("candidate_ids"), t("position")], [t("index")], axis=1)]
+            node("GatherElements", [t("candidate_ids"), t("position")], [t("index")], axis=1),
+        ]
 
     def outputs(tag: str) -> list[onnx.ValueInfoProto]:
-        return [helper.make_tensor_value_info(n(f"{tag}/values"), TensorProto.FLOAT, ["batch", TOP_K]),
-                helper.make_tensor_value_info(n(f"{tag}/index"), TensorProto.INT64, ["batch", TOP_K])]
+        return [
+            helper.make_tensor_value_info(n(f"{tag}/values"), TensorProto.FLOAT, ["batch", TOP_K]),
+            helper.make_tensor_value_info(n(f"{tag}/index"), TensorProto.INT64, ["batch", TOP_K]),
+        ]
 
-    pad = [node("Concat", [zero, zero, zero, n("pad")], [n("pads")], axis=0),
-           node("Pad", ["log_probs", n("pads"), n("minus_inf")], [n("padded")])]
-    by_width = node("If", [n("divisible")], [n("two_stage/values"), n("two_stage/index")], n("by_width"),
-                    then_branch=helper.make_graph(stages("log_probs", "whole"), "whole_blocks", [], outputs("whole")),
-                    else_branch=helper.make_graph(pad + stages(n("padded"), "padded"), "padded_blocks", [],
-                                                  outputs("padded")))
+    pad = [
+        node("Concat", [zero, zero, zero, n("pad")], [n("pads")], axis=0),
+        node("Pad", ["log_probs", n("pads"), n("minus_inf")], [n("padded")]),
+    ]
+    by_width = node(
+        "If",
+        [n("divisible")],
+        [n("two_stage/values"), n("two_stage/index")],
+        n("by_width"),
+        then_branch=helper.make_graph(stages("log_probs", "whole"), "whole_blocks", [], outputs("whole")),
+        else_branch=helper.make_graph(pad + stages(n("padded"), "padded"), "padded_blocks", [], outputs("padded")),
+    )
     plain = node("TopK", ["log_probs", TOP_K], [n("plain/values"), n("plain/index")], axis=-1)
     graph.initializer.append(numpy_helper.from_array(np.array([0], dtype=np.int64), n("no_k")))
-    graph.node.extend([node("Greater", [TOP_K, n("no_k")], [n("wants_top_1d")]),
-                       node("Squeeze", [n("wants_top_1d")], [n("wants_top")])])
-    return node("If", [n("wants_top")], [TOP_LOG_PROBS, n("index")], name,
-                then_branch=helper.make_graph([*sizes, by_width], "block_top_k", [], outputs("two_stage")),
-                else_branch=helper.make_graph([plain], "no_top_k", [], outputs("plain")))
+    graph.node.extend(
+        [
+            node("Greater", [TOP_K, n("no_k")], [n("wants_top_1d")]),
+            node("Squeeze", [n("wants_top_1d")], [n("wants_top")]),
+        ]
+    )
+    return node(
+        "If",
+        [n("wants_top")],
+        [TOP_LOG_PROBS, n("index")],
+        name,
+        then_branch=helper.make_graph([*sizes, by_width], "block_top_k", [], outputs("two_stage")),
+        else_branch=helper.make_graph([plain], "no_top_k", [], outputs("plain")),
+    )
 
 
 def add_top_k(model: onnx.ModelProto, vocab_size: int, blocks: bool = False) -> None:
@@ -178,23 +205,33 @@ def add_top_k(model: onnx.ModelProto, vocab_size: int, blocks: bool = False) -> 
     outputs = [o.name for o in graph.output]
     assert outputs[0] == "log_probs" and VOCAB_IDS in [i.name for i in graph.input], outputs
     graph.input.append(helper.make_tensor_value_info(TOP_K, TensorProto.INT64, [1]))
-    graph.initializer.extend([numpy_helper.from_array(np.arange(vocab_size, dtype=np.int64), VOCAB_IDS),
-                              numpy_helper.from_array(np.array([DEFAULT_TOP_K], dtype=np.int64), TOP_K),
-                              numpy_helper.from_array(np.array(EOS_ID, dtype=np.int64), f"{PREFIX}eos_id")])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.arange(vocab_size, dtype=np.int64), VOCAB_IDS),
+            numpy_helper.from_array(np.array([DEFAULT_TOP_K], dtype=np.int64), TOP_K),
+            numpy_helper.from_array(np.array(EOS_ID, dtype=np.int64), f"{PREFIX}eos_id"),
+        ]
+    )
     top_name, ids_name, eos_name = node_names()
     if blocks:
         top = _block_top_k(graph, top_name)
     else:
         top = helper.make_node("TopK", ["log_probs", TOP_K], [TOP_LOG_PROBS, f"{PREFIX}index"], top_name, axis=-1)
-    graph.node.extend([
-        top,
-        helper.make_node("Gather", [VOCAB_IDS, f"{PREFIX}index"], [TOP_IDS], ids_name, axis=0),
-        # vocab_ids is ascending with 0..3 in it, so EOS's column is EOS_ID; a scalar index drops the axis.
-        helper.make_node("Gather", ["log_probs", f"{PREFIX}eos_id"], [EOS_LOG_PROBS], eos_name, axis=1),
-    ])
-    graph.output.extend([helper.make_tensor_value_info(TOP_LOG_PROBS, TensorProto.FLOAT, ["batch", TOP_K]),
-                         helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, ["batch", TOP_K]),
-                         helper.make_tensor_value_info(EOS_LOG_PROBS, TensorProto.FLOAT, ["batch"])])
+    graph.node.extend(
+        [
+            top,
+            helper.make_node("Gather", [VOCAB_IDS, f"{PREFIX}index"], [TOP_IDS], ids_name, axis=0),
+            # vocab_ids is ascending with 0..3 in it, so EOS's column is EOS_ID; a scalar index drops the axis.
+            helper.make_node("Gather", ["log_probs", f"{PREFIX}eos_id"], [EOS_LOG_PROBS], eos_name, axis=1),
+        ]
+    )
+    graph.output.extend(
+        [
+            helper.make_tensor_value_info(TOP_LOG_PROBS, TensorProto.FLOAT, ["batch", TOP_K]),
+            helper.make_tensor_value_info(TOP_IDS, TensorProto.INT64, ["batch", TOP_K]),
+            helper.make_tensor_value_info(EOS_LOG_PROBS, TensorProto.FLOAT, ["batch"]),
+        ]
+    )
     # log_probs has V' columns: the vocabulary size is stated apart (engine/runtime.py reads it).
     props = {p.key: p.value for p in model.metadata_props}
     helper.set_model_props(model, {**props, VOCAB_SIZE_KEY: str(vocab_size)})

@@ -84,8 +84,9 @@ class Progress:
     def __init__(self, total: int, enabled: bool, stream: TextIO | None = None):
         stream = stream if stream is not None else sys.stderr
         self.enabled = enabled and stream.isatty()
-        self.bar = tqdm(total=total, desc="export", unit="step", file=stream, disable=not self.enabled,
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, desc="export", unit="step", file=stream, disable=not self.enabled, dynamic_ncols=True
+        )
 
     @contextmanager
     def step(self, label: str) -> Iterator[None]:
@@ -121,8 +122,13 @@ class DecoderGraph(nn.Module):
         self.model = model
 
     def forward(
-        self, tgt_ids: torch.Tensor, src_mask: torch.Tensor, past: list[torch.Tensor], cross: list[torch.Tensor],
-        past_mask: torch.Tensor, vocab_ids: torch.Tensor,
+        self,
+        tgt_ids: torch.Tensor,
+        src_mask: torch.Tensor,
+        past: list[torch.Tensor],
+        cross: list[torch.Tensor],
+        past_mask: torch.Tensor,
+        vocab_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         states, present = self.model.decoder_states(tgt_ids, _pairs(cross), src_mask, _pairs(past), past_mask)
         log_probs = decoder_head.log_probs(self.model, states[:, -1], vocab_ids)  # (B, V'); top-k: add_top_k
@@ -142,21 +148,40 @@ def _example_inputs(model: Transformer) -> tuple[tuple[torch.Tensor, ...], tuple
     tgt = torch.randint(4, cfg.vocab_size, (B, T), generator=generator)
     past_mask = torch.ones(B, P + T, dtype=torch.bool)
     past_mask[1, : P - 2] = False  # a row that joined later: padded cache slots in front
-    return (src, src_mask), (tgt, src_mask, [kv(P) for _ in range(n)], [kv(S) for _ in range(n)], past_mask,
-                             decoder_head.example_vocab_ids(cfg.vocab_size))
+    return (src, src_mask), (
+        tgt,
+        src_mask,
+        [kv(P) for _ in range(n)],
+        [kv(S) for _ in range(n)],
+        past_mask,
+        decoder_head.example_vocab_ids(cfg.vocab_size),
+    )
 
 
-def _export(module: nn.Module, args: tuple[Any, ...], dynamic_shapes: tuple[Any, ...],
-            names: tuple[list[str], list[str]], form: str, path: Path) -> onnx.ModelProto:
+def _export(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    dynamic_shapes: tuple[Any, ...],
+    names: tuple[list[str], list[str]],
+    form: str,
+    path: Path,
+) -> onnx.ModelProto:
     """One torch.onnx.export (dynamo) call, saved as a single file."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" per op
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # axis-renaming and deprecation chatter
             program = torch.onnx.export(
-                module.eval(), args, dynamic_shapes=dynamic_shapes, input_names=names[0], output_names=names[1],
-                opset_version=fuse.opset_for(form), custom_translation_table=fuse.translation_table(form),
-                dynamo=True, optimize=True, verbose=False,
+                module.eval(),
+                args,
+                dynamic_shapes=dynamic_shapes,
+                input_names=names[0],
+                output_names=names[1],
+                opset_version=fuse.opset_for(form),
+                custom_translation_table=fuse.translation_table(form),
+                dynamo=True,
+                optimize=True,
+                verbose=False,
             )
     except Exception as e:  # the exporter raises many types; keep the cause
         raise ExportError(f"torch.onnx.export failed for {path.name}: {e}") from e
@@ -202,9 +227,14 @@ def export_decoder(model: Transformer, path: Path, attention: str = fuse.DEFAULT
     _, args = _example_inputs(model)
     axes, L = _axes(), model.cfg.n_decoder_layers
     kv_past, kv_src = {0: axes["batch"], 2: axes["past_len"]}, {0: axes["batch"], 2: axes["src_len"]}
-    shapes = ({0: axes["batch"], 1: axes["tgt_len"]}, {0: axes["batch"], 1: axes["src_len"]},
-              [kv_past] * 2 * L, [kv_src] * 2 * L, {0: axes["batch"], 1: _total_len(axes)},
-              {0: torch.export.Dim("vocab")})
+    shapes = (
+        {0: axes["batch"], 1: axes["tgt_len"]},
+        {0: axes["batch"], 1: axes["src_len"]},
+        [kv_past] * 2 * L,
+        [kv_src] * 2 * L,
+        {0: axes["batch"], 1: _total_len(axes)},
+        {0: torch.export.Dim("vocab")},
+    )
     names = ([*bundle.decoder_inputs(L), bundle.VOCAB_IDS], bundle.decoder_outputs(L))
     decoder = _export(DecoderGraph(model), args, shapes, names, attention, path)
     _name_axis(decoder, bundle.PAST_MASK, 1, "past_len + tgt_len", path)  # the exporter's own name: "s22"
@@ -216,12 +246,15 @@ def export_decoder(model: Transformer, path: Path, attention: str = fuse.DEFAULT
 
 def export_graphs(model: Transformer, out_dir: Path, attention: str = fuse.DEFAULT_FORM) -> dict[str, onnx.ModelProto]:
     """Write encoder.onnx and decoder.onnx into `out_dir`."""
-    return {bundle.ENCODER: export_encoder(model, out_dir / bundle.ENCODER, attention),
-            bundle.DECODER: export_decoder(model, out_dir / bundle.DECODER, attention)}
+    return {
+        bundle.ENCODER: export_encoder(model, out_dir / bundle.ENCODER, attention),
+        bundle.DECODER: export_decoder(model, out_dir / bundle.DECODER, attention),
+    }
 
 
-def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, force: bool = False,
-                      options: ExportOptions | None = None) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint_dir: str | Path, out_dir: str | Path, force: bool = False, options: ExportOptions | None = None
+) -> dict[str, Any]:
     """Export a training checkpoint to a bundle directory with every selected variant; returns
     the manifest. Nothing is written to `out_dir` unless every step (parity included) passed."""
     options = options or ExportOptions()
@@ -263,15 +296,23 @@ def _shortlist(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions) 
     if not options.shortlist:
         return {"skipped": "disabled (--no-shortlist)"}
     config = loaded.config
-    return shortlist_.write(staging, loaded.tokenizer, loaded.model.cfg.vocab_size, config["src_lang"],
-                            config["tgt_lang"], options.shortlist_corpus, options.data_dir)
+    return shortlist_.write(
+        staging,
+        loaded.tokenizer,
+        loaded.model.cfg.vocab_size,
+        config["src_lang"],
+        config["tgt_lang"],
+        options.shortlist_corpus,
+        options.data_dir,
+    )
 
 
 def _parity(loaded: LoadedCheckpoint, staging: Path, options: ExportOptions, progress: Progress) -> dict[str, Any]:
     """Every variant written, exact ones against torch, the others against fp32; one error for all."""
     config = loaded.config
-    found = parity_set(config["src_lang"], config["tgt_lang"], options.sentences, options.data_dir,
-                       options.parity_limit)
+    found = parity_set(
+        config["src_lang"], config["tgt_lang"], options.sentences, options.data_dir, options.parity_limit
+    )
     run = ParityRun(loaded.model, loaded.tokenizer, found, options.max_len_extra)
     for name in options.variants:
         spec = variants_.SPECS[name]
@@ -299,8 +340,9 @@ def _validated(name: str, parity: dict[str, Any]) -> dict[str, Any]:
     return verdict
 
 
-def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: ExportOptions,
-                     parity: dict[str, Any], staging: Path) -> dict[str, Any]:
+def _manifest_fields(
+    loaded: LoadedCheckpoint, checkpoint_dir: Path, options: ExportOptions, parity: dict[str, Any], staging: Path
+) -> dict[str, Any]:
     cfg = loaded.model.cfg
     return {
         "model": cfg.to_dict(),
@@ -309,8 +351,10 @@ def _manifest_fields(loaded: LoadedCheckpoint, checkpoint_dir: Path, options: Ex
         "special_ids": loaded.config["special_ids"],
         "tokenizer": bundle.TOKENIZER,
         "inference": loaded.inference.to_dict(),
-        "variants": {name: {**variants_.SPECS[name].manifest_entry(staging), "validated": _validated(name, parity)}
-                     for name in options.variants},
+        "variants": {
+            name: {**variants_.SPECS[name].manifest_entry(staging), "validated": _validated(name, parity)}
+            for name in options.variants
+        },
         "interface": bundle.graph_spec(cfg.n_decoder_layers),
         "attention": options.attention,
         "opset": fuse.opset_for(options.attention),

@@ -87,8 +87,12 @@ def _register_mha_schema() -> None:
         "MultiHeadAttention",
         MSFT_DOMAIN,
         1,
-        inputs=[param("query", "T", True), *(param(n, "T") for n in inputs), param("key_padding_mask", "M"),
-                param("attention_bias", "T")],
+        inputs=[
+            param("query", "T", True),
+            *(param(n, "T") for n in inputs),
+            param("key_padding_mask", "M"),
+            param("attention_bias", "T"),
+        ],
         outputs=[param("output", "T", True)],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[
@@ -106,8 +110,16 @@ def _check_sdpa_call(query: Any, dropout_p: float, is_causal: bool, scale: float
     assert len(query.shape) == 4, "query must be (B, H, T, d_head)"
 
 
-def sdpa_as_mha(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
-                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Any:
+def sdpa_as_mha(
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Any:
     """aten.scaled_dot_product_attention -> com.microsoft.MultiHeadAttention (trace mode)."""
     _check_sdpa_call(query, dropout_p, is_causal, scale)
     n_heads, d_head = query.shape[1], query.shape[3]
@@ -132,19 +144,30 @@ def sdpa_as_mha(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout
     return op.Transpose(op.Reshape(out, split), perm=[0, 2, 1, 3])
 
 
-def sdpa_as_onnx_attention(query: Any, key: Any, value: Any, attn_mask: Any = None, dropout_p: float = 0.0,
-                           is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Any:
+def sdpa_as_onnx_attention(
+    query: Any,
+    key: Any,
+    value: Any,
+    attn_mask: Any = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Any:
     """aten.scaled_dot_product_attention -> ONNX Attention-23 (same layout, bool mask as is)."""
     _check_sdpa_call(query, dropout_p, is_causal, scale)
     if attn_mask is None:
         return op23.Attention(query, key, value)[0]
     if len(attn_mask.shape) == 4 and attn_mask.shape[2] == 1:
         # ORT's kernel does not broadcast the mask over queries: (B, 1, 1, S) -> (B, 1, T, S).
-        shape = op.Concat(op.Shape(attn_mask, start=0, end=2), op.Shape(query, start=2, end=3),
-                          op.Shape(attn_mask, start=3, end=4), axis=0)
+        shape = op.Concat(
+            op.Shape(attn_mask, start=0, end=2),
+            op.Shape(query, start=2, end=3),
+            op.Shape(attn_mask, start=3, end=4),
+            axis=0,
+        )
         attn_mask = op.Expand(attn_mask, shape)
     return op23.Attention(query, key, value, attn_mask)[0]
-
 
 
 def translation_table(form: str) -> dict[Callable, Callable]:

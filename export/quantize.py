@@ -57,8 +57,9 @@ class _Feeds(CalibrationDataReader):
         return next(self.feeds, None)
 
 
-def _teacher_forced(graphs: OnnxGraphs, sources: list[list[int]],
-                    targets: list[list[int]]) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+def _teacher_forced(
+    graphs: OnnxGraphs, sources: list[list[int]], targets: list[list[int]]
+) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
     """("encoder" | "decoder", feeds) for each batch and each of its decoder steps, real past included."""
     L = graphs.n_layers
     for start in range(0, len(sources), CALIBRATION_BATCH):
@@ -72,9 +73,16 @@ def _teacher_forced(graphs: OnnxGraphs, sources: list[list[int]],
             prefix[row, 1 : len(tokens) + 1] = tokens
         for step in range(prefix.shape[1]):
             tokens = prefix[:, step : step + 1]
-            yield "decoder", {"tgt_ids": tokens, "src_mask": mask,
-                              bundle.PAST_MASK: np.ones((len(src), step + 1), bool),
-                              **dict(zip(bundle.past_names(L), past)), **dict(zip(bundle.cross_names(L), cross))}
+            yield (
+                "decoder",
+                {
+                    "tgt_ids": tokens,
+                    "src_mask": mask,
+                    bundle.PAST_MASK: np.ones((len(src), step + 1), bool),
+                    **dict(zip(bundle.past_names(L), past)),
+                    **dict(zip(bundle.cross_names(L), cross)),
+                },
+            )
             _, past = graphs.step(tokens, mask, past, cross)
 
 
@@ -88,13 +96,26 @@ def quantize_pair(bundle_dir: Path, out_dir: Path, sources: list[list[int]], tar
         feeds[role].append(feed)
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer's pre-processing hints
     for role, source in (("encoder", encoder), ("decoder", decoder)):
-        quantize_static(source, out_dir / f"{role}.qdq.onnx", _Feeds(feeds[role]), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["MatMul"], per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+        quantize_static(
+            source,
+            out_dir / f"{role}.qdq.onnx",
+            _Feeds(feeds[role]),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"],
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+        )
 
 
-def compare(pairs: dict[str, tuple[Path, Path]], sources: list[list[int]], references: list[str],
-            tokenizer: Tokenizer, batch: int = 32) -> dict[str, dict[str, float]]:
+def compare(
+    pairs: dict[str, tuple[Path, Path]],
+    sources: list[list[int]],
+    references: list[str],
+    tokenizer: Tokenizer,
+    batch: int = 32,
+) -> dict[str, dict[str, float]]:
     """Greedy over each pair, taking turns per batch: ms per sentence and BLEU."""
     cfg = RuntimeConfig(intra_op_threads=2)
     decoders = {name: Decoder(open_sessions(*paths, cfg=cfg)) for name, paths in pairs.items()}
@@ -105,9 +126,13 @@ def compare(pairs: dict[str, tuple[Path, Path]], sources: list[list[int]], refer
             found = decoder.search(sources[start : start + batch], DecodeOptions(beam_size=1))
             seconds[name] += time.perf_counter() - began
             outputs[name] += [hyps[0].tokens for hyps in found.hypotheses]
-    return {name: {"ms_per_sentence": 1e3 * seconds[name] / len(sources),
-                   "bleu": sacrebleu.corpus_bleu(tokenizer.decode(outputs[name]), [references]).score}
-            for name in decoders}
+    return {
+        name: {
+            "ms_per_sentence": 1e3 * seconds[name] / len(sources),
+            "bleu": sacrebleu.corpus_bleu(tokenizer.decode(outputs[name]), [references]).score,
+        }
+        for name in decoders
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     train = multi30k("train", src_lang, tgt_lang, args.data_dir)
     picks = np.random.default_rng(0).choice(len(train.src), min(args.calibration, len(train.src)), replace=False)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    quantize_pair(args.bundle, args.out_dir, tokenizer.encode([train.src[i] for i in picks]),
-                  tokenizer.encode([train.tgt[i] for i in picks]))
+    quantize_pair(
+        args.bundle,
+        args.out_dir,
+        tokenizer.encode([train.src[i] for i in picks]),
+        tokenizer.encode([train.tgt[i] for i in picks]),
+    )
     test = multi30k("test_2016_flickr", src_lang, tgt_lang, args.data_dir)
-    pairs = {"fp32-cpu": (args.bundle / bundle.ENCODER_CPU, args.bundle / bundle.DECODER_CPU),
-             "int8-cpu": (args.bundle / bundle.ENCODER_INT8, args.bundle / bundle.DECODER_INT8),
-             "int8 QDQ": (args.out_dir / "encoder.qdq.onnx", args.out_dir / "decoder.qdq.onnx")}
-    found = compare(pairs, tokenizer.encode(list(test.src[: args.sentences])), list(test.tgt[: args.sentences]),
-                    tokenizer)
+    pairs = {
+        "fp32-cpu": (args.bundle / bundle.ENCODER_CPU, args.bundle / bundle.DECODER_CPU),
+        "int8-cpu": (args.bundle / bundle.ENCODER_INT8, args.bundle / bundle.DECODER_INT8),
+        "int8 QDQ": (args.out_dir / "encoder.qdq.onnx", args.out_dir / "decoder.qdq.onnx"),
+    }
+    found = compare(
+        pairs, tokenizer.encode(list(test.src[: args.sentences])), list(test.tgt[: args.sentences]), tokenizer
+    )
     for name, row in found.items():
         print(f"{name}: {row['ms_per_sentence']:.2f} ms/sentence, BLEU {row['bleu']:.2f}")
     return 0

@@ -56,18 +56,21 @@ class ShortlistOptions:
                 raise ValueError(f"shortlist {name} must be >= 0, got {getattr(self, name)}")
 
 
-def build(sources: list[list[int]], targets: list[list[int]], vocab_size: int,
-          options: ShortlistOptions = ShortlistOptions()) -> Shortlist:
+def build(
+    sources: list[list[int]], targets: list[list[int]], vocab_size: int, options: ShortlistOptions = ShortlistOptions()
+) -> Shortlist:
     """The table from token-id sentence pairs (see the module docstring)."""
     src_sets = [np.unique(np.asarray(s, dtype=np.int64)) for s in sources]
     tgt_sets = [np.unique(np.asarray(t, dtype=np.int64)) for t in targets]
-    pairs = np.concatenate([np.add.outer(s * vocab_size, t).ravel() for s, t in zip(src_sets, tgt_sets)]
-                           or [np.zeros(0, np.int64)])
+    pairs = np.concatenate(
+        [np.add.outer(s * vocab_size, t).ravel() for s, t in zip(src_sets, tgt_sets)] or [np.zeros(0, np.int64)]
+    )
     keys, together = np.unique(pairs, return_counts=True)  # (s, t) -> sentence pairs with both
     s, t = keys // vocab_size, keys % vocab_size
     src_count = np.bincount(np.concatenate(src_sets or [np.zeros(0, np.int64)]), minlength=vocab_size)
-    tgt_count = np.bincount(np.concatenate([np.asarray(x, np.int64) for x in targets] or [np.zeros(0, np.int64)]),
-                            minlength=vocab_size)
+    tgt_count = np.bincount(
+        np.concatenate([np.asarray(x, np.int64) for x in targets] or [np.zeros(0, np.int64)]), minlength=vocab_size
+    )
     frequent = np.argsort(-tgt_count, kind="stable")[: options.frequent]
     frequent = np.sort(frequent[tgt_count[frequent] > 0])
     rare = ~np.isin(t, frequent)
@@ -80,8 +83,9 @@ def build(sources: list[list[int]], targets: list[list[int]], vocab_size: int,
     return Shortlist(offsets, t.astype(np.int32), frequent.astype(np.int32))
 
 
-def training_corpus(src_lang: str, tgt_lang: str, corpus: tuple[str, str] | None,
-                    data_dir: str | Path | None) -> tuple[str, list[str], list[str]] | None:
+def training_corpus(
+    src_lang: str, tgt_lang: str, corpus: tuple[str, str] | None, data_dir: str | Path | None
+) -> tuple[str, list[str], list[str]] | None:
     """(description, source lines, target lines) of the shortlist's corpus, or None when there is none."""
     if corpus is not None:
         found = read_parallel(*corpus)
@@ -94,9 +98,16 @@ def training_corpus(src_lang: str, tgt_lang: str, corpus: tuple[str, str] | None
     return "multi30k train", list(found.src), list(found.tgt)
 
 
-def write(directory: Path, tokenizer: Tokenizer, vocab_size: int, src_lang: str, tgt_lang: str,
-          corpus: tuple[str, str] | None, data_dir: str | Path | None,
-          options: ShortlistOptions = ShortlistOptions()) -> dict[str, Any]:
+def write(
+    directory: Path,
+    tokenizer: Tokenizer,
+    vocab_size: int,
+    src_lang: str,
+    tgt_lang: str,
+    corpus: tuple[str, str] | None,
+    data_dir: str | Path | None,
+    options: ShortlistOptions = ShortlistOptions(),
+) -> dict[str, Any]:
     """Build shortlist.npz into `directory`; returns manifest["shortlist"] (the reason, when skipped)."""
     found = training_corpus(src_lang, tgt_lang, corpus, data_dir)
     if found is None:
@@ -104,5 +115,10 @@ def write(directory: Path, tokenizer: Tokenizer, vocab_size: int, src_lang: str,
     name, src_lines, tgt_lines = found
     table = build(tokenizer.encode(src_lines), tokenizer.encode(tgt_lines), vocab_size, options)
     engine_shortlist.save(directory / SHORTLIST, table)
-    return {"file": SHORTLIST, "corpus": name, "sentence_pairs": len(src_lines),
-            "per_source": options.per_source, "frequent": len(table.frequent)}
+    return {
+        "file": SHORTLIST,
+        "corpus": name,
+        "sentence_pairs": len(src_lines),
+        "per_source": options.per_source,
+        "frequent": len(table.frequent),
+    }

@@ -66,19 +66,22 @@ class _Graph:
 
     def node(self, op: str, inputs: list[str], output: str | list[str], domain: str = "", **attrs) -> str:
         outputs = [output] if isinstance(output, str) else output
-        self.nodes.append(helper.make_node(op, inputs, outputs, output if isinstance(output, str) else outputs[0],
-                                           domain=domain, **attrs))
+        self.nodes.append(
+            helper.make_node(
+                op, inputs, outputs, output if isinstance(output, str) else outputs[0], domain=domain, **attrs
+            )
+        )
         return outputs[0]
 
     def linear(self, x: str, weight: np.ndarray, bias: np.ndarray | None, name: str) -> str:
         """x (rows, in) @ weight.T + bias: MatMul and Add, which ORT fuses into one Gemm at load
         (and the int8 quantizer turns into DynamicQuantizeMatMul with its bias; it skips Gemm)."""
-        product = self.node("MatMul", [x, self.weight(f"{name}.weight", weight.T)], f"{name}.matmul" if bias is not None
-                            else name)
+        product = self.node(
+            "MatMul", [x, self.weight(f"{name}.weight", weight.T)], f"{name}.matmul" if bias is not None else name
+        )
         return product if bias is None else self.node("Add", [product, self.weight(f"{name}.bias", bias)], name)
 
-    def residual(self, x: str, sublayer, weights: dict[str, np.ndarray], prefix: str, pre_norm: bool,
-                 name: str) -> str:
+    def residual(self, x: str, sublayer, weights: dict[str, np.ndarray], prefix: str, pre_norm: bool, name: str) -> str:
         """Add & Norm around `sublayer(h, with_bias) -> output`: post-norm LayerNorm(x + sublayer(x)), one
         SkipLayerNormalization that also adds the sublayer's last bias; pre-norm x + sublayer(LayerNorm(x))."""
         gamma = self.weight(f"{prefix}.weight", weights[f"{prefix}.weight"])
@@ -87,8 +90,13 @@ class _Graph:
             normed = self.node("LayerNormalization", [x, gamma, beta], f"{name}.pre", axis=-1, epsilon=LAYER_NORM_EPS)
             return self.node("Add", [x, sublayer(normed, True)], name)
         output, bias = sublayer(x, False)
-        return self.node("SkipLayerNormalization", [x, output, gamma, beta, self.weight(f"{name}.bias", bias)], name,
-                         domain=MSFT, epsilon=LAYER_NORM_EPS)
+        return self.node(
+            "SkipLayerNormalization",
+            [x, output, gamma, beta, self.weight(f"{name}.bias", bias)],
+            name,
+            domain=MSFT,
+            epsilon=LAYER_NORM_EPS,
+        )
 
 
 def build(model: Transformer, per_row: bool = False) -> onnx.ModelProto:
@@ -108,16 +116,23 @@ def build(model: Transformer, per_row: bool = False) -> onnx.ModelProto:
     positions = g.node("Cast", [SEQLENS_K if per_row else PAST_LENGTH], "positions", to=TensorProto.INT64)
     embedded = g.node("Gather", [g.weight("embedding.weight", w["embedding.weight"]), TOKENS], "embedded")
     scaled = g.node("Mul", [embedded, g.weight("embed_scale", np.array(math.sqrt(D), np.float32))], "scaled")
-    x = g.node("Add", [scaled, g.node("Gather", [g.weight("position_table", w["positions"]), positions], "position")],
-               "x_embedded")
+    x = g.node(
+        "Add",
+        [scaled, g.node("Gather", [g.weight("position_table", w["positions"]), positions], "position")],
+        "x_embedded",
+    )
     padding = g.node("Cast", ["src_mask"], "key_padding_mask", to=TensorProto.INT32)
     rows_1_d = g.weight("rows_1_d", np.array([0, 1, -1], np.int64))  # (rows, D) <-> (rows, 1, D)
     if per_row:
         sentences_beam_d = rows_1_d  # every row its own sentence
     else:
         beam = g.node("Cast", [BEAM_WIDTH], "beam_width_64", to=TensorProto.INT64)
-        sentences_beam_d = g.node("Concat", [g.weight("minus_one", np.array([-1], np.int64)), beam,
-                                             g.weight("d_model", np.array([D], np.int64))], "sentences_beam_d", axis=0)
+        sentences_beam_d = g.node(
+            "Concat",
+            [g.weight("minus_one", np.array([-1], np.int64)), beam, g.weight("d_model", np.array([D], np.int64))],
+            "sentences_beam_d",
+            axis=0,
+        )
     rows_d = g.weight("rows_d", np.array([-1, D], np.int64))
     for i in range(L):
         p = f"decoder_layers.{i}"
@@ -135,32 +150,48 @@ def build(model: Transformer, per_row: bool = False) -> onnx.ModelProto:
             qkv_b = np.concatenate([w[f"{sa}.{n}_proj.bias"] for n in "qkv"])
             qkv = g.node("Reshape", [g.linear(h, qkv_w, qkv_b, f"l{i}.qkv"), rows_1_d], f"l{i}.qkv_3d")
             if per_row:
-                attended = g.node("GroupQueryAttention", [qkv, "", "", f"past_key_{i}", f"past_value_{i}", SEQLENS_K,
-                                                          TOTAL_LENGTH],
-                                  [f"l{i}.self", f"present_key_{i}", f"present_value_{i}"], domain=MSFT,
-                                  num_heads=H, kv_num_heads=H)
+                attended = g.node(
+                    "GroupQueryAttention",
+                    [qkv, "", "", f"past_key_{i}", f"past_value_{i}", SEQLENS_K, TOTAL_LENGTH],
+                    [f"l{i}.self", f"present_key_{i}", f"present_value_{i}"],
+                    domain=MSFT,
+                    num_heads=H,
+                    kv_num_heads=H,
+                )
                 return projected(attended, sa, f"l{i}.self", with_bias)
             # ORT's CPU kernel takes q, k and v apart (packed QKV fails its shape check)
             q, k, v = (f"l{i}.{n}" for n in "qkv")
             g.node("Split", [qkv], [q, k, v], axis=2, num_outputs=3)
-            attended = g.node("DecoderMaskedMultiHeadAttention",
-                              [q, k, v, "", "", f"past_key_{i}", f"past_value_{i}", PAST_LENGTH, BEAM_WIDTH,
-                               CACHE_INDIRECTION],
-                              [f"l{i}.self", f"present_key_{i}", f"present_value_{i}"], domain=MSFT,
-                              num_heads=H, past_present_share_buffer=1)
+            attended = g.node(
+                "DecoderMaskedMultiHeadAttention",
+                [q, k, v, "", "", f"past_key_{i}", f"past_value_{i}", PAST_LENGTH, BEAM_WIDTH, CACHE_INDIRECTION],
+                [f"l{i}.self", f"present_key_{i}", f"present_value_{i}"],
+                domain=MSFT,
+                num_heads=H,
+                past_present_share_buffer=1,
+            )
             return projected(attended, sa, f"l{i}.self", with_bias)
 
         def cross_attention(h: str, with_bias: bool, i=i, ca=ca):
             # A sentence's beams are the query positions of one row of the (sentences, ...) source keys.
-            query = g.node("Reshape", [g.linear(h, w[f"{ca}.q_proj.weight"], w[f"{ca}.q_proj.bias"], f"l{i}.cross_q"),
-                                       sentences_beam_d], f"l{i}.cross_q_3d")
-            attended = g.node("MultiHeadAttention", [query, f"cross_key_{i}", f"cross_value_{i}", "", padding],
-                              f"l{i}.cross", domain=MSFT, num_heads=H)
+            query = g.node(
+                "Reshape",
+                [g.linear(h, w[f"{ca}.q_proj.weight"], w[f"{ca}.q_proj.bias"], f"l{i}.cross_q"), sentences_beam_d],
+                f"l{i}.cross_q_3d",
+            )
+            attended = g.node(
+                "MultiHeadAttention",
+                [query, f"cross_key_{i}", f"cross_value_{i}", "", padding],
+                f"l{i}.cross",
+                domain=MSFT,
+                num_heads=H,
+            )
             return projected(attended, ca, f"l{i}.cross", with_bias)
 
         def feed_forward(h: str, with_bias: bool, i=i, ffn=ffn):
-            hidden = g.node("Relu", [g.linear(h, w[f"{ffn}.linear1.weight"], w[f"{ffn}.linear1.bias"], f"l{i}.ffn1")],
-                            f"l{i}.relu")
+            hidden = g.node(
+                "Relu", [g.linear(h, w[f"{ffn}.linear1.weight"], w[f"{ffn}.linear1.bias"], f"l{i}.ffn1")], f"l{i}.relu"
+            )
             bias = w[f"{ffn}.linear2.bias"]
             out = g.linear(hidden, w[f"{ffn}.linear2.weight"], bias if with_bias else None, f"l{i}.ffn2")
             return out if with_bias else (out, bias)
@@ -169,9 +200,17 @@ def build(model: Transformer, per_row: bool = False) -> onnx.ModelProto:
         x = g.residual(x, cross_attention, w, f"{p}.cross_block.norm", cfg.pre_norm, f"l{i}.cross_norm")
         x = g.residual(x, feed_forward, w, f"{p}.ffn_block.norm", cfg.pre_norm, f"l{i}.ffn_norm")
     if cfg.pre_norm:  # pre-norm stacks end in a final norm (training/model.py)
-        x = g.node("LayerNormalization", [x, g.weight("decoder_norm.weight", w["decoder_norm.weight"]),
-                                          g.weight("decoder_norm.bias", w["decoder_norm.bias"])], "decoder_norm",
-                   axis=-1, epsilon=LAYER_NORM_EPS)
+        x = g.node(
+            "LayerNormalization",
+            [
+                x,
+                g.weight("decoder_norm.weight", w["decoder_norm.weight"]),
+                g.weight("decoder_norm.bias", w["decoder_norm.bias"]),
+            ],
+            "decoder_norm",
+            axis=-1,
+            epsilon=LAYER_NORM_EPS,
+        )
     # The head in the traced form decoder_head.add_top_k rewrites: Gather(embedding, vocab_ids), Gemm, LogSoftmax.
     scored = g.node("Gather", ["embedding.weight", bundle.VOCAB_IDS], "head/scored_weight")
     logits = g.node("Gemm", [x, scored], "head/logits", transB=1)
@@ -181,23 +220,32 @@ def build(model: Transformer, per_row: bool = False) -> onnx.ModelProto:
 
 def _model(g: _Graph, vocab_size: int, L: int, H: int, Dh: int, per_row: bool) -> onnx.ModelProto:
     kv = lambda name, length, rows="batch": helper.make_tensor_value_info(  # noqa: E731
-        name, TensorProto.FLOAT, [rows, H, length, Dh])
+        name, TensorProto.FLOAT, [rows, H, length, Dh]
+    )
     sentences = "batch" if per_row else "sentences"
     if per_row:
-        position = [helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
-                    helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, [])]
+        position = [
+            helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, []),
+        ]
     else:
-        position = [helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT32, [1]),
-                    helper.make_tensor_value_info(BEAM_WIDTH, TensorProto.INT32, [1]),
-                    helper.make_tensor_value_info(CACHE_INDIRECTION, TensorProto.INT32,
-                                                  ["sentences", "beam", "capacity"])]
-    inputs = [helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["batch"]), *position,
-              helper.make_tensor_value_info("src_mask", TensorProto.BOOL, [sentences, "src_len"]),
-              *(kv(name, "capacity") for name in bundle.past_names(L)),
-              *(kv(name, "src_len", sentences) for name in bundle.cross_names(L)),
-              helper.make_tensor_value_info(bundle.VOCAB_IDS, TensorProto.INT64, ["vocab"])]
-    outputs = [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", "vocab"]),
-               *(kv(name, "capacity") for name in bundle.present_names(L))]
+        position = [
+            helper.make_tensor_value_info(PAST_LENGTH, TensorProto.INT32, [1]),
+            helper.make_tensor_value_info(BEAM_WIDTH, TensorProto.INT32, [1]),
+            helper.make_tensor_value_info(CACHE_INDIRECTION, TensorProto.INT32, ["sentences", "beam", "capacity"]),
+        ]
+    inputs = [
+        helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["batch"]),
+        *position,
+        helper.make_tensor_value_info("src_mask", TensorProto.BOOL, [sentences, "src_len"]),
+        *(kv(name, "capacity") for name in bundle.past_names(L)),
+        *(kv(name, "src_len", sentences) for name in bundle.cross_names(L)),
+        helper.make_tensor_value_info(bundle.VOCAB_IDS, TensorProto.INT64, ["vocab"]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", "vocab"]),
+        *(kv(name, "capacity") for name in bundle.present_names(L)),
+    ]
     graph = helper.make_graph(g.nodes, "step_decoder", inputs, outputs, g.initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(MSFT, 1)])
     model.ir_version = 10

@@ -85,8 +85,13 @@ class ParitySet:
     references: tuple[str, ...] | None = None  # target side, for BLEU
 
 
-def parity_set(src_lang: str, tgt_lang: str, sentences: tuple[str, ...] | None = None,
-               data_dir: str | Path | None = None, limit: int | None = None) -> ParitySet:
+def parity_set(
+    src_lang: str,
+    tgt_lang: str,
+    sentences: tuple[str, ...] | None = None,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+) -> ParitySet:
     """Given sentences, else Multi30k test_2016_flickr when a data directory is known, else built-in."""
     data_dir = data_dir or os.environ.get("NMT_DATA_DIR")
     langs = MULTI30K_SPLITS[PARITY_SPLIT]
@@ -129,12 +134,22 @@ class OnnxGraphs:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros((batch, self.n_heads, 0, self.d_head), self.kv_dtype) for _ in range(2 * self.n_layers)]
 
-    def step(self, tgt_ids: np.ndarray, src_mask: np.ndarray, past: list[np.ndarray], cross: list[np.ndarray],
-             past_mask: np.ndarray | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+    def step(
+        self,
+        tgt_ids: np.ndarray,
+        src_mask: np.ndarray,
+        past: list[np.ndarray],
+        cross: list[np.ndarray],
+        past_mask: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """-> log-probs (B, V) at the last position, present K/V. past_mask None: every slot is real."""
         L = self.n_layers
-        feeds = {"tgt_ids": tgt_ids, "src_mask": src_mask,
-                 **dict(zip(bundle.past_names(L), past)), **dict(zip(bundle.cross_names(L), cross))}
+        feeds = {
+            "tgt_ids": tgt_ids,
+            "src_mask": src_mask,
+            **dict(zip(bundle.past_names(L), past)),
+            **dict(zip(bundle.cross_names(L), cross)),
+        }
         if self.takes_past_mask:
             width = past[0].shape[2] + tgt_ids.shape[1]
             feeds[bundle.PAST_MASK] = np.ones((len(tgt_ids), width), bool) if past_mask is None else past_mask
@@ -142,20 +157,28 @@ class OnnxGraphs:
         return log_probs, present
 
 
-def open_graphs(encoder: Path, decoder: Path, provider: str = CPU, step: Path | None = None,
-                rows: Path | None = None) -> Sessions:
+def open_graphs(
+    encoder: Path, decoder: Path, provider: str = CPU, step: Path | None = None, rows: Path | None = None
+) -> Sessions:
     """The server's sessions for one graph pair (one intra-op thread: the checks share the cores);
     with `step`, its search runs the step decoder (export/step_decoder.py) instead of `decoder`, with
     `rows`, its continuous batching the per-row one."""
-    return open_sessions(encoder, decoder, provider, RuntimeConfig(intra_op_threads=1, per_row_decoder=True),
-                         step_path=step, rows_path=rows)
+    return open_sessions(
+        encoder,
+        decoder,
+        provider,
+        RuntimeConfig(intra_op_threads=1, per_row_decoder=True),
+        step_path=step,
+        rows_path=rows,
+    )
 
 
 LABELS = {"step_decoder": "step decoder", "rows_decoder": "per-row decoder"}  # in problem lines
 
 
-def _in_place_decoders(encoder: Path, decoder: Path, step: Path | None,
-                       rows: Path | None) -> Iterator[tuple[str, Path, Callable, Sessions]]:
+def _in_place_decoders(
+    encoder: Path, decoder: Path, step: Path | None, rows: Path | None
+) -> Iterator[tuple[str, Path, Callable, Sessions]]:
     """(manifest role, graph, greedy search that runs it, sessions) of each step decoder given: the step
     decoder through the static search, the per-row one through continuous batching."""
     if step is not None:
@@ -197,8 +220,9 @@ def graph_greedy(sessions: Sessions, sources: list[list[int]], max_len_extra: in
     return [hyps[0].tokens for hyps in result.hypotheses]
 
 
-def in_batches(search: Callable[[list[list[int]]], list[list[int]]], sources: list[list[int]],
-               batch_size: int = BATCH_SIZE) -> list[list[int]]:
+def in_batches(
+    search: Callable[[list[list[int]]], list[list[int]]], sources: list[list[int]], batch_size: int = BATCH_SIZE
+) -> list[list[int]]:
     """Run `search` on batches of similar length; outputs in input order."""
     order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
     outputs: list[list[int]] = [[] for _ in sources]
@@ -214,8 +238,9 @@ def _max_diff(a: np.ndarray, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def log_prob_diffs(model: Transformer, graphs: OnnxGraphs, sources: list[list[int]],
-                   targets: list[list[int]]) -> dict[str, float]:
+def log_prob_diffs(
+    model: Transformer, graphs: OnnxGraphs, sources: list[list[int]], targets: list[list[int]]
+) -> dict[str, float]:
     """Max abs differences: cross K/V, incremental log-probs, whole-prefix log-probs, and (past_mask)
     incremental log-probs of rows that joined late."""
     src, src_mask = pad_batch([s + [EOS_ID] for s in sources])
@@ -240,8 +265,9 @@ def log_prob_diffs(model: Transformer, graphs: OnnxGraphs, sources: list[list[in
 JOINED_LATE_SLOTS = 3  # masked cache slots in front of the rows, as when they join a running batch
 
 
-def _joined_late_diff(graphs: OnnxGraphs, tgt: np.ndarray, src_mask: np.ndarray, cross: list[np.ndarray],
-                      ref: torch.Tensor) -> float:
+def _joined_late_diff(
+    graphs: OnnxGraphs, tgt: np.ndarray, src_mask: np.ndarray, cross: list[np.ndarray], ref: torch.Tensor
+) -> float:
     """Incremental decoding behind masked slots of garbage (continuous batching) against torch."""
     shape = (len(tgt), graphs.n_heads, JOINED_LATE_SLOTS, graphs.d_head)
     past = [np.ones(shape, graphs.kv_dtype) for _ in range(2 * graphs.n_layers)]  # garbage under the mask
@@ -254,8 +280,9 @@ def _joined_late_diff(graphs: OnnxGraphs, tgt: np.ndarray, src_mask: np.ndarray,
 
 
 @torch.no_grad()
-def greedy_margins(model: Transformer, sources: list[list[int]], outputs: list[list[int]],
-                   max_len_extra: int) -> list[float]:
+def greedy_margins(
+    model: Transformer, sources: list[list[int]], outputs: list[list[int]], max_len_extra: int
+) -> list[float]:
     """Per greedy output: the smallest gap between torch's best and second-best log-prob over the steps
     the search chose (EOS too, unless forced at the length limit); -inf where a choice was not the best."""
     src, src_mask = pad_batch([s + [EOS_ID] for s in sources])
@@ -276,22 +303,32 @@ def greedy_margins(model: Transformer, sources: list[list[int]], outputs: list[l
     return margins
 
 
-def greedy_verdict(expected: list[list[int]], got: list[list[int]], sources: tuple[str, ...],
-                   detokenize: Callable[[list[list[int]]], list[str]],
-                   min_identical: float = MIN_IDENTICAL) -> tuple[dict[str, Any], list[str]]:
+def greedy_verdict(
+    expected: list[list[int]],
+    got: list[list[int]],
+    sources: tuple[str, ...],
+    detokenize: Callable[[list[list[int]]], list[str]],
+    min_identical: float = MIN_IDENTICAL,
+) -> tuple[dict[str, Any], list[str]]:
     """-> (summary with every differing sentence, problems: empty unless below min_identical)."""
     differ = [i for i, (e, g) in enumerate(zip(expected, got, strict=True)) if e != g]
     texts_e, texts_g = detokenize([expected[i] for i in differ]), detokenize([got[i] for i in differ])
-    mismatches = [{"index": i, "source": sources[i], "torch": e, "onnx": g}
-                  for i, e, g in zip(differ, texts_e, texts_g)]
+    mismatches = [
+        {"index": i, "source": sources[i], "torch": e, "onnx": g} for i, e, g in zip(differ, texts_e, texts_g)
+    ]
     fraction = 1 - len(differ) / len(expected)
     summary = {"greedy_identical": round(fraction, 4), "mismatches": mismatches}
     if fraction >= min_identical:
         return summary, []
-    header = (f"greedy: {len(expected) - len(differ)} of {len(expected)} outputs identical to torch "
-              f"({100 * fraction:.1f}%, below {100 * min_identical:g}%)")
-    lines = [f"greedy output differs for sentence {m['index']} ({m['source']!r}): torch {expected[m['index']]} "
-             f"{m['torch']!r}, onnx {got[m['index']]} {m['onnx']!r}" for m in mismatches]
+    header = (
+        f"greedy: {len(expected) - len(differ)} of {len(expected)} outputs identical to torch "
+        f"({100 * fraction:.1f}%, below {100 * min_identical:g}%)"
+    )
+    lines = [
+        f"greedy output differs for sentence {m['index']} ({m['source']!r}): torch {expected[m['index']]} "
+        f"{m['torch']!r}, onnx {got[m['index']]} {m['onnx']!r}"
+        for m in mismatches
+    ]
     return summary, [header, *lines]
 
 
@@ -328,8 +365,9 @@ class ParityRun:
             return None
         return self._scorer.corpus_score(self.tokenizer.decode(outputs), [list(refs)]).score
 
-    def check_exact(self, name: str, encoder: Path, decoder: Path, step: Path | None = None,
-                    rows: Path | None = None) -> dict[str, Any]:
+    def check_exact(
+        self, name: str, encoder: Path, decoder: Path, step: Path | None = None, rows: Path | None = None
+    ) -> dict[str, Any]:
         """Tolerance on log-probs and cross K/V, and greedy tokens against torch (CPU provider); with a
         step decoder, its greedy tokens against torch too (summary["step_decoder"]), with a per-row
         one, its greedy through continuous batching, rows joining late (summary["rows_decoder"])."""
@@ -343,18 +381,30 @@ class ParityRun:
         n = TOLERANCE_SENTENCES
         graphs = OnnxGraphs.of(sessions)
         diffs = log_prob_diffs(self.model, graphs, self.sources[:n], expected[:n])
-        problems += [f"{check}: max abs diff {value:.3g} > {TOLERANCE:g}"
-                     for check, value in diffs.items() if value > TOLERANCE]
+        problems += [
+            f"{check}: max abs diff {value:.3g} > {TOLERANCE:g}" for check, value in diffs.items() if value > TOLERANCE
+        ]
         bleu = self._bleu_of(got)
         if self._baseline is None:
             self._baseline = (name, got, bleu)
-        summary = {"checked_against": "torch", "provider": "CPUExecutionProvider",
-                   "max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()},
-                   **({} if bleu is None else {"bleu": round(bleu, 2)}), **summary}
+        summary = {
+            "checked_against": "torch",
+            "provider": "CPUExecutionProvider",
+            "max_abs_diff": {k: float(f"{v:.3g}") for k, v in diffs.items()},
+            **({} if bleu is None else {"bleu": round(bleu, 2)}),
+            **summary,
+        }
         return self._record(name, summary, problems)
 
-    def check_approximate(self, name: str, encoder: Path, decoder: Path, providers: list[str],
-                          step: Path | None = None, rows: Path | None = None) -> dict[str, Any]:
+    def check_approximate(
+        self,
+        name: str,
+        encoder: Path,
+        decoder: Path,
+        providers: list[str],
+        step: Path | None = None,
+        rows: Path | None = None,
+    ) -> dict[str, Any]:
         """Greedy output and BLEU against the first exact variant's; skipped without the provider.
         With a step decoder, the same for its greedy output (summary["step_decoder"])."""
         assert self._baseline is not None, "check an exact variant (fp32) first"
@@ -369,8 +419,9 @@ class ParityRun:
             problems += [f"{LABELS[role]} {path.name}: {problem}" for problem in found_problems]
         return self._record(name, summary, problems)
 
-    def _against_baseline(self, sessions: Sessions,
-                          search: Callable = graph_greedy) -> tuple[dict[str, Any], list[str]]:
+    def _against_baseline(
+        self, sessions: Sessions, search: Callable = graph_greedy
+    ) -> tuple[dict[str, Any], list[str]]:
         """Greedy output of `sessions` (by `search`: graph_greedy or running_greedy): identical fraction
         and BLEU against the first exact variant's."""
         assert self._baseline is not None
@@ -384,8 +435,10 @@ class ParityRun:
             loss = base_bleu - bleu
             summary.update(bleu=round(bleu, 2), reference_bleu=round(base_bleu, 2), bleu_loss=round(loss, 2))
             if loss > MAX_BLEU_LOSS:
-                problems.append(f"BLEU {bleu:.2f} is {loss:.2f} below {base_name}'s {base_bleu:.2f} "
-                                f"(at most {MAX_BLEU_LOSS:g} may be lost)")
+                problems.append(
+                    f"BLEU {bleu:.2f} is {loss:.2f} below {base_name}'s {base_bleu:.2f} "
+                    f"(at most {MAX_BLEU_LOSS:g} may be lost)"
+                )
         return summary, problems
 
     def _record(self, name: str, summary: dict[str, Any], problems: list[str]) -> dict[str, Any]:
@@ -395,11 +448,20 @@ class ParityRun:
 
     def summary(self) -> dict[str, Any]:
         refs = self.parity.references
-        return {"checked": True, "set": self.parity.name, "sentences": len(self.sources),
-                "references": refs is not None, "max_len_extra": self.max_len_extra, "tolerance": TOLERANCE,
-                "tolerance_sentences": min(TOLERANCE_SENTENCES, len(self.sources)), "min_identical": MIN_IDENTICAL,
-                "max_bleu_loss": MAX_BLEU_LOSS,
-                **(self._torch_bleu() if refs else {}), "variants": self.results, "reference": self.reference()}
+        return {
+            "checked": True,
+            "set": self.parity.name,
+            "sentences": len(self.sources),
+            "references": refs is not None,
+            "max_len_extra": self.max_len_extra,
+            "tolerance": TOLERANCE,
+            "tolerance_sentences": min(TOLERANCE_SENTENCES, len(self.sources)),
+            "min_identical": MIN_IDENTICAL,
+            "max_bleu_loss": MAX_BLEU_LOSS,
+            **(self._torch_bleu() if refs else {}),
+            "variants": self.results,
+            "reference": self.reference(),
+        }
 
     def reference(self) -> dict[str, Any] | None:
         """The start-up self-check's sentences: the widest-margin ones among the first candidates."""
@@ -407,14 +469,19 @@ class ParityRun:
         if not candidates:
             return None
         outputs = self.torch_outputs()
-        margins = greedy_margins(self.model, [self.sources[i] for i in candidates], [outputs[i] for i in candidates],
-                                 self.max_len_extra)
+        margins = greedy_margins(
+            self.model, [self.sources[i] for i in candidates], [outputs[i] for i in candidates], self.max_len_extra
+        )
         ranked = sorted((m, i) for m, i in zip(margins, candidates) if m > float("-inf"))[::-1]
         chosen = sorted(ranked[:REFERENCE_SENTENCES], key=lambda pair: pair[1])
         if not chosen:
             return None
-        return {"sources": [self.parity.sources[i] for _, i in chosen], "tokens": [outputs[i] for _, i in chosen],
-                "max_len_extra": self.max_len_extra, "min_margin": round(min(m for m, _ in chosen), 4)}
+        return {
+            "sources": [self.parity.sources[i] for _, i in chosen],
+            "tokens": [outputs[i] for _, i in chosen],
+            "max_len_extra": self.max_len_extra,
+            "min_margin": round(min(m for m, _ in chosen), 4),
+        }
 
     def _torch_bleu(self) -> dict[str, Any]:
         bleu = self._bleu_of(self.torch_outputs())
@@ -427,8 +494,14 @@ class ParityRun:
             raise ParityError(f"{prefix}parity failed:\n  " + "\n  ".join(self.problems))
 
 
-def validate(model: Transformer, tokenizer: Tokenizer, encoder_path: Path, decoder_path: Path,
-             sentences: list[str], max_len_extra: int = 20) -> dict[str, Any]:
+def validate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    encoder_path: Path,
+    decoder_path: Path,
+    sentences: list[str],
+    max_len_extra: int = 20,
+) -> dict[str, Any]:
     """Check one fp32 graph pair against `model`; raise ParityError listing every mismatch."""
     run = ParityRun(model, tokenizer, ParitySet("given sentences", tuple(sentences)), max_len_extra)
     summary = run.check_exact("fp32", encoder_path, decoder_path)

@@ -63,9 +63,13 @@ FP16_OP_BLOCK_LIST = ("LogSoftmax",)
 INT8_OP_TYPES = ["MatMul", "Gather"]  # never "Attention": see the module docstring
 # The output head (export/decoder_head.py) has the same types in every variant: its TopK and EOS
 # nodes stay fp32 in fp16-cuda (node_block_list), so beam scores add up unrounded log-probs.
-HEAD_IO_TYPES = {bundle.VOCAB_IDS: TensorProto.INT64, bundle.TOP_K: TensorProto.INT64,
-                 bundle.TOP_LOG_PROBS: TensorProto.FLOAT, bundle.TOP_IDS: TensorProto.INT64,
-                 bundle.EOS_LOG_PROBS: TensorProto.FLOAT}
+HEAD_IO_TYPES = {
+    bundle.VOCAB_IDS: TensorProto.INT64,
+    bundle.TOP_K: TensorProto.INT64,
+    bundle.TOP_LOG_PROBS: TensorProto.FLOAT,
+    bundle.TOP_IDS: TensorProto.INT64,
+    bundle.EOS_LOG_PROBS: TensorProto.FLOAT,
+}
 FP32_OUTPUTS = ["log_probs", bundle.TOP_LOG_PROBS, bundle.EOS_LOG_PROBS]
 
 
@@ -82,8 +86,12 @@ class VariantSpec:
 
     def manifest_entry(self, directory: Path) -> dict[str, Any]:
         """The variant's manifest entry; step_decoder and rows_decoder only when `directory` has them."""
-        entry = {"encoder": self.encoder, "decoder": self.decoder, "providers": list(self.providers),
-                 "kv_dtype": self.kv_dtype}
+        entry = {
+            "encoder": self.encoder,
+            "decoder": self.decoder,
+            "providers": list(self.providers),
+            "kv_dtype": self.kv_dtype,
+        }
         for role in ("step_decoder", "rows_decoder"):
             if self.path(role, directory) is not None:
                 entry[role] = getattr(self, role)
@@ -97,10 +105,26 @@ class VariantSpec:
 
 SPECS: dict[str, VariantSpec] = {
     FP32: VariantSpec(FP32, bundle.ENCODER, bundle.DECODER, (CUDA, CPU), "float32", True),
-    FP32_CPU: VariantSpec(FP32_CPU, bundle.ENCODER_CPU, bundle.DECODER_CPU, (CPU,), "float32", True,
-                          bundle.STEP_DECODER_CPU, bundle.ROWS_DECODER_CPU),
-    INT8_CPU: VariantSpec(INT8_CPU, bundle.ENCODER_INT8, bundle.DECODER_INT8, (CPU,), "float32", False,
-                          bundle.STEP_DECODER_INT8, bundle.ROWS_DECODER_INT8),
+    FP32_CPU: VariantSpec(
+        FP32_CPU,
+        bundle.ENCODER_CPU,
+        bundle.DECODER_CPU,
+        (CPU,),
+        "float32",
+        True,
+        bundle.STEP_DECODER_CPU,
+        bundle.ROWS_DECODER_CPU,
+    ),
+    INT8_CPU: VariantSpec(
+        INT8_CPU,
+        bundle.ENCODER_INT8,
+        bundle.DECODER_INT8,
+        (CPU,),
+        "float32",
+        False,
+        bundle.STEP_DECODER_INT8,
+        bundle.ROWS_DECODER_INT8,
+    ),
     FP16_CUDA: VariantSpec(FP16_CUDA, bundle.ENCODER_FP16, bundle.DECODER_FP16, (CUDA,), "float16", False),
 }
 
@@ -170,15 +194,24 @@ def build_int8_cpu(directory: Path, counts: FusionCounts) -> None:
     spec, source = SPECS[INT8_CPU], SPECS[FP32_CPU]
     with _quiet_root_logger():
         pairs = [(source.encoder, spec.encoder), (source.decoder, spec.decoder)]
-        pairs += [(getattr(source, role), getattr(spec, role)) for role in ("step_decoder", "rows_decoder")
-                  if source.path(role, directory) is not None]
+        pairs += [
+            (getattr(source, role), getattr(spec, role))
+            for role in ("step_decoder", "rows_decoder")
+            if source.path(role, directory) is not None
+        ]
         for src, dest in pairs:
             # EnableSubgraph: the output head's full-vocabulary projection sits in an If branch.
-            quantize_dynamic(directory / src, directory / dest, op_types_to_quantize=INT8_OP_TYPES,
-                             per_channel=True, reduce_range=True, weight_type=QuantType.QInt8,
-                             # DefaultTensorType: ONNX shape inference gives no type to contrib ops' outputs
-                             # (the step decoder's attention); every float here is float32.
-                             extra_options={"EnableSubgraph": True, "DefaultTensorType": TensorProto.FLOAT})
+            quantize_dynamic(
+                directory / src,
+                directory / dest,
+                op_types_to_quantize=INT8_OP_TYPES,
+                per_channel=True,
+                reduce_range=True,
+                weight_type=QuantType.QInt8,
+                # DefaultTensorType: ONNX shape inference gives no type to contrib ops' outputs
+                # (the step decoder's attention); every float here is float32.
+                extra_options={"EnableSubgraph": True, "DefaultTensorType": TensorProto.FLOAT},
+            )
     encoder, decoder = onnx.load(str(directory / spec.encoder)), onnx.load(str(directory / spec.decoder))
     counts.check(spec, encoder, decoder)
 
@@ -193,8 +226,13 @@ def _drop_cast_round_trips(model: onnx.ModelProto) -> None:
     firsts = []
     for node in graph.node:
         first = producers.get(node.input[0]) if node.op_type == "Cast" and node.input else None
-        if (first is None or first.op_type != "Cast" or _cast_to(node) != TensorProto.FLOAT
-                or _cast_to(first) != TensorProto.FLOAT16 or first.output[0] in outputs):
+        if (
+            first is None
+            or first.op_type != "Cast"
+            or _cast_to(node) != TensorProto.FLOAT
+            or _cast_to(first) != TensorProto.FLOAT16
+            or first.output[0] in outputs
+        ):
             continue
         node.op_type, node.input[0] = "Identity", first.input[0]
         del node.attribute[:]
@@ -217,11 +255,19 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
 def check_io_dtypes(model: onnx.ModelProto, kv_dtype: str, name: str) -> None:
     """KV tensors have kv_dtype; ids int64, masks bool, log_probs float32 in every variant."""
     kv = TensorProto.FLOAT16 if kv_dtype == "float16" else TensorProto.FLOAT
-    fixed = {"src_ids": TensorProto.INT64, "tgt_ids": TensorProto.INT64, "src_mask": TensorProto.BOOL,
-             "past_mask": TensorProto.BOOL,
-             "log_probs": TensorProto.FLOAT, **HEAD_IO_TYPES}
-    wrong = [f"{io} is {TensorProto.DataType.Name(dtype)}" for io, dtype in _elem_types(model).items()
-             if dtype != fixed.get(io, kv)]
+    fixed = {
+        "src_ids": TensorProto.INT64,
+        "tgt_ids": TensorProto.INT64,
+        "src_mask": TensorProto.BOOL,
+        "past_mask": TensorProto.BOOL,
+        "log_probs": TensorProto.FLOAT,
+        **HEAD_IO_TYPES,
+    }
+    wrong = [
+        f"{io} is {TensorProto.DataType.Name(dtype)}"
+        for io, dtype in _elem_types(model).items()
+        if dtype != fixed.get(io, kv)
+    ]
     if wrong:
         raise ValueError(f"{name}: wrong input/output types for kv_dtype {kv_dtype}: " + ", ".join(wrong))
 
@@ -234,9 +280,12 @@ def build_fp16_cuda(directory: Path, counts: FusionCounts) -> None:
     spec, source = SPECS[FP16_CUDA], SPECS[FP32]
     converted = []
     for src, dest in ((source.encoder, spec.encoder), (source.decoder, spec.decoder)):
-        model = convert_float_to_float16(onnx.load(str(directory / src)), keep_io_types=FP32_OUTPUTS,
-                                         op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_OP_BLOCK_LIST],
-                                         node_block_list=decoder_head.node_names())
+        model = convert_float_to_float16(
+            onnx.load(str(directory / src)),
+            keep_io_types=FP32_OUTPUTS,
+            op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_OP_BLOCK_LIST],
+            node_block_list=decoder_head.node_names(),
+        )
         OnnxModel(model).topological_sort()  # the converter appends its Cast nodes at the end
         _drop_cast_round_trips(model)
         onnx.checker.check_model(model, full_check=True)
@@ -246,8 +295,12 @@ def build_fp16_cuda(directory: Path, counts: FusionCounts) -> None:
     counts.check(spec, *converted)
 
 
-def build(directory: Path, variants: tuple[str, ...], counts: FusionCounts,
-          step: Callable[[str], AbstractContextManager[None]]) -> None:
+def build(
+    directory: Path,
+    variants: tuple[str, ...],
+    counts: FusionCounts,
+    step: Callable[[str], AbstractContextManager[None]],
+) -> None:
     """Write every selected variant beside the portable graphs; `step(label)` is a context
     manager (the progress bar). int8-cpu without fp32-cpu builds fp32-cpu and removes it after."""
     if FP32_CPU in variants or INT8_CPU in variants:

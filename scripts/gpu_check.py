@@ -32,15 +32,26 @@ CPU, CUDA = "CPUExecutionProvider", "CUDAExecutionProvider"
 # under site-packages/nvidia/cu13/lib and nvidia/cudnn/lib, which gpu_check.sh puts on LD_LIBRARY_PATH.
 # Pinned as pip resolved `onnxruntime-gpu[cuda,cudnn]==1.31.1` on PyPI (CUDA 13.x runtimes run on
 # any CUDA 13 driver, >= 580, by minor-version compatibility).
-CUDA_WHEELS = ("nvidia-cuda-runtime==13.5.37", "nvidia-cuda-nvrtc==13.5.37", "nvidia-cublas==13.10.0.20",
-               "nvidia-cudnn-cu13==9.28.1.4", "nvidia-curand==10.4.5.25", "nvidia-cufft==12.5.0.14",
-               "nvidia-nvjitlink==13.5.37")
+CUDA_WHEELS = (
+    "nvidia-cuda-runtime==13.5.37",
+    "nvidia-cuda-nvrtc==13.5.37",
+    "nvidia-cublas==13.10.0.20",
+    "nvidia-cudnn-cu13==9.28.1.4",
+    "nvidia-curand==10.4.5.25",
+    "nvidia-cufft==12.5.0.14",
+    "nvidia-nvjitlink==13.5.37",
+)
 CTRANSLATE2 = "ctranslate2==4.8.5"  # the version bench/results/decode.md was measured with
 # Words of which a German sentence of Multi30k's kind has at least one (articles, prepositions, verbs).
-GERMAN_WORDS = frozenset("""ein eine einer einem einen der die das den dem des und mit auf im in an am vor
-    zwei drei vier mann frau kind hund ist sind steht sitzt läuft fährt spielt trägt von zu bei über unter""".split())
-TEST_TEXTS = ("A man is riding a bicycle down the street.", "Two dogs are playing in the snow.",
-              "A woman in a red dress sits on a bench.")
+GERMAN_WORDS = frozenset(
+    """ein eine einer einem einen der die das den dem des und mit auf im in an am vor
+    zwei drei vier mann frau kind hund ist sind steht sitzt läuft fährt spielt trägt von zu bei über unter""".split()
+)
+TEST_TEXTS = (
+    "A man is riding a bicycle down the street.",
+    "Two dogs are playing in the snow.",
+    "A woman in a red dress sits on a bench.",
+)
 
 
 def _pin(constraints: str, name: str) -> str:
@@ -94,9 +105,15 @@ def env(device: str, out: str | None) -> None:
 
     provider = CUDA if device == "cuda" else CPU
     info: dict[str, Any] = {
-        "python": sys.version.split()[0], "onnxruntime": ort.__version__, "torch": torch.__version__,
-        "ctranslate2": ctranslate2.__version__, "numpy": np.__version__, "device": ort.get_device(),
-        "providers": ort.get_available_providers(), "ctranslate2_cuda_devices": ctranslate2.get_cuda_device_count()}
+        "python": sys.version.split()[0],
+        "onnxruntime": ort.__version__,
+        "torch": torch.__version__,
+        "ctranslate2": ctranslate2.__version__,
+        "numpy": np.__version__,
+        "device": ort.get_device(),
+        "providers": ort.get_available_providers(),
+        "ctranslate2_cuda_devices": ctranslate2.get_cuda_device_count(),
+    }
     if provider not in info["providers"]:
         _write(out, info)
         raise SystemExit(f"onnxruntime {ort.__version__} has no {provider} (has {info['providers']})")
@@ -110,22 +127,37 @@ def env(device: str, out: str | None) -> None:
     info["tiny_graph"] = {"provider": session.get_providers()[0], "ok": bool(np.allclose(result, np.eye(2)))}
     _write(out, info)
     if info["tiny_graph"]["provider"] != provider or not info["tiny_graph"]["ok"]:
-        raise SystemExit(f"{provider} did not start: onnxruntime ran a MatMul on {info['tiny_graph']['provider']} "
-                         "instead (its log above names the library it could not load)" if info["tiny_graph"]["ok"]
-                         else f"a MatMul on {provider} gave a wrong result")
+        raise SystemExit(
+            f"{provider} did not start: onnxruntime ran a MatMul on {info['tiny_graph']['provider']} "
+            "instead (its log above names the library it could not load)"
+            if info["tiny_graph"]["ok"]
+            else f"a MatMul on {provider} gave a wrong result"
+        )
 
 
 def parity(bundle: str, variant: str, provider: str, out: str | None) -> None:
     """The variant was written, and the export checked it on `provider` (not skipped) and passed."""
     manifest = json.loads((Path(bundle) / "manifest.json").read_text())
     entry = manifest.get("variants", {}).get(variant)
-    report = (manifest.get("parity") or {})
+    report = manifest.get("parity") or {}
     verdict = (report.get("variants") or {}).get(variant)
-    brief = ", ".join(f"{key} {verdict[key]}" for key in ("provider", "checked_against", "greedy_identical", "bleu",
-                                                           "bleu_loss", "skipped") if key in (verdict or {}))
-    _write(out, {"variant": variant, "brief": brief, "verdict": verdict, "set": report.get("set"),
-                 "sentences": report.get("sentences"), "torch_bleu": report.get("torch_bleu"),
-                 "variants": sorted(manifest.get("variants", {}))})
+    brief = ", ".join(
+        f"{key} {verdict[key]}"
+        for key in ("provider", "checked_against", "greedy_identical", "bleu", "bleu_loss", "skipped")
+        if key in (verdict or {})
+    )
+    _write(
+        out,
+        {
+            "variant": variant,
+            "brief": brief,
+            "verdict": verdict,
+            "set": report.get("set"),
+            "sentences": report.get("sentences"),
+            "torch_bleu": report.get("torch_bleu"),
+            "variants": sorted(manifest.get("variants", {})),
+        },
+    )
     if entry is None or verdict is None:
         raise SystemExit(f"{bundle} has no {variant} variant or no parity verdict for it")
     if "skipped" in verdict:
@@ -144,8 +176,11 @@ def selfcheck(bundle: str, device: str, precision: str, out: str | None) -> None
     translator = Translator.from_bundle(bundle, RuntimeConfig(device=device, precision=precision))
     sessions = translator.sessions
     reference = Reference.from_manifest(sessions.manifest or {})
-    info = {"variant": sessions.variant, "provider": sessions.provider,
-            "sentences": 0 if reference is None else len(reference.sources)}
+    info = {
+        "variant": sessions.variant,
+        "provider": sessions.provider,
+        "sentences": 0 if reference is None else len(reference.sources),
+    }
     if reference is None:
         _write(out, {**info, "passed": False})
         raise SystemExit(f"{bundle} has no parity.reference to self-check with")
@@ -186,8 +221,10 @@ def bench_summary(path: str) -> None:
     results = json.loads(Path(path).read_text())
     for row in results["decode"]:
         same = row["identical_to_torch"]
-        print(f"  {row['engine']:<14} {row['mode']:<6} b={row['batch_size']:<3} {row['tokens_per_s']:>9.1f} tok/s  "
-              f"p50 {row['p50_ms']:>8.2f} ms" + ("" if same is None else f"  same as torch {same}/{row['sentences']}"))
+        print(
+            f"  {row['engine']:<14} {row['mode']:<6} b={row['batch_size']:<3} {row['tokens_per_s']:>9.1f} tok/s  "
+            f"p50 {row['p50_ms']:>8.2f} ms" + ("" if same is None else f"  same as torch {same}/{row['sentences']}")
+        )
     for name, why in results.get("skipped", {}).items():
         print(f"  skipped {name}: {why}")
 

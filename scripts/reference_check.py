@@ -32,8 +32,15 @@ class Reference(nn.Module):
         nn.init.normal_(self.embedding.weight, 0.0, cfg.d_model**-0.5)
         self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model), persistent=False)
         self.drop = nn.Dropout(cfg.dropout)
-        self.core = nn.Transformer(cfg.d_model, cfg.n_heads, cfg.n_encoder_layers, cfg.n_decoder_layers, cfg.d_ff,
-                                   cfg.dropout, batch_first=True)
+        self.core = nn.Transformer(
+            cfg.d_model,
+            cfg.n_heads,
+            cfg.n_encoder_layers,
+            cfg.n_decoder_layers,
+            cfg.d_ff,
+            cfg.dropout,
+            batch_first=True,
+        )
 
     def embed(self, ids):
         return self.drop(self.embedding(ids) * math.sqrt(self.cfg.d_model) + self.positions[: ids.shape[1]])
@@ -41,8 +48,13 @@ class Reference(nn.Module):
     def forward(self, src, src_mask, tgt_in):
         T = tgt_in.shape[1]
         causal = torch.triu(torch.full((T, T), float("-inf")), diagonal=1)
-        out = self.core(self.embed(src), self.embed(tgt_in), tgt_mask=causal, src_key_padding_mask=~src_mask,
-                        memory_key_padding_mask=~src_mask)
+        out = self.core(
+            self.embed(src),
+            self.embed(tgt_in),
+            tgt_mask=causal,
+            src_key_padding_mask=~src_mask,
+            memory_key_padding_mask=~src_mask,
+        )
         return out @ self.embedding.weight.T
 
 
@@ -88,15 +100,23 @@ def main() -> None:
     valid = encode_corpus(multi30k("val", "en", "de"), tokenizer, 10**9)
     batches = token_batches(examples.src_lengths, examples.tgt_lengths, 4096, seed=1)
     batches += token_batches(examples.src_lengths, examples.tgt_lengths, 4096, seed=2)
-    cfg = preset("tiny", vocab_size=tokenizer.vocab_size, dropout=args.dropout, attention_dropout=args.dropout,
-                 activation_dropout=args.dropout)
+    cfg = preset(
+        "tiny",
+        vocab_size=tokenizer.vocab_size,
+        dropout=args.dropout,
+        attention_dropout=args.dropout,
+        activation_dropout=args.dropout,
+    )
     p_models = [("ours", Transformer), ("torch.nn.Transformer", Reference)]
     for name, build in p_models[: 1 if args.ours_only else 2]:
         torch.manual_seed(1)
         start = time.perf_counter()
         curve = train(build(cfg), examples, valid, batches, args.steps, args.lr, args.warmup)
-        print(f"{name:22s} valid NLL at steps {[s for s, _ in curve]}: {[round(v, 3) for _, v in curve]} "
-              f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(
+            f"{name:22s} valid NLL at steps {[s for s, _ in curve]}: {[round(v, 3) for _, v in curve]} "
+            f"({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -66,26 +66,34 @@ class Connection:
         return (("authorization", f"Bearer {self.token}"),) if self.token else ()
 
     def channel_args(self) -> list[tuple[str, Any]]:
-        return [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        return [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
 
 
-def request_options(beam_size: int | None = None, n_best: int | None = None, length_penalty: float | None = None,
-                    max_len_extra: int | None = None, return_scores: bool = False) -> pb.DecodeOptions:
+def request_options(
+    beam_size: int | None = None,
+    n_best: int | None = None,
+    length_penalty: float | None = None,
+    max_len_extra: int | None = None,
+    return_scores: bool = False,
+) -> pb.DecodeOptions:
     """DecodeOptions with only the given fields set (the server fills in the rest)."""
-    given = {"beam_size": beam_size, "n_best": n_best, "length_penalty": length_penalty,
-             "max_len_extra": max_len_extra}
+    given = {"beam_size": beam_size, "n_best": n_best, "length_penalty": length_penalty, "max_len_extra": max_len_extra}
     return pb.DecodeOptions(return_scores=return_scores, **{k: v for k, v in given.items() if v is not None})
 
 
-def translate_request(texts: list[str], model: str = "", version: int | None = None,
-                      **options: Any) -> pb.TranslateRequest:
+def translate_request(
+    texts: list[str], model: str = "", version: int | None = None, **options: Any
+) -> pb.TranslateRequest:
     return pb.TranslateRequest(texts=texts, options=request_options(**options), model=model, version=version)
 
 
 def from_proto(response: pb.TranslateResponse) -> list[list[Hypothesis]]:
-    return [[Hypothesis(h.text, h.tokens, h.score, h.normalized_score) for h in t.hypotheses]
-            for t in response.translations]
+    return [
+        [Hypothesis(h.text, h.tokens, h.score, h.normalized_score) for h in t.hypotheses] for t in response.translations
+    ]
 
 
 class TranslationClient:
@@ -94,30 +102,49 @@ class TranslationClient:
     def __init__(self, connection: Connection | None = None, **kwargs: Any):
         self.connection = connection or Connection(**kwargs)
         c, creds = self.connection, self.connection.credentials()
-        self.channel = (grpc.secure_channel(c.target, creds, c.channel_args()) if creds
-                        else grpc.insecure_channel(c.target, c.channel_args()))
+        self.channel = (
+            grpc.secure_channel(c.target, creds, c.channel_args())
+            if creds
+            else grpc.insecure_channel(c.target, c.channel_args())
+        )
         self.stub = pb_grpc.TranslationServiceStub(self.channel)
 
-    def translate(self, texts: list[str], *, timeout: float | None = None, model: str = "",
-                  version: int | None = None, **options: Any) -> list[list[Hypothesis]]:
+    def translate(
+        self,
+        texts: list[str],
+        *,
+        timeout: float | None = None,
+        model: str = "",
+        version: int | None = None,
+        **options: Any,
+    ) -> list[list[Hypothesis]]:
         """Hypotheses per text, best first, from `model` (empty: the server's default) at `version` (None: the
         served one). options: beam_size, n_best, length_penalty, max_len_extra, return_scores."""
         request = translate_request(texts, model, version, **options)
         return from_proto(self.stub.Translate(request, timeout=timeout, metadata=self.connection.metadata()))
 
-    def translate_stream(self, requests: Iterable[tuple[str, list[str]]], *, timeout: float | None = None,
-                         model: str = "", version: int | None = None,
-                         **options: Any) -> Iterator[tuple[str, list[list[Hypothesis]] | grpc.StatusCode, str]]:
+    def translate_stream(
+        self,
+        requests: Iterable[tuple[str, list[str]]],
+        *,
+        timeout: float | None = None,
+        model: str = "",
+        version: int | None = None,
+        **options: Any,
+    ) -> Iterator[tuple[str, list[list[Hypothesis]] | grpc.StatusCode, str]]:
         """(id, hypotheses, "") per done request, or (id, status code, message) for a failed one; any order."""
         opts = request_options(**options)
-        stream = (pb.TranslateStreamRequest(id=i, texts=texts, options=opts, model=model, version=version)
-                  for i, texts in requests)
+        stream = (
+            pb.TranslateStreamRequest(id=i, texts=texts, options=opts, model=model, version=version)
+            for i, texts in requests
+        )
         for r in self.stub.TranslateStream(stream, timeout=timeout, metadata=self.connection.metadata()):
             yield _stream_item(r)
 
     def model_info(self, model: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout,
-                                      metadata=self.connection.metadata())
+        return self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(model=model), timeout=timeout, metadata=self.connection.metadata()
+        )
 
     def list_models(self, *, timeout: float | None = None) -> list[pb.ModelEntry]:
         response = self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout, metadata=self.connection.metadata())
@@ -127,14 +154,16 @@ class TranslationClient:
         """Load, or reload, model `name`'s highest version (Triton's RepositoryModelLoad); returns once new
         requests go to it."""
         request = kpb.RepositoryModelLoadRequest(model_name=name)
-        kpb_grpc.GRPCInferenceServiceStub(self.channel).RepositoryModelLoad(request, timeout=timeout,
-                                                                           metadata=self.connection.metadata())
+        kpb_grpc.GRPCInferenceServiceStub(self.channel).RepositoryModelLoad(
+            request, timeout=timeout, metadata=self.connection.metadata()
+        )
 
     def unload_model(self, name: str, *, timeout: float | None = None) -> None:
         """Stop serving model `name` (Triton's RepositoryModelUnload)."""
         request = kpb.RepositoryModelUnloadRequest(model_name=name)
-        kpb_grpc.GRPCInferenceServiceStub(self.channel).RepositoryModelUnload(request, timeout=timeout,
-                                                                             metadata=self.connection.metadata())
+        kpb_grpc.GRPCInferenceServiceStub(self.channel).RepositoryModelUnload(
+            request, timeout=timeout, metadata=self.connection.metadata()
+        )
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... of the server ("") or one service."""
@@ -158,32 +187,51 @@ class AsyncTranslationClient:
     def __init__(self, connection: Connection | None = None, **kwargs: Any):
         self.connection = connection or Connection(**kwargs)
         c, creds = self.connection, self.connection.credentials()
-        self.channel = (grpc.aio.secure_channel(c.target, creds, c.channel_args()) if creds
-                        else grpc.aio.insecure_channel(c.target, c.channel_args()))
+        self.channel = (
+            grpc.aio.secure_channel(c.target, creds, c.channel_args())
+            if creds
+            else grpc.aio.insecure_channel(c.target, c.channel_args())
+        )
         self.stub = pb_grpc.TranslationServiceStub(self.channel)
 
-    async def translate(self, texts: list[str], *, timeout: float | None = None, model: str = "",
-                        version: int | None = None, **options: Any) -> list[list[Hypothesis]]:
+    async def translate(
+        self,
+        texts: list[str],
+        *,
+        timeout: float | None = None,
+        model: str = "",
+        version: int | None = None,
+        **options: Any,
+    ) -> list[list[Hypothesis]]:
         request = translate_request(texts, model, version, **options)
         return from_proto(await self.stub.Translate(request, timeout=timeout, metadata=self.connection.metadata()))
 
-    async def translate_stream(self, requests: Iterable[tuple[str, list[str]]], *, timeout: float | None = None,
-                               model: str = "", version: int | None = None,
-                               **options: Any) -> AsyncIterator[tuple[str, list[list[Hypothesis]] | grpc.StatusCode,
-                                                                      str]]:
+    async def translate_stream(
+        self,
+        requests: Iterable[tuple[str, list[str]]],
+        *,
+        timeout: float | None = None,
+        model: str = "",
+        version: int | None = None,
+        **options: Any,
+    ) -> AsyncIterator[tuple[str, list[list[Hypothesis]] | grpc.StatusCode, str]]:
         opts = request_options(**options)
-        stream = (pb.TranslateStreamRequest(id=i, texts=texts, options=opts, model=model, version=version)
-                  for i, texts in requests)
+        stream = (
+            pb.TranslateStreamRequest(id=i, texts=texts, options=opts, model=model, version=version)
+            for i, texts in requests
+        )
         async for r in self.stub.TranslateStream(stream, timeout=timeout, metadata=self.connection.metadata()):
             yield _stream_item(r)
 
     async def model_info(self, model: str = "", *, timeout: float | None = None) -> pb.ModelInfo:
-        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(model=model), timeout=timeout,
-                                            metadata=self.connection.metadata())
+        return await self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(model=model), timeout=timeout, metadata=self.connection.metadata()
+        )
 
     async def list_models(self, *, timeout: float | None = None) -> list[pb.ModelEntry]:
-        response = await self.stub.ListModels(pb.ListModelsRequest(), timeout=timeout,
-                                              metadata=self.connection.metadata())
+        response = await self.stub.ListModels(
+            pb.ListModelsRequest(), timeout=timeout, metadata=self.connection.metadata()
+        )
         return list(response.models)
 
     async def health(self, service: str = "", *, timeout: float | None = None) -> str:
@@ -210,6 +258,7 @@ def _stream_item(r: pb.TranslateStreamResponse) -> tuple[str, list[list[Hypothes
 
 # ---- CLI ----
 
+
 def default_target(env: Mapping[str, str]) -> str:
     """NMT_TARGET; else the port nmt-serve reads (NMT_PORT) on localhost, so a HEALTHCHECK in exec
     form (no shell to expand variables) finds the server wherever NMT_PORT puts it; else 50051."""
@@ -225,12 +274,15 @@ def _connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> Non
     after, they win; unset after, the values before it (or the defaults) stay."""
     default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)  # noqa: E731
     target = default_target(os.environ)
-    parser.add_argument("--target", default=default(target),
-                        help=f"server host:port [env NMT_TARGET] (default: {target})")
-    parser.add_argument("--token", default=default(os.environ.get("NMT_AUTH_TOKEN")),
-                        help="bearer token [env NMT_AUTH_TOKEN]")
-    parser.add_argument("--tls", action="store_true", default=default(False),
-                        help="use TLS (implied by --ca/--cert/--key)")
+    parser.add_argument(
+        "--target", default=default(target), help=f"server host:port [env NMT_TARGET] (default: {target})"
+    )
+    parser.add_argument(
+        "--token", default=default(os.environ.get("NMT_AUTH_TOKEN")), help="bearer token [env NMT_AUTH_TOKEN]"
+    )
+    parser.add_argument(
+        "--tls", action="store_true", default=default(False), help="use TLS (implied by --ca/--cert/--key)"
+    )
     parser.add_argument("--ca", default=default(None), help="PEM CA certificates to trust")
     parser.add_argument("--cert", default=default(None), help="PEM client certificate (mutual TLS)")
     parser.add_argument("--key", default=default(None), help="PEM private key of --cert")
@@ -240,14 +292,17 @@ def _connection_flags(parser: argparse.ArgumentParser, *, defaults: bool) -> Non
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     _connection_flags(common, defaults=False)
-    parser = argparse.ArgumentParser(prog="nmt-client", description="Translate with an nmt-serve server over gRPC. "
-                                     "Connection flags go before or after the command.")
+    parser = argparse.ArgumentParser(
+        prog="nmt-client",
+        description="Translate with an nmt-serve server over gRPC. Connection flags go before or after the command.",
+    )
     _connection_flags(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     tr = commands.add_parser("translate", parents=[common], help="translate texts (arguments, else stdin lines)")
     tr.add_argument("texts", nargs="*", help="texts to translate; none: read lines from stdin")
-    tr.add_argument("--model", default="", help="model name (nmt-client models list); default: the server's "
-                    "default model")
+    tr.add_argument(
+        "--model", default="", help="model name (nmt-client models list); default: the server's default model"
+    )
     tr.add_argument("--version", type=int, help="model version (default: the one the server serves)")
     tr.add_argument("--beam", type=int, help="beam size (server default when unset); 1 = greedy")
     tr.add_argument("--n-best", type=int, help="translations per text")
@@ -258,9 +313,12 @@ def _parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", parents=[common], help="print a served model's info")
     info.add_argument("--model", default="", help="model name; default: the server's default model")
     models = commands.add_parser("models", parents=[common], help="the models the server serves")
-    models.add_argument("action", choices=["list", "load", "unload"],
-                        help="list: name, versions, serving version, languages, state; load NAME: load or reload "
-                        "its highest version; unload NAME: stop serving it")
+    models.add_argument(
+        "action",
+        choices=["list", "load", "unload"],
+        help="list: name, versions, serving version, languages, state; load NAME: load or reload "
+        "its highest version; unload NAME: stop serving it",
+    )
     models.add_argument("name", nargs="?", help="the model to load or unload")
     commands.add_parser("health", parents=[common], help="print the server's health status (exit 1 unless SERVING)")
     return parser
@@ -272,10 +330,17 @@ def _translate(client: TranslationClient, args: argparse.Namespace) -> int:
     index = 0
     iterator = iter(texts)
     while chunk := list(itertools.islice(iterator, max(1, args.batch_size))):
-        found = client.translate(chunk, timeout=args.deadline, model=args.model, version=args.version,
-                                 beam_size=args.beam, n_best=args.n_best,
-                                 length_penalty=args.length_penalty, max_len_extra=args.max_len_extra,
-                                 return_scores=detailed)
+        found = client.translate(
+            chunk,
+            timeout=args.deadline,
+            model=args.model,
+            version=args.version,
+            beam_size=args.beam,
+            n_best=args.n_best,
+            length_penalty=args.length_penalty,
+            max_len_extra=args.max_len_extra,
+            return_scores=detailed,
+        )
         for hypotheses in found:
             if detailed:
                 print("\n".join(f"{index}\t{h.normalized_score:.4f}\t{h.text}" for h in hypotheses))

@@ -68,21 +68,34 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if not self.model_dir and not self.model_repository:
-            raise ValueError("a model is required: --model-dir (NMT_MODEL_DIR) or --model-repository "
-                             "(NMT_MODEL_REPOSITORY)")
+            raise ValueError(
+                "a model is required: --model-dir (NMT_MODEL_DIR) or --model-repository (NMT_MODEL_REPOSITORY)"
+            )
         if self.model_dir and self.model_repository:
             raise ValueError("give --model-dir (NMT_MODEL_DIR) or --model-repository (NMT_MODEL_REPOSITORY), not both")
         if self.default_model is not None and not self.default_model:
             raise ValueError("default_model must not be empty (leave it unset for the only model)")
-        for name in ("port", "max_batch_size", "max_batch_tokens", "max_queue_size", "workers", "max_texts", "max_sentences",
-                     "max_tokens_per_text", "max_text_bytes", "max_beam_size", "default_beam_size",
-                     "max_message_bytes"):
+        for name in (
+            "port",
+            "max_batch_size",
+            "max_batch_tokens",
+            "max_queue_size",
+            "workers",
+            "max_texts",
+            "max_sentences",
+            "max_tokens_per_text",
+            "max_text_bytes",
+            "max_beam_size",
+            "default_beam_size",
+            "max_message_bytes",
+        ):
             low = 0 if name == "port" else 1
             if getattr(self, name) is not None and getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         if not -1 <= self.metrics_port <= 65535 or self.port > 65535:
-            raise ValueError(f"ports must be in 0..65535 (metrics_port may be -1), got {self.port} and "
-                             f"{self.metrics_port}")
+            raise ValueError(
+                f"ports must be in 0..65535 (metrics_port may be -1), got {self.port} and {self.metrics_port}"
+            )
         if self.max_wait_ms < 0 or self.grace_seconds < 0 or self.threads < 0 or not self.repository_poll_seconds >= 0:
             raise ValueError("max_wait_ms, grace_seconds, threads and repository_poll_seconds must be >= 0")
         if self.repository_poll_seconds and not self.model_repository:
@@ -90,8 +103,9 @@ class ServerConfig:
         if self.max_texts > self.max_queue_size:
             raise ValueError(f"max_texts ({self.max_texts}) must not exceed max_queue_size ({self.max_queue_size})")
         if self.default_beam_size is not None and self.default_beam_size > self.max_beam_size:
-            raise ValueError(f"default_beam_size ({self.default_beam_size}) must not exceed max_beam_size "
-                             f"({self.max_beam_size})")
+            raise ValueError(
+                f"default_beam_size ({self.default_beam_size}) must not exceed max_beam_size ({self.max_beam_size})"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key must be given together")
         if self.tls_ca is not None and self.tls_cert is None:
@@ -116,13 +130,24 @@ class ServerConfig:
         return self.tls_cert is not None
 
     def runtime(self) -> RuntimeConfig:
-        return RuntimeConfig(device=self.device, precision=self.precision, intra_op_threads=self.threads,
-                             shortlist=self.shortlist == "on", step_decoder=self.step_decoder == "on",
-                             per_row_decoder=self.batching == "continuous")
+        return RuntimeConfig(
+            device=self.device,
+            precision=self.precision,
+            intra_op_threads=self.threads,
+            shortlist=self.shortlist == "on",
+            step_decoder=self.step_decoder == "on",
+            per_row_decoder=self.batching == "continuous",
+        )
 
     def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_batch_size, self.max_batch_tokens, self.max_wait_ms / 1000.0,
-                               self.max_queue_size, self.workers, self.batching)
+        return SchedulerConfig(
+            self.max_batch_size,
+            self.max_batch_tokens,
+            self.max_wait_ms / 1000.0,
+            self.max_queue_size,
+            self.workers,
+            self.batching,
+        )
 
     def default_options(self, bundle_defaults: DecodeOptions | None = None) -> DecodeOptions:
         """The bundle's inference settings, with --default-beam-size in place of its beam when given."""
@@ -135,53 +160,113 @@ class ServerConfig:
 # (flag, field, type, help). A flag's default is its environment variable NMT_<FIELD>, else the field's.
 FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
     ("--model-dir", "model_dir", str, "model bundle directory (from nmt-export); or --model-repository"),
-    ("--model-repository", "model_repository", str, "serve every model of this directory, laid out "
-     "NAME/VERSION/ (VERSION a positive integer; the highest version of each model is served)"),
+    (
+        "--model-repository",
+        "model_repository",
+        str,
+        "serve every model of this directory, laid out "
+        "NAME/VERSION/ (VERSION a positive integer; the highest version of each model is served)",
+    ),
     ("--default-model", "default_model", str, "the model of requests that name none (default: the only model)"),
-    ("--repository-poll-seconds", "repository_poll_seconds", float, "with --model-repository: every X seconds, "
-     "load new models and new or changed versions, unload models whose directory is gone; 0 (default) = never "
-     "(load and unload over the API)"),
+    (
+        "--repository-poll-seconds",
+        "repository_poll_seconds",
+        float,
+        "with --model-repository: every X seconds, "
+        "load new models and new or changed versions, unload models whose directory is gone; 0 (default) = never "
+        "(load and unload over the API)",
+    ),
     ("--host", "host", str, "address to listen on"),
     ("--port", "port", int, "gRPC port; 0 = any free port"),
     ("--metrics-port", "metrics_port", int, "Prometheus /metrics HTTP port; 0 = any free port, -1 = off"),
-    ("--port-file", "port_file", str, "once serving, write {\"pid\": P, \"port\": N, \"metrics_port\": M or null} "
-     "(JSON) to this file, removed at exit: how a parent learns the ports bound with 0"),
+    (
+        "--port-file",
+        "port_file",
+        str,
+        'once serving, write {"pid": P, "port": N, "metrics_port": M or null} '
+        "(JSON) to this file, removed at exit: how a parent learns the ports bound with 0",
+    ),
     ("--max-batch-size", "max_batch_size", int, "most sentences in one engine batch (being decoded at once)"),
     ("--max-batch-tokens", "max_batch_tokens", int, "most padded source tokens (sentences x longest) in one batch"),
-    ("--max-wait-ms", "max_wait_ms", float, "static batching: longest a queued sentence waits for a batch to fill; "
-     "0 (default) = a batch forms as soon as the engine is free"),
+    (
+        "--max-wait-ms",
+        "max_wait_ms",
+        float,
+        "static batching: longest a queued sentence waits for a batch to fill; "
+        "0 (default) = a batch forms as soon as the engine is free",
+    ),
     ("--max-queue-size", "max_queue_size", int, "most queued sentences; more -> RESOURCE_EXHAUSTED"),
     ("--workers", "workers", int, "engine threads, i.e. batches computed at once"),
-    ("--engine-turns", "engine_turns", str, "with a model repository, how the models' engine steps share the "
-     "cores: shared (default), a budget of --threads cores (all by default), small steps first, none waiting "
-     "much over 50 ms; exclusive, one step at a time in that order (a light model keeps its latency under "
-     "another's load, which loses throughput); off, whenever ready (the OS shares them)"),
-    ("--batching", "batching", str, "static (default): a batch runs until its last sentence ends; continuous: "
-     "requests join and leave the running batch between decoder steps (bundle format 3)"),
+    (
+        "--engine-turns",
+        "engine_turns",
+        str,
+        "with a model repository, how the models' engine steps share the "
+        "cores: shared (default), a budget of --threads cores (all by default), small steps first, none waiting "
+        "much over 50 ms; exclusive, one step at a time in that order (a light model keeps its latency under "
+        "another's load, which loses throughput); off, whenever ready (the OS shares them)",
+    ),
+    (
+        "--batching",
+        "batching",
+        str,
+        "static (default): a batch runs until its last sentence ends; continuous: "
+        "requests join and leave the running batch between decoder steps (bundle format 3)",
+    ),
     ("--device", "device", str, f"execution device: {'|'.join(DEVICES)} (auto: CUDA when available)"),
     ("--precision", "precision", str, f"bundle variant precision: {'|'.join(PRECISIONS)}"),
     ("--threads", "threads", int, "ONNX Runtime intra-op threads; 0 = its default"),
-    ("--shortlist", "shortlist", str, "on: score only the bundle's vocabulary shortlist per batch (up to 1.3x faster, "
-     "BLEU within 0.3, outputs depend on batch mates); off (default): every id, as the torch reference"),
-    ("--step-decoder", "step_decoder", str, "on (default): the bundle's in-place-cache step decoders on the CPU "
-     "(faster, outputs as the torch reference); off: the traced decoder, as bundles without them"),
+    (
+        "--shortlist",
+        "shortlist",
+        str,
+        "on: score only the bundle's vocabulary shortlist per batch (up to 1.3x faster, "
+        "BLEU within 0.3, outputs depend on batch mates); off (default): every id, as the torch reference",
+    ),
+    (
+        "--step-decoder",
+        "step_decoder",
+        str,
+        "on (default): the bundle's in-place-cache step decoders on the CPU "
+        "(faster, outputs as the torch reference); off: the traced decoder, as bundles without them",
+    ),
     ("--max-texts", "max_texts", int, "most texts in one request"),
-    ("--max-sentences-per-request", "max_sentences", int,
-     "most sentences in one request, all its texts split into sentences together"),
-    ("--max-tokens-per-text", "max_tokens_per_text", int,
-     "most source tokens in one sentence (in one text when a request turns split_sentences off)"),
-    ("--max-text-bytes", "max_text_bytes", int,
-     f"most UTF-8 bytes in one text, checked before tokenizing (default: {BYTES_PER_TOKEN} x --max-tokens-per-text)"),
+    (
+        "--max-sentences-per-request",
+        "max_sentences",
+        int,
+        "most sentences in one request, all its texts split into sentences together",
+    ),
+    (
+        "--max-tokens-per-text",
+        "max_tokens_per_text",
+        int,
+        "most source tokens in one sentence (in one text when a request turns split_sentences off)",
+    ),
+    (
+        "--max-text-bytes",
+        "max_text_bytes",
+        int,
+        f"most UTF-8 bytes in one text, checked before tokenizing (default: {BYTES_PER_TOKEN} x --max-tokens-per-text)",
+    ),
     ("--max-beam-size", "max_beam_size", int, "largest beam a request may ask for"),
-    ("--default-beam-size", "default_beam_size", int,
-     "beam size of requests that leave it unset (default: the bundle's inference setting)"),
+    (
+        "--default-beam-size",
+        "default_beam_size",
+        int,
+        "beam size of requests that leave it unset (default: the bundle's inference setting)",
+    ),
     ("--grace-seconds", "grace_seconds", float, "on SIGTERM/SIGINT, time to finish accepted requests"),
     ("--tls-cert", "tls_cert", str, "PEM server certificate (enables TLS)"),
     ("--tls-key", "tls_key", str, "PEM private key of --tls-cert"),
     ("--tls-ca", "tls_ca", str, "PEM CA bundle; clients must present a certificate it signed (mutual TLS)"),
     ("--auth-token", "auth_token", str, "require metadata 'authorization: Bearer TOKEN' (prefer the env var)"),
-    ("--max-message-bytes", "max_message_bytes", int, "largest request or response message; a larger request "
-     "gets RESOURCE_EXHAUSTED"),
+    (
+        "--max-message-bytes",
+        "max_message_bytes",
+        int,
+        "largest request or response message; a larger request gets RESOURCE_EXHAUSTED",
+    ),
     ("--log-level", "log_level", str, "DEBUG, INFO, WARNING or ERROR"),
 ]
 
@@ -197,16 +282,19 @@ def parser(env: Mapping[str, str] | None = None) -> argparse.ArgumentParser:
     env = os.environ if env is None else env
     defaults = {f.name: None if f.default is MISSING else f.default for f in fields(ServerConfig)}
     p = argparse.ArgumentParser(
-        prog="nmt-serve", description="Serve a model bundle over gRPC (nmt.v1.TranslationService), with health, "
+        prog="nmt-serve",
+        description="Serve a model bundle over gRPC (nmt.v1.TranslationService), with health, "
         "reflection and Prometheus metrics. Every flag defaults to its environment variable, else the value shown.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     for flag, name, kind, text in FLAGS:
         default = env.get(env_var(name), defaults[name])
         if name in SECRETS:  # never printed by --help: resolved in from_args
             default, text = argparse.SUPPRESS, f"{text}; not set by default"
         metavar = {int: "N", float: "X"}.get(kind, name.split("_")[-1].upper())
-        p.add_argument(flag, dest=name, type=kind, default=default, metavar=metavar,
-                       help=f"{text} [env {env_var(name)}]")
+        p.add_argument(
+            flag, dest=name, type=kind, default=default, metavar=metavar, help=f"{text} [env {env_var(name)}]"
+        )
     return p
 
 

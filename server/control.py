@@ -77,15 +77,16 @@ class ModelControl:
     @property
     def root(self) -> Path:
         if self.models.root is None:
-            raise ControlError(grpc.StatusCode.FAILED_PRECONDITION,
-                               "this server serves a single bundle (--model-dir): models can be loaded and unloaded "
-                               "only from a model repository (--model-repository)")
+            raise ControlError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this server serves a single bundle (--model-dir): models can be loaded and unloaded "
+                "only from a model repository (--model-repository)",
+            )
         return self.models.root
 
     def _check_serving(self, what: str) -> None:
         if not self.models.ready:
-            raise ControlError(grpc.StatusCode.UNAVAILABLE,
-                               f"cannot {what}: the server is starting or shutting down")
+            raise ControlError(grpc.StatusCode.UNAVAILABLE, f"cannot {what}: the server is starting or shutting down")
 
     async def load(self, name: str) -> ModelEntry:
         """Load (or reload) model `name`'s highest version beside the served one, then switch to it."""
@@ -107,13 +108,19 @@ class ModelControl:
                 raise ControlError(code, f"failed to load '{name}': {reason}") from e
             if not self.models.ready:  # the server began to stop while the model loaded
                 await entry.scheduler.close(timeout=0)
-                raise ControlError(grpc.StatusCode.UNAVAILABLE, f"model '{name}' was loaded, but the server is "
-                                   f"shutting down")
+                raise ControlError(
+                    grpc.StatusCode.UNAVAILABLE, f"model '{name}' was loaded, but the server is shutting down"
+                )
             old = self.models.put(entry)
             self._reasons.pop(name, None)
             self._count("loaded")
-            log.info("model %s: version %s from %s serves new requests%s", name, entry.version, entry.path,
-                     f" (version {old.version} finishes the requests it accepted, then is released)" if old else "")
+            log.info(
+                "model %s: version %s from %s serves new requests%s",
+                name,
+                entry.version,
+                entry.path,
+                f" (version {old.version} finishes the requests it accepted, then is released)" if old else "",
+            )
             return entry
 
     async def unload(self, name: str) -> ModelEntry:
@@ -122,12 +129,15 @@ class ModelControl:
         async with self._lock:
             self._check_serving(f"unload model '{name}'")
             if self.models.get(name) is None:
-                raise ControlError(grpc.StatusCode.NOT_FOUND, f"failed to unload '{name}': it is not loaded; "
-                                   f"this server serves: {self.models.served()}")
+                raise ControlError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"failed to unload '{name}': it is not loaded; this server serves: {self.models.served()}",
+                )
             old = self.models.remove(name)
             self._reasons[name] = UNLOADED
-            log.info("model %s: unloaded (version %s finishes the requests it accepted, then is released)",
-                     name, old.version)
+            log.info(
+                "model %s: unloaded (version %s finishes the requests it accepted, then is released)", name, old.version
+            )
             return old
 
     async def poll(self) -> list[str]:
@@ -178,14 +188,23 @@ class ModelControl:
         """The repository's models (and any served one no longer on disk), served or not, by name."""
         names = {e.name for e in self.models} | set(self._reasons)
         if self.models.root is not None and self.models.root.is_dir():
-            names |= {p.name for p in self.models.root.iterdir() if p.is_dir() and NAME.fullmatch(p.name)
-                      and not p.name.startswith(".")}
+            names |= {
+                p.name
+                for p in self.models.root.iterdir()
+                if p.is_dir() and NAME.fullmatch(p.name) and not p.name.startswith(".")
+            }
         found = []
         for name in sorted(names):
             entry = self.models.get(name)
             if entry is not None:
-                found.append(IndexEntry(name, entry.version, self.models.state(entry),
-                                        "" if self.models.state(entry) == READY else "draining"))
+                found.append(
+                    IndexEntry(
+                        name,
+                        entry.version,
+                        self.models.state(entry),
+                        "" if self.models.state(entry) == READY else "draining",
+                    )
+                )
             elif not ready_only:
                 found.append(IndexEntry(name, "", UNAVAILABLE, self._reasons.get(name, "not loaded")))
         return [f for f in found if f.state == READY or not ready_only]
@@ -193,14 +212,17 @@ class ModelControl:
     @staticmethod
     def _find(root: Path, name: str) -> ModelVersions:
         if not NAME.fullmatch(name) or name.startswith("."):
-            raise ControlError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"model name {name!r} is not valid: a model name is made of A-Z a-z 0-9 _ . -")
+            raise ControlError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"model name {name!r} is not valid: a model name is made of A-Z a-z 0-9 _ . -",
+            )
         if not (root / name).is_dir():
             raise ControlError(grpc.StatusCode.NOT_FOUND, f"no model directory {name} in the model repository {root}")
         versions = version_dirs(root / name)
         if not versions:
-            raise ControlError(grpc.StatusCode.NOT_FOUND, f"{name} holds no version directory with a bundle "
-                               f"({name}/1/manifest.json)")
+            raise ControlError(
+                grpc.StatusCode.NOT_FOUND, f"{name} holds no version directory with a bundle ({name}/1/manifest.json)"
+            )
         return ModelVersions(name, versions)
 
     def _kept(self, name: str) -> str:

@@ -32,8 +32,12 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 LOG_INTERVAL_S = 10.0
 Behavior = Callable[..., Any]
-_MAKERS = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-           (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
+_MAKERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
 
 
 class Refused(Exception):
@@ -44,8 +48,9 @@ class Refused(Exception):
         self.code = code
 
 
-async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str,
-                trailers: Sequence[tuple[str, str]] = ()) -> NoReturn:
+async def abort(
+    context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, trailers: Sequence[tuple[str, str]] = ()
+) -> NoReturn:
     """context.abort; a client that has already gone (cancelled, or its deadline passed) ends the call
     quietly instead of grpc logging "ExecuteBatchError raised in core" with a traceback."""
     try:
@@ -73,16 +78,20 @@ class RateLimitedLog:
         self._next, self._skipped = now + self.interval, 0
 
 
-def with_behavior(handler: grpc.RpcMethodHandler, behavior: Behavior,
-                  deserializer: Callable[[bytes], Any] | None = None) -> grpc.RpcMethodHandler:
+def with_behavior(
+    handler: grpc.RpcMethodHandler, behavior: Behavior, deserializer: Callable[[bytes], Any] | None = None
+) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` running `behavior` (and `deserializer`, if given)."""
     make = _MAKERS[(handler.request_streaming, handler.response_streaming)]
-    return make(behavior, request_deserializer=deserializer or handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    return make(
+        behavior,
+        request_deserializer=deserializer or handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 def _behavior(handler: grpc.RpcMethodHandler) -> Behavior:
-    return (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
 
 
 class RequestGuard(grpc.aio.ServerInterceptor):
@@ -93,9 +102,11 @@ class RequestGuard(grpc.aio.ServerInterceptor):
         self.log = RateLimitedLog(log)
         self.last_call = time.monotonic()  # when the latest call arrived (the drain waits for a quiet moment)
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
-                                                             Awaitable[grpc.RpcMethodHandler]],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
         self.last_call = time.monotonic()
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
@@ -111,12 +122,15 @@ class RequestGuard(grpc.aio.ServerInterceptor):
     def _deserializer(self, parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
         def deserialize(raw: bytes) -> Any:
             if len(raw) > self.max_bytes:
-                return Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request message has {len(raw)} bytes; "
-                               f"the limit is max_message_bytes={self.max_bytes}")
+                return Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request message has {len(raw)} bytes; the limit is max_message_bytes={self.max_bytes}",
+                )
             try:
                 return parse(raw)
             except Exception as e:  # noqa: BLE001 - DecodeError, or anything else the parser raises on these bytes
                 return Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request message: {e}")
+
         return deserialize
 
     async def _refuse(self, method: str, refused: Refused, context: grpc.aio.ServicerContext) -> NoReturn:
@@ -132,22 +146,26 @@ Refuse = Callable[[Refused, grpc.aio.ServicerContext], Awaitable[NoReturn]]
 def _guard_unary(behavior: Behavior, refuse: Refuse) -> Behavior:
     """The request is parsed before the behavior runs: a Refused one is answered instead."""
     if inspect.isasyncgenfunction(behavior):
+
         async def stream_out(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             if isinstance(request, Refused):
                 await refuse(request, context)
             async for response in behavior(request, context):
                 yield response
+
         return stream_out
 
     async def unary_out(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Refused):
             await refuse(request, context)
         return await behavior(request, context)
+
     return unary_out
 
 
 def _guard_stream(behavior: Behavior, refuse: Refuse) -> Behavior:
     """Requests are parsed as the behavior reads them: a Refused one ends the call with its code."""
+
     async def checked(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         async for request in requests:
             if isinstance(request, Refused):
@@ -155,12 +173,14 @@ def _guard_stream(behavior: Behavior, refuse: Refuse) -> Behavior:
             yield request
 
     if inspect.isasyncgenfunction(behavior):
+
         async def stream_out(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 async for response in behavior(checked(requests), context):
                     yield response
             except Refused as e:
                 await refuse(e, context)
+
         return stream_out
 
     async def unary_out(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
@@ -168,6 +188,7 @@ def _guard_stream(behavior: Behavior, refuse: Refuse) -> Behavior:
             return await behavior(checked(requests), context)
         except Refused as e:
             await refuse(e, context)
+
     return unary_out
 
 
@@ -188,9 +209,11 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         matches = hmac.compare_digest(credentials.strip().encode(), self.token)
         return matches and scheme.lower() == "bearer"
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails],
-                                                             Awaitable[grpc.RpcMethodHandler]],
-                                details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or details.method.startswith(self.EXEMPT) or self.authorized(details.invocation_metadata):
             return handler

@@ -112,8 +112,9 @@ def _float_parameter(name: str, parameter: kpb.InferParameter) -> float:
         try:
             return float(parameter.string_param)
         except ValueError:
-            raise ValueError(f"parameter '{name}' must be a number, got string "
-                             f"{parameter.string_param[:40]!r}") from None
+            raise ValueError(
+                f"parameter '{name}' must be a number, got string {parameter.string_param[:40]!r}"
+            ) from None
     raise ValueError(f"parameter '{name}' must be a double parameter, got {kind or 'no value'}")
 
 
@@ -123,8 +124,10 @@ def _bool_parameter(name: str, parameter: kpb.InferParameter) -> bool:
         return parameter.bool_param
     if kind == "string_param" and parameter.string_param.lower() in ("true", "false"):
         return parameter.string_param.lower() == "true"
-    raise ValueError(f"parameter '{name}' must be a bool parameter, got {kind or 'no value'}"
-                     + (f" {parameter.string_param[:40]!r}" if kind == "string_param" else ""))
+    raise ValueError(
+        f"parameter '{name}' must be a bool parameter, got {kind or 'no value'}"
+        + (f" {parameter.string_param[:40]!r}" if kind == "string_param" else "")
+    )
 
 
 def options_message(parameters: Parameters) -> pb.DecodeOptions:
@@ -154,13 +157,16 @@ def split_bytes(raw: bytes, count: int) -> list[bytes]:
         (size,) = LENGTH.unpack_from(raw, offset)
         offset += LENGTH.size
         if offset + size > len(raw):
-            raise ValueError(f"element {i} of input '{INPUT}' has a length prefix of {size} bytes, "
-                             f"but only {len(raw) - offset} follow")
-        elements.append(raw[offset:offset + size])
+            raise ValueError(
+                f"element {i} of input '{INPUT}' has a length prefix of {size} bytes, "
+                f"but only {len(raw) - offset} follow"
+            )
+        elements.append(raw[offset : offset + size])
         offset += size
     if offset != len(raw):
-        raise ValueError(f"raw_input_contents of input '{INPUT}' has {len(raw) - offset} bytes after its "
-                         f"{count} elements")
+        raise ValueError(
+            f"raw_input_contents of input '{INPUT}' has {len(raw) - offset} bytes after its {count} elements"
+        )
     return elements
 
 
@@ -171,36 +177,44 @@ def input_texts(request: kpb.ModelInferRequest, model: str, max_texts: int) -> t
         if tensor.name != INPUT:
             raise ValueError(f"unexpected inference input '{tensor.name}' for model '{model}'")
     if len(request.inputs) != 1:
-        raise ValueError(f"expected 1 inputs but got {len(request.inputs)} inputs for model '{model}': "
-                         f"send one BYTES tensor '{INPUT}'")
+        raise ValueError(
+            f"expected 1 inputs but got {len(request.inputs)} inputs for model '{model}': "
+            f"send one BYTES tensor '{INPUT}'"
+        )
     tensor, shape = request.inputs[0], list(request.inputs[0].shape)
     if tensor.datatype != BYTES:
-        raise ValueError(f"inference input '{INPUT}' data-type is '{tensor.datatype}', "
-                         f"but model '{model}' expects '{BYTES}'")
+        raise ValueError(
+            f"inference input '{INPUT}' data-type is '{tensor.datatype}', but model '{model}' expects '{BYTES}'"
+        )
     if len(shape) not in (1, 2) or shape[0] < 0 or shape[1:] not in ([], [1]):
-        raise ValueError(f"unexpected shape for input '{INPUT}' for model '{model}'. "
-                         f"Expected [-1] or [-1,1], got {_dims(shape)}")
+        raise ValueError(
+            f"unexpected shape for input '{INPUT}' for model '{model}'. Expected [-1] or [-1,1], got {_dims(shape)}"
+        )
     if shape[0] > max_texts:  # before splitting: the work stays bounded
         raise ValueError(f"{shape[0]} texts; the limit is max_texts_per_request={max_texts}")
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:
             raise ValueError(f"expected 1 raw_input_contents (one per input), got {len(request.raw_input_contents)}")
         if tensor.HasField("contents"):
-            raise ValueError(f"contents field must not be specified when using raw_input_contents for "
-                             f"'{INPUT}' for model '{model}'")
+            raise ValueError(
+                f"contents field must not be specified when using raw_input_contents for '{INPUT}' for model '{model}'"
+            )
         elements = split_bytes(request.raw_input_contents[0], shape[0])
     else:
         elements = list(tensor.contents.bytes_contents)
         if len(elements) != shape[0]:
-            raise ValueError(f"expected {shape[0]} string elements for inference input '{INPUT}' "
-                             f"(shape {_dims(shape)}), got {len(elements)} in contents.bytes_contents")
+            raise ValueError(
+                f"expected {shape[0]} string elements for inference input '{INPUT}' "
+                f"(shape {_dims(shape)}), got {len(elements)} in contents.bytes_contents"
+            )
     texts = []
     for i, element in enumerate(elements):
         try:
             texts.append(element.decode("utf-8"))
         except UnicodeDecodeError as e:
-            raise ValueError(f"element {i} of input '{INPUT}' is not valid UTF-8 "
-                             f"({e.reason} at byte {e.start})") from None
+            raise ValueError(
+                f"element {i} of input '{INPUT}' is not valid UTF-8 ({e.reason} at byte {e.start})"
+            ) from None
     return texts, shape
 
 
@@ -210,16 +224,18 @@ def check_outputs(request: kpb.ModelInferRequest, model: str) -> None:
             raise ValueError(f"unexpected inference output '{output.name}' for model '{model}'")
 
 
-def infer_response(request: kpb.ModelInferRequest, info: ModelInfo, shape: list[int], n_best: int,
-                   results: list[list[Translation]]) -> kpb.ModelInferResponse:
+def infer_response(
+    request: kpb.ModelInferRequest, info: ModelInfo, shape: list[int], n_best: int, results: list[list[Translation]]
+) -> kpb.ModelInferResponse:
     """TRANSLATION: the input's shape, or [N, n_best]; blank texts (one empty hypothesis) padded with ""."""
     rows = [[t.text for t in hyps] + [""] * (n_best - len(hyps)) for hyps in results]
     encoded = [text.encode("utf-8") for row in rows for text in row]
     raw = b"".join(LENGTH.pack(len(e)) + e for e in encoded)
     out_shape = shape if n_best == 1 else [shape[0], n_best]
     tensor = kpb.ModelInferResponse.InferOutputTensor(name=OUTPUT, datatype=BYTES, shape=out_shape)
-    return kpb.ModelInferResponse(model_name=info.name, model_version=info.version, id=request.id,
-                                  outputs=[tensor], raw_output_contents=[raw])
+    return kpb.ModelInferResponse(
+        model_name=info.name, model_version=info.version, id=request.id, outputs=[tensor], raw_output_contents=[raw]
+    )
 
 
 class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
@@ -232,41 +248,51 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def models(self) -> Models:
         return self.translation.models
 
-    async def ServerLive(self, request: kpb.ServerLiveRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ServerLiveResponse:
+    async def ServerLive(
+        self, request: kpb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ServerLiveResponse:
         return kpb.ServerLiveResponse(live=True)  # it answers; draining is not being dead
 
-    async def ServerReady(self, request: kpb.ServerReadyRequest,
-                          context: grpc.aio.ServicerContext) -> kpb.ServerReadyResponse:
+    async def ServerReady(
+        self, request: kpb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ServerReadyResponse:
         return kpb.ServerReadyResponse(ready=await self._ready(context))
 
-    async def ModelReady(self, request: kpb.ModelReadyRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ModelReadyResponse:
+    async def ModelReady(
+        self, request: kpb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelReadyResponse:
         try:
             entry = find_model(self.models, request.name, request.version)
         except UnknownModel:
             return kpb.ModelReadyResponse(ready=False)  # Triton: not ready, not an error
         return kpb.ModelReadyResponse(ready=not entry.service.draining and await self._ready(context))
 
-    async def ServerMetadata(self, request: kpb.ServerMetadataRequest,
-                             context: grpc.aio.ServicerContext) -> kpb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: kpb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ServerMetadataResponse:
         # Triton's name for the repository extension, listed where models can be loaded (a repository).
         extensions = ["model_repository"] if self.control is not None and self.models.root is not None else []
         return kpb.ServerMetadataResponse(name=SERVER_NAME, version=server_version(), extensions=extensions)
 
-    async def ModelMetadata(self, request: kpb.ModelMetadataRequest,
-                            context: grpc.aio.ServicerContext) -> kpb.ModelMetadataResponse:
+    async def ModelMetadata(
+        self, request: kpb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelMetadataResponse:
         try:
             info = find_model(self.models, request.name, request.version).info
         except UnknownModel as e:
             await abort(context, grpc.StatusCode.NOT_FOUND, str(e))
         tensor = kpb.ModelMetadataResponse.TensorMetadata
-        return kpb.ModelMetadataResponse(name=info.name, versions=[info.version], platform=PLATFORM,
-                                         inputs=[tensor(name=INPUT, datatype=BYTES, shape=[-1])],
-                                         outputs=[tensor(name=OUTPUT, datatype=BYTES, shape=[-1])])
+        return kpb.ModelMetadataResponse(
+            name=info.name,
+            versions=[info.version],
+            platform=PLATFORM,
+            inputs=[tensor(name=INPUT, datatype=BYTES, shape=[-1])],
+            outputs=[tensor(name=OUTPUT, datatype=BYTES, shape=[-1])],
+        )
 
-    async def ModelInfer(self, request: kpb.ModelInferRequest,
-                         context: grpc.aio.ServicerContext) -> kpb.ModelInferResponse:
+    async def ModelInfer(
+        self, request: kpb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.ModelInferResponse:
         deadline = deadline_of(context)
         with self.translation.track("ModelInfer", deadline) as call:
             try:
@@ -277,8 +303,9 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
             await abort(context, *status)
         raise AssertionError("unreachable: abort raises")
 
-    async def _infer(self, request: kpb.ModelInferRequest, deadline: float | None,
-                     call: Call) -> kpb.ModelInferResponse:
+    async def _infer(
+        self, request: kpb.ModelInferRequest, deadline: float | None, call: Call
+    ) -> kpb.ModelInferResponse:
         entry = call.routed(find_model(self.models, request.model_name, request.model_version))
         info = entry.info
         texts, shape = input_texts(request, info.name, entry.limits.max_texts)
@@ -288,29 +315,39 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         results = await entry.service.translate(texts, options, text_options(message), deadline)
         return infer_response(request, info, shape, options.n_best, results)
 
-    async def RepositoryIndex(self, request: kpb.RepositoryIndexRequest,
-                              context: grpc.aio.ServicerContext) -> kpb.RepositoryIndexResponse:
+    async def RepositoryIndex(
+        self, request: kpb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.RepositoryIndexResponse:
         control = await self._control(context)
         index = kpb.RepositoryIndexResponse.ModelIndex
-        return kpb.RepositoryIndexResponse(models=[index(name=m.name, version=m.version, state=m.state, reason=m.reason)
-                                                   for m in control.index(request.ready)])
+        return kpb.RepositoryIndexResponse(
+            models=[
+                index(name=m.name, version=m.version, state=m.state, reason=m.reason)
+                for m in control.index(request.ready)
+            ]
+        )
 
-    async def RepositoryModelLoad(self, request: kpb.RepositoryModelLoadRequest,
-                                  context: grpc.aio.ServicerContext) -> kpb.RepositoryModelLoadResponse:
+    async def RepositoryModelLoad(
+        self, request: kpb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.RepositoryModelLoadResponse:
         control = await self._control(context)
         overrides = sorted(k for k in request.parameters if k == "config" or k.startswith("file:"))
         try:
             if overrides:
-                raise ControlError(grpc.StatusCode.INVALID_ARGUMENT, f"failed to load '{request.model_name}': "
-                                   f"parameters {', '.join(overrides)} are not supported: a model is read from its "
-                                   f"directory in the model repository")
+                raise ControlError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"failed to load '{request.model_name}': "
+                    f"parameters {', '.join(overrides)} are not supported: a model is read from its "
+                    f"directory in the model repository",
+                )
             await control.load(request.model_name)
         except ControlError as e:
             await abort(context, e.code, str(e))
         return kpb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(self, request: kpb.RepositoryModelUnloadRequest,
-                                    context: grpc.aio.ServicerContext) -> kpb.RepositoryModelUnloadResponse:
+    async def RepositoryModelUnload(
+        self, request: kpb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> kpb.RepositoryModelUnloadResponse:
         control = await self._control(context)
         try:
             await control.unload(request.model_name)
@@ -329,8 +366,12 @@ class InferenceServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def add_inference_service(server: grpc.aio.Server, translation: TranslationServicer, health: HealthServicer,
-                          control: ModelControl | None = None) -> None:
+def add_inference_service(
+    server: grpc.aio.Server,
+    translation: TranslationServicer,
+    health: HealthServicer,
+    control: ModelControl | None = None,
+) -> None:
     """Serve KServe v2 on `server`, through `translation`'s path, and Triton's repository extension through
     `control`."""
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(translation, health, control), server)

@@ -63,8 +63,16 @@ CORE_MESSAGE_LIMIT_FACTOR = 2
 class NmtServer:
     """The grpc.aio server with what it serves; start()/stop()/wait_for_termination() like grpc.aio.Server."""
 
-    def __init__(self, cfg: ServerConfig, servicer: TranslationServicer, guard: RequestGuard,
-                 grpc_server: grpc.aio.Server, metrics: Metrics, health: HealthServicer, port: int):
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        servicer: TranslationServicer,
+        guard: RequestGuard,
+        grpc_server: grpc.aio.Server,
+        metrics: Metrics,
+        health: HealthServicer,
+        port: int,
+    ):
         self.cfg, self.servicer, self.guard, self.grpc_server = cfg, servicer, guard, grpc_server
         self.models = servicer.models
         # The default model's (else the first one's): what a single-bundle server serves.
@@ -102,11 +110,17 @@ class NmtServer:
         self.models.ready = True
         if self.cfg.repository_poll_seconds and self.control is not None:
             self._poller = asyncio.get_running_loop().create_task(
-                self.control.watch(self.cfg.repository_poll_seconds), name="nmt-repository-poll")
+                self.control.watch(self.cfg.repository_poll_seconds), name="nmt-repository-poll"
+            )
         for service in ("", SERVICE):
             await self.health.set(service, SERVING)
-        log.info("serving %s on port %d%s (metrics %s)", SERVICE, self.port, " with TLS" if self.cfg.tls else "",
-                 f"on port {self.metrics_port}" if self.metrics_server else "off")
+        log.info(
+            "serving %s on port %d%s (metrics %s)",
+            SERVICE,
+            self.port,
+            " with TLS" if self.cfg.tls else "",
+            f"on port {self.metrics_port}" if self.metrics_server else "off",
+        )
 
     @staticmethod
     def _warm_up(entry: ModelEntry) -> None:
@@ -162,17 +176,23 @@ def bundle_defaults(translator: Translator) -> DecodeOptions | None:
 
 def limits_of(cfg: ServerConfig, translator: Translator) -> Limits:
     sessions = getattr(translator, "sessions", None)
-    return Limits(max_texts=cfg.max_texts, max_sentences=cfg.max_sentences, max_tokens_per_text=cfg.max_tokens_per_text,
-                  max_text_bytes=cfg.text_bytes_limit, max_beam_size=cfg.max_beam_size,
-                  defaults=cfg.default_options(bundle_defaults(translator)),
-                  max_positions=getattr(sessions, "max_positions", None))
+    return Limits(
+        max_texts=cfg.max_texts,
+        max_sentences=cfg.max_sentences,
+        max_tokens_per_text=cfg.max_tokens_per_text,
+        max_text_bytes=cfg.text_bytes_limit,
+        max_beam_size=cfg.max_beam_size,
+        defaults=cfg.default_options(bundle_defaults(translator)),
+        max_positions=getattr(sessions, "max_positions", None),
+    )
 
 
 Loader = Callable[[Path], Translator]
 
 
-async def _load(cfg: ServerConfig, path: Path, load: Loader | None,
-                turns: EngineTurns | None = None) -> tuple[Translator, str]:
+async def _load(
+    cfg: ServerConfig, path: Path, load: Loader | None, turns: EngineTurns | None = None
+) -> tuple[Translator, str]:
     """A bundle's translator (taking `turns` with the other models) and its start-up check ("not-run"
     when `load` is the caller's: its to check)."""
     translator = await asyncio.to_thread(load or (lambda p: Translator.from_bundle(p, cfg.runtime())), path)
@@ -184,23 +204,49 @@ async def _load(cfg: ServerConfig, path: Path, load: Loader | None,
     return translator, await asyncio.to_thread(startup_check, translator)
 
 
-def _entry(cfg: ServerConfig, translator: Translator, metrics: Metrics, info: ModelInfo, versions: tuple[int, ...],
-           number: int, path: Path | None, checked: str) -> ModelEntry:
+def _entry(
+    cfg: ServerConfig,
+    translator: Translator,
+    metrics: Metrics,
+    info: ModelInfo,
+    versions: tuple[int, ...],
+    number: int,
+    path: Path | None,
+    checked: str,
+) -> ModelEntry:
     """A model's own scheduler, service and series (a batch never mixes models; its metrics are labelled
     with its name and version, published once it is routed: Models)."""
     series = metrics.model(
-        info.name, info.version,
-        info=dict(name=info.name, src_lang=info.src_lang, tgt_lang=info.tgt_lang, bundle_sha256=info.bundle_sha256,
-                  precision=info.precision, provider=info.provider),
-        engine=dict(device=cfg.device, provider=info.provider, variant=info.precision, onnxruntime=ort.__version__,
-                    selfcheck=checked))
+        info.name,
+        info.version,
+        info=dict(
+            name=info.name,
+            src_lang=info.src_lang,
+            tgt_lang=info.tgt_lang,
+            bundle_sha256=info.bundle_sha256,
+            precision=info.precision,
+            provider=info.provider,
+        ),
+        engine=dict(
+            device=cfg.device,
+            provider=info.provider,
+            variant=info.precision,
+            onnxruntime=ort.__version__,
+            selfcheck=checked,
+        ),
+    )
     scheduler = create_scheduler(translator, cfg.scheduler(), series)
     service = TranslationService(translator, scheduler, limits_of(cfg, translator))
     return ModelEntry(info, service, versions, number, path, series)
 
 
-async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translator | None = None,
-                      load: Loader | None = None, turns: EngineTurns | None = None) -> tuple[Models, str]:
+async def load_models(
+    cfg: ServerConfig,
+    metrics: Metrics,
+    translator: Translator | None = None,
+    load: Loader | None = None,
+    turns: EngineTurns | None = None,
+) -> tuple[Models, str]:
     """The registry of what cfg serves (a single bundle, or the highest version of every model in the
     repository) and the start-up checks' outcome. `translator`: the single bundle's, already loaded;
     `turns`: what the repository's models take their engine turns with (None: they do not)."""
@@ -211,8 +257,9 @@ async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translato
             translator, checked = await _load(cfg, Path(cfg.model_dir), load)
         info = translator.info
         number = int(info.version) if info.version.isdigit() else 0
-        entry = _entry(cfg, translator, metrics, info, (number,) if number else (), number, Path(cfg.model_dir),
-                       checked)
+        entry = _entry(
+            cfg, translator, metrics, info, (number,) if number else (), number, Path(cfg.model_dir), checked
+        )
         return Models([entry], cfg.default_model), checked
     if translator is not None:
         raise ValueError("a translator is given for a single bundle (model_dir), not a model repository")
@@ -225,19 +272,25 @@ async def load_models(cfg: ServerConfig, metrics: Metrics, translator: Translato
     return Models(entries, cfg.default_model, root=Path(cfg.model_repository)), "/".join(sorted(checks))
 
 
-async def repository_entry(cfg: ServerConfig, metrics: Metrics, model: ModelVersions,
-                           load: Loader | None = None, turns: EngineTurns | None = None) -> tuple[ModelEntry, str]:
+async def repository_entry(
+    cfg: ServerConfig,
+    metrics: Metrics,
+    model: ModelVersions,
+    load: Loader | None = None,
+    turns: EngineTurns | None = None,
+) -> tuple[ModelEntry, str]:
     """The entry of a repository model's highest version (loaded and checked; scheduler not started)."""
     loaded, checked = await _load(cfg, model.path, load, turns)
     info = replace(loaded.info, name=model.name, version=str(model.latest))  # the repository names it
-    return _entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path,
-                  checked), checked
+    return _entry(cfg, loaded, metrics, info, tuple(sorted(model.versions)), model.latest, model.path, checked), checked
 
 
-def live_builder(cfg: ServerConfig, metrics: Metrics, load: Loader | None = None, turns: EngineTurns | None = None
-                 ) -> Callable[[ModelVersions], Awaitable[ModelEntry]]:
+def live_builder(
+    cfg: ServerConfig, metrics: Metrics, load: Loader | None = None, turns: EngineTurns | None = None
+) -> Callable[[ModelVersions], Awaitable[ModelEntry]]:
     """How server/control.py loads a model while serving: as at start (verify, build the sessions, self-check),
     then warm it up and start its scheduler, all before any request can reach it."""
+
     async def build(model: ModelVersions) -> ModelEntry:
         entry, _ = await repository_entry(cfg, metrics, model, load, turns)
         try:
@@ -248,12 +301,16 @@ def live_builder(cfg: ServerConfig, metrics: Metrics, load: Loader | None = None
             entry.service.close()
             raise
         return entry
+
     return build
 
 
-async def create_server(cfg: ServerConfig, translator: Translator | None = None,
-                        registry: CollectorRegistry | None = None, load: Loader | None = None
-                        ) -> tuple[NmtServer, int]:
+async def create_server(
+    cfg: ServerConfig,
+    translator: Translator | None = None,
+    registry: CollectorRegistry | None = None,
+    load: Loader | None = None,
+) -> tuple[NmtServer, int]:
     """Load the bundle or the model repository, build and bind the server; not started yet.
 
     `translator`: the single bundle's (cfg.model_dir), already loaded; `load`: how to load a bundle
@@ -271,11 +328,14 @@ async def create_server(cfg: ServerConfig, translator: Translator | None = None,
     if cfg.auth_token:
         interceptors.insert(0, BearerTokenInterceptor(cfg.auth_token, metrics, SERVICE))
     core_limit = min(2**31 - 1, CORE_MESSAGE_LIMIT_FACTOR * cfg.max_message_bytes)
-    server = grpc.aio.server(interceptors=interceptors, options=[
-        ("grpc.max_receive_message_length", core_limit),
-        ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),  # a port in use is an error, not shared with another server
-    ])
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", core_limit),
+            ("grpc.max_send_message_length", cfg.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # a port in use is an error, not shared with another server
+        ],
+    )
     servicer = TranslationServicer(models, metrics)
     pb_grpc.add_TranslationServiceServicer_to_server(servicer, server)
     health = HealthServicer()

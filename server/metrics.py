@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import threading
 from http.server import ThreadingHTTPServer
-
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -55,39 +54,63 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, *, process: bool = True):
         self.registry = registry
         r = {"registry": registry}
-        self.requests = Counter("nmt_requests", "Finished requests by method and the gRPC status code sent.",
-                                ["method", "code", *MODEL], **r)
-        self.request_seconds = Histogram("nmt_request_duration_seconds", "RPC latency.", ["method", *MODEL],
-                                         buckets=LATENCY_BUCKETS, **r)
+        self.requests = Counter(
+            "nmt_requests",
+            "Finished requests by method and the gRPC status code sent.",
+            ["method", "code", *MODEL],
+            **r,
+        )
+        self.request_seconds = Histogram(
+            "nmt_request_duration_seconds", "RPC latency.", ["method", *MODEL], buckets=LATENCY_BUCKETS, **r
+        )
         self.in_flight = Gauge("nmt_requests_in_flight", "RPCs being handled.", ["method", *MODEL], **r)
-        self.queue_wait = Histogram("nmt_queue_wait_seconds", "Time a sentence waits in the queue for its batch.",
-                                    MODEL, buckets=LATENCY_BUCKETS, **r)
+        self.queue_wait = Histogram(
+            "nmt_queue_wait_seconds",
+            "Time a sentence waits in the queue for its batch.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            **r,
+        )
         self.queue_depth = Gauge("nmt_queue_sentences", "Sentences waiting in the queue.", MODEL, **r)
-        self.batch_sentences = Histogram("nmt_batch_sentences", "Sentences per engine batch.", MODEL,
-                                         buckets=SIZE_BUCKETS, **r)
-        self.batch_tokens = Histogram("nmt_batch_tokens", "Padded source tokens per engine batch.", MODEL,
-                                      buckets=TOKEN_BUCKETS, **r)
-        self.encode_seconds = Histogram("nmt_encode_duration_seconds", "Encoder time per engine batch.", MODEL,
-                                        buckets=COMPUTE_BUCKETS, **r)
-        self.decode_seconds = Histogram("nmt_decode_duration_seconds", "Search (decoder) time per engine batch.",
-                                        MODEL, buckets=COMPUTE_BUCKETS, **r)
+        self.batch_sentences = Histogram(
+            "nmt_batch_sentences", "Sentences per engine batch.", MODEL, buckets=SIZE_BUCKETS, **r
+        )
+        self.batch_tokens = Histogram(
+            "nmt_batch_tokens", "Padded source tokens per engine batch.", MODEL, buckets=TOKEN_BUCKETS, **r
+        )
+        self.encode_seconds = Histogram(
+            "nmt_encode_duration_seconds", "Encoder time per engine batch.", MODEL, buckets=COMPUTE_BUCKETS, **r
+        )
+        self.decode_seconds = Histogram(
+            "nmt_decode_duration_seconds",
+            "Search (decoder) time per engine batch.",
+            MODEL,
+            buckets=COMPUTE_BUCKETS,
+            **r,
+        )
         self.input_tokens = Counter("nmt_input_tokens", "Source tokens translated.", MODEL, **r)
         self.generated_tokens = Counter("nmt_generated_tokens", "Tokens in the returned hypotheses.", MODEL, **r)
-        self.turn_wait = Histogram("nmt_engine_turn_wait_seconds",
-                                   "Time an engine step waited for other models' steps (engine turns).",
-                                   buckets=COMPUTE_BUCKETS, **r)
-        self.model_loads = Counter("nmt_model_loads", "Model loads requested over the control API, by outcome.",
-                                   ["outcome"], **r)
+        self.turn_wait = Histogram(
+            "nmt_engine_turn_wait_seconds",
+            "Time an engine step waited for other models' steps (engine turns).",
+            buckets=COMPUTE_BUCKETS,
+            **r,
+        )
+        self.model_loads = Counter(
+            "nmt_model_loads", "Model loads requested over the control API, by outcome.", ["outcome"], **r
+        )
         self.model_info = Info("nmt_model", "The models being served.", MODEL, **r)
-        self.engine_info = Info("nmt_engine", "The execution provider and graph variant serving each model.",
-                                MODEL, **r)
+        self.engine_info = Info(
+            "nmt_engine", "The execution provider and graph variant serving each model.", MODEL, **r
+        )
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
             GCCollector(registry=registry)
 
-    def model(self, name: str, version: str, *, info: dict[str, Any] | None = None,
-              engine: dict[str, Any] | None = None) -> ModelMetrics:
+    def model(
+        self, name: str, version: str, *, info: dict[str, Any] | None = None, engine: dict[str, Any] | None = None
+    ) -> ModelMetrics:
         """The series of one model version (its scheduler observes through them); `info` and `engine` are
         its nmt_model_info and nmt_engine_info labels, published by ModelMetrics.publish()."""
         return ModelMetrics(self, name, version, info or {}, engine or {})
@@ -102,8 +125,9 @@ def sample_sum(registry: CollectorRegistry, name: str, labels: dict[str, str] | 
     """The sum of the samples `name` whose labels include `labels` (None: no such sample): a counter or
     histogram summed over the labels not given, e.g. every model's nmt_requests_total of one method and code."""
     want = (labels or {}).items()
-    found = [s.value for family in registry.collect() for s in family.samples
-             if s.name == name and want <= s.labels.items()]
+    found = [
+        s.value for family in registry.collect() for s in family.samples if s.name == name and want <= s.labels.items()
+    ]
     return sum(found) if found else None
 
 

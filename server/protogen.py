@@ -49,8 +49,10 @@ class ProtoSet:
         return f'"""Code generated from protos/{self.proto_dir} by `python -m nmt.server.protogen`: do not edit."""\n'
 
 
-PROTO_SETS = (ProtoSet("nmt/v1", PACKAGE_DIR / "nmt_pb"),
-              ProtoSet("kserve/v2", PACKAGE_DIR / "kserve_pb", private_pool=True))
+PROTO_SETS = (
+    ProtoSet("nmt/v1", PACKAGE_DIR / "nmt_pb"),
+    ProtoSet("kserve/v2", PACKAGE_DIR / "kserve_pb", private_pool=True),
+)
 PROTO_PACKAGE = PROTO_SETS[0].proto_dir
 OUT_DIR = PROTO_SETS[0].out_dir
 
@@ -58,8 +60,9 @@ OUT_DIR = PROTO_SETS[0].out_dir
 def proto_files(proto_set: ProtoSet | None = None) -> list[str]:
     """Proto paths relative to protos/ (of one set, or of all), e.g. ["nmt/v1/translation.proto"]."""
     sets = PROTO_SETS if proto_set is None else (proto_set,)
-    return sorted(p.relative_to(PROTO_ROOT).as_posix() for s in sets
-                  for p in (PROTO_ROOT / s.proto_dir).glob("*.proto"))
+    return sorted(
+        p.relative_to(PROTO_ROOT).as_posix() for s in sets for p in (PROTO_ROOT / s.proto_dir).glob("*.proto")
+    )
 
 
 def _relative_imports(text: str, proto_dir: str) -> str:
@@ -81,8 +84,15 @@ def generate(proto_set: ProtoSet = PROTO_SETS[0], out_dir: Path | None = None) -
     out_dir = proto_set.out_dir if out_dir is None else out_dir
     include = Path(protoc.__file__).resolve().parent / "_proto"  # google/protobuf/*.proto
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{include}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", *proto_files(proto_set)]
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{include}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            *proto_files(proto_set),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"protoc failed: {' '.join(args)}")
         out_dir.mkdir(parents=True, exist_ok=True)

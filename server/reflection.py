@@ -23,7 +23,7 @@ def _rename(message: object, attribute: str, old: str) -> None:
     """Point a fully qualified type name at the v1 package (fields are proto2: only set what changes)."""
     name = getattr(message, attribute)
     if name.startswith(f".{old}."):
-        setattr(message, attribute, f".{V1_PACKAGE}.{name[len(old) + 2:]}")
+        setattr(message, attribute, f".{V1_PACKAGE}.{name[len(old) + 2 :]}")
 
 
 def add_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
@@ -54,7 +54,9 @@ def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> 
     servicer = reflection.aio.ReflectionServicer(names, pool=pool)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     v1 = grpc.stream_stream_rpc_method_handler(  # v1alpha messages: the same bytes on the wire
-        servicer.ServerReflectionInfo, request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
-        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(V1_SERVICE, {"ServerReflectionInfo": v1}),))
     return names

@@ -108,8 +108,12 @@ def scan(root: Path, warn: bool = True) -> list[ModelVersions]:
         elif not NAME.fullmatch(entry.name):
             log_skip("model repository: skipping %r: a model name is made of A-Z a-z 0-9 _ . -", entry.name)
         elif not (versions := version_dirs(entry, warn)):
-            log_skip("model repository: skipping %s: no version directory with a bundle (%s/1/%s)",
-                     entry.name, entry.name, MANIFEST)
+            log_skip(
+                "model repository: skipping %s: no version directory with a bundle (%s/1/%s)",
+                entry.name,
+                entry.name,
+                MANIFEST,
+            )
         else:
             models.append(ModelVersions(entry.name, versions))
     return models
@@ -122,8 +126,9 @@ def discover(root: Path) -> list[ModelVersions]:
         raise ValueError(f"model repository {root} is not a directory")
     models = scan(root)
     if not models:
-        raise ValueError(f"model repository {root} holds no model: expected NAME/VERSION/{MANIFEST} "
-                         f"(VERSION a positive integer)")
+        raise ValueError(
+            f"model repository {root} holds no model: expected NAME/VERSION/{MANIFEST} (VERSION a positive integer)"
+        )
     return models
 
 
@@ -175,8 +180,10 @@ class Models:
         self._route(self.entries)
         assert len(self._by_name) == len(self.entries), "model names are unique"
         if self.default_name is not None and self.default_name not in self._by_name:
-            raise ValueError(f"default model {self.default_name!r} is not in the model repository; it holds: "
-                             f"{', '.join(self._by_name)}")
+            raise ValueError(
+                f"default model {self.default_name!r} is not in the model repository; it holds: "
+                f"{', '.join(self._by_name)}"
+            )
 
     def _route(self, entries: list[ModelEntry]) -> None:
         # Both views replaced together, never edited in place: an iteration in progress sees the old ones.
@@ -199,7 +206,7 @@ class Models:
         return self.entries[0] if len(self.entries) == 1 else None
 
     def served(self) -> str:
-        """"default (version 2), en-fr (version 1)": what error messages name."""
+        """ "default (version 2), en-fr (version 1)": what error messages name."""
         return ", ".join(f"{e.name} (version {e.version})" for e in self.entries) or "no model"
 
     def lookup(self, name: str, version: str | int | None = None) -> ModelEntry:
@@ -208,17 +215,22 @@ class Models:
         if not name:
             entry = self.default
             if entry is None and self.default_name is not None:
-                raise ModelNotFound(f"no model named and the default model '{self.default_name}' is not loaded",
-                                    self.served())
+                raise ModelNotFound(
+                    f"no model named and the default model '{self.default_name}' is not loaded", self.served()
+                )
             if entry is None:
-                raise ModelNotFound("no model named and this server has no default model (--default-model): "
-                                    "name one", self.served())
+                raise ModelNotFound(
+                    "no model named and this server has no default model (--default-model): name one", self.served()
+                )
         elif (entry := self._by_name.get(name)) is None:
             raise ModelNotFound(f"model '{name}' is not served", self.served())
         if version not in (None, "", 0) and str(version) != entry.version:
             text = str(version)
-            on_disk = " (it is on disk; only the highest version is loaded)" if text.isdigit() and \
-                int(text) in entry.versions else ""
+            on_disk = (
+                " (it is on disk; only the highest version is loaded)"
+                if text.isdigit() and int(text) in entry.versions
+                else ""
+            )
             raise ModelNotFound(f"model '{entry.name}' version {text} is not served{on_disk}", self.served())
         return entry
 

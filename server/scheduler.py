@@ -49,8 +49,7 @@ from .metrics import ModelMetrics
 
 # The errors and SchedulerConfig are server/batching.py's; they are imported here too, by callers that
 # know the scheduler alone (server/service.py, server/transport.py).
-__all__ = ["DeadlineExceeded", "Engine", "EngineError", "QueueFull", "Scheduler", "SchedulerClosed",
-           "SchedulerConfig"]
+__all__ = ["DeadlineExceeded", "Engine", "EngineError", "QueueFull", "Scheduler", "SchedulerClosed", "SchedulerConfig"]
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = (0.05, 30.0)  # bounds of QueueFull.retry_after_s
 SECONDS_PER_SENTENCE = 0.05  # the drain estimate before the first batch has been timed
@@ -82,8 +81,9 @@ class Scheduler:
             self._executor = ThreadPoolExecutor(self.cfg.workers, thread_name_prefix="nmt-engine")
             self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch(), name="nmt-dispatcher")
 
-    async def submit(self, sources: list[list[int]], options: DecodeOptions,
-                     deadline: float | None = None) -> list[list[Hypothesis]]:
+    async def submit(
+        self, sources: list[list[int]], options: DecodeOptions, deadline: float | None = None
+    ) -> list[list[Hypothesis]]:
         """Hypotheses per source, in order. `deadline` is a time.monotonic() value (None: none)."""
         if self._closing or self._dispatcher is None:
             raise SchedulerClosed("the server is shutting down" if self._closing else "the scheduler is not started")
@@ -91,8 +91,11 @@ class Scheduler:
             return []
         if self.depth + len(sources) > self.cfg.max_queue_size:
             wait = self.retry_after_s()
-            raise QueueFull(f"the queue holds {self.depth} sentences and this request has {len(sources)}; "
-                            f"max_queue_size is {self.cfg.max_queue_size}, retry in {wait * 1000:.0f} ms", wait)
+            raise QueueFull(
+                f"the queue holds {self.depth} sentences and this request has {len(sources)}; "
+                f"max_queue_size is {self.cfg.max_queue_size}, retry in {wait * 1000:.0f} ms",
+                wait,
+            )
         self._validate(sources, options)
         request = Request(asyncio.get_running_loop().create_future(), len(sources), deadline)
         now = time.monotonic()
@@ -233,8 +236,9 @@ class Scheduler:
     async def _search(self, batch: list[Item]) -> SearchResult:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self._executor, self.engine.search, [item.tokens for item in batch],
-                                            batch[0].options)
+        result = await loop.run_in_executor(
+            self._executor, self.engine.search, [item.tokens for item in batch], batch[0].options
+        )
         assert len(result.hypotheses) == len(batch), "the engine returned a result per source"
         return result
 
@@ -246,8 +250,13 @@ class Scheduler:
         if len(groups) == 1:
             self._engine_failed(batch, error)
             return
-        log.warning("engine failed on a batch of %d sentences from %d requests (%s: %s); running each request "
-                    "alone", len(batch), len(groups), type(error).__name__, error)
+        log.warning(
+            "engine failed on a batch of %d sentences from %d requests (%s: %s); running each request alone",
+            len(batch),
+            len(groups),
+            type(error).__name__,
+            error,
+        )
         for items in groups.values():
             if items[0].request.future.done():  # cancelled or expired meanwhile
                 continue

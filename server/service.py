@@ -52,16 +52,20 @@ def check_texts(texts: list[str], limits: Limits) -> None:
 def check_prepared(prepared: Prepared, options: DecodeOptions, limits: Limits, split: bool) -> None:
     """Sentences per request, then tokens per sentence (per text when not split) and the model's positions."""
     if (count := prepared.sentence_count()) > limits.max_sentences:
-        raise ValueError(f"{count} sentences in this request; the limit is "
-                         f"max_sentences_per_request={limits.max_sentences}")
+        raise ValueError(
+            f"{count} sentences in this request; the limit is max_sentences_per_request={limits.max_sentences}"
+        )
     for (text, sentence), source in zip(prepared.owners, prepared.sources):
         where = f"text {text}, sentence {sentence}" if split else f"text {text}"
         if len(source) > limits.max_tokens_per_text:
-            raise ValueError(f"{where} has {len(source)} tokens; the limit is "
-                             f"max_tokens_per_text={limits.max_tokens_per_text}")
+            raise ValueError(
+                f"{where} has {len(source)} tokens; the limit is max_tokens_per_text={limits.max_tokens_per_text}"
+            )
         if limits.max_positions is not None and len(source) + options.max_len_extra > limits.max_positions:
-            raise ValueError(f"{where}: {len(source)} tokens + max_len_extra {options.max_len_extra} exceed the "
-                             f"model's {limits.max_positions} positions")
+            raise ValueError(
+                f"{where}: {len(source)} tokens + max_len_extra {options.max_len_extra} exceed the "
+                f"model's {limits.max_positions} positions"
+            )
 
 
 class TranslationService:
@@ -73,19 +77,25 @@ class TranslationService:
         self._idle = asyncio.Event()
         self._idle.set()
 
-    async def translate(self, texts: list[str], options: DecodeOptions, text_options: TextOptions,
-                        deadline: float | None) -> list[list[Translation]]:
+    async def translate(
+        self, texts: list[str], options: DecodeOptions, text_options: TextOptions, deadline: float | None
+    ) -> list[list[Translation]]:
         """n_best translations per text. Raises ValueError for bad input, scheduler errors otherwise."""
         if self.draining:
             raise SchedulerClosed("the server is shutting down: retry on another replica")
         loop = asyncio.get_running_loop()
         with self._working():
             check_texts(texts, self.limits)
-            prepared = await loop.run_in_executor(self._text_thread, prepare_texts, self.translator, texts, text_options)
+            prepared = await loop.run_in_executor(
+                self._text_thread, prepare_texts, self.translator, texts, text_options
+            )
             check_prepared(prepared, options, self.limits, text_options.split_sentences)
-            found = await self.scheduler.submit(prepared.sources, whole_beam(options), deadline) if prepared.sources else []
-            return await loop.run_in_executor(self._text_thread, prepared.finish, self.translator.detokenize, found,
-                                              options.n_best)
+            found = (
+                await self.scheduler.submit(prepared.sources, whole_beam(options), deadline) if prepared.sources else []
+            )
+            return await loop.run_in_executor(
+                self._text_thread, prepared.finish, self.translator.detokenize, found, options.n_best
+            )
 
     def close(self) -> None:
         """Free the text thread (once no translation is being worked on: see wait_idle)."""

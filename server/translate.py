@@ -34,22 +34,33 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--bundle", required=True, help="model bundle directory (from nmt-export)")
     parser.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the bundle's setting)")
     parser.add_argument("--length-penalty", type=float, help="GNMT length penalty alpha (default: the bundle's)")
-    parser.add_argument("--max-len-extra", type=int,
-                        help="output may be this many tokens longer than the input (default: the bundle's)")
+    parser.add_argument(
+        "--max-len-extra", type=int, help="output may be this many tokens longer than the input (default: the bundle's)"
+    )
     parser.add_argument("--n-best", type=int, default=1, help="translations per input line")
     parser.add_argument("--batch-size", type=int, default=32, help="input lines per search call")
     parser.add_argument("--device", choices=DEVICES, default="cpu")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
-    parser.add_argument("--shortlist", action="store_true",
-                        help="score only the bundle's vocabulary shortlist per batch (faster; outputs may differ "
-                             "from the torch reference and depend on the batch)")
-    parser.add_argument("--no-split-sentences", action="store_true",
-                        help="translate each line as one sentence (default: split it, join the translations back)")
-    parser.add_argument("--no-normalize-case", action="store_true",
-                        help="give ALL CAPS and Title Case lines to the model as they are")
-    parser.add_argument("--no-protect-spans", action="store_true",
-                        help="let the model translate URLs, e-mail addresses, handles, paths and numbers")
+    parser.add_argument(
+        "--shortlist",
+        action="store_true",
+        help="score only the bundle's vocabulary shortlist per batch (faster; outputs may differ "
+        "from the torch reference and depend on the batch)",
+    )
+    parser.add_argument(
+        "--no-split-sentences",
+        action="store_true",
+        help="translate each line as one sentence (default: split it, join the translations back)",
+    )
+    parser.add_argument(
+        "--no-normalize-case", action="store_true", help="give ALL CAPS and Title Case lines to the model as they are"
+    )
+    parser.add_argument(
+        "--no-protect-spans",
+        action="store_true",
+        help="let the model translate URLs, e-mail addresses, handles, paths and numbers",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar, no log lines")
     return parser
 
@@ -70,8 +81,15 @@ def one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
-def translate_stream(translator: Translator, options: DecodeOptions, source: TextIO, out: TextIO,
-                     batch_size: int, progress: bool, text_options: TextOptions = TextOptions()) -> int:
+def translate_stream(
+    translator: Translator,
+    options: DecodeOptions,
+    source: TextIO,
+    out: TextIO,
+    batch_size: int,
+    progress: bool,
+    text_options: TextOptions = TextOptions(),
+) -> int:
     """Translate every line of `source` to `out` (flushed per batch); returns the number of lines."""
     done = 0
     lines = (line.rstrip("\r\n") for line in source)

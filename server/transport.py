@@ -85,16 +85,28 @@ def decode_options(proto: pb.DecodeOptions, limits: Limits) -> DecodeOptions:
 def text_options(proto: pb.DecodeOptions) -> TextOptions:
     """The text pipeline's switches from a request (unset: on)."""
     on = lambda name: getattr(proto, name) if proto.HasField(name) else True  # noqa: E731
-    return TextOptions(split_sentences=on("split_sentences"), normalize_case=on("normalize_case"),
-                       protect_spans=on("protect_spans"))
+    return TextOptions(
+        split_sentences=on("split_sentences"), normalize_case=on("normalize_case"), protect_spans=on("protect_spans")
+    )
 
 
 def translate_response(results: list[list[Translation]], return_scores: bool) -> pb.TranslateResponse:
-    return pb.TranslateResponse(translations=[
-        pb.Translation(hypotheses=[
-            pb.Hypothesis(text=t.text, tokens=t.tokens, score=t.score if return_scores else 0.0,
-                          normalized_score=t.normalized_score if return_scores else 0.0) for t in hyps])
-        for hyps in results])
+    return pb.TranslateResponse(
+        translations=[
+            pb.Translation(
+                hypotheses=[
+                    pb.Hypothesis(
+                        text=t.text,
+                        tokens=t.tokens,
+                        score=t.score if return_scores else 0.0,
+                        normalized_score=t.normalized_score if return_scores else 0.0,
+                    )
+                    for t in hyps
+                ]
+            )
+            for hyps in results
+        ]
+    )
 
 
 UNROUTED = ("", "")  # the model and version labels of a call not (yet) routed to a model
@@ -149,8 +161,9 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
             await abort(context, *status)
         raise AssertionError("unreachable: abort raises")
 
-    async def TranslateStream(self, requests: AsyncIterator[pb.TranslateStreamRequest],
-                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.TranslateStreamResponse]:
+    async def TranslateStream(
+        self, requests: AsyncIterator[pb.TranslateStreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TranslateStreamResponse]:
         deadline = deadline_of(context)
         with self.track("TranslateStream", deadline, count_ok=False) as call:
             try:
@@ -173,28 +186,42 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
             await abort(context, *status)
         raise AssertionError("unreachable: abort raises")
 
-    async def ListModels(self, request: pb.ListModelsRequest,
-                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
         with self.track("ListModels", None):
             default = self.models.default
-            return pb.ListModelsResponse(models=[
-                pb.ModelEntry(name=e.name, versions=list(e.versions), serving_version=e.number,
-                              src_lang=e.info.src_lang, tgt_lang=e.info.tgt_lang, state=self.models.state(e),
-                              default_model=e is default) for e in self.models])
+            return pb.ListModelsResponse(
+                models=[
+                    pb.ModelEntry(
+                        name=e.name,
+                        versions=list(e.versions),
+                        serving_version=e.number,
+                        src_lang=e.info.src_lang,
+                        tgt_lang=e.info.tgt_lang,
+                        state=self.models.state(e),
+                        default_model=e is default,
+                    )
+                    for e in self.models
+                ]
+            )
 
-    async def translate(self, entry: ModelEntry, texts: list[str], options_pb: pb.DecodeOptions,
-                        deadline: float | None) -> pb.TranslateResponse:
+    async def translate(
+        self, entry: ModelEntry, texts: list[str], options_pb: pb.DecodeOptions, deadline: float | None
+    ) -> pb.TranslateResponse:
         """The service's path from proto options to a proto response (KServe's ModelInfer uses it too)."""
         options = decode_options(options_pb, entry.limits)
         results = await entry.service.translate(texts, options, text_options(options_pb), deadline)
         return translate_response(results, options_pb.return_scores)
 
-    async def _stream(self, requests: AsyncIterator[pb.TranslateStreamRequest],
-                      deadline: float | None) -> AsyncIterator[pb.TranslateStreamResponse]:
+    async def _stream(
+        self, requests: AsyncIterator[pb.TranslateStreamRequest], deadline: float | None
+    ) -> AsyncIterator[pb.TranslateStreamResponse]:
         """Answer each request as soon as it is done; a failed one gets an Error, the stream goes on.
         Each answer is counted once it has been sent."""
-        done: asyncio.Queue[tuple[pb.TranslateStreamResponse, grpc.StatusCode, float, tuple[str, str]] | None] = \
+        done: asyncio.Queue[tuple[pb.TranslateStreamResponse, grpc.StatusCode, float, tuple[str, str]] | None] = (
             asyncio.Queue()
+        )
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.TranslateStreamRequest) -> None:
@@ -203,8 +230,9 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
                 entry = self.models.lookup(request.model, version_of(request))
                 model = (entry.name, entry.version)
                 response = await self.translate(entry, list(request.texts), request.options, deadline)
-                done.put_nowait((pb.TranslateStreamResponse(id=request.id, response=response), grpc.StatusCode.OK,
-                                 started, model))
+                done.put_nowait(
+                    (pb.TranslateStreamResponse(id=request.id, response=response), grpc.StatusCode.OK, started, model)
+                )
             except Exception as e:  # noqa: BLE001 - becomes this request's error
                 code, message, _ = status_of(e)
                 error = pb.Error(code=code.value[0], message=message)
@@ -264,12 +292,22 @@ class TranslationServicer(pb_grpc.TranslationServiceServicer):
 def model_info(entry: ModelEntry) -> pb.ModelInfo:
     i, lim, d = entry.info, entry.limits, entry.limits.defaults
     return pb.ModelInfo(
-        name=i.name, version=i.version, src_lang=i.src_lang, tgt_lang=i.tgt_lang, vocab_size=i.vocab_size,
-        bundle_sha256=i.bundle_sha256, precision=i.precision, provider=i.provider,
-        max_texts_per_request=lim.max_texts, max_tokens_per_text=lim.max_tokens_per_text,
-        max_sentences_per_request=lim.max_sentences, max_beam_size=lim.max_beam_size,
-        default_options=pb.DecodeOptions(beam_size=d.beam_size, length_penalty=d.length_penalty,
-                                         max_len_extra=d.max_len_extra, n_best=d.n_best))
+        name=i.name,
+        version=i.version,
+        src_lang=i.src_lang,
+        tgt_lang=i.tgt_lang,
+        vocab_size=i.vocab_size,
+        bundle_sha256=i.bundle_sha256,
+        precision=i.precision,
+        provider=i.provider,
+        max_texts_per_request=lim.max_texts,
+        max_tokens_per_text=lim.max_tokens_per_text,
+        max_sentences_per_request=lim.max_sentences,
+        max_beam_size=lim.max_beam_size,
+        default_options=pb.DecodeOptions(
+            beam_size=d.beam_size, length_penalty=d.length_penalty, max_len_extra=d.max_len_extra, n_best=d.n_best
+        ),
+    )
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

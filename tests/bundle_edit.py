@@ -26,9 +26,11 @@ def rewrite_manifest(source: Path, target: Path, change: Change) -> Path:
 def unvalidate(variant: str, tamper: bool = False) -> Change:
     """Mark `variant` as skipped at export (as fp16-cuda is without a GPU); optionally change the last
     token of the last reference sentence, so the self-check must fail."""
+
     def change(manifest: dict[str, Any]) -> None:
         manifest["variants"][variant]["validated"] = {"skipped": "no CUDA execution provider"}
         if tamper:
             tokens = manifest["parity"]["reference"]["tokens"]
             tokens[-1] = tokens[-1][:-1] + [tokens[-1][-1] + 1]
+
     return change

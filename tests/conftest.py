@@ -29,6 +29,7 @@ def data_dir() -> Path:
 def tiny_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 1+1-layer random model exported fp32-only without parity: fast, for server-level tests."""
     from model_fixtures import tiny_checkpoint
+
     from nmt.export.export import ExportOptions, export_checkpoint
 
     root = tmp_path_factory.mktemp("tiny_model")

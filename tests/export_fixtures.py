@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from model_fixtures import tiny_checkpoint
 
 from nmt.export.export import ExportOptions, export_checkpoint
 from nmt.training.checkpoint import load_checkpoint
 from nmt.training.model import Transformer
-
-from model_fixtures import tiny_checkpoint
 
 N_ENC = 2  # encoder and decoder layers
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
-WORDS = ("man woman dog cat child bike ball red blue green big small runs jumps sits rides plays near under "
-         "over street park beach snow water tree house car").split()
+WORDS = (
+    "man woman dog cat child bike ball red blue green big small runs jumps sits rides plays near under "
+    "over street park beach snow water tree house car"
+).split()
 TARGET_WORDS = {w: w[::-1] + "o" for w in WORDS}  # a word map the model can learn
 LANGUAGES = ("deu", "fra")
 
@@ -46,8 +48,14 @@ def translate_words(text: str, language: str = "deu") -> str:
 
 def train_spm(lines: list[str], path: Path) -> spm.SentencePieceProcessor:
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=80,
-                                   hard_vocab_limit=False, model_type="unigram", character_coverage=1.0)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=model,
+        vocab_size=80,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        character_coverage=1.0,
+    )
     path.write_bytes(model.getvalue())
     return spm.SentencePieceProcessor(model_file=str(path))
 
@@ -55,7 +63,9 @@ def train_spm(lines: list[str], path: Path) -> spm.SentencePieceProcessor:
 def build_vocab(processors: list[spm.SentencePieceProcessor], extra: tuple[str, ...] = ()) -> dict[str, int]:
     pieces = ["</s>", "<unk>"]
     for sp in processors:
-        pieces += [sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not sp.is_control(i) and not sp.is_unknown(i)]
+        pieces += [
+            sp.id_to_piece(i) for i in range(sp.get_piece_size()) if not sp.is_control(i) and not sp.is_unknown(i)
+        ]
     pieces += list(extra)
     ordered = list(dict.fromkeys(pieces)) + ["<pad>"]
     return {piece: i for i, piece in enumerate(ordered)}
@@ -76,8 +86,11 @@ def make_marian(root: Path, spec: MarianSpec, seed: int = 0) -> Path:
     root.mkdir(parents=True)
     languages = LANGUAGES if spec.multilingual else LANGUAGES[:1]
     sources = sentences(400, seed)
-    pairs = [((f">>{lang}<< " if spec.multilingual else "") + s, translate_words(s, lang))
-             for s in sources for lang in languages]
+    pairs = [
+        ((f">>{lang}<< " if spec.multilingual else "") + s, translate_words(s, lang))
+        for s in sources
+        for lang in languages
+    ]
     source_sp = train_spm(sources, root / "source.spm")
     target_sp = train_spm([t for _, t in pairs], root / "target.spm")
     codes = tuple(f">>{lang}<<" for lang in languages) if spec.multilingual else ()
@@ -89,11 +102,26 @@ def make_marian(root: Path, spec: MarianSpec, seed: int = 0) -> Path:
     (root / "vocab.json").write_text(json.dumps(vocab))
     pad = vocab["<pad>"]
     config = MarianConfig(
-        vocab_size=len(vocab), decoder_vocab_size=len(target_vocab), d_model=32, encoder_layers=spec.encoder_layers,
-        decoder_layers=spec.decoder_layers, encoder_attention_heads=4, decoder_attention_heads=4,
-        encoder_ffn_dim=64, decoder_ffn_dim=64, activation_function=spec.activation, max_position_embeddings=128,
-        pad_token_id=pad, eos_token_id=0, decoder_start_token_id=target_vocab["<pad>"], scale_embedding=True,
-        share_encoder_decoder_embeddings=spec.shared, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+        vocab_size=len(vocab),
+        decoder_vocab_size=len(target_vocab),
+        d_model=32,
+        encoder_layers=spec.encoder_layers,
+        decoder_layers=spec.decoder_layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        activation_function=spec.activation,
+        max_position_embeddings=128,
+        pad_token_id=pad,
+        eos_token_id=0,
+        decoder_start_token_id=target_vocab["<pad>"],
+        scale_embedding=True,
+        share_encoder_decoder_embeddings=spec.shared,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+    )
     torch.manual_seed(seed)
     model = MarianMTModel(config)
     with torch.no_grad():  # a bias to carry over

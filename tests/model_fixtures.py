@@ -20,9 +20,9 @@ import torch
 from onnx import TensorProto, helper
 
 from nmt.engine import bundle
-from nmt.export.export import ExportOptions, export_checkpoint
 from nmt.engine.decoding import Decoder
 from nmt.engine.runtime import RuntimeConfig, Sessions, load_sessions
+from nmt.export.export import ExportOptions, export_checkpoint
 from nmt.training.checkpoint import CheckpointMeta, load_checkpoint, write_checkpoint
 from nmt.training.data import multi30k
 from nmt.training.model import ModelConfig, Transformer
@@ -39,8 +39,9 @@ def tiny_checkpoint(root: Path, data_dir: Path, layers: int = 2, eos_scale: floa
     corpus = multi30k("train", "en", "de", data_dir)
     Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=VOCAB)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=layers,
-                      n_decoder_layers=layers, dropout=0.0)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=layers, n_decoder_layers=layers, dropout=0.0
+    )
     model = Transformer(cfg)
     with torch.no_grad():
         model.embedding.weight[EOS_ID] *= eos_scale
@@ -95,12 +96,14 @@ def without_past_mask(decoder: onnx.ModelProto) -> onnx.ModelProto:
     del graph.input[:]
     graph.input.extend(inputs)
     true = helper.make_tensor("true", TensorProto.BOOL, [1], [True])
-    nodes = [helper.make_node("Shape", ["tgt_ids"], ["pm_batch"], start=0, end=1),
-             helper.make_node("Shape", ["tgt_ids"], ["pm_tgt"], start=1, end=2),
-             helper.make_node("Shape", ["past_key_0"], ["pm_past"], start=2, end=3),
-             helper.make_node("Add", ["pm_past", "pm_tgt"], ["pm_width"]),
-             helper.make_node("Concat", ["pm_batch", "pm_width"], ["pm_shape"], axis=0),
-             helper.make_node("ConstantOfShape", ["pm_shape"], [bundle.PAST_MASK], value=true)]
+    nodes = [
+        helper.make_node("Shape", ["tgt_ids"], ["pm_batch"], start=0, end=1),
+        helper.make_node("Shape", ["tgt_ids"], ["pm_tgt"], start=1, end=2),
+        helper.make_node("Shape", ["past_key_0"], ["pm_past"], start=2, end=3),
+        helper.make_node("Add", ["pm_past", "pm_tgt"], ["pm_width"]),
+        helper.make_node("Concat", ["pm_batch", "pm_width"], ["pm_shape"], axis=0),
+        helper.make_node("ConstantOfShape", ["pm_shape"], [bundle.PAST_MASK], value=true),
+    ]
     for node in reversed(nodes):
         graph.node.insert(0, node)
     return decoder

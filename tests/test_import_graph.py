@@ -156,7 +156,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         path.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                found.append([*path[path.index(nxt):], nxt])
+                found.append([*path[path.index(nxt) :], nxt])
             elif nxt not in state:
                 visit(nxt)
         path.pop()
@@ -209,9 +209,12 @@ def test_imports_point_down() -> None:
 def test_the_checks_find_what_they_are_for() -> None:
     fake = {
         "nmt.server": ("", True),
-        "nmt.server.a": ("from .b import _Item, Public\nfrom . import b\nimport nmt.server.b as bee\n"
-                         "def f():\n    return b._helper, bee._other, Public._secret, b.__name__, _local\n"
-                         "_local = 1\n", False),
+        "nmt.server.a": (
+            "from .b import _Item, Public\nfrom . import b\nimport nmt.server.b as bee\n"
+            "def f():\n    return b._helper, bee._other, Public._secret, b.__name__, _local\n"
+            "_local = 1\n",
+            False,
+        ),
         "nmt.server.b": ("def g():\n    from .a import f\n", False),
         "nmt.engine": ("", True),
         "nmt.engine.c": ("import torch\nfrom nmt.server import a\nfrom nmt.training.model import Model\n", False),

@@ -25,7 +25,12 @@ from .tokenizer import BOS_ID, EOS_ID, MODEL_FILENAME, PAD_ID, UNK_ID, Tokenizer
 
 FORMAT = "nmt-checkpoint"
 FORMAT_VERSION = 1
-WEIGHTS, CONFIG, STATE_TENSORS, STATE_JSON = "model.safetensors", "config.json", "train_state.safetensors", "train_state.json"
+WEIGHTS, CONFIG, STATE_TENSORS, STATE_JSON = (
+    "model.safetensors",
+    "config.json",
+    "train_state.safetensors",
+    "train_state.json",
+)
 
 
 class CheckpointError(ValueError):
@@ -43,7 +48,9 @@ class InferenceSettings:
 
     def __post_init__(self) -> None:
         if self.beam_size < 1 or self.max_len_extra < 1:
-            raise ValueError(f"beam_size and max_len_extra must be at least 1, got {self.beam_size}, {self.max_len_extra}")
+            raise ValueError(
+                f"beam_size and max_len_extra must be at least 1, got {self.beam_size}, {self.max_len_extra}"
+            )
         if not 0.0 <= self.length_penalty <= 10.0:
             raise ValueError(f"length_penalty must be between 0 and 10, got {self.length_penalty}")
 
@@ -144,8 +151,9 @@ class LoadedCheckpoint:
 
     @property
     def meta(self) -> CheckpointMeta:
-        return CheckpointMeta(self.config["src_lang"], self.config["tgt_lang"], self.config.get("info", {}),
-                              self.inference)
+        return CheckpointMeta(
+            self.config["src_lang"], self.config["tgt_lang"], self.config.get("info", {}), self.inference
+        )
 
     @property
     def inference(self) -> InferenceSettings:
@@ -157,8 +165,10 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     directory = Path(directory)
     config = read_config(directory)
     if not isinstance(config.get("tokenizer"), str):
-        raise CheckpointError(f"checkpoint {directory} was imported with a Marian tokenizer (nmt-import): such "
-                              "checkpoints are not exported yet")
+        raise CheckpointError(
+            f"checkpoint {directory} was imported with a Marian tokenizer (nmt-import): such "
+            "checkpoints are not exported yet"
+        )
     for name in (WEIGHTS, config["tokenizer"]):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {name}")
@@ -215,13 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         loaded = load_checkpoint(args.source)
         inference = loaded.inference.to_dict()
-        inference.update({k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.length_penalty)) if v is not None})
+        inference.update(
+            {k: v for k, v in (("beam_size", args.beam), ("length_penalty", args.length_penalty)) if v is not None}
+        )
         meta = dataclasses.replace(loaded.meta, inference=InferenceSettings.from_dict(inference))
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    write_checkpoint(args.dest, loaded.model, loaded.directory / loaded.config["tokenizer"], meta,
-                     dtype=getattr(torch, args.dtype))
+    write_checkpoint(
+        args.dest, loaded.model, loaded.directory / loaded.config["tokenizer"], meta, dtype=getattr(torch, args.dtype)
+    )
     return 0
 
 

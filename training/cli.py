@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--src-lang", default="en", choices=["en", "de", "fr", "cs"])
     data.add_argument("--tgt-lang", default="de", choices=["en", "de", "fr", "cs"])
-    data.add_argument("--data-dir", default=os.environ.get("NMT_DATA_DIR"),
-                      help="Multi30k directory (default $NMT_DATA_DIR; unset = download into the cache)")
+    data.add_argument(
+        "--data-dir",
+        default=os.environ.get("NMT_DATA_DIR"),
+        help="Multi30k directory (default $NMT_DATA_DIR; unset = download into the cache)",
+    )
     for split in ("train", "valid"):
         data.add_argument(f"--{split}-src", help=f"plain-text {split} source file (optionally .gz)")
         data.add_argument(f"--{split}-tgt", help=f"plain-text {split} target file (optionally .gz)")
@@ -90,19 +93,35 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--clip-norm", type=float, default=1.0, help="gradient-norm clip; 0 disables")
     opt.add_argument("--seed", type=int, default=1)
     opt.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    opt.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "bf16-output", "fp16"],
-                     help="mixed precision: bf16 = autocast; bf16-output = only the output layer in bf16; "
-                          "auto = bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, none on other CPUs")
+    opt.add_argument(
+        "--amp",
+        default="auto",
+        choices=["auto", "none", "bf16", "bf16-output", "fp16"],
+        help="mixed precision: bf16 = autocast; bf16-output = only the output layer in bf16; "
+        "auto = bf16 on CUDA and on CPUs with AMX or AVX-512 BF16, none on other CPUs",
+    )
     opt.add_argument("--compile", action="store_true", help="torch.compile the model")
     run = p.add_argument_group("validation and checkpoints")
-    run.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better BLEU; 0 = never")
-    run.add_argument("--average-last", type=int, default=5, help="average the last N epoch checkpoints at the end; 0/1 = off")
+    run.add_argument(
+        "--patience", type=int, default=10, help="stop after this many epochs without a better BLEU; 0 = never"
+    )
+    run.add_argument(
+        "--average-last", type=int, default=5, help="average the last N epoch checkpoints at the end; 0/1 = off"
+    )
     run.add_argument("--valid-beam", type=int, default=1, help="beam size for validation BLEU (1 = greedy)")
-    run.add_argument("--valid-bleu-every", type=int, default=1,
-                     help="validation BLEU every N epochs (and at the last); loss is computed every epoch")
+    run.add_argument(
+        "--valid-bleu-every",
+        type=int,
+        default=1,
+        help="validation BLEU every N epochs (and at the last); loss is computed every epoch",
+    )
     run.add_argument("--beam", type=int, default=4, help="inference beam size stored in the checkpoints")
-    run.add_argument("--length-penalty", type=float, default=0.6,
-                     help="inference length penalty (GNMT alpha) stored in the checkpoints")
+    run.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.6,
+        help="inference length penalty (GNMT alpha) stored in the checkpoints",
+    )
     run.add_argument("--save-every-steps", type=int, default=0, help="also save a resumable checkpoint every N steps")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--force", action="store_true", help="delete an existing run directory first")
@@ -121,12 +140,33 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
         parser.error("--train-src/--train-tgt need --valid-src/--valid-tgt too")
     if a.force and a.resume:
         parser.error("--force and --resume exclude each other")
-    for name in ("max_tokens", "accum_steps", "max_epochs", "warmup", "vocab_size", "max_len", "valid_beam", "valid_bleu_every", "beam"):
+    for name in (
+        "max_tokens",
+        "accum_steps",
+        "max_epochs",
+        "warmup",
+        "vocab_size",
+        "max_len",
+        "valid_beam",
+        "valid_bleu_every",
+        "beam",
+    ):
         if getattr(a, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
-    overrides = {k: getattr(a, k) for k in ("d_model", "n_heads", "d_ff", "n_encoder_layers", "n_decoder_layers", "dropout",
-                                    "attention_dropout", "activation_dropout")
-                 if getattr(a, k) is not None}
+    overrides = {
+        k: getattr(a, k)
+        for k in (
+            "d_model",
+            "n_heads",
+            "d_ff",
+            "n_encoder_layers",
+            "n_decoder_layers",
+            "dropout",
+            "attention_dropout",
+            "activation_dropout",
+        )
+        if getattr(a, k) is not None
+    }
     if a.init_from:
         if a.tokenizer:
             parser.error("--init-from brings its own tokenizer; drop --tokenizer")
@@ -137,15 +177,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in vars(a).items() if k in fields}
     return TrainConfig(
-        **shared, out_dir=a.out, model=model, train_files=train_files, valid_files=valid_files,
+        **shared,
+        out_dir=a.out,
+        model=model,
+        train_files=train_files,
+        valid_files=valid_files,
         progress=not a.no_progress,
     )
 
 
 def _preset_model(parser: argparse.ArgumentParser, a: argparse.Namespace, overrides: dict) -> ModelConfig:
     try:
-        return preset(a.preset, vocab_size=a.vocab_size, pre_norm=a.pre_norm,
-                      max_positions=max(1024, a.max_len + 64), **overrides)
+        return preset(
+            a.preset, vocab_size=a.vocab_size, pre_norm=a.pre_norm, max_positions=max(1024, a.max_len + 64), **overrides
+        )
     except ValueError as e:
         parser.error(str(e))
 

@@ -89,13 +89,17 @@ def multi30k_path(split: str, lang: str, data_dir: str | Path | None = None) -> 
         for candidate in (Path(data_dir) / name, Path(data_dir) / name[: -len(".gz")]):
             if candidate.is_file():
                 if candidate.name in MULTI30K_SHA256 and sha256_file(candidate) != MULTI30K_SHA256[candidate.name]:
-                    raise DataError(f"checksum mismatch for {candidate}: expected sha256 {MULTI30K_SHA256[candidate.name]}")
+                    raise DataError(
+                        f"checksum mismatch for {candidate}: expected sha256 {MULTI30K_SHA256[candidate.name]}"
+                    )
                 return candidate
         raise DataError(_missing_split_message(split, lang, Path(data_dir)))
     if split not in MULTI30K_SPLITS:
-        raise DataError(f"unknown Multi30k split {split!r}: only {', '.join(MULTI30K_SPLITS)} can be downloaded "
-                        "(with verified checksums); put other splits' files in a directory and pass it with "
-                        "--data-dir or $NMT_DATA_DIR")
+        raise DataError(
+            f"unknown Multi30k split {split!r}: only {', '.join(MULTI30K_SPLITS)} can be downloaded "
+            "(with verified checksums); put other splits' files in a directory and pass it with "
+            "--data-dir or $NMT_DATA_DIR"
+        )
     if lang not in MULTI30K_SPLITS[split]:
         raise DataError(f"Multi30k {split} has no {lang!r}; it has {', '.join(MULTI30K_SPLITS[split])}")
     return download_verified(name, default_cache_dir())

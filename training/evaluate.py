@@ -74,7 +74,9 @@ def score(hypotheses: list[str], references: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nmt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="nmt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. models/default)")
     parser.add_argument("--split", default="test_2016_flickr", help="Multi30k split (default: test_2016_flickr)")
     parser.add_argument("--data-dir", help="Multi30k directory (default: $NMT_DATA_DIR, else download)")
@@ -109,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     hypotheses = translate(checkpoint.model, checkpoint.tokenizer, corpus.src, options, args.device, progress=True)
     result = score(hypotheses, corpus.tgt)
     result.update(
-        split=args.src or args.split, sentences=len(corpus), beam=args.beam, alpha=args.alpha,
+        split=args.src or args.split,
+        sentences=len(corpus),
+        beam=args.beam,
+        alpha=args.alpha,
         seconds=round(time.perf_counter() - start, 1),
     )
     if args.output:

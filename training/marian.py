@@ -80,36 +80,56 @@ def model_config(config: dict, path: Path) -> ModelConfig:
     if config.get("model_type") != "marian":
         raise MarianImportError(f"{path}: field 'model_type' is {config.get('model_type')!r}, expected 'marian'")
     get = lambda name, kind=int, default=None: _field(config, path, name, kind, default)  # noqa: E731
-    for ours, enc, dec in (("n_heads", "encoder_attention_heads", "decoder_attention_heads"),
-                           ("d_ff", "encoder_ffn_dim", "decoder_ffn_dim")):
+    for ours, enc, dec in (
+        ("n_heads", "encoder_attention_heads", "decoder_attention_heads"),
+        ("d_ff", "encoder_ffn_dim", "decoder_ffn_dim"),
+    ):
         if get(enc) != get(dec):
-            raise MarianImportError(f"{path}: fields {enc!r} ({get(enc)}) and {dec!r} ({get(dec)}) differ; the engine "
-                               f"runs one {ours} for both stacks")
+            raise MarianImportError(
+                f"{path}: fields {enc!r} ({get(enc)}) and {dec!r} ({get(dec)}) differ; the engine "
+                f"runs one {ours} for both stacks"
+            )
     activation = get("activation_function", str)
     if activation not in ACTIVATIONS:
-        raise MarianImportError(f"{path}: field 'activation_function' is {activation!r}; the engine runs "
-                           f"{', '.join(sorted(ACTIVATIONS))}")
-    for name, unsupported in (("normalize_before", True), ("normalize_embedding", True), ("add_final_layer_norm", True)):
+        raise MarianImportError(
+            f"{path}: field 'activation_function' is {activation!r}; the engine runs {', '.join(sorted(ACTIVATIONS))}"
+        )
+    for name, unsupported in (
+        ("normalize_before", True),
+        ("normalize_embedding", True),
+        ("add_final_layer_norm", True),
+    ):
         if config.get(name) is unsupported:
             raise MarianImportError(f"{path}: field {name!r} is {unsupported}: not a layout the engine runs")
     vocab_size, decoder_vocab = get("vocab_size"), config.get("decoder_vocab_size")
     shared = bool(get("share_encoder_decoder_embeddings", bool, True))
     separate_vocab = decoder_vocab is not None and decoder_vocab != vocab_size
     if separate_vocab and shared:
-        raise MarianImportError(f"{path}: field 'decoder_vocab_size' ({decoder_vocab}) differs from 'vocab_size' "
-                           f"({vocab_size}) with shared embeddings")
+        raise MarianImportError(
+            f"{path}: field 'decoder_vocab_size' ({decoder_vocab}) differs from 'vocab_size' "
+            f"({vocab_size}) with shared embeddings"
+        )
     try:
         return ModelConfig(
-            vocab_size=vocab_size, d_model=get("d_model"), n_heads=get("encoder_attention_heads"),
-            d_ff=get("encoder_ffn_dim"), n_encoder_layers=get("encoder_layers"), n_decoder_layers=get("decoder_layers"),
+            vocab_size=vocab_size,
+            d_model=get("d_model"),
+            n_heads=get("encoder_attention_heads"),
+            d_ff=get("encoder_ffn_dim"),
+            n_encoder_layers=get("encoder_layers"),
+            n_decoder_layers=get("decoder_layers"),
             dropout=float(get("dropout", (int, float), 0.0)),
             attention_dropout=float(get("attention_dropout", (int, float), 0.0)),
             activation_dropout=float(get("activation_dropout", (int, float), 0.0)),
-            max_positions=get("max_position_embeddings"), pad_id=get("pad_token_id"),
-            activation=ACTIVATIONS[activation], scale_embedding=bool(get("scale_embedding", bool, False)),
-            position_layout="halves", output_bias=True, shared_embeddings=shared,
+            max_positions=get("max_position_embeddings"),
+            pad_id=get("pad_token_id"),
+            activation=ACTIVATIONS[activation],
+            scale_embedding=bool(get("scale_embedding", bool, False)),
+            position_layout="halves",
+            output_bias=True,
+            shared_embeddings=shared,
             decoder_vocab_size=decoder_vocab if separate_vocab else None,
-            layer_norm_eps=float(get("layer_norm_eps", (int, float), 1e-5)))
+            layer_norm_eps=float(get("layer_norm_eps", (int, float), 1e-5)),
+        )
     except ValueError as e:
         raise MarianImportError(f"{path}: {e}") from e
 
@@ -118,10 +138,15 @@ def _layer_names(prefix: str, ours: str, cross: bool) -> dict[str, str]:
     names = {f"{prefix}.self_attn.{p}": f"{ours}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
     names[f"{prefix}.self_attn_layer_norm"] = f"{ours}.{'self_block' if cross else 'attn_block'}.norm"
     if cross:
-        names |= {f"{prefix}.encoder_attn.{p}": f"{ours}.cross_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+        names |= {
+            f"{prefix}.encoder_attn.{p}": f"{ours}.cross_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")
+        }
         names[f"{prefix}.encoder_attn_layer_norm"] = f"{ours}.cross_block.norm"
-    names |= {f"{prefix}.fc1": f"{ours}.ffn.linear1", f"{prefix}.fc2": f"{ours}.ffn.linear2",
-              f"{prefix}.final_layer_norm": f"{ours}.ffn_block.norm"}
+    names |= {
+        f"{prefix}.fc1": f"{ours}.ffn.linear1",
+        f"{prefix}.fc2": f"{ours}.ffn.linear2",
+        f"{prefix}.final_layer_norm": f"{ours}.ffn_block.norm",
+    }
     return names
 
 
@@ -145,7 +170,9 @@ def map_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -
     if cfg.shared_embeddings:
         target = shared if shared is not None else target if target is not None else source
     elif source is None or target is None:
-        raise MarianImportError(f"{path}: separate embeddings need encoder.embed_tokens.weight and decoder.embed_tokens.weight")
+        raise MarianImportError(
+            f"{path}: separate embeddings need encoder.embed_tokens.weight and decoder.embed_tokens.weight"
+        )
     if target is None:
         raise MarianImportError(f"{path}: tensor shared.weight (the embeddings) is missing")
     ours["embedding.weight"] = target
@@ -153,7 +180,9 @@ def map_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -
         ours["src_embedding.weight"] = source
     lm_head = theirs.pop("lm_head.weight", None)
     if lm_head is not None and not torch.equal(lm_head, target):
-        raise MarianImportError(f"{path}: tensor lm_head.weight differs from the decoder's embeddings; the engine ties them")
+        raise MarianImportError(
+            f"{path}: tensor lm_head.weight differs from the decoder's embeddings; the engine ties them"
+        )
     bias = theirs.pop("final_logits_bias", None)
     ours["output_bias"] = torch.zeros(cfg.target_vocab_size) if bias is None else bias.reshape(-1)
     for name in ("encoder.embed_positions.weight", "decoder.embed_positions.weight"):
@@ -164,8 +193,10 @@ def map_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -
     expected = Transformer(cfg).state_dict()
     for name, tensor in ours.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise MarianImportError(f"{path}: tensor for {name} has shape {tuple(tensor.shape)}; config.json "
-                               f"says {tuple(expected[name].shape)}")
+            raise MarianImportError(
+                f"{path}: tensor for {name} has shape {tuple(tensor.shape)}; config.json "
+                f"says {tuple(expected[name].shape)}"
+            )
     return {name: tensor.float().contiguous() for name, tensor in ours.items()}
 
 
@@ -174,7 +205,9 @@ def _check_positions(table: torch.Tensor, cfg: ModelConfig, path: Path, name: st
 
     want = sinusoidal_table(table.shape[0], cfg.d_model, cfg.position_layout)
     if table.shape != want.shape or not torch.allclose(table.float(), want, atol=1e-4):
-        raise MarianImportError(f"{path}: tensor {name} is not Marian's sinusoid table (learned positions are not supported)")
+        raise MarianImportError(
+            f"{path}: tensor {name} is not Marian's sinusoid table (learned positions are not supported)"
+        )
 
 
 def read_weights(src: Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -200,14 +233,19 @@ def read_vocab(path: Path, size: int) -> dict[str, int]:
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in vocab.values()):
         raise MarianImportError(f"{path}: ids must be integers")
     if len(vocab) != size or set(vocab.values()) != set(range(size)):
-        raise MarianImportError(f"{path}: {len(vocab)} pieces with ids up to {max(vocab.values(), default=-1)}; the "
-                           f"weights have {size} rows")
+        raise MarianImportError(
+            f"{path}: {len(vocab)} pieces with ids up to {max(vocab.values(), default=-1)}; the "
+            f"weights have {size} rows"
+        )
     return vocab
 
 
 def special_ids(config: dict, vocab: dict[str, int], path: Path, vocab_path: Path) -> dict[str, int]:
-    ids = {"eos": _field(config, path, "eos_token_id", int), "pad": _field(config, path, "pad_token_id", int),
-           "decoder_start": _field(config, path, "decoder_start_token_id", int, config.get("pad_token_id"))}
+    ids = {
+        "eos": _field(config, path, "eos_token_id", int),
+        "pad": _field(config, path, "pad_token_id", int),
+        "decoder_start": _field(config, path, "decoder_start_token_id", int, config.get("pad_token_id")),
+    }
     if "<unk>" not in vocab:
         raise MarianImportError(f"{vocab_path}: no '<unk>' piece")
     ids["unk"] = vocab["<unk>"]
@@ -219,8 +257,12 @@ def generation_settings(src: Path, config: dict) -> dict:
     path = src / "generation_config.json"
     stored = _read_json(path) if path.is_file() else {}
     pick = lambda name, default: stored.get(name, config.get(name, default))  # noqa: E731
-    return {"num_beams": int(pick("num_beams", 1)), "length_penalty": float(pick("length_penalty", 1.0)),
-            "max_length": int(pick("max_length", 512)), "bad_words_ids": pick("bad_words_ids", None)}
+    return {
+        "num_beams": int(pick("num_beams", 1)),
+        "length_penalty": float(pick("length_penalty", 1.0)),
+        "max_length": int(pick("max_length", 512)),
+        "bad_words_ids": pick("bad_words_ids", None),
+    }
 
 
 def read_marian(src: Path) -> Imported:
@@ -259,14 +301,26 @@ def write_imported(src: Path, dst: Path, imported: Imported) -> Path:
             shutil.copyfile(src / name, staging / name)
         inputs = sorted(p.name for p in src.iterdir() if p.is_file())
         config = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "model": imported.config.to_dict(),
-            "src_lang": "", "tgt_lang": "",
-            "tokenizer": {"kind": "marian", "source": "source.spm", "target": "target.spm", "vocab": "vocab.json",
-                          "target_vocab": TARGET_VOCAB if imported.config.decoder_vocab_size else "vocab.json"},
-            "special_ids": imported.special_ids, "target_languages": imported.target_languages,
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model": imported.config.to_dict(),
+            "src_lang": "",
+            "tgt_lang": "",
+            "tokenizer": {
+                "kind": "marian",
+                "source": "source.spm",
+                "target": "target.spm",
+                "vocab": "vocab.json",
+                "target_vocab": TARGET_VOCAB if imported.config.decoder_vocab_size else "vocab.json",
+            },
+            "special_ids": imported.special_ids,
+            "target_languages": imported.target_languages,
             "generation": imported.generation,
-            "info": {"imported_from": str(src.resolve()), "importer": f"nmt-import {_version()}",
-                     "input_sha256": {name: sha256(src / name) for name in inputs}},
+            "info": {
+                "imported_from": str(src.resolve()),
+                "importer": f"nmt-import {_version()}",
+                "input_sha256": {name: sha256(src / name) for name in inputs},
+            },
         }
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     except BaseException:

@@ -54,10 +54,14 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         if self.position_layout not in POSITION_LAYOUTS:
-            raise ValueError(f"position_layout must be one of {', '.join(POSITION_LAYOUTS)}, got {self.position_layout!r}")
+            raise ValueError(
+                f"position_layout must be one of {', '.join(POSITION_LAYOUTS)}, got {self.position_layout!r}"
+            )
         if self.decoder_vocab_size is not None and (self.decoder_vocab_size <= 0 or self.shared_embeddings):
-            raise ValueError("decoder_vocab_size needs separate embeddings (shared_embeddings false) and must be "
-                             f"positive, got {self.decoder_vocab_size}")
+            raise ValueError(
+                "decoder_vocab_size needs separate embeddings (shared_embeddings false) and must be "
+                f"positive, got {self.decoder_vocab_size}"
+            )
         if not 0 <= self.pad_id < min(self.vocab_size, self.target_vocab_size):
             raise ValueError(f"pad_id {self.pad_id} is not an id of the vocabulary ({self.vocab_size} pieces)")
         if not 0.0 < self.layer_norm_eps < 1.0:
@@ -235,12 +239,14 @@ class Transformer(nn.Module):
         # The target embedding, tied with the output layer; with shared_embeddings (one joint
         # vocabulary, our recipe) the source's too, else the encoder has src_embedding.
         self.embedding = nn.Embedding(cfg.target_vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
-        self.src_embedding = None if cfg.shared_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model,
-                                                                              padding_idx=cfg.pad_id)
+        self.src_embedding = (
+            None if cfg.shared_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        )
         self.output_bias = nn.Parameter(torch.zeros(cfg.target_vocab_size)) if cfg.output_bias else None
         self.embed_scale = math.sqrt(cfg.d_model) if cfg.scale_embedding else 1.0
-        self.register_buffer("positions", sinusoidal_table(cfg.max_positions, cfg.d_model, cfg.position_layout),
-                             persistent=False)
+        self.register_buffer(
+            "positions", sinusoidal_table(cfg.max_positions, cfg.d_model, cfg.position_layout), persistent=False
+        )
         self.embed_dropout = Dropout(cfg.dropout)
         self.encoder_layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.n_encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_decoder_layers))
@@ -303,7 +309,11 @@ class Transformer(nn.Module):
         return self.project(states), present
 
     def decoder_states(
-        self, tgt: torch.Tensor, cross: list[KV], src_mask: torch.Tensor, past: list[KV] | None = None,
+        self,
+        tgt: torch.Tensor,
+        cross: list[KV],
+        src_mask: torch.Tensor,
+        past: list[KV] | None = None,
         past_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[KV]]:
         """The decoder stack's output (B, T, d_model) before the output projection, and present KV."""
@@ -328,7 +338,11 @@ class Transformer(nn.Module):
         return F.linear(states, self.embedding.weight, self.output_bias)  # (..., V), tied weights
 
     def forward(
-        self, src: torch.Tensor, src_mask: torch.Tensor, tgt_in: torch.Tensor, keep: torch.Tensor | None = None,
+        self,
+        src: torch.Tensor,
+        src_mask: torch.Tensor,
+        tgt_in: torch.Tensor,
+        keep: torch.Tensor | None = None,
         project: bool = True,
     ) -> torch.Tensor:
         """Teacher forcing: logits (B, T, V) for every target position, or (N, V) for the N

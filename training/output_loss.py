@@ -22,8 +22,9 @@ CHUNK_ROWS = 512  # 512 x 8000 fp32 = 16 MB: under glibc's largest mmap threshol
 
 class _ProjectedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, states: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
-                low_precision: bool):
+    def forward(
+        ctx, states: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float, low_precision: bool
+    ):
         with torch.autocast(states.device.type, enabled=False):
             return _ProjectedCrossEntropy._forward(ctx, states, weight, target, smoothing, low_precision)
 

@@ -42,8 +42,9 @@ class SpecialIds:
 OURS = SpecialIds()
 
 
-def pad_batch(seqs: list[list[int]], device: torch.device | str = "cpu", pad: int = PAD_ID
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    seqs: list[list[int]], device: torch.device | str = "cpu", pad: int = PAD_ID
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists -> (ids (B, S) long, mask (B, S) bool with True for real tokens)."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
@@ -59,7 +60,9 @@ class _Batch:
     def __init__(self, model: Transformer, sources: list[list[int]], device, repeat: int, special: SpecialIds = OURS):
         src, src_mask = pad_batch([s + [special.eos] for s in sources], device, special.pad)
         memory = model.encode(src, src_mask)
-        self.cross = [(k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in model.cross_kv(memory)]
+        self.cross = [
+            (k.repeat_interleave(repeat, 0), v.repeat_interleave(repeat, 0)) for k, v in model.cross_kv(memory)
+        ]
         self.src_mask = src_mask.repeat_interleave(repeat, 0)
         self.past: list | None = None
 
@@ -80,8 +83,12 @@ class _Batch:
 
 @torch.no_grad()
 def greedy_search(
-    model: Transformer, sources: list[list[int]], max_len_extra: int = 50, device: str | torch.device = "cpu",
-    repetition_guard: bool = True, special: SpecialIds = OURS,
+    model: Transformer,
+    sources: list[list[int]],
+    max_len_extra: int = 50,
+    device: str | torch.device = "cpu",
+    repetition_guard: bool = True,
+    special: SpecialIds = OURS,
 ) -> list[Hypothesis]:
     """Most probable next token at each step, for a batch of sources (token ids without EOS)."""
     if not sources:
@@ -160,7 +167,9 @@ def beam_search(
                 eos_scores = log_probs[a, :, eos].clone()
                 log_probs[a] = float("-inf")
                 log_probs[a, :, eos] = eos_scores
-        for a, sentence in enumerate(active if repetition_guard else []):  # the repetition guard (nmt.engine.hypothesis)
+        for a, sentence in enumerate(
+            active if repetition_guard else []
+        ):  # the repetition guard (nmt.engine.hypothesis)
             for beam, prefix in enumerate(prefixes[sentence]):
                 if blocked := blocked_tokens(prefix):
                     log_probs[a, beam, blocked] = float("-inf")

@@ -87,4 +87,3 @@ class Tokenizer(SentencePiece):
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_bytes(model.getvalue())
         return cls.load(out_path)  # type: ignore[return-value]
-

@@ -92,7 +92,9 @@ def prepare_tokenizer(cfg: TrainConfig, train: ParallelCorpus, ctx: dist.Context
     ctx.barrier()
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size != cfg.model.vocab_size:
-        raise DataError(f"tokenizer {path} has {tokenizer.vocab_size} pieces, but --vocab-size is {cfg.model.vocab_size}")
+        raise DataError(
+            f"tokenizer {path} has {tokenizer.vocab_size} pieces, but --vocab-size is {cfg.model.vocab_size}"
+        )
     return tokenizer
 
 
@@ -120,7 +122,9 @@ def attention_backend(device_type: str):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: dist.Context, tokenizer: Tokenizer, train: Examples, valid: ParallelCorpus):
+    def __init__(
+        self, cfg: TrainConfig, ctx: dist.Context, tokenizer: Tokenizer, train: Examples, valid: ParallelCorpus
+    ):
         self.cfg, self.ctx, self.tokenizer, self.train, self.valid = cfg, ctx, tokenizer, train, valid
         self.valid_examples = encode_corpus(valid, tokenizer, max_len=10**9)
         torch.manual_seed(cfg.seed)
@@ -151,7 +155,7 @@ class Trainer:
         tensors, state = read_train_state(self.cfg.out_dir / "last")
         if state["model"] != self.cfg.model.to_dict():
             raise DataError(f"cannot resume: {self.cfg.out_dir / 'last'} holds a different model config")
-        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
         load_optimizer_state(self.optimizer, tensors, state["optimizer"])
         load_rng_state(tensors)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -159,7 +163,9 @@ class Trainer:
 
     def epoch_batches(self) -> list[list[list[int]]]:
         """This rank's optimizer steps for the current epoch, each a list of `accum_steps` batches."""
-        batches = token_batches(self.train.src_lengths, self.train.tgt_lengths, self.cfg.max_tokens, self.cfg.seed + self.epoch)
+        batches = token_batches(
+            self.train.src_lengths, self.train.tgt_lengths, self.cfg.max_tokens, self.cfg.seed + self.epoch
+        )
         mine = self.ctx.shard(batches)
         k = self.cfg.accum_steps
         return [mine[i : i + k] for i in range(0, len(mine) - k + 1, k)]
@@ -182,8 +188,9 @@ class Trainer:
             sync = i == len(group) - 1
             with self.ctx.no_sync(self.train_model, sync), self._autocast(), attention_backend(self.ctx.device.type):
                 states = self.train_model(batch.src, batch.src_mask, batch.tgt_in, keep, project=False)
-                loss, _ = projected_cross_entropy(states, self.model.embedding.weight, batch.tgt_out[keep],
-                                                  self.cfg.label_smoothing, self.bf16_output)
+                loss, _ = projected_cross_entropy(
+                    states, self.model.embedding.weight, batch.tgt_out[keep], self.cfg.label_smoothing, self.bf16_output
+                )
             self.scaler.scale(loss / batch.n_tokens / len(group)).backward()
             total_loss += loss.detach()
             total_tokens += batch.n_tokens
@@ -206,8 +213,15 @@ class Trainer:
             total = steps_per_epoch * self.cfg.max_epochs
             if self.cfg.max_steps:
                 total = min(total, self.cfg.max_steps)
-            self.bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                            disable=not (self.cfg.progress and self.ctx.is_main), mininterval=2.0)
+            self.bar = tqdm(
+                total=total,
+                initial=self.step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                disable=not (self.cfg.progress and self.ctx.is_main),
+                mininterval=2.0,
+            )
         return self.bar
 
     def run(self) -> None:
@@ -219,7 +233,9 @@ class Trainer:
                 record = self.end_of_epoch(partial=stopped_early)
                 append_jsonl(records_path, record)
                 plot_curves(read_jsonl(records_path), self.cfg.out_dir / "curves.png")
-                log.info("epoch %d: %s", record["epoch"], {k: record[k] for k in ("train_loss", "valid_loss", "valid_bleu")})
+                log.info(
+                    "epoch %d: %s", record["epoch"], {k: record[k] for k in ("train_loss", "valid_loss", "valid_bleu")}
+                )
             out_of_time = self.cfg.time_limit is not None and time.monotonic() - started > self.cfg.time_limit * 60
             if stopped_early or self.ctx.broadcast_flag(self.ctx.is_main and (out_of_time or self.out_of_patience())):
                 break
@@ -245,16 +261,23 @@ class Trainer:
             bar.update()
             if self.step % 10 == 0 and not bar.disable:  # reading the loss waits for the device
                 elapsed = time.perf_counter() - start
-                bar.set_postfix(epoch=self.epoch, loss=f"{loss.item() / n:.3f}", lr=f"{self.lr():.2e}",
-                                tok_s=f"{tokens * self.ctx.world / elapsed:.0f}")
+                bar.set_postfix(
+                    epoch=self.epoch,
+                    loss=f"{loss.item() / n:.3f}",
+                    lr=f"{self.lr():.2e}",
+                    tok_s=f"{tokens * self.ctx.world / elapsed:.0f}",
+                )
             if self.cfg.save_every_steps and self.step % self.cfg.save_every_steps == 0:
                 self.save_last()
             if self.cfg.max_steps and self.step >= self.cfg.max_steps:
                 break
         loss_sum = loss_sum.item()
         totals = self.ctx.all_reduce_sum([loss_sum, float(tokens)])
-        self.epoch_stats = {"train_loss": totals[0] / max(totals[1], 1), "train_tokens": int(totals[1]),
-                            "seconds": time.perf_counter() - start}
+        self.epoch_stats = {
+            "train_loss": totals[0] / max(totals[1], 1),
+            "train_tokens": int(totals[1]),
+            "seconds": time.perf_counter() - start,
+        }
         finished_epoch = self.batch_in_epoch >= len(groups)
         if finished_epoch:
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
@@ -284,9 +307,17 @@ class Trainer:
         valid_loss = self.validation_loss()
         bleu = self.validation_bleu(self.model) if last or epoch % self.cfg.valid_bleu_every == 0 else None
         self.model.train()
-        record = {"event": "epoch", "epoch": epoch, "partial": partial, "step": self.step, "lr": self.lr(),
-                  **self.epoch_stats, "valid_loss": valid_loss, "valid_bleu": bleu,
-                  "tokens_per_s": self.epoch_stats["train_tokens"] / max(self.epoch_stats["seconds"], 1e-9)}
+        record = {
+            "event": "epoch",
+            "epoch": epoch,
+            "partial": partial,
+            "step": self.step,
+            "lr": self.lr(),
+            **self.epoch_stats,
+            "valid_loss": valid_loss,
+            "valid_bleu": bleu,
+            "tokens_per_s": self.epoch_stats["train_tokens"] / max(self.epoch_stats["seconds"], 1e-9),
+        }
         self.meta = self.checkpoint_meta({"epoch": epoch, "step": self.step, "valid_bleu": bleu})
         if bleu is not None and bleu > self.best_bleu:
             self.best_bleu, self.bad_epochs = bleu, 0
@@ -311,17 +342,32 @@ class Trainer:
             return
         tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
         opt_tensors, opt_meta = optimizer_state(self.optimizer)
-        state = {"model": self.cfg.model.to_dict(), "optimizer": opt_meta, "step": self.step, "epoch": self.epoch,
-                 "batch_in_epoch": self.batch_in_epoch, "best_bleu": self.best_bleu, "bad_epochs": self.bad_epochs}
-        write_checkpoint(self.cfg.out_dir / "last", self.model, self.tokenizer_file, self.meta,
-                         train_state=({**tensors, **opt_tensors, **rng_state()}, state))
+        state = {
+            "model": self.cfg.model.to_dict(),
+            "optimizer": opt_meta,
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best_bleu": self.best_bleu,
+            "bad_epochs": self.bad_epochs,
+        }
+        write_checkpoint(
+            self.cfg.out_dir / "last",
+            self.model,
+            self.tokenizer_file,
+            self.meta,
+            train_state=({**tensors, **opt_tensors, **rng_state()}, state),
+        )
 
     def save_epoch_weights(self, epoch: int) -> None:
         from safetensors.torch import save_file
 
         folder = self.cfg.out_dir / "epochs"
         folder.mkdir(exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}, folder / f"epoch_{epoch:04d}.safetensors")
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+            folder / f"epoch_{epoch:04d}.safetensors",
+        )
         for old in sorted(folder.glob("epoch_*.safetensors"))[: -max(self.cfg.average_last, 1)]:
             old.unlink()
 
@@ -368,8 +414,15 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = prepare_tokenizer(cfg, train_corpus, ctx)
         train = encode_corpus(train_corpus, tokenizer, cfg.max_len)
         if ctx.is_main:
-            log.info("train %d pairs (%d longer than %d tokens dropped), valid %d pairs, device %s, world %d",
-                     len(train), train.dropped, cfg.max_len, len(valid), ctx.device, ctx.world)
+            log.info(
+                "train %d pairs (%d longer than %d tokens dropped), valid %d pairs, device %s, world %d",
+                len(train),
+                train.dropped,
+                cfg.max_len,
+                len(valid),
+                ctx.device,
+                ctx.world,
+            )
         trainer = Trainer(cfg, ctx, tokenizer, train, valid)
         if ctx.is_main:
             log.info("model: %s, %.2fM parameters", cfg.model, trainer.model.num_parameters() / 1e6)

@@ -29,9 +29,19 @@ def sweep(checkpoint, corpus, beams: list[int], alphas: list[float]) -> list[dic
             options = SearchOptions(beam, alpha, checkpoint.inference.max_len_extra, batch_size=128)
             hypotheses = translate(checkpoint.model, checkpoint.tokenizer, corpus.src, options)
             result = score(hypotheses, corpus.tgt)
-            rows.append({"beam": beam, "alpha": alpha, "bleu": result["bleu"], "chrf": result["chrf"],
-                         "seconds": round(time.perf_counter() - start, 1)})
-            print(f"beam {beam:2d}  alpha {alpha:4.2f}  BLEU {result['bleu']:6.2f}  chrF {result['chrf']:6.2f}", flush=True)
+            rows.append(
+                {
+                    "beam": beam,
+                    "alpha": alpha,
+                    "bleu": result["bleu"],
+                    "chrf": result["chrf"],
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            )
+            print(
+                f"beam {beam:2d}  alpha {alpha:4.2f}  BLEU {result['bleu']:6.2f}  chrF {result['chrf']:6.2f}",
+                flush=True,
+            )
     return rows
 
 
@@ -67,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             json.dump({"split": args.split, "rows": rows, "best": best}, f, indent=2)
     if args.write:
         inference = dataclasses.replace(checkpoint.inference, beam_size=best["beam"], length_penalty=best["alpha"])
-        update_inference(checkpoint.directory, inference, inference_tuned_on=args.split,
-                         inference_valid_bleu=best["bleu"])
+        update_inference(
+            checkpoint.directory, inference, inference_tuned_on=args.split, inference_valid_bleu=best["bleu"]
+        )
         print(f"stored in {checkpoint.directory / 'config.json'}")
     return 0
 

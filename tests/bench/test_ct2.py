@@ -30,8 +30,9 @@ def tiny_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     corpus = multi30k("train", "en", "de", data_dir)
     Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=3,
-                      dropout=0.0)
+    cfg = ModelConfig(
+        vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=3, dropout=0.0
+    )
     model = Transformer(cfg)
     with torch.no_grad():  # non-trivial LayerNorm parameters, so a mix-up between them shows
         for name, p in model.named_parameters():
@@ -68,9 +69,12 @@ def test_tiny_model_log_probs_match_torch(tiny_checkpoint: Path, test_sentences:
     sources = loaded.tokenizer.encode(test_sentences[:8])
     generator = torch.Generator().manual_seed(1)
     targets = [torch.randint(4, 600, (n,), generator=generator).tolist() for n in (1, 3, 5, 9, 2, 7, 4, 6)]
-    translator = ctranslate2.Translator(str(convert_checkpoint(tiny_checkpoint, tmp_path / "ct2")),
-                                        compute_type="float32", intra_threads=1)
-    scored = translator.score_batch([[pieces[i] for i in s] for s in sources], [[pieces[i] for i in t] for t in targets])
+    translator = ctranslate2.Translator(
+        str(convert_checkpoint(tiny_checkpoint, tmp_path / "ct2")), compute_type="float32", intra_threads=1
+    )
+    scored = translator.score_batch(
+        [[pieces[i] for i in s] for s in sources], [[pieces[i] for i in t] for t in targets]
+    )
     src, src_mask = pad_batch([s + [EOS_ID] for s in sources])
     tgt_in, _ = pad_batch([[BOS_ID] + t for t in targets])
     with torch.no_grad():
@@ -96,8 +100,10 @@ def test_default_model_outputs_identical_to_torch(test_sentences: list[str], tmp
     for quantization in ("float32", "int8"):
         model_dir = convert_checkpoint(DEFAULT_MODEL, tmp_path / quantization, quantization)
         engine = CT2Engine(quantization, model_dir, quantization, 1, pieces, SearchSettings())
-        identical[quantization] = (sum(a == b for a, b in zip(engine.translate(sources, 1), greedy)),
-                                   sum(a == b for a, b in zip(engine.translate(sources, 4), beam)))
+        identical[quantization] = (
+            sum(a == b for a, b in zip(engine.translate(sources, 1), greedy)),
+            sum(a == b for a, b in zip(engine.translate(sources, 4), beam)),
+        )
     print(f"identical to torch out of {len(sources)} (greedy, beam 4): {identical}")
     assert identical["float32"] == (len(sources), len(sources))
     assert min(identical["int8"]) >= len(sources) // 2  # int8 changes some outputs, not most

@@ -28,15 +28,35 @@ def tiny_checkpoint(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     corpus = multi30k("train", "en", "de", data_dir)
     Tokenizer.train(corpus.src[:300] + corpus.tgt[:300], root / "spm.model", vocab_size=600)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
-                      dropout=0.0)
+    cfg = ModelConfig(
+        vocab_size=600, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0
+    )
     return write_checkpoint(root / "ckpt", Transformer(cfg), root / "spm.model", CheckpointMeta("en", "de"))
 
 
 def _args(checkpoint: Path, data_dir: Path, root: Path, *extra: str) -> list[str]:
-    return ["--checkpoint", str(checkpoint), "--data-dir", str(data_dir), "--sentences", str(SENTENCES),
-            "--batch-sizes", "1,4", "--max-len-extra", "4", "--threads", "1", "--sgemm-size", "256", "--no-parity",
-            "--cache-dir", str(root / "cache"), "--out", str(root / "results"), *extra]
+    return [
+        "--checkpoint",
+        str(checkpoint),
+        "--data-dir",
+        str(data_dir),
+        "--sentences",
+        str(SENTENCES),
+        "--batch-sizes",
+        "1,4",
+        "--max-len-extra",
+        "4",
+        "--threads",
+        "1",
+        "--sgemm-size",
+        "256",
+        "--no-parity",
+        "--cache-dir",
+        str(root / "cache"),
+        "--out",
+        str(root / "results"),
+        *extra,
+    ]
 
 
 def test_decode_bench_end_to_end(tiny_checkpoint: Path, data_dir: Path, tmp_path: Path) -> None:
@@ -53,17 +73,24 @@ def test_decode_bench_end_to_end(tiny_checkpoint: Path, data_dir: Path, tmp_path
         assert row["sentences"] == SENTENCES and row["tokens_per_s"] > 0 and row["p50_ms"] > 0
     # Same rules in fp32: the same outputs (CT2's beam differs at the length limit, which this
     # random model reaches).
-    for engine, modes in {"ort-fp32": ("greedy", "beam4"), "ort-fp32-unfused": ("greedy", "beam4"),
-                          "ct2-float32": ("greedy",)}.items():
+    for engine, modes in {
+        "ort-fp32": ("greedy", "beam4"),
+        "ort-fp32-unfused": ("greedy", "beam4"),
+        "ct2-float32": ("greedy",),
+    }.items():
         for mode in modes:
             assert cells[(engine, mode, 4)]["identical_to_torch"] == SENTENCES, (engine, mode)
     # The shortlist and CT2's vocabulary map built from it score the same ids: the same greedy outputs.
     assert results["variants"]["ort-fp32-shortlist"] == "fp32-cpu, step decoder, shortlist"
     assert results["variants"]["ct2-float32-vmap"] == "float32, vmap"
     for size in (1, 4):
-        assert (cells[("ort-fp32-shortlist", "greedy", size)]["identical_to_torch"]
-                == cells[("ct2-float32-vmap", "greedy", size)]["identical_to_torch"])
-    assert {(r["engine"], r["batch_size"]) for r in results["encoder"]} == {(e, b) for e in decode.ENGINES for b in (1, 4)}
+        assert (
+            cells[("ort-fp32-shortlist", "greedy", size)]["identical_to_torch"]
+            == cells[("ct2-float32-vmap", "greedy", size)]["identical_to_torch"]
+        )
+    assert {(r["engine"], r["batch_size"]) for r in results["encoder"]} == {
+        (e, b) for e in decode.ENGINES for b in (1, 4)
+    }
     table = (out / "decode.md").read_text()
     for engine in decode.ENGINES:
         assert f"| {engine} |" in table
@@ -103,9 +130,13 @@ def _no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
-def test_cuda_without_cuda_exits_2_in_one_line(tiny_checkpoint: Path, data_dir: Path, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_cuda_without_cuda_exits_2_in_one_line(
+    tiny_checkpoint: Path,
+    data_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     _no_cuda(monkeypatch)
     assert cli.main(["decode", *_args(tiny_checkpoint, data_dir, tmp_path, "--device", "cuda")]) == 2
     err = capsys.readouterr().err.strip()
@@ -147,8 +178,11 @@ def test_engine_selection_per_device() -> None:
 def test_runtime_picks_the_variants_the_cuda_engines_name() -> None:
     from nmt.engine.runtime import CUDA, choose_variant
 
-    variants = {"fp32": {"providers": [CUDA, "CPUExecutionProvider"]}, "fp16-cuda": {"providers": [CUDA]},
-                "fp32-cpu": {"providers": ["CPUExecutionProvider"]}}
+    variants = {
+        "fp32": {"providers": [CUDA, "CPUExecutionProvider"]},
+        "fp16-cuda": {"providers": [CUDA]},
+        "fp32-cpu": {"providers": ["CPUExecutionProvider"]},
+    }
     assert choose_variant(variants, "fp32", [CUDA]) == ("fp32", CUDA)
     assert choose_variant(variants, "fp16", [CUDA]) == ("fp16-cuda", CUDA)
 
@@ -162,8 +196,7 @@ def test_ct2_float16_conversion(tiny_checkpoint: Path, tmp_path: Path) -> None:
 def _has_cuda() -> bool:
     import onnxruntime
 
-    return ("CUDAExecutionProvider" in onnxruntime.get_available_providers()
-            and engines._ct2_cuda_devices() > 0)
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and engines._ct2_cuda_devices() > 0
 
 
 @pytest.mark.gpu
@@ -183,8 +216,9 @@ def test_decode_bench_on_cuda(tiny_checkpoint: Path, data_dir: Path, tmp_path: P
     assert "ORT fp16 / CT2 float16" in (tmp_path / "results" / "decode.md").read_text()
 
 
-def test_cached_bundle_is_reused_while_it_has_the_variants(tiny_checkpoint: Path, data_dir: Path, tmp_path: Path,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_cached_bundle_is_reused_while_it_has_the_variants(
+    tiny_checkpoint: Path, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "fused"
     decode.ensure_bundle(tiny_checkpoint, out, None, ("fp16-cuda",), parity=False, data_dir=data_dir)
     assert "exporting" in capsys.readouterr().err
@@ -192,8 +226,9 @@ def test_cached_bundle_is_reused_while_it_has_the_variants(tiny_checkpoint: Path
     assert "exporting" not in capsys.readouterr().err  # every variant is exported: reused
     manifest = json.loads((out / bundle.MANIFEST).read_text())
     manifest["variants"].pop("fp16-cuda")  # re-hashed as nmt-export writes it (tests/bundle_edit.py)
-    bundle.write_manifest(out, {k: v for k, v in manifest.items()
-                                if k not in ("format", "format_version", "files", bundle.SELF_HASH)})
+    bundle.write_manifest(
+        out, {k: v for k, v in manifest.items() if k not in ("format", "format_version", "files", bundle.SELF_HASH)}
+    )
     bundle.verify_bundle(out)  # still a valid bundle: only the missing variant calls for a new export
     decode.ensure_bundle(tiny_checkpoint, out, None, ("fp16-cuda",), parity=False, data_dir=data_dir)
     assert "exporting" in capsys.readouterr().err
@@ -203,20 +238,59 @@ def test_report_of_a_cuda_run(tmp_path: Path) -> None:
     from nmt.bench.report import write_report
 
     names = ["ort-fp32", "ort-fp16", "ct2-float16"]
-    decode_rows = [{"engine": e, "mode": "greedy", "batch_size": 1, "sentences": 2, "batches": 2, "tokens": 20,
-                    "seconds": 0.1, "tokens_per_s": 200.0 + i, "p50_ms": 50.0, "identical_to_torch": None}
-                   for i, e in enumerate(names)]
-    encoder_rows = [{"engine": e, "batch_size": 1, "gflop": 0.1, "seconds": 0.01, "gflops_per_s": 10.0,
-                     "fraction_of_peak": None, "includes_first_decoder_step": e.startswith("ct2")} for e in names]
+    decode_rows = [
+        {
+            "engine": e,
+            "mode": "greedy",
+            "batch_size": 1,
+            "sentences": 2,
+            "batches": 2,
+            "tokens": 20,
+            "seconds": 0.1,
+            "tokens_per_s": 200.0 + i,
+            "p50_ms": 50.0,
+            "identical_to_torch": None,
+        }
+        for i, e in enumerate(names)
+    ]
+    encoder_rows = [
+        {
+            "engine": e,
+            "batch_size": 1,
+            "gflop": 0.1,
+            "seconds": 0.01,
+            "gflops_per_s": 10.0,
+            "fraction_of_peak": None,
+            "includes_first_decoder_step": e.startswith("ct2"),
+        }
+        for e in names
+    ]
     config = asdict(decode.DecodeBenchConfig(device="cuda", engines=tuple(names)))
-    results = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
-               "split_sentences": 1000, "sentences": 2, "source_tokens": 20, "engines": names, "skipped": {},
-               "variants": {"ort-fp32": "fp32 on CUDA", "ort-fp16": "fp16-cuda on CUDA",
-                            "ct2-float16": "float16 on cuda"},
-               "machine": {"device": "cuda", "gpu": "NVIDIA H200", "cpu": "x86", "cpu_flags": [],
-                           "logical_cpus": 16, "threads": 1, "load_average_start": [0.1], "load_average_end": [0.2],
-                           "other_processes_cores": 0.0, "versions": {}},
-               "sgemm_gflops": None, "seconds": 1.0, "decode": decode_rows, "encoder": encoder_rows}
+    results = {
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in config.items()},
+        "split_sentences": 1000,
+        "sentences": 2,
+        "source_tokens": 20,
+        "engines": names,
+        "skipped": {},
+        "variants": {"ort-fp32": "fp32 on CUDA", "ort-fp16": "fp16-cuda on CUDA", "ct2-float16": "float16 on cuda"},
+        "machine": {
+            "device": "cuda",
+            "gpu": "NVIDIA H200",
+            "cpu": "x86",
+            "cpu_flags": [],
+            "logical_cpus": 16,
+            "threads": 1,
+            "load_average_start": [0.1],
+            "load_average_end": [0.2],
+            "other_processes_cores": 0.0,
+            "versions": {},
+        },
+        "sgemm_gflops": None,
+        "seconds": 1.0,
+        "decode": decode_rows,
+        "encoder": encoder_rows,
+    }
     text = write_report(results, tmp_path)
     assert "Device: cuda, GPU NVIDIA H200 (host CPU: x86" in text and "no matmul peak" in text
     assert "| ORT fp16 / CT2 float16 | ≥ 1 | 0.99 ✗ |" in text and "ORT int8 / torch" not in text

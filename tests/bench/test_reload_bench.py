@@ -15,8 +15,27 @@ from nmt.bench.reload import Call, Load, ReloadBenchConfig, Versions, markdown, 
 @pytest.mark.slow
 def test_reload_bench_runs_and_writes_its_report(tiny_bundle: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    argv = ["reload", "--bundle", str(tiny_bundle), "--data-dir", str(data_dir), "--sentences", "16",
-            "--clients", "4", "--reloads", "2", "--duration", "6", "--beam", "1", "--threads", "1", "--out", str(out)]
+    argv = [
+        "reload",
+        "--bundle",
+        str(tiny_bundle),
+        "--data-dir",
+        str(data_dir),
+        "--sentences",
+        "16",
+        "--clients",
+        "4",
+        "--reloads",
+        "2",
+        "--duration",
+        "6",
+        "--beam",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["reload.json", "reload.md"]
     r = json.loads((out / "reload.json").read_text())
@@ -42,12 +61,16 @@ def call(interface: str, text: str, version: int = 0, floor: int = 1, ceiling: i
 def test_an_answer_counts_only_from_one_complete_version() -> None:
     loads = [Load(2, 0.5, 1.5), Load(3, 2.0, 3.0), Load(4, 3.5, 9.0, "UNAVAILABLE")]
     versions = Versions(returned=3, started=4, loads=loads)
-    calls = [call("kserve", "ein Hund", 1), call("kserve", "ein Hund", 2, 1, 2), call("nmt", "ein Hund"),
-             call("kserve", "ein Hund", 1, floor=2, ceiling=3),  # older than the version served when it was sent
-             call("kserve", "ein Hund", 3, floor=1, ceiling=2),  # newer than any version loading when it came back
-             call("kserve", "ein Hund", 4, 3, 4),  # a version whose load failed
-             call("nmt", "eine Katze"),  # no version translates it so
-             call("nmt", "", code="UNAVAILABLE")]
+    calls = [
+        call("kserve", "ein Hund", 1),
+        call("kserve", "ein Hund", 2, 1, 2),
+        call("nmt", "ein Hund"),
+        call("kserve", "ein Hund", 1, floor=2, ceiling=3),  # older than the version served when it was sent
+        call("kserve", "ein Hund", 3, floor=1, ceiling=2),  # newer than any version loading when it came back
+        call("kserve", "ein Hund", 4, 3, 4),  # a version whose load failed
+        call("nmt", "eine Katze"),  # no version translates it so
+        call("nmt", "", code="UNAVAILABLE"),
+    ]
     t = tally(calls, versions, ["ein Hund"], ReloadBenchConfig(duration=1.0))
     assert (t["requests"], t["ok"], t["failed"], t["codes"]) == (8, 7, 1, {"OK": 7, "UNAVAILABLE": 1})
     assert t["kserve_answers_by_version"] == {"1": 2, "2": 1, "3": 1, "4": 1}
@@ -67,11 +90,24 @@ def test_bad_settings_are_refused(capsys: pytest.CaptureFixture[str], tmp_path: 
 
 def test_markdown_names_the_targets() -> None:
     t = tally([call("kserve", "a", 1)], Versions(loads=[Load(2, 0.0, 0.5)]), ["a"], ReloadBenchConfig(duration=1.0))
-    results = {"config": {"bundle": "b", "clients": 2, "reloads": 1, "duration": 1.0, "beam_size": 1, "split": "s"},
-               "machine": {"cpu": "X, 2 cores; flags: avx2", "cpus": 2, "load_average_at_end": (1.0, 1.0, 1.0)},
-               "sentences": 1, **t, "server_rss_mb": 1.0, "server_peak_rss_mb": 2.0, "targets": targets(t),
-               "unload_then_load": {"unload_s": 0.0, "index_after_unload": [], "request_after_unload": "NOT_FOUND",
-                                    "load_s": 0.1, "version_after_load": "2", "index_after_load": [], "ok": True}}
+    results = {
+        "config": {"bundle": "b", "clients": 2, "reloads": 1, "duration": 1.0, "beam_size": 1, "split": "s"},
+        "machine": {"cpu": "X, 2 cores; flags: avx2", "cpus": 2, "load_average_at_end": (1.0, 1.0, 1.0)},
+        "sentences": 1,
+        **t,
+        "server_rss_mb": 1.0,
+        "server_peak_rss_mb": 2.0,
+        "targets": targets(t),
+        "unload_then_load": {
+            "unload_s": 0.0,
+            "index_after_unload": [],
+            "request_after_unload": "NOT_FOUND",
+            "load_s": 0.1,
+            "version_after_load": "2",
+            "index_after_load": [],
+            "ok": True,
+        },
+    }
     text = markdown(results)
     assert "| 0 failed requests | 0 of 1 | PASS |" in text
     assert "| 2 | 0.0 | 0.50 | OK | 1 |" in text

@@ -12,10 +12,24 @@ from nmt.bench import cli
 from nmt.bench import robustness_sets as sets
 from nmt.bench.robustness import degenerate
 
-SOURCES = ["A man rides a bike.", "Two dogs play in the park!", "Is it raining?", "A woman in a red coat",
-           "\"Hello,\" she said.", "Children play soccer.", "A cat sleeps."]
-REFERENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Park!", "Regnet es?", "Eine Frau in einem roten Mantel",
-              "„Hallo“, sagte sie.", "Kinder spielen Fußball.", "Eine Katze schläft."]
+SOURCES = [
+    "A man rides a bike.",
+    "Two dogs play in the park!",
+    "Is it raining?",
+    "A woman in a red coat",
+    '"Hello," she said.',
+    "Children play soccer.",
+    "A cat sleeps.",
+]
+REFERENCES = [
+    "Ein Mann fährt Fahrrad.",
+    "Zwei Hunde spielen im Park!",
+    "Regnet es?",
+    "Eine Frau in einem roten Mantel",
+    "„Hallo“, sagte sie.",
+    "Kinder spielen Fußball.",
+    "Eine Katze schläft.",
+]
 
 
 def test_case_conditions_change_only_the_sources() -> None:
@@ -26,16 +40,22 @@ def test_case_conditions_change_only_the_sources() -> None:
 
 
 def test_title_case_keeps_punctuation_and_the_rest_of_each_word() -> None:
-    assert sets.title_case('a man\'s "big" dog-walk, (really) 3rd place.  iPhone') == \
-        'A Man\'s "Big" Dog-walk, (Really) 3rd Place.  IPhone'
-    assert sets.title_case("\"hello,\" she said.\nnew line") == "\"Hello,\" She Said.\nNew Line"
+    assert (
+        sets.title_case('a man\'s "big" dog-walk, (really) 3rd place.  iPhone')
+        == 'A Man\'s "Big" Dog-walk, (Really) 3rd Place.  IPhone'
+    )
+    assert sets.title_case('"hello," she said.\nnew line') == '"Hello," She Said.\nNew Line'
 
 
 def test_final_punctuation_is_removed_and_references_stay() -> None:
     cond = sets.no_final_punct(SOURCES, REFERENCES)
-    assert cond.sources[:4] == ("A man rides a bike", "Two dogs play in the park", "Is it raining",
-                                "A woman in a red coat")
-    assert cond.sources[4] == "\"Hello,\" she said"
+    assert cond.sources[:4] == (
+        "A man rides a bike",
+        "Two dogs play in the park",
+        "Is it raining",
+        "A woman in a red coat",
+    )
+    assert cond.sources[4] == '"Hello," she said'
     assert sets.strip_final("Wow!?! ") == "Wow" and sets.strip_final("e.g. this") == "e.g. this"
     assert cond.references == tuple(REFERENCES)
 
@@ -47,8 +67,8 @@ def test_paragraphs_join_consecutive_sentences_and_their_references() -> None:
     for text, ref in zip(cond.sources, cond.references):
         parts = re.split(r" (?=[A-Z\"])|\n\n|\n", text)
         k = len(parts)
-        assert 2 <= k <= 5 and parts == SOURCES[start:start + k]
-        assert ref == " ".join(REFERENCES[start:start + k])
+        assert 2 <= k <= 5 and parts == SOURCES[start : start + k]
+        assert ref == " ".join(REFERENCES[start : start + k])
         start += k
     assert start == len(SOURCES)
 
@@ -71,8 +91,10 @@ def test_protected_spans_are_embedded_once_and_recorded() -> None:
         assert all(text.count(span) == 1 and span in ref for span in spans), (text, spans)
     assert {k for kinds in cond.span_kinds for k in kinds} == set(sets.SPAN_KINDS)
     assert sum(len(s) == 2 for s in cond.spans) > 50
-    assert all(text.startswith(SOURCES[i % 7].rstrip(".!?")) or text.endswith(SOURCES[i % 7])
-               for i, text in enumerate(cond.sources))  # appended, or a prefix before the whole sentence
+    assert all(
+        text.startswith(SOURCES[i % 7].rstrip(".!?")) or text.endswith(SOURCES[i % 7])
+        for i, text in enumerate(cond.sources)
+    )  # appended, or a prefix before the whole sentence
     assert len(sets.protected_spans(SOURCES, REFERENCES, seed=0, count=3).sources) == 3
 
 
@@ -93,25 +115,31 @@ def test_odd_inputs_are_seeded_and_include_the_fixed_lines() -> None:
     assert any(re.search("[\u0400-\u04ff]", t) for t in odd) and any(len(t) >= 25 and " " not in t for t in odd)
 
 
-@pytest.mark.parametrize("source, output", [
-    ("Very good.", "Sehr sehr sehr sehr gut."),
-    ("A man.", "Ein Mann , ein Mann , ein Mann , ein Mann ,"),
-    ("Thanks", "Fanananansansanser."),
-    ("no", "Ein freiem Oberkörper ist ohne freiem Oberkörper zu sehen."),
-    ("xyz", "Ein (E“ (E“ (E“ (E“ Axt."),
-])
+@pytest.mark.parametrize(
+    "source, output",
+    [
+        ("Very good.", "Sehr sehr sehr sehr gut."),
+        ("A man.", "Ein Mann , ein Mann , ein Mann , ein Mann ,"),
+        ("Thanks", "Fanananansansanser."),
+        ("no", "Ein freiem Oberkörper ist ohne freiem Oberkörper zu sehen."),
+        ("xyz", "Ein (E“ (E“ (E“ (E“ Axt."),
+    ],
+)
 def test_degenerate_positives(source: str, output: str) -> None:
     assert degenerate(source, output)
 
 
-@pytest.mark.parametrize("source, output", [
-    ("A man rides a bike.", "Ein Mann fährt Fahrrad."),
-    ("Yes, yes, yes.", "Ja, ja, ja."),
-    ("It costs 1,000,000 dollars...", "Es kostet 1,000,000 Dollar..."),
-    ("dog dog dog dog dog", "Hund Hund Hund Hund Hund"),  # the source repeats as much
-    ("hahahahaha", "hahahahaha"),
-    ("", ""),
-])
+@pytest.mark.parametrize(
+    "source, output",
+    [
+        ("A man rides a bike.", "Ein Mann fährt Fahrrad."),
+        ("Yes, yes, yes.", "Ja, ja, ja."),
+        ("It costs 1,000,000 dollars...", "Es kostet 1,000,000 Dollar..."),
+        ("dog dog dog dog dog", "Hund Hund Hund Hund Hund"),  # the source repeats as much
+        ("hahahahaha", "hahahahaha"),
+        ("", ""),
+    ],
+)
 def test_degenerate_negatives(source: str, output: str) -> None:
     assert degenerate(source, output) is None
 
@@ -126,8 +154,21 @@ def test_degenerate_reasons() -> None:
 @pytest.mark.slow
 def test_robustness_runs_on_a_tiny_bundle(tiny_bundle: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    args = ["robustness", "--bundle", str(tiny_bundle), "--data-dir", str(data_dir), "--limit", "6",
-            "--threads", "1", "--batch-size", "16", "--out", str(out)]
+    args = [
+        "robustness",
+        "--bundle",
+        str(tiny_bundle),
+        "--data-dir",
+        str(data_dir),
+        "--limit",
+        "6",
+        "--threads",
+        "1",
+        "--batch-size",
+        "16",
+        "--out",
+        str(out),
+    ]
     assert cli.main(args) == 0
     split = "test_2016_flickr"
     assert sorted(p.name for p in out.iterdir()) == [f"robustness-{split}.{e}" for e in ("json", "md", "png")]

@@ -11,8 +11,16 @@ import pytest
 from nmt.bench import segmentation
 from nmt.bench.cli import main
 
-PUNCTUATED = ["The dog runs.", "A cat sleeps on the sofa.", "Two men play chess.", "The sun is bright today.",
-              "A girl reads a book.", "The train leaves at noon.", "Birds sing in the trees.", "It is raining."]
+PUNCTUATED = [
+    "The dog runs.",
+    "A cat sleeps on the sofa.",
+    "Two men play chess.",
+    "The sun is bright today.",
+    "A girl reads a book.",
+    "The train leaves at noon.",
+    "Birds sing in the trees.",
+    "It is raining.",
+]
 UNPUNCTUATED = [s.lower().rstrip(".") for s in PUNCTUATED]
 
 
@@ -46,8 +54,19 @@ def test_segmentation_bench_reports_real_accuracy(tiny_data, tmp_path, capsys):
     if not libraries:
         pytest.skip("no sentence segmenter installed (pip install sentencex pysbd ...)")
     out = tmp_path / "results" / "segmentation"
-    args = ["segmentation", "--splits", "tiny,nopunct", "--data-dir", str(tiny_data), "--out", str(out),
-            "--repeats", "1", "--libraries", ",".join(libraries)]
+    args = [
+        "segmentation",
+        "--splits",
+        "tiny,nopunct",
+        "--data-dir",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--repeats",
+        "1",
+        "--libraries",
+        ",".join(libraries),
+    ]
     assert main(args) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     n = len(segmentation.make_paragraphs(PUNCTUATED, "space", 0))

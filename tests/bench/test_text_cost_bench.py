@@ -14,9 +14,35 @@ from nmt.bench.adversarial_text import SHAPES
 @pytest.mark.slow
 def test_text_cost_runs_on_and_off_and_writes_its_report(tiny_bundle: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "results"
-    argv = ["text-cost", "--bundle", str(tiny_bundle), "--data-dir", str(data_dir), "--clients", "1,2", "--beam", "1",
-            "--rounds", "2", "--warmup", "0.2", "--duration", "0.8", "--paragraph", "6", "--repeats", "2",
-            "--threads", "1", "--health-clients", "2", "--health-seconds", "0.5", "--out", str(out)]
+    argv = [
+        "text-cost",
+        "--bundle",
+        str(tiny_bundle),
+        "--data-dir",
+        str(data_dir),
+        "--clients",
+        "1,2",
+        "--beam",
+        "1",
+        "--rounds",
+        "2",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "0.8",
+        "--paragraph",
+        "6",
+        "--repeats",
+        "2",
+        "--threads",
+        "1",
+        "--health-clients",
+        "2",
+        "--health-seconds",
+        "0.5",
+        "--out",
+        str(out),
+    ]
     assert cli.main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["text_cost.json", "text_cost.md"]
     result = json.loads((out / "text_cost.json").read_text())

@@ -28,8 +28,7 @@ def gpu_check(out: Path, data_dir: Path | None = None, timeout: float = 300, **e
     base.update(GPU_CHECK_VENV=sys.prefix, GPU_CHECK_INSTALL="0", **env)
     if data_dir is not None:
         base["NMT_DATA_DIR"] = str(data_dir)
-    return subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True, timeout=timeout, env=base,
-                          cwd=ROOT)
+    return subprocess.run([str(SCRIPT), str(out)], capture_output=True, text=True, timeout=timeout, env=base, cwd=ROOT)
 
 
 def helper(*argv: str) -> subprocess.CompletedProcess:
@@ -41,14 +40,25 @@ def summary_lines(out: Path) -> list[str]:
 
 
 def test_the_venv_gets_onnxruntime_gpu_with_its_cuda_wheels_and_never_onnxruntime() -> None:
-    pinned = next(line for line in (ROOT / "deploy/constraints/cuda.txt").read_text().splitlines()
-                  if line.startswith("onnxruntime-gpu=="))
+    pinned = next(
+        line
+        for line in (ROOT / "deploy/constraints/cuda.txt").read_text().splitlines()
+        if line.startswith("onnxruntime-gpu==")
+    )
     lines = helper("requirements").stdout.splitlines()
     names = [re.split(r"[\[<>=!~; ]", line, maxsplit=1)[0] for line in lines]
     assert "onnxruntime" not in names and "nmt-service" not in names, lines  # it would replace onnxruntime-gpu's module
     assert pinned.replace("onnxruntime-gpu", "onnxruntime-gpu[cuda,cudnn]") in lines
-    assert {"nvidia-cublas", "nvidia-cudnn-cu13", "nvidia-cuda-runtime", "nvidia-curand", "torch", "ctranslate2",
-            "onnx", "grpcio"} <= set(names)
+    assert {
+        "nvidia-cublas",
+        "nvidia-cudnn-cu13",
+        "nvidia-cuda-runtime",
+        "nvidia-curand",
+        "torch",
+        "ctranslate2",
+        "onnx",
+        "grpcio",
+    } <= set(names)
     assert all("==" in line for line in lines if line.startswith("nvidia-"))
     unpinned = helper("requirements", "--no-cuda-pins").stdout.splitlines()
     assert [line for line in unpinned if line.startswith("nvidia-")] == []  # CUDA torch pins its own
@@ -73,11 +83,26 @@ def test_cpu_dry_run_runs_every_step_and_says_ok(data_dir: Path, tmp_path: Path)
     lines = summary_lines(out)
     assert lines[-1].startswith("gpu_check: OK"), lines
     assert [line.split(":")[0] for line in lines if line.startswith("step ")] == [
-        "step 1 install", "step 2 export", "step 3 serve", "step 4 decode-bench"]
+        "step 1 install",
+        "step 2 export",
+        "step 3 serve",
+        "step 4 decode-bench",
+    ]
     assert "FAILED" not in done.stdout + done.stderr
-    for name in ("env.json", "parity.json", "selfcheck.json", "bundle/manifest.json", "serve/translations.txt",
-                 "serve/info.txt", "serve/engine_info.json", "decode/decode.json", "decode/decode.md",
-                 "logs/2-export.log", "logs/3-serve.log", "logs/4-decode.log"):
+    for name in (
+        "env.json",
+        "parity.json",
+        "selfcheck.json",
+        "bundle/manifest.json",
+        "serve/translations.txt",
+        "serve/info.txt",
+        "serve/engine_info.json",
+        "decode/decode.json",
+        "decode/decode.md",
+        "logs/2-export.log",
+        "logs/3-serve.log",
+        "logs/4-decode.log",
+    ):
         assert (out / name).is_file(), name
     assert json.loads((out / "selfcheck.json").read_text())["passed"] is True
     assert json.loads((out / "parity.json").read_text())["verdict"]["greedy_identical"] >= 0.99
@@ -105,8 +130,10 @@ def test_a_failing_command_names_its_step_its_error_and_its_log(data_dir: Path, 
     done = gpu_check(out, data_dir, GPU_CHECK_DEVICE="cpu", GPU_CHECK_PARITY_LIMIT="0", timeout=120)
     assert done.returncode == 1
     failed = [line for line in done.stderr.splitlines() if line.startswith("FAILED:")]
-    assert failed == [f"FAILED: step 2 (export): export exited 2: error: parity_limit must be at least 1, got 0 "
-                      f"(log: {out}/logs/2-export.log)"], done.stderr
+    assert failed == [
+        f"FAILED: step 2 (export): export exited 2: error: parity_limit must be at least 1, got 0 "
+        f"(log: {out}/logs/2-export.log)"
+    ], done.stderr
     assert summary_lines(out)[1].startswith("step 1 install: OK")
 
 

@@ -83,8 +83,10 @@ def test_cpu_constraints_are_the_tested_versions_of_their_packages() -> None:
         if installed != version:
             differ[name] = (version, installed)
     if differ:
-        pytest.skip(f"this environment differs from deploy/constraints (pinned, installed): {differ}; "
-                    "run `make constraints` after checking the suite")
+        pytest.skip(
+            f"this environment differs from deploy/constraints (pinned, installed): {differ}; "
+            "run `make constraints` after checking the suite"
+        )
 
 
 def test_the_cuda_pair_is_consistent() -> None:

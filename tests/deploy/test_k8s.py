@@ -27,9 +27,12 @@ from nmt.server.transport import SERVICE
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "Dockerfile"
-ENTRY_POINTS = {"default": K8S, "gpu": K8S / "overlays" / "gpu",
-                "prometheus-operator": K8S / "overlays" / "prometheus-operator",
-                "model-volume": K8S / "overlays" / "model-volume"}
+ENTRY_POINTS = {
+    "default": K8S,
+    "gpu": K8S / "overlays" / "gpu",
+    "prometheus-operator": K8S / "overlays" / "prometheus-operator",
+    "model-volume": K8S / "overlays" / "model-volume",
+}
 # Native gRPC probes are GA from 1.27; the newest schemas kubernetes-validate ships come second.
 K8S_VERSIONS = ("1.27", kubernetes_validate.latest_version())
 CRD_GROUPS = ("monitoring.coreos.com",)
@@ -41,8 +44,13 @@ DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 
 # ---- a small kustomize ----
 KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "components", "images", "patches"}
-MERGE_KEYS = {"containers": "name", "env": "name", "volumes": "name", "volumeMounts": "mountPath",
-              "ports": "containerPort"}  # strategic merge keys of the lists the patches touch; others are replaced
+MERGE_KEYS = {
+    "containers": "name",
+    "env": "name",
+    "volumes": "name",
+    "volumeMounts": "mountPath",
+    "ports": "containerPort",
+}  # strategic merge keys of the lists the patches touch; others are replaced
 
 
 def merge(base: Any, patch: Any, field: str = "") -> Any:
@@ -214,7 +222,9 @@ def test_ports_and_probes_match_the_server(rendered: tuple[str, dict[str, dict]]
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE
     service = resources["Service"]["spec"]
     assert {p["name"]: (p["targetPort"], p["port"]) for p in service["ports"]} == {
-        "grpc": ("grpc", cfg.port), "metrics": ("metrics", cfg.metrics_port)}
+        "grpc": ("grpc", cfg.port),
+        "metrics": ("metrics", cfg.metrics_port),
+    }
     assert {p["name"]: p["appProtocol"] for p in service["ports"]} == {"grpc": "grpc", "metrics": "http"}
     annotations = resources["Deployment"]["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
@@ -281,12 +291,18 @@ def test_selectors_and_autoscaling_point_at_the_pods(rendered: tuple[str, dict[s
     deployment = resources["Deployment"]
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert "replicas" not in deployment["spec"]  # the HorizontalPodAutoscaler owns it
-    for selector in (deployment["spec"]["selector"]["matchLabels"], resources["Service"]["spec"]["selector"],
-                     resources["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]):
+    for selector in (
+        deployment["spec"]["selector"]["matchLabels"],
+        resources["Service"]["spec"]["selector"],
+        resources["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+    ):
         assert selector.items() <= pod_labels.items()
     hpa = resources["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
-                                     "name": deployment["metadata"]["name"]}
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
     # Keeping one pod serving through a voluntary disruption needs more pods than the budget removes.
     assert hpa["minReplicas"] > resources["PodDisruptionBudget"]["spec"]["maxUnavailable"]
 
@@ -321,8 +337,9 @@ def canonical(value: Any, field: str = "") -> Any:
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_renderer_agrees_with_kubectl_kustomize(entry: str) -> None:
-    out = subprocess.run(["kubectl", "kustomize", str(ENTRY_POINTS[entry])], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(ENTRY_POINTS[entry])], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     theirs = sorted((canonical(r) for r in yaml.safe_load_all(out) if r), key=ident)
     ours = sorted((canonical(r) for r in kustomize(ENTRY_POINTS[entry])), key=ident)
     assert ours == theirs

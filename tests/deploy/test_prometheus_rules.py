@@ -22,12 +22,19 @@ from nmt.server.nmt_pb import translation_pb2 as pb
 PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
 RULES, RULE_TESTS, CONFIG = (PROMETHEUS / n for n in ("nmt.rules.yml", "nmt.rules.test.yml", "prometheus.yml"))
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian: apt-get install "
-                                    "prometheus, which ships it); the rules are not checked")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None,
+    reason="promtool is not installed (Debian: apt-get install prometheus, which ships it); the rules are not checked",
+)
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
 # Sample names of each metric type, as the text exposition writes them.
-SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"),
-            "gauge": ("",), "info": ("_info",), "summary": ("", "_sum", "_count", "_created")}
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "gauge": ("",),
+    "info": ("_info",),
+    "summary": ("", "_sum", "_count", "_created"),
+}
 
 
 def rules() -> list[dict]:
@@ -43,8 +50,9 @@ def exported_names() -> set[str]:
     registry = CollectorRegistry()
     Metrics(registry)
     families = list(registry.collect())
-    return ({f.name + suffix for f in families for suffix in SUFFIXES[f.type]}
-            | {s.name for f in families for s in f.samples})
+    return {f.name + suffix for f in families for suffix in SUFFIXES[f.type]} | {
+        s.name for f in families for s in f.samples
+    }
 
 
 def metric_names(expr: str) -> set[str]:
@@ -85,8 +93,9 @@ def test_unit_tests_cover_every_rule() -> None:
     assert tests["rule_files"] == [RULES.name]
     firing = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
     quiet = {t["alertname"] for case in tests["tests"] for t in case.get("alert_rule_test", []) if not t["exp_alerts"]}
-    evaluated = {name for case in tests["tests"] for t in case.get("promql_expr_test", [])
-                 for name in metric_names(t["expr"])}
+    evaluated = {
+        name for case in tests["tests"] for t in case.get("promql_expr_test", []) for name in metric_names(t["expr"])
+    }
     assert firing == {r["alert"] for r in rules() if "alert" in r}
     assert quiet <= firing  # the thresholds and `for` durations are tested on both sides
     assert evaluated >= {r["record"] for r in rules() if "record" in r}
@@ -108,8 +117,9 @@ def test_label_values_are_real() -> None:
     assert set(codes.split("|")) <= {c.name for c in grpc.StatusCode}
     methods = set(pb.DESCRIPTOR.services_by_name["TranslationService"].methods_by_name)
     tests = yaml.safe_load(RULE_TESTS.read_text())
-    used = {m for case in tests["tests"] for s in case["input_series"]
-            for m in re.findall(r'method="([^"]+)"', s["series"])}
+    used = {
+        m for case in tests["tests"] for s in case["input_series"] for m in re.findall(r'method="([^"]+)"', s["series"])
+    }
     assert used and used <= methods
 
 

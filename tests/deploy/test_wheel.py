@@ -43,10 +43,22 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     (wheel,) = (root / "dist").glob("nmt_service-*.whl")
     venv = root / "venv"
     run(sys.executable, "-m", "venv", "--without-pip", venv)
-    run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps", "--no-index",
-        wheel)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("NMT_", "PYTHON"))},
-           "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        venv / "bin" / "python",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-index",
+        wheel,
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("NMT_", "PYTHON"))},
+        "PYTHONPATH": sysconfig.get_paths()["purelib"],
+    }
     return venv, env, wheel
 
 
@@ -70,8 +82,9 @@ def test_only_the_namespaced_package_imports(installed: tuple[Path, dict[str, st
 
 
 @pytest.mark.parametrize("script", ["nmt-serve", "nmt-client"])
-def test_console_scripts_run_from_the_venv(installed: tuple[Path, dict[str, str], Path], tmp_path: Path,
-                                           script: str) -> None:
+def test_console_scripts_run_from_the_venv(
+    installed: tuple[Path, dict[str, str], Path], tmp_path: Path, script: str
+) -> None:
     venv, env, _ = installed
     out = run(venv / "bin" / script, "--help", env=env, cwd=tmp_path).stdout
     assert out.startswith(f"usage: {script}")

@@ -33,17 +33,24 @@ from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 PROMETHEUS = shutil.which("prometheus")
-pytestmark = pytest.mark.skipif(PROMETHEUS is None, reason="the `prometheus` binary is not installed "
-                                "(Debian: apt-get install prometheus)")
+pytestmark = pytest.mark.skipif(
+    PROMETHEUS is None, reason="the `prometheus` binary is not installed (Debian: apt-get install prometheus)"
+)
 TEXTS = ["A man rides a bike.", "Two dogs play in the snow.", "A cat.", "Children are playing in a park."]
 TIMEOUT = 30.0  # seconds for Prometheus to start and to have scraped what a query needs
 
 
-
 @pytest_asyncio.fixture
 async def nmt_server(tiny_bundle: Path) -> AsyncIterator[NmtServer]:
-    cfg = ServerConfig(model_dir=str(tiny_bundle), host="127.0.0.1", port=0, metrics_port=0, threads=1,
-                       default_beam_size=1, max_wait_ms=2.0)
+    cfg = ServerConfig(
+        model_dir=str(tiny_bundle),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=0,
+        threads=1,
+        default_beam_size=1,
+        max_wait_ms=2.0,
+    )
     server, _ = await create_server(cfg)
     await server.start()
     try:
@@ -62,7 +69,7 @@ def listening_port(pid: int) -> int | None:
         except OSError:  # closed meanwhile
             continue
         if target.startswith("socket:["):
-            inodes.add(target[len("socket:["):-1])
+            inodes.add(target[len("socket:[") : -1])
     for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()  # sl local_address rem_address st ... inode
         if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
@@ -86,13 +93,21 @@ def start_prometheus(root: Path, metrics_port: int) -> subprocess.Popen[bytes]:
     config.write_text(
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         "scrape_configs:\n  - job_name: nmt\n    scrape_timeout: 1s\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n")
+        f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
+    )
     assert PROMETHEUS is not None
     with (root / "prometheus.log").open("wb") as log:
         return subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
-             "--web.listen-address=127.0.0.1:0", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                PROMETHEUS,
+                f"--config.file={config}",
+                f"--storage.tsdb.path={root / 'data'}",
+                "--web.listen-address=127.0.0.1:0",
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def http_json(url: str) -> dict:

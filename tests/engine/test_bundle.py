@@ -10,9 +10,22 @@ from nmt.engine import bundle
 from nmt.engine.bundle import BundleError, read_manifest, sha256_file, staging_dir, swap_in, verify_bundle
 from nmt.export.export import export_checkpoint
 
-FILES = [bundle.ENCODER, bundle.DECODER, bundle.ENCODER_CPU, bundle.DECODER_CPU, bundle.ENCODER_INT8,
-         bundle.DECODER_INT8, bundle.ENCODER_FP16, bundle.DECODER_FP16, bundle.TOKENIZER, bundle.SHORTLIST,
-         bundle.STEP_DECODER_CPU, bundle.STEP_DECODER_INT8, bundle.ROWS_DECODER_CPU, bundle.ROWS_DECODER_INT8]
+FILES = [
+    bundle.ENCODER,
+    bundle.DECODER,
+    bundle.ENCODER_CPU,
+    bundle.DECODER_CPU,
+    bundle.ENCODER_INT8,
+    bundle.DECODER_INT8,
+    bundle.ENCODER_FP16,
+    bundle.DECODER_FP16,
+    bundle.TOKENIZER,
+    bundle.SHORTLIST,
+    bundle.STEP_DECODER_CPU,
+    bundle.STEP_DECODER_INT8,
+    bundle.ROWS_DECODER_CPU,
+    bundle.ROWS_DECODER_INT8,
+]
 
 
 @pytest.fixture
@@ -30,10 +43,18 @@ def test_manifest_describes_the_bundle(bundle_dir: Path, checkpoint: Path) -> No
     assert (manifest["attention"], manifest["opset"]) == ("onnx", 23)
     assert set(manifest["versions"]) == {"onnx", "onnxruntime", "torch"}
     assert len(manifest["source_checkpoint"]["sha256"]) == 64
-    assert list(manifest["interface"]["decoder"]["inputs"]) == [*bundle.decoder_inputs(2), bundle.VOCAB_IDS,
-                                                                bundle.TOP_K]
-    assert manifest["shortlist"] == {"file": bundle.SHORTLIST, "corpus": "multi30k train", "sentence_pairs": 29000,
-                                     "per_source": 20, "frequent": 300}
+    assert list(manifest["interface"]["decoder"]["inputs"]) == [
+        *bundle.decoder_inputs(2),
+        bundle.VOCAB_IDS,
+        bundle.TOP_K,
+    ]
+    assert manifest["shortlist"] == {
+        "file": bundle.SHORTLIST,
+        "corpus": "multi30k train",
+        "sentence_pairs": 29000,
+        "per_source": 20,
+        "frequent": 300,
+    }
 
 
 @pytest.mark.parametrize("name", [*FILES, bundle.MANIFEST])
@@ -54,8 +75,9 @@ def test_missing_and_unlisted_files_are_all_reported(copy: Path) -> None:
     (copy / "extra.bin").write_bytes(b"x")
     with pytest.raises(BundleError) as e:
         verify_bundle(copy)
-    assert str(e.value) == (f"bundle {copy} failed verification:\n  {bundle.DECODER}: missing\n"
-                            "  extra.bin: not listed in the manifest")
+    assert str(e.value) == (
+        f"bundle {copy} failed verification:\n  {bundle.DECODER}: missing\n  extra.bin: not listed in the manifest"
+    )
 
 
 def test_an_unknown_format_version_is_refused(copy: Path) -> None:
@@ -97,18 +119,27 @@ def test_a_variant_naming_an_unlisted_file_is_refused(copy: Path) -> None:
     _reseal(copy, manifest)
     with pytest.raises(BundleError) as e:
         verify_bundle(copy)
-    assert str(e.value) == (f"bundle {copy} failed verification:\n"
-                            "  variant int8-cpu: 'nope.onnx' is not a file listed in the manifest")
+    assert str(e.value) == (
+        f"bundle {copy} failed verification:\n  variant int8-cpu: 'nope.onnx' is not a file listed in the manifest"
+    )
 
 
 def test_a_version_1_bundle_is_still_read(copy: Path) -> None:
-    graphs = {"encoder": bundle.ENCODER, "decoder": bundle.DECODER, "encoder_cpu": bundle.ENCODER_CPU,
-              "decoder_cpu": bundle.DECODER_CPU}
+    graphs = {
+        "encoder": bundle.ENCODER,
+        "decoder": bundle.DECODER,
+        "encoder_cpu": bundle.ENCODER_CPU,
+        "decoder_cpu": bundle.DECODER_CPU,
+    }
     manifest = read_manifest(copy)
     del manifest["variants"]
     manifest.update(format_version=1, graphs=graphs)
     _reseal(copy, manifest)
     variants = bundle.manifest_variants(verify_bundle(copy))
     assert list(variants) == ["fp32", "fp32-cpu"]
-    assert variants["fp32-cpu"] == {"encoder": bundle.ENCODER_CPU, "decoder": bundle.DECODER_CPU,
-                                    "providers": ["CPUExecutionProvider"], "kv_dtype": "float32"}
+    assert variants["fp32-cpu"] == {
+        "encoder": bundle.ENCODER_CPU,
+        "decoder": bundle.DECODER_CPU,
+        "providers": ["CPUExecutionProvider"],
+        "kv_dtype": "float32",
+    }

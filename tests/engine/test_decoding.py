@@ -41,9 +41,17 @@ def test_greedy_equals_the_torch_reference(decoder, torch_model, sources):
     assert result.steps > 0 and result.encode_seconds >= 0 and result.decode_seconds > 0
 
 
-@pytest.mark.parametrize(("beam", "alpha", "n_best", "extra"), [
-    (4, 0.6, 4, 8), (4, 0.0, 2, 8), (4, 1.5, 3, 8), (4, 1.0, 4, 3), (2, 0.6, 2, 8), (1, 0.6, 1, 8),
-])
+@pytest.mark.parametrize(
+    ("beam", "alpha", "n_best", "extra"),
+    [
+        (4, 0.6, 4, 8),
+        (4, 0.0, 2, 8),
+        (4, 1.5, 3, 8),
+        (4, 1.0, 4, 3),
+        (2, 0.6, 2, 8),
+        (1, 0.6, 1, 8),
+    ],
+)
 def test_beam_equals_the_torch_reference(decoder, torch_model, sources, beam, alpha, n_best, extra):
     options = DecodeOptions(beam_size=beam, length_penalty=alpha, max_len_extra=extra, n_best=n_best)
     if beam == 1:  # DecodeOptions: beam 1 is greedy
@@ -101,15 +109,18 @@ def test_hypotheses_respect_the_length_limit(decoder, sources):
             assert all(len(h.tokens) + 1 <= len(source) + 2 for h in hyps)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"beam_size": 0}, "beam_size must be at least 1, got 0"),
-    ({"beam_size": 2, "n_best": 3}, r"n_best must be between 1 and beam_size \(2\), got 3"),
-    ({"n_best": 0}, r"n_best must be between 1 and beam_size \(4\), got 0"),
-    ({"length_penalty": -0.1}, "length_penalty must be a finite number between 0 and 10, got -0.1"),
-    ({"length_penalty": 1e4}, "length_penalty must be a finite number between 0 and 10, got 10000.0"),
-    ({"length_penalty": float("nan")}, "length_penalty must be a finite number between 0 and 10, got nan"),
-    ({"max_len_extra": 0}, "max_len_extra must be at least 1, got 0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"beam_size": 0}, "beam_size must be at least 1, got 0"),
+        ({"beam_size": 2, "n_best": 3}, r"n_best must be between 1 and beam_size \(2\), got 3"),
+        ({"n_best": 0}, r"n_best must be between 1 and beam_size \(4\), got 0"),
+        ({"length_penalty": -0.1}, "length_penalty must be a finite number between 0 and 10, got -0.1"),
+        ({"length_penalty": 1e4}, "length_penalty must be a finite number between 0 and 10, got 10000.0"),
+        ({"length_penalty": float("nan")}, "length_penalty must be a finite number between 0 and 10, got nan"),
+        ({"max_len_extra": 0}, "max_len_extra must be at least 1, got 0"),
+    ],
+)
 def test_decode_options_are_validated(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         DecodeOptions(**kwargs)
@@ -153,8 +164,10 @@ def test_compact_equals_fancy_indexing():
 
 
 def test_server_and_engine_import_neither_torch_nor_training_nor_export():
-    code = ("import sys, nmt.server.main, nmt.server.translate, nmt.engine.translator; "
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
-            "or m.startswith(('nmt.training', 'nmt.export'))); "
-            "assert not bad, bad")
+    code = (
+        "import sys, nmt.server.main, nmt.server.translate, nmt.engine.translator; "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] == 'torch' "
+        "or m.startswith(('nmt.training', 'nmt.export'))); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)

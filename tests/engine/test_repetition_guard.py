@@ -17,17 +17,27 @@ def longest_run(tokens: list[int]) -> int:
     for n in range(1, MAX_REPEAT_NGRAM + 1):
         for start in range(len(tokens)):
             copies = 1
-            while tokens[start + copies * n : start + (copies + 1) * n] == tokens[start : start + n] \
-                    and start + (copies + 1) * n <= len(tokens):
+            while tokens[start + copies * n : start + (copies + 1) * n] == tokens[start : start + n] and start + (
+                copies + 1
+            ) * n <= len(tokens):
                 copies += 1
             best = max(best, copies)
     return best
 
 
-@pytest.mark.parametrize("prefix, blocked", [
-    ([], []), ([5, 5], []), ([5, 5, 5], [5]), ([1, 2, 1, 2, 1, 2], []), ([1, 2, 1, 2, 1, 2, 1], [2]),
-    ([9, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2], [3]), ([7, 5, 5, 5], [5]), ([5, 5, 5, 6], []),
-])
+@pytest.mark.parametrize(
+    "prefix, blocked",
+    [
+        ([], []),
+        ([5, 5], []),
+        ([5, 5, 5], [5]),
+        ([1, 2, 1, 2, 1, 2], []),
+        ([1, 2, 1, 2, 1, 2, 1], [2]),
+        ([9, 1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2], [3]),
+        ([7, 5, 5, 5], [5]),
+        ([5, 5, 5, 6], []),
+    ],
+)
 def test_blocked_tokens(prefix: list[int], blocked: list[int]) -> None:
     assert blocked_tokens(prefix) == blocked
 

@@ -7,18 +7,20 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from model_fixtures import ONE_THREAD
 
 from nmt.engine import bundle
 from nmt.engine.continuous import NoPastMask, RunningBatch
 from nmt.engine.decoding import DecodeOptions, Decoder, Hypothesis
 from nmt.engine.runtime import Sessions, load_sessions
 
-from model_fixtures import ONE_THREAD
-
 TOLERANCE = 1e-4  # scores: the padded attention sums its terms in another order
-OPTIONS = [DecodeOptions(beam_size=1, max_len_extra=8), DecodeOptions(beam_size=4, n_best=4, max_len_extra=8),
-           DecodeOptions(beam_size=2, n_best=2, length_penalty=1.0, max_len_extra=5),
-           DecodeOptions(beam_size=3, length_penalty=0.0, max_len_extra=3)]
+OPTIONS = [
+    DecodeOptions(beam_size=1, max_len_extra=8),
+    DecodeOptions(beam_size=4, n_best=4, max_len_extra=8),
+    DecodeOptions(beam_size=2, n_best=2, length_penalty=1.0, max_len_extra=5),
+    DecodeOptions(beam_size=3, length_penalty=0.0, max_len_extra=3),
+]
 
 
 def assert_same(expected: list[Hypothesis], got: list[Hypothesis], what: object) -> None:
@@ -140,8 +142,9 @@ def shortlisted(server_checkpoint, data_dir, tmp_path_factory) -> Sessions:
     from nmt.export.export import ExportOptions, export_checkpoint
 
     out = tmp_path_factory.mktemp("shortlisted") / "bundle"
-    export_checkpoint(server_checkpoint, out, options=ExportOptions(variants=("fp32",), validate=False,
-                                                                    data_dir=str(data_dir)))
+    export_checkpoint(
+        server_checkpoint, out, options=ExportOptions(variants=("fp32",), validate=False, data_dir=str(data_dir))
+    )
     sessions = load_sessions(out, replace(ONE_THREAD, shortlist=True))
     assert sessions.shortlist is not None
     return sessions
@@ -152,8 +155,11 @@ def test_with_a_shortlist_the_batch_scores_the_union_of_its_sentences_lists(shor
     static = Decoder(shortlisted)
     # Alone, a sentence's union is its own list: what the static search gives it alone.
     for i, source in enumerate(sources[:4]):
-        assert_same(static.search([source], options).hypotheses[0], run_to_end(RunningBatch(shortlisted),
-                                                                                [[(i, source, options)]])[i], i)
+        assert_same(
+            static.search([source], options).hypotheses[0],
+            run_to_end(RunningBatch(shortlisted), [[(i, source, options)]])[i],
+            i,
+        )
     # Together, every output comes from the union (which shrinks as sentences leave, where a static
     # batch keeps its first union to the end: the scores differ from a static batch's).
     together = run_to_end(RunningBatch(shortlisted), [[(i, s, options) for i, s in enumerate(sources)]])

@@ -53,8 +53,12 @@ def test_load_logs_the_active_variant(server_bundle, caplog):
 def test_legacy_graphs_table_and_variants_table_are_both_read(server_bundle, tmp_path):
     def legacy_graphs(fields: dict[str, Any]) -> None:  # what the exporter wrote before "variants"
         fields.pop("variants", None)
-        fields["graphs"] = {"encoder": "encoder.onnx", "decoder": "decoder.onnx", "encoder_cpu": "encoder.cpu.onnx",
-                            "decoder_cpu": "decoder.cpu.onnx"}
+        fields["graphs"] = {
+            "encoder": "encoder.onnx",
+            "decoder": "decoder.onnx",
+            "encoder_cpu": "encoder.cpu.onnx",
+            "decoder_cpu": "decoder.cpu.onnx",
+        }
 
     legacy = rewritten(server_bundle, tmp_path / "legacy", legacy_graphs)
     assert set(manifest_variants(json.loads((legacy / MANIFEST).read_text()))) == {"fp32", "fp32-cpu"}
@@ -78,15 +82,18 @@ def test_precision_not_in_the_bundle_is_refused():
         choose_variant({**variants, "fp16-cuda": FP16}, "fp16", [CPU])
 
 
-@pytest.mark.parametrize(("precision", "providers", "expected"), [
-    ("auto", [CPU], ("fp32-cpu", CPU)),
-    ("fp32", [CPU], ("fp32-cpu", CPU)),
-    ("int8", [CPU], ("int8-cpu", CPU)),
-    ("auto", [CUDA, CPU], ("fp16-cuda", CUDA)),
-    ("fp32", [CUDA, CPU], ("fp32", CUDA)),
-    ("int8", [CUDA, CPU], ("int8-cpu", CPU)),  # auto device: int8 exists for the CPU only
-    ("fp16", [CUDA], ("fp16-cuda", CUDA)),
-])
+@pytest.mark.parametrize(
+    ("precision", "providers", "expected"),
+    [
+        ("auto", [CPU], ("fp32-cpu", CPU)),
+        ("fp32", [CPU], ("fp32-cpu", CPU)),
+        ("int8", [CPU], ("int8-cpu", CPU)),
+        ("auto", [CUDA, CPU], ("fp16-cuda", CUDA)),
+        ("fp32", [CUDA, CPU], ("fp32", CUDA)),
+        ("int8", [CUDA, CPU], ("int8-cpu", CPU)),  # auto device: int8 exists for the CPU only
+        ("fp16", [CUDA], ("fp16-cuda", CUDA)),
+    ],
+)
 def test_variant_choice(precision, providers, expected):
     variants = {"fp32": FP32, "fp32-cpu": FP32_CPU, "int8-cpu": INT8, "fp16-cuda": FP16}
     assert choose_variant(variants, precision, providers) == expected
@@ -138,12 +145,15 @@ def test_a_graph_onnxruntime_cannot_load_is_a_bundle_error(server_bundle, tmp_pa
         load_sessions(bundle, ONE_THREAD)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"device": "tpu"}, "device must be one of cpu, cuda, auto, got 'tpu'"),
-    ({"precision": "bf16"}, "precision must be one of auto, fp32, int8, fp16, got 'bf16'"),
-    ({"intra_op_threads": -1}, "intra_op_threads must be >= 0, got -1"),
-    ({"inter_op_threads": -2}, "inter_op_threads must be >= 0, got -2"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"device": "tpu"}, "device must be one of cpu, cuda, auto, got 'tpu'"),
+        ({"precision": "bf16"}, "precision must be one of auto, fp32, int8, fp16, got 'bf16'"),
+        ({"intra_op_threads": -1}, "intra_op_threads must be >= 0, got -1"),
+        ({"inter_op_threads": -2}, "inter_op_threads must be >= 0, got -2"),
+    ],
+)
 def test_runtime_config_is_validated(kwargs, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         RuntimeConfig(**kwargs)

@@ -12,8 +12,16 @@ from bundle_edit import rewrite_manifest, unvalidate
 
 from nmt.engine import bundle
 from nmt.engine.runtime import RuntimeConfig
-from nmt.engine.selfcheck import (NO_REFERENCE, PASSED, VALIDATED, Reference, SelfCheckError, selfcheck,
-                                  startup_check, validated_on)
+from nmt.engine.selfcheck import (
+    NO_REFERENCE,
+    PASSED,
+    VALIDATED,
+    Reference,
+    SelfCheckError,
+    selfcheck,
+    startup_check,
+    validated_on,
+)
 from nmt.engine.translator import Translator
 from nmt.export.validate import REFERENCE_SENTENCES
 from nmt.training.checkpoint import load_checkpoint
@@ -30,8 +38,9 @@ def reference(bundle_dir: Path) -> Reference:
     return found
 
 
-def test_the_export_stores_torch_greedy_output_as_the_reference(bundle_dir: Path, checkpoint: Path,
-                                                                  reference: Reference) -> None:
+def test_the_export_stores_torch_greedy_output_as_the_reference(
+    bundle_dir: Path, checkpoint: Path, reference: Reference
+) -> None:
     stored = bundle.verify_bundle(bundle_dir)["parity"]["reference"]
     assert 1 <= len(reference.sources) <= REFERENCE_SENTENCES and stored["min_margin"] > 0
     loaded = load_checkpoint(checkpoint)
@@ -54,14 +63,15 @@ def test_a_tampered_reference_fails_hard(bundle_dir: Path, reference: Reference)
     with pytest.raises(SelfCheckError) as e:
         selfcheck(translator, bad)
     message = str(e.value)
-    assert message.startswith(f"self-check failed: variant fp32-cpu on {CPU} differs from the exporter's torch "
-                              f"reference on 1 of {len(reference.sources)} sentences: {reference.sources[0]!r}: "
-                              f"expected {list(bad.tokens[0])}, got {want} (")
+    assert message.startswith(
+        f"self-check failed: variant fp32-cpu on {CPU} differs from the exporter's torch "
+        f"reference on 1 of {len(reference.sources)} sentences: {reference.sources[0]!r}: "
+        f"expected {list(bad.tokens[0])}, got {want} ("
+    )
     assert "\n" not in message  # nmt-serve prints it as one line
 
 
-def test_startup_check_runs_the_reference_when_the_variant_was_not_validated(bundle_dir: Path,
-                                                                              tmp_path: Path) -> None:
+def test_startup_check_runs_the_reference_when_the_variant_was_not_validated(bundle_dir: Path, tmp_path: Path) -> None:
     good = rewrite_manifest(bundle_dir, tmp_path / "good", unvalidate("fp32-cpu"))
     translator = Translator.from_bundle(good, FP32_CPU)
     assert not validated_on(translator.sessions.manifest, "fp32-cpu", CPU)
@@ -71,8 +81,9 @@ def test_startup_check_runs_the_reference_when_the_variant_was_not_validated(bun
         startup_check(Translator.from_bundle(bad, FP32_CPU))
 
 
-def test_no_reference_is_a_warning_and_a_malformed_one_an_error(server_bundle: Path, bundle_dir: Path,
-                                                                 tmp_path: Path, caplog) -> None:
+def test_no_reference_is_a_warning_and_a_malformed_one_an_error(
+    server_bundle: Path, bundle_dir: Path, tmp_path: Path, caplog
+) -> None:
     # server_bundle was exported with --no-validate: nothing checked, nothing to check against.
     translator = Translator.from_bundle(server_bundle, FP32_CPU)
     assert startup_check(translator) == NO_REFERENCE
@@ -80,6 +91,7 @@ def test_no_reference_is_a_warning_and_a_malformed_one_an_error(server_bundle: P
 
     def break_it(manifest: dict[str, Any]) -> None:
         del manifest["parity"]["reference"]["tokens"]
+
     broken = rewrite_manifest(bundle_dir, tmp_path / "broken", break_it)
     malformed = r"^manifest.json: parity.reference is malformed: KeyError\('tokens'\)$"
     with pytest.raises(bundle.BundleError, match=malformed):

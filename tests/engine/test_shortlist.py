@@ -29,8 +29,9 @@ ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1,
 @pytest.fixture(scope="module")
 def shortlisted_bundle(server_checkpoint: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("shortlist") / "bundle"
-    export_checkpoint(server_checkpoint, out, options=ExportOptions(variants=("fp32",), validate=False,
-                                                                    data_dir=str(data_dir)))
+    export_checkpoint(
+        server_checkpoint, out, options=ExportOptions(variants=("fp32",), validate=False, data_dir=str(data_dir))
+    )
     return out
 
 
@@ -94,8 +95,9 @@ def _restricted(model: Transformer, ids: np.ndarray) -> Transformer:
     return restricted
 
 
-def test_with_a_shortlist_search_equals_torch_restricted_to_the_same_ids(shortlisted: Sessions, torch_model,
-                                                                        sources) -> None:
+def test_with_a_shortlist_search_equals_torch_restricted_to_the_same_ids(
+    shortlisted: Sessions, torch_model, sources
+) -> None:
     """One sub-batch, so one union: greedy and beam equal the torch reference over those ids alone."""
     ids = shortlisted.shortlist.vocab_ids(sources)
     assert 4 < len(ids) < torch_model.cfg.vocab_size
@@ -122,17 +124,24 @@ def test_row_top_k_matches_the_graphs_topk_order() -> None:
     assert row_top_k(log_probs, 1)[1].tolist() == [[1], [0]]
 
 
-def test_the_export_builds_from_given_files_or_says_why_there_is_none(tokenizer, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_export_builds_from_given_files_or_says_why_there_is_none(
+    tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from nmt.export.shortlist import write
 
     (tmp_path / "c.en").write_text("A dog runs.\nTwo men talk.\n")
     (tmp_path / "c.de").write_text("Ein Hund rennt.\nZwei Männer reden.\n")
     entry = write(tmp_path, tokenizer, 600, "en", "de", (str(tmp_path / "c.en"), str(tmp_path / "c.de")), None)
     table = load(tmp_path / bundle.SHORTLIST, 600)
-    assert entry == {"file": bundle.SHORTLIST, "corpus": f"{tmp_path / 'c.en'} + {tmp_path / 'c.de'}",
-                     "sentence_pairs": 2, "per_source": 20, "frequent": len(table.frequent)}
+    assert entry == {
+        "file": bundle.SHORTLIST,
+        "corpus": f"{tmp_path / 'c.en'} + {tmp_path / 'c.de'}",
+        "sentence_pairs": 2,
+        "per_source": 20,
+        "frequent": len(table.frequent),
+    }
     assert set(tokenizer.encode(["Hund"])[0]) <= set(table.vocab_ids(tokenizer.encode(["A dog"])).tolist())
     monkeypatch.delenv("NMT_DATA_DIR", raising=False)
     assert write(tmp_path, tokenizer, 600, "en", "de", None, None) == {
-        "skipped": "no training corpus (give --shortlist-corpus SRC TGT, or a Multi30k --data-dir)"}
+        "skipped": "no training corpus (give --shortlist-corpus SRC TGT, or a Multi30k --data-dir)"
+    }

@@ -32,8 +32,9 @@ def test_switching_sessions_mid_search_changes_nothing(server_bundle: Path, sour
     options = DecodeOptions(beam_size=beam, n_best=beam, max_len_extra=8)
     found = {}
     for rows in (0, 16):
-        sessions = load_sessions(server_bundle, RuntimeConfig(intra_op_threads=2, single_thread_rows=rows,
-                                                              step_single_thread_rows=rows))
+        sessions = load_sessions(
+            server_bundle, RuntimeConfig(intra_op_threads=2, single_thread_rows=rows, step_single_thread_rows=rows)
+        )
         found[rows] = Decoder(sessions).search(sources, options).hypotheses
     assert [[h.tokens for h in hs] for hs in found[16]] == [[h.tokens for h in hs] for hs in found[0]]
     scores = {rows: [h.score for hs in found[rows] for h in hs] for rows in found}

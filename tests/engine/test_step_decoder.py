@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from model_fixtures import ONE_THREAD
 
 from nmt.engine import bundle, step_cache
 from nmt.engine.cache import HostCache
@@ -18,12 +19,11 @@ from nmt.engine.step_cache import StepCache
 from nmt.export import step_decoder
 from nmt.training.model import ModelConfig, Transformer
 
-from model_fixtures import ONE_THREAD
-
 
 @pytest.mark.parametrize("beam", [1, 4])
-def test_the_step_decoder_decodes_like_the_traced_decoder(sessions: Sessions, sources: list[list[int]], beam: int,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_step_decoder_decodes_like_the_traced_decoder(
+    sessions: Sessions, sources: list[list[int]], beam: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Same hypotheses as HostCache over the traced graph, the buffers growing twice on the way
     (capacity 4 -> 8 -> 16) and sentences leaving at different steps."""
     monkeypatch.setattr(step_cache, "INITIAL_CAPACITY", 4)
@@ -58,8 +58,16 @@ def test_the_step_graph_follows_torch_through_beam_reordering(pre_norm: bool, tm
     """Log-probs of 6 steps against torch's incremental decode, the beams reordered at random after each
     step: torch gathers its cache rows, the graph only rewrites cache_indirection."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=2,
-                      dropout=0.0, pre_norm=pre_norm)
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_encoder_layers=1,
+        n_decoder_layers=2,
+        dropout=0.0,
+        pre_norm=pre_norm,
+    )
     model = Transformer(cfg).eval()
     session = _session(model, tmp_path)
     rng = np.random.default_rng(0)
@@ -77,14 +85,20 @@ def test_the_step_graph_follows_torch_through_beam_reordering(pre_norm: bool, tm
     past, tokens = None, rng.integers(4, 50, rows)
     for t in range(6):
         with torch.no_grad():
-            logits, past = model.decode(torch.tensor(tokens)[:, None], repeated, src_mask.repeat_interleave(beam, 0),
-                                        past)
+            logits, past = model.decode(
+                torch.tensor(tokens)[:, None], repeated, src_mask.repeat_interleave(beam, 0), past
+            )
         expected = torch.log_softmax(logits[:, -1], dim=-1).numpy()
-        feeds = {"tokens": tokens, "past_sequence_length": np.array([t], np.int32),
-                 "beam_width": np.array([beam], np.int32), "cache_indirection": indirection,
-                 "src_mask": src_mask.numpy(), bundle.VOCAB_IDS: np.arange(cfg.vocab_size),
-                 bundle.TOP_K: np.array([0]),
-                 **{name: value.numpy() for name, value in zip(bundle.cross_names(L), [x for kv in cross for x in kv])}}
+        feeds = {
+            "tokens": tokens,
+            "past_sequence_length": np.array([t], np.int32),
+            "beam_width": np.array([beam], np.int32),
+            "cache_indirection": indirection,
+            "src_mask": src_mask.numpy(),
+            bundle.VOCAB_IDS: np.arange(cfg.vocab_size),
+            bundle.TOP_K: np.array([0]),
+            **{name: value.numpy() for name, value in zip(bundle.cross_names(L), [x for kv in cross for x in kv])},
+        }
         binding = session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
@@ -106,6 +120,7 @@ def test_the_step_graph_follows_torch_through_beam_reordering(pre_norm: bool, tm
 def test_the_manifest_states_the_step_decoders_inputs(server_bundle: Path) -> None:
     manifest = bundle.read_manifest(server_bundle)
     for role in ("step_decoder", "rows_decoder"):
-        graph = ort.InferenceSession(str(server_bundle / manifest["variants"]["fp32-cpu"][role]),
-                                     providers=["CPUExecutionProvider"])
+        graph = ort.InferenceSession(
+            str(server_bundle / manifest["variants"]["fp32-cpu"][role]), providers=["CPUExecutionProvider"]
+        )
         assert [i.name for i in graph.get_inputs()] == list(manifest["interface"][role]["inputs"]), role

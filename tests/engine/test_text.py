@@ -8,8 +8,15 @@ import pytest
 
 from nmt.engine.text import Case, TextOptions, case_of, find_spans, prepare, restore_case, split_sentences
 
-SENTENCES = ["A man rides a bike.", "Two dogs play in the snow!", "Is the girl running?", "Dr. Smith reads a book.",
-             "It costs 3.5 dollars.", "Visit https://example.com/a.b today.", "A WOMAN SINGS."]
+SENTENCES = [
+    "A man rides a bike.",
+    "Two dogs play in the snow!",
+    "Is the girl running?",
+    "Dr. Smith reads a book.",
+    "It costs 3.5 dollars.",
+    "Visit https://example.com/a.b today.",
+    "A WOMAN SINGS.",
+]
 SEPARATORS = [" ", "  ", "\n", "\n\n", "\r\n", "\t", " \n \n", "\\n", "\n\n\n"]
 
 
@@ -23,8 +30,12 @@ def test_joined_sentences_split_back_and_every_separator_survives(seed: int) -> 
     rng = random.Random(seed)
     chosen = rng.sample(SENTENCES, rng.randint(2, 5))
     seps = [rng.choice(SEPARATORS) for _ in chosen[1:]]
-    text = rng.choice(["", " ", "\n"]) + chosen[0] + "".join(s + c for s, c in zip(seps, chosen[1:])) \
+    text = (
+        rng.choice(["", " ", "\n"])
+        + chosen[0]
+        + "".join(s + c for s, c in zip(seps, chosen[1:]))
         + rng.choice(["", "\n", "  "])
+    )
     bounds = split_sentences(text)
     assert [text[a:b] for a, b in bounds] == chosen
     # The separators between translations are the original's, byte for byte.
@@ -49,11 +60,18 @@ def test_without_splitting_a_text_is_one_sentence_and_its_outer_whitespace_stays
     assert prepared.finish(["X"]) == "  X\n"
 
 
-@pytest.mark.parametrize("text, case", [
-    ("A MAN RIDES A BIKE.", Case.UPPER), ("A Man Rides A Bike Down The Street.", Case.TITLE),
-    ("A Man Rides a Bike Down the Street.", Case.TITLE), ("A man rides a bike.", Case.AS_IS),
-    ("I met John Smith in Paris.", Case.AS_IS), ("NASA launches a rocket.", Case.AS_IS), ("OK.", Case.AS_IS),
-])
+@pytest.mark.parametrize(
+    "text, case",
+    [
+        ("A MAN RIDES A BIKE.", Case.UPPER),
+        ("A Man Rides A Bike Down The Street.", Case.TITLE),
+        ("A Man Rides a Bike Down the Street.", Case.TITLE),
+        ("A man rides a bike.", Case.AS_IS),
+        ("I met John Smith in Paris.", Case.AS_IS),
+        ("NASA launches a rocket.", Case.AS_IS),
+        ("OK.", Case.AS_IS),
+    ],
+)
 def test_case_is_recognised(text: str, case: Case) -> None:
     assert case_of(text) is case
 
@@ -72,10 +90,24 @@ def test_the_word_i_and_mixed_case_words_keep_their_case() -> None:
     assert prepare("The Big iPhone Store Is Open.", TextOptions()).sources == ["The big iPhone store is open."]
 
 
-@pytest.mark.parametrize("span", [
-    "https://example.com/photos?id=42", "www.example.org/a_b", "anna.berg@example.org", "@anna_b", "25", "3.5",
-    "1,000", "2026-12-02", "10:30", "50%", "/var/log/syslog", "C:\\Users\\anna\\notes.txt", "./data/train.en",
-])
+@pytest.mark.parametrize(
+    "span",
+    [
+        "https://example.com/photos?id=42",
+        "www.example.org/a_b",
+        "anna.berg@example.org",
+        "@anna_b",
+        "25",
+        "3.5",
+        "1,000",
+        "2026-12-02",
+        "10:30",
+        "50%",
+        "/var/log/syslog",
+        "C:\\Users\\anna\\notes.txt",
+        "./data/train.en",
+    ],
+)
 def test_each_span_kind_is_found_and_comes_back_verbatim(span: str) -> None:
     sentence = f"Two dogs play near {span} in the park."
     assert [sentence[a:b] for a, b in find_spans(sentence)] == [span]
@@ -83,11 +115,16 @@ def test_each_span_kind_is_found_and_comes_back_verbatim(span: str) -> None:
     assert span not in prepared.sources[0]
     placeholder = prepared.sentences[0].spans[0][0]
     # The model kept the placeholder; dropped it; repeated it: the span is there exactly once each time.
-    for translation in (f"Zwei Hunde spielen bei {placeholder} im Park.", "Zwei Hunde spielen im Park.",
-                        f"{placeholder} Hunde spielen {placeholder} im Park."):
+    for translation in (
+        f"Zwei Hunde spielen bei {placeholder} im Park.",
+        "Zwei Hunde spielen im Park.",
+        f"{placeholder} Hunde spielen {placeholder} im Park.",
+    ):
         out = prepared.finish([translation])
         assert out.count(span) == 1, (translation, out)
-    assert prepared.finish([f"Zwei Hunde spielen bei {placeholder} im Park."]) == f"Zwei Hunde spielen bei {span} im Park."
+    assert (
+        prepared.finish([f"Zwei Hunde spielen bei {placeholder} im Park."]) == f"Zwei Hunde spielen bei {span} im Park."
+    )
 
 
 def test_sentence_punctuation_after_a_url_stays_outside_it() -> None:
@@ -110,6 +147,13 @@ def test_a_sentence_of_spans_and_symbols_only_comes_back_as_it_is() -> None:
 def test_run_on_captions_without_final_punctuation_are_split() -> None:
     text = "A waterfall in a forest with many trees Two dogs running along the beach A man sits."
     assert [text[a:b] for a, b in split_sentences(text)] == [
-        "A waterfall in a forest with many trees", "Two dogs running along the beach", "A man sits."]
-    for whole in ("A man reads The Da Vinci Code.", "A person waits for the A bus.", "A Man Rides A Bike Down The Street."):
+        "A waterfall in a forest with many trees",
+        "Two dogs running along the beach",
+        "A man sits.",
+    ]
+    for whole in (
+        "A man reads The Da Vinci Code.",
+        "A person waits for the A bus.",
+        "A Man Rides A Bike Down The Street.",
+    ):
         assert split_sentences(whole) == [(0, len(whole))]

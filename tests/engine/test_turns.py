@@ -31,8 +31,9 @@ def turns(clock: Clock) -> EngineTurns:
     return EngineTurns(1, QUANTUM, clock)
 
 
-def queue_step(turns: EngineTurns, name: str, rows: int, order: list[str], want: int = 1,
-               shrinks: bool = True) -> threading.Thread:
+def queue_step(
+    turns: EngineTurns, name: str, rows: int, order: list[str], want: int = 1, shrinks: bool = True
+) -> threading.Thread:
     """Another model's single step of `rows` rows, started and seen waiting for threads."""
     waiting = turns.waiting
 
@@ -99,8 +100,11 @@ def test_a_freed_turn_goes_to_the_smallest_waiting_step(turns: EngineTurns) -> N
     with turns.hold():
         with turns.step(1, 1):
             order.append("holder")
-        threads = [queue_step(turns, "rows 64", 64, order), queue_step(turns, "rows 8", 8, order),
-                   queue_step(turns, "rows 16", 16, order)]
+        threads = [
+            queue_step(turns, "rows 64", 64, order),
+            queue_step(turns, "rows 8", 8, order),
+            queue_step(turns, "rows 16", 16, order),
+        ]
     for thread in threads:
         thread.join(timeout=30)
     assert order == ["holder", "rows 8", "rows 16", "rows 64"]
@@ -149,6 +153,7 @@ def queue_step_or_run(turns: EngineTurns, name: str, rows: int, order: list[str]
     def run() -> None:
         with turns.step(rows, 1):
             order.append(name)
+
     thread = threading.Thread(target=run, name=name)
     thread.start()
     return thread

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from nmt.export.validate import cpu_session
 from nmt.export.variants import FP32, FP32_CPU, INT8_CPU, SPECS
 from nmt.training.model import Transformer
 from nmt.training.tokenizer import EOS_ID
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 VOCAB, N_DEC = 600, 2  # the conftest model
 TOLERANCE = 1e-4
@@ -41,8 +45,14 @@ def _run(directory: Path, variant: str, model_inputs, **head: np.ndarray) -> dic
     cross = cpu_session(directory / spec.encoder).run(bundle.cross_names(N_DEC), {"src_ids": src, "src_mask": mask})
     decoder = cpu_session(directory / spec.decoder)
     empty = np.zeros((len(src), 4, 0, 8), np.float32)
-    feeds = {"tgt_ids": tgt, "src_mask": mask, bundle.PAST_MASK: np.ones(tgt.shape, bool),
-             **dict.fromkeys(bundle.past_names(N_DEC), empty), **dict(zip(bundle.cross_names(N_DEC), cross)), **head}
+    feeds = {
+        "tgt_ids": tgt,
+        "src_mask": mask,
+        bundle.PAST_MASK: np.ones(tgt.shape, bool),
+        **dict.fromkeys(bundle.past_names(N_DEC), empty),
+        **dict(zip(bundle.cross_names(N_DEC), cross)),
+        **head,
+    }
     names = ["log_probs", *HEAD]
     return dict(zip(names, decoder.run(names, feeds)))
 
@@ -55,8 +65,9 @@ def _torch_logits(model: Transformer, model_inputs) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("variant", [FP32, FP32_CPU])
-def test_without_vocab_ids_the_graph_gives_the_whole_vocabulary_as_before(model: Transformer, bundle_dir: Path,
-                                                                         variant: str) -> None:
+def test_without_vocab_ids_the_graph_gives_the_whole_vocabulary_as_before(
+    model: Transformer, bundle_dir: Path, variant: str
+) -> None:
     inputs = _inputs()
     found = _run(bundle_dir, variant, inputs)
     expected = F.log_softmax(_torch_logits(model, inputs), dim=-1).numpy()
@@ -67,8 +78,9 @@ def test_without_vocab_ids_the_graph_gives_the_whole_vocabulary_as_before(model:
 
 
 @pytest.mark.parametrize("variant", [FP32, FP32_CPU])
-def test_a_shortlist_renormalizes_over_its_ids_and_top_k_maps_back(model: Transformer, bundle_dir: Path,
-                                                                   variant: str) -> None:
+def test_a_shortlist_renormalizes_over_its_ids_and_top_k_maps_back(
+    model: Transformer, bundle_dir: Path, variant: str
+) -> None:
     inputs, ids = _inputs(seed=3), _shortlist()
     found = _run(bundle_dir, variant, inputs, vocab_ids=ids, top_k=np.array([6]))
     expected = F.log_softmax(_torch_logits(model, inputs)[:, torch.from_numpy(ids)], dim=-1).numpy()
@@ -86,8 +98,9 @@ def test_both_projection_branches_agree(bundle_dir: Path, variant: str, toleranc
     inputs, ids = _inputs(seed=5), _shortlist(seed=2)
     full = _run(bundle_dir, variant, inputs)["log_probs"][:, ids]
     renormalized = full - np.log(np.exp(full).sum(axis=1, keepdims=True))
-    np.testing.assert_allclose(_run(bundle_dir, variant, inputs, vocab_ids=ids)["log_probs"], renormalized,
-                               atol=tolerance, rtol=0)
+    np.testing.assert_allclose(
+        _run(bundle_dir, variant, inputs, vocab_ids=ids)["log_probs"], renormalized, atol=tolerance, rtol=0
+    )
 
 
 def test_the_decoder_states_the_vocabulary_size(bundle_dir: Path) -> None:
@@ -97,7 +110,7 @@ def test_the_decoder_states_the_vocabulary_size(bundle_dir: Path) -> None:
         assert metadata[bundle.VOCAB_SIZE_KEY] == str(VOCAB)
 
 
-def _toy_head(vocab: int, d_model: int, embedding: np.ndarray, blocks: bool) -> "onnxruntime.InferenceSession":
+def _toy_head(vocab: int, d_model: int, embedding: np.ndarray, blocks: bool) -> ort.InferenceSession:
     """LogSoftmax(states @ embedding[vocab_ids].T), the traced head's form, with add_top_k's outputs."""
     import onnx
     import onnxruntime as ort
@@ -105,14 +118,21 @@ def _toy_head(vocab: int, d_model: int, embedding: np.ndarray, blocks: bool) -> 
 
     from nmt.export import decoder_head
 
-    nodes = [helper.make_node("Gather", ["embedding", bundle.VOCAB_IDS], ["scored_weight"]),
-             helper.make_node("Gemm", ["states", "scored_weight"], ["logits"], transB=1),
-             helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1)]
+    nodes = [
+        helper.make_node("Gather", ["embedding", bundle.VOCAB_IDS], ["scored_weight"]),
+        helper.make_node("Gemm", ["states", "scored_weight"], ["logits"], transB=1),
+        helper.make_node("LogSoftmax", ["logits"], ["log_probs"], axis=-1),
+    ]
     graph = helper.make_graph(
-        nodes, "head", [helper.make_tensor_value_info("states", TensorProto.FLOAT, ["batch", d_model]),
-                        helper.make_tensor_value_info(bundle.VOCAB_IDS, TensorProto.INT64, ["vocab"])],
+        nodes,
+        "head",
+        [
+            helper.make_tensor_value_info("states", TensorProto.FLOAT, ["batch", d_model]),
+            helper.make_tensor_value_info(bundle.VOCAB_IDS, TensorProto.INT64, ["vocab"]),
+        ],
         [helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", "vocab"])],
-        [numpy_helper.from_array(embedding, "embedding")])
+        [numpy_helper.from_array(embedding, "embedding")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     decoder_head.add_top_k(model, vocab, blocks=blocks)
@@ -132,8 +152,15 @@ def test_the_two_stage_top_k_equals_one_top_k_ties_included(scored: int) -> None
     embedding[[100, 260]] = embedding[99]
     states = rng.standard_normal((5, d_model)).astype(np.float32)
     states[0] = embedding[7]  # row 0: the tied ids are its best by far (25 against N(0, 25) for the others)
-    vocab_ids = np.arange(vocab) if scored == vocab else np.sort(np.concatenate(
-        [np.arange(4), [7, 40, 200, 201], rng.choice(np.arange(8, vocab), scored - 8, replace=False)]))
+    vocab_ids = (
+        np.arange(vocab)
+        if scored == vocab
+        else np.sort(
+            np.concatenate(
+                [np.arange(4), [7, 40, 200, 201], rng.choice(np.arange(8, vocab), scored - 8, replace=False)]
+            )
+        )
+    )
     vocab_ids = np.unique(vocab_ids)[:scored].astype(np.int64)
     one, two = _toy_head(vocab, d_model, embedding, False), _toy_head(vocab, d_model, embedding, True)
     for k in sorted(k for k in {0, 1, 3, 9, 65, len(vocab_ids)} if k <= len(vocab_ids)):  # the engine's bound

@@ -13,7 +13,9 @@ from nmt.export.export import ExportOptions, Progress
 
 def test_cli_verifies_a_bundle(bundle_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--verify", str(bundle_dir)]) == 0
-    assert capsys.readouterr().out == f"{bundle_dir}: 14 files verified\n"  # 8 graphs, 4 step decoders, spm.model, shortlist.npz
+    assert (
+        capsys.readouterr().out == f"{bundle_dir}: 14 files verified\n"
+    )  # 8 graphs, 4 step decoders, spm.model, shortlist.npz
 
 
 def test_cli_reports_a_damaged_bundle(bundle_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -46,20 +48,23 @@ def test_cli_flags_become_export_options(tmp_path: Path) -> None:
     assert _options("--no-optimize").variants == ("fp32",)
     assert _options("--no-shortlist").shortlist is False
     assert _options("--shortlist-corpus", "a.en", "a.de").shortlist_corpus == ("a.en", "a.de")
-    options = _options("--data-dir", "/d", "--parity-limit", "7", "--max-len-extra", "9", "--no-validate",
-                       "--attention", "mha")
+    options = _options(
+        "--data-dir", "/d", "--parity-limit", "7", "--max-len-extra", "9", "--no-validate", "--attention", "mha"
+    )
     assert (options.data_dir, options.parity_limit, options.max_len_extra) == ("/d", 7, 9)
     assert (options.validate, options.attention) == (False, "mha")
     (tmp_path / "s.txt").write_text("One.\n\nTwo.\n")
     assert _options("--sentences", str(tmp_path / "s.txt")).sentences == ("One.", "Two.")
 
 
-def test_cli_refuses_bad_variants_and_limits(checkpoint: Path, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_bad_variants_and_limits(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = str(tmp_path / "b")
     assert main([str(checkpoint), out, "--variants", "int4"]) == 2
-    assert capsys.readouterr().err == ("error: unknown variant 'int4'; choose from fp32, fp32-cpu, int8-cpu, "
-                                       "fp16-cuda (or all)\n")
+    assert capsys.readouterr().err == (
+        "error: unknown variant 'int4'; choose from fp32, fp32-cpu, int8-cpu, fp16-cuda (or all)\n"
+    )
     assert main([str(checkpoint), out, "--parity-limit", "0"]) == 2
     assert capsys.readouterr().err == "error: parity_limit must be at least 1, got 0\n"
     with pytest.raises(SystemExit):

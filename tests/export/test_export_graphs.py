@@ -16,13 +16,16 @@ from nmt.export.fuse import FusionError, check_fused, op_counts
 from nmt.export.validate import OnnxGraphs, cpu_session
 from nmt.training.model import Transformer
 
-
 MHA = "com.microsoft::MultiHeadAttention"
 ATTENTION = "Attention"  # ONNX Attention-23, the default form
 # The conftest model: vocabulary 600, 2 encoder and 2 decoder layers, 4 heads of 8.
 VOCAB, N_ENC, N_DEC = 600, 2, 2
-GRAPHS = [(bundle.ENCODER, N_ENC), (bundle.DECODER, 2 * N_DEC),
-          (bundle.ENCODER_CPU, N_ENC), (bundle.DECODER_CPU, 2 * N_DEC)]
+GRAPHS = [
+    (bundle.ENCODER, N_ENC),
+    (bundle.DECODER, 2 * N_DEC),
+    (bundle.ENCODER_CPU, N_ENC),
+    (bundle.DECODER_CPU, 2 * N_DEC),
+]
 PAIRS = [(bundle.ENCODER, bundle.DECODER), (bundle.ENCODER_CPU, bundle.DECODER_CPU)]
 
 
@@ -136,8 +139,12 @@ def test_the_unfused_form_for_benchmarks(model: Transformer, bundle_dir: Path, t
 
 def test_check_fused_names_the_graph_and_every_problem() -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])
-    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g", [x],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["x"], ["y"])],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
     with pytest.raises(FusionError) as e:
         check_fused(helper.make_model(graph), "mha", 4, "decoder.onnx")
     assert str(e.value) == f"decoder.onnx: 0 {MHA} nodes, expected 4; 1 Softmax nodes left, expected 0"

@@ -21,7 +21,9 @@ def test_calibrated_qdq_graphs_load_and_decode(bundle_dir: Path, data_dir: Path,
         counts = op_counts(onnx.load(str(tmp_path / f"{role}.qdq.onnx")))
         assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > counts["QuantizeLinear"]
     test = multi30k("test_2016_flickr", "en", "de", data_dir)
-    pairs = {"fp32-cpu": (bundle_dir / bundle.ENCODER_CPU, bundle_dir / bundle.DECODER_CPU),
-             "qdq": (tmp_path / "encoder.qdq.onnx", tmp_path / "decoder.qdq.onnx")}
+    pairs = {
+        "fp32-cpu": (bundle_dir / bundle.ENCODER_CPU, bundle_dir / bundle.DECODER_CPU),
+        "qdq": (tmp_path / "encoder.qdq.onnx", tmp_path / "decoder.qdq.onnx"),
+    }
     found = compare(pairs, tokenizer.encode(list(test.src[:8])), list(test.tgt[:8]), tokenizer, batch=4)
     assert set(found) == set(pairs) and all(row["ms_per_sentence"] > 0 for row in found.values())

@@ -29,8 +29,9 @@ def default_bundle(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     if not (DEFAULT_MODEL / "model.safetensors").is_file():
         pytest.skip("models/default is not in this checkout")
     out = tmp_path_factory.mktemp("default") / "bundle"
-    export_checkpoint(DEFAULT_MODEL, out, options=ExportOptions(variants=("fp32", "fp32-cpu"), validate=False,
-                                                                data_dir=str(data_dir)))
+    export_checkpoint(
+        DEFAULT_MODEL, out, options=ExportOptions(variants=("fp32", "fp32-cpu"), validate=False, data_dir=str(data_dir))
+    )
     return out
 
 

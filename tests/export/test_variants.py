@@ -14,8 +14,19 @@ from nmt.engine import bundle
 from nmt.export.export import ExportOptions
 from nmt.export.fuse import op_counts
 from nmt.export.validate import OnnxGraphs, cpu_session, graph_greedy, open_graphs
-from nmt.export.variants import (FP16_CUDA, FP32, FP32_CPU, INT8_CPU, SPECS, VARIANTS, FusionCounts, build,
-                             check_io_dtypes, parse_variants, steps)
+from nmt.export.variants import (
+    FP16_CUDA,
+    FP32,
+    FP32_CPU,
+    INT8_CPU,
+    SPECS,
+    VARIANTS,
+    FusionCounts,
+    build,
+    check_io_dtypes,
+    parse_variants,
+    steps,
+)
 from nmt.training.data import multi30k
 from nmt.training.search import pad_batch
 from nmt.training.tokenizer import BOS_ID, EOS_ID, Tokenizer
@@ -61,8 +72,13 @@ def test_the_manifest_lists_every_variant_as_agreed(bundle_dir: Path) -> None:
     variants = manifest["variants"]
     assert list(variants) == list(VARIANTS)
     assert {k: v for k, v in variants[INT8_CPU].items() if k != "validated"} == {
-        "encoder": "encoder.int8.onnx", "decoder": "decoder.int8.onnx", "providers": ["CPUExecutionProvider"],
-        "kv_dtype": "float32", "step_decoder": "decoder.step.int8.onnx", "rows_decoder": "decoder.rows.int8.onnx"}
+        "encoder": "encoder.int8.onnx",
+        "decoder": "decoder.int8.onnx",
+        "providers": ["CPUExecutionProvider"],
+        "kv_dtype": "float32",
+        "step_decoder": "decoder.step.int8.onnx",
+        "rows_decoder": "decoder.rows.int8.onnx",
+    }
     assert variants[FP32_CPU]["step_decoder"] == "decoder.step.cpu.onnx"
     assert "step_decoder" not in variants[FP32] and "step_decoder" not in variants[FP16_CUDA]
     assert variants[FP32]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -98,8 +114,11 @@ def test_fp16_graphs_pass_the_checker_with_float16_kv(bundle_dir: Path) -> None:
     decoder = onnx.load(str(bundle_dir / bundle.DECODER_FP16)).graph
     types = {v.name: v.type.tensor_type.elem_type for v in [*decoder.input, *decoder.output]}
     assert types["past_key_0"] == types["cross_value_1"] == types["present_key_1"] == TensorProto.FLOAT16
-    assert (types["tgt_ids"], types["src_mask"], types["log_probs"]) == (TensorProto.INT64, TensorProto.BOOL,
-                                                                          TensorProto.FLOAT)
+    assert (types["tgt_ids"], types["src_mask"], types["log_probs"]) == (
+        TensorProto.INT64,
+        TensorProto.BOOL,
+        TensorProto.FLOAT,
+    )
     producer = next(n for n in decoder.node if "log_probs" in n.output)
     assert producer.op_type != "Cast"  # the log-softmax's fp32 result is not rounded through fp16
 
@@ -134,24 +153,31 @@ def test_parse_variants() -> None:
     assert str(e.value) == "unknown variant 'int4'; choose from fp32, fp32-cpu, int8-cpu, fp16-cuda (or all)"
 
 
-@pytest.mark.parametrize("variants, message", [
-    ((FP32_CPU,), "variants must include fp32 (every other variant is built from it)"),
-    ((FP32, "bf16"), "unknown variant 'bf16'; choose from fp32, fp32-cpu, int8-cpu, fp16-cuda"),
-    ((FP32, INT8_CPU, FP32_CPU), "variants must be distinct and in the order fp32, fp32-cpu, int8-cpu, fp16-cuda"),
-])
+@pytest.mark.parametrize(
+    "variants, message",
+    [
+        ((FP32_CPU,), "variants must include fp32 (every other variant is built from it)"),
+        ((FP32, "bf16"), "unknown variant 'bf16'; choose from fp32, fp32-cpu, int8-cpu, fp16-cuda"),
+        ((FP32, INT8_CPU, FP32_CPU), "variants must be distinct and in the order fp32, fp32-cpu, int8-cpu, fp16-cuda"),
+    ],
+)
 def test_bad_variant_options_are_refused(variants: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError) as e:
         ExportOptions(variants=variants)
     assert str(e.value) == message
 
 
-@pytest.mark.parametrize("selected, files", [
-    ((FP32, INT8_CPU), {bundle.ENCODER_INT8, bundle.DECODER_INT8}),  # fp32-cpu built, used, removed
-    ((FP32, FP16_CUDA), {bundle.ENCODER_FP16, bundle.DECODER_FP16}),
-    ((FP32,), set()),
-])
-def test_build_writes_only_the_selected_variants(bundle_dir: Path, tmp_path: Path, selected: tuple[str, ...],
-                                                 files: set[str]) -> None:
+@pytest.mark.parametrize(
+    "selected, files",
+    [
+        ((FP32, INT8_CPU), {bundle.ENCODER_INT8, bundle.DECODER_INT8}),  # fp32-cpu built, used, removed
+        ((FP32, FP16_CUDA), {bundle.ENCODER_FP16, bundle.DECODER_FP16}),
+        ((FP32,), set()),
+    ],
+)
+def test_build_writes_only_the_selected_variants(
+    bundle_dir: Path, tmp_path: Path, selected: tuple[str, ...], files: set[str]
+) -> None:
     for name in (bundle.ENCODER, bundle.DECODER):
         shutil.copyfile(bundle_dir / name, tmp_path / name)
     labels: list[str] = []

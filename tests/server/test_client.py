@@ -7,12 +7,11 @@ import io
 
 import grpc
 import pytest
+from grpc_helpers import TEXTS, alone
 
+from nmt.engine.decoding import DecodeOptions
 from nmt.server import client as client_module
 from nmt.server.client import AsyncTranslationClient, Connection, TranslationClient
-from nmt.engine.decoding import DecodeOptions
-
-from grpc_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.asyncio
 
@@ -22,10 +21,17 @@ async def test_sync_client(default_server, grpc_translator) -> None:
 
     def use() -> tuple:
         with TranslationClient(target=target) as c:
-            found = c.translate(TEXTS[:3], beam_size=2, n_best=2, max_len_extra=9, return_scores=True,  # noqa
-                                timeout=10)
-            streamed = sorted(c.translate_stream([("a", TEXTS[:1]), ("b", [])], beam_size=1,  # noqa: F405
-                                                 timeout=10), key=lambda r: r[0])
+            found = c.translate(
+                TEXTS[:3],
+                beam_size=2,
+                n_best=2,
+                max_len_extra=9,
+                return_scores=True,  # noqa
+                timeout=10,
+            )
+            streamed = sorted(
+                c.translate_stream([("a", TEXTS[:1]), ("b", [])], beam_size=1, timeout=10), key=lambda r: r[0]
+            )
             return found, streamed, c.model_info(timeout=10), c.health(timeout=10)
 
     found, streamed, info, health = await asyncio.to_thread(use)
@@ -39,27 +45,41 @@ async def test_sync_client(default_server, grpc_translator) -> None:
 
 async def test_async_client(default_server, grpc_translator) -> None:
     async with AsyncTranslationClient(Connection(f"127.0.0.1:{default_server.port}")) as c:
-        found = await c.translate(TEXTS[:2], beam_size=1, timeout=10)  # noqa: F405
-        answers = {i: r async for i, r, _ in c.translate_stream([("x", TEXTS[2:4])], timeout=10)}  # noqa: F405
+        found = await c.translate(TEXTS[:2], beam_size=1, timeout=10)
+        answers = {i: r async for i, r, _ in c.translate_stream([("x", TEXTS[2:4])], timeout=10)}
         assert (await c.model_info()).name == grpc_translator.info.name
-    assert [hyps[0].text for hyps in found] == [a[0] for a in alone(grpc_translator, TEXTS[:2],  # noqa: F405
-                                                                    DecodeOptions(beam_size=1))]
+    assert [hyps[0].text for hyps in found] == [
+        a[0] for a in alone(grpc_translator, TEXTS[:2], DecodeOptions(beam_size=1))
+    ]
     assert len(answers["x"]) == 2
 
 
 async def test_cli_translates_arguments_and_stdin(default_server, grpc_translator, capsys, monkeypatch) -> None:
     target = ["--target", f"127.0.0.1:{default_server.port}"]
     beam = DecodeOptions(beam_size=1)
-    assert await asyncio.to_thread(client_module.main, ["translate", TEXTS[0], TEXTS[1], "--beam", "1",  # noqa
-                                                        *target]) == 0
-    expected = [a[0] for a in alone(grpc_translator, TEXTS[:5], beam)]  # noqa: F405
+    assert (
+        await asyncio.to_thread(
+            client_module.main,
+            [
+                "translate",
+                TEXTS[0],
+                TEXTS[1],
+                "--beam",
+                "1",  # noqa
+                *target,
+            ],
+        )
+        == 0
+    )
+    expected = [a[0] for a in alone(grpc_translator, TEXTS[:5], beam)]
     assert capsys.readouterr().out.splitlines() == expected[:2]
-    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS[:5]) + "\n"))  # noqa: F405
-    assert await asyncio.to_thread(client_module.main, ["translate", "--beam", "1", "--batch-size", "2",
-                                                        *target]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(TEXTS[:5]) + "\n"))
+    assert await asyncio.to_thread(client_module.main, ["translate", "--beam", "1", "--batch-size", "2", *target]) == 0
     assert capsys.readouterr().out.splitlines() == expected
-    assert await asyncio.to_thread(client_module.main, ["translate", "A dog.", "--beam", "3", "--n-best", "2",
-                                                        *target]) == 0
+    assert (
+        await asyncio.to_thread(client_module.main, ["translate", "A dog.", "--beam", "3", "--n-best", "2", *target])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(line.startswith("0\t") for line in lines)
     assert await asyncio.to_thread(client_module.main, ["health", *target]) == 0
@@ -79,7 +99,7 @@ async def test_cli_connection_flags_before_or_after_the_command(default_server, 
     """`nmt-client --target HOST:PORT translate ...` (as grpcurl and kubectl users type it) works as the
     flags after the command do; given on both sides, the one after the command wins."""
     target = f"127.0.0.1:{default_server.port}"
-    expected = [a[0] for a in alone(grpc_translator, TEXTS[:2], DecodeOptions(beam_size=1))]  # noqa: F405
+    expected = [a[0] for a in alone(grpc_translator, TEXTS[:2], DecodeOptions(beam_size=1))]
     run = lambda argv: asyncio.to_thread(client_module.main, argv)  # noqa: E731
     assert await run(["--target", target, "--deadline", "10", "translate", *TEXTS[:2], "--beam", "1"]) == 0  # noqa
     assert capsys.readouterr().out.splitlines() == expected

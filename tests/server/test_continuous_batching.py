@@ -15,23 +15,24 @@ import time
 from typing import Any
 
 import pytest
+from grpc_helpers import ONE_THREAD, TEXTS, Gate, GatedBatch, channel, eventually, serve, server_config, stub
 from prometheus_client import CollectorRegistry
 
 from nmt.engine.decoding import DecodeOptions
+from nmt.engine.translator import Translator
 from nmt.server.batching import DeadlineExceeded, EngineError, SchedulerClosed, SchedulerConfig
 from nmt.server.config import from_args
 from nmt.server.continuous import ContinuousScheduler, create_scheduler
 from nmt.server.metrics import Metrics, sample_sum
+from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.scheduler import Scheduler
-
-from grpc_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.asyncio
 GREEDY, BEAM = DecodeOptions(beam_size=1, max_len_extra=12), DecodeOptions(beam_size=4, n_best=2, max_len_extra=12)
 HOUR = 3600.0  # a deadline no test run reaches by itself
 
 
-class Stepper(Gate):  # noqa: F405 - the real engine; records every decoder step, runs one per permit when held
+class Stepper(Gate):  # the real engine; records every decoder step, runs one per permit when held
     def __init__(self, translator: Any):
         super().__init__(translator)
         self.steps: list[tuple[int, int]] = []  # (sentences, rows) of each step
@@ -56,7 +57,7 @@ class Stepper(Gate):  # noqa: F405 - the real engine; records every decoder step
             permits.release()  # a step waiting for its permit
 
 
-class Stepped(GatedBatch):  # noqa: F405
+class Stepped(GatedBatch):
     def step(self) -> Any:
         stepper: Stepper = self.gate  # type: ignore[assignment]
         stepper.arrived += 1  # only the engine thread writes it
@@ -70,8 +71,9 @@ class Stepped(GatedBatch):  # noqa: F405
 
 
 async def started(engine: Any, **kw: Any) -> ContinuousScheduler:
-    cfg = SchedulerConfig(**{"max_batch_size": 32, "max_batch_tokens": 4096, "max_queue_size": 64, "batching": "continuous",
-                             **kw})
+    cfg = SchedulerConfig(
+        **{"max_batch_size": 32, "max_batch_tokens": 4096, "max_queue_size": 64, "batching": "continuous", **kw}
+    )
     scheduler = create_scheduler(engine, cfg, Metrics(CollectorRegistry(), process=False).model("tiny", "1"))
     assert isinstance(scheduler, ContinuousScheduler)
     await scheduler.start()
@@ -84,7 +86,7 @@ def tokens_of(hypotheses: list[list[Any]]) -> list[list[list[int]]]:
 
 def longest(translator: Any, options: DecodeOptions) -> list[int]:
     """The test text whose search takes the most steps alone."""
-    sources = translator.tokenize(TEXTS)  # noqa: F405
+    sources = translator.tokenize(TEXTS)
     return max(sources, key=lambda s: translator.search([s], options).steps)
 
 
@@ -92,7 +94,7 @@ async def held_before(stepper: Stepper, n: int) -> None:
     """Wait until the engine thread, held with exactly n - 1 permits, waits for the permit of step n: steps
     1..n-1 ran, and step n's boundary (joins and drops taken from the inbox) is behind it, so whatever is
     sent from now on is taken at the boundary after step n."""
-    await eventually(lambda: stepper.arrived == n, what=f"the engine to wait before step {n}")  # noqa: F405
+    await eventually(lambda: stepper.arrived == n, what=f"the engine to wait before step {n}")
     assert len(stepper.steps) == n - 1, "the test allowed more steps than it waits for"
 
 
@@ -108,7 +110,7 @@ def jump_the_loop_clock(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None
 @pytest.mark.parametrize("options", [GREEDY, BEAM], ids=["greedy", "beam"])
 async def test_a_request_joining_a_running_batch_gets_its_answer_alone(grpc_translator, options) -> None:
     stepper = Stepper(grpc_translator)
-    first, second = longest(grpc_translator, options), grpc_translator.tokenize([TEXTS[1]])[0]  # noqa: F405
+    first, second = longest(grpc_translator, options), grpc_translator.tokenize([TEXTS[1]])[0]
     assert grpc_translator.search([first], options).steps >= 5
     stepper.hold()
     scheduler = await started(stepper)
@@ -117,7 +119,7 @@ async def test_a_request_joining_a_running_batch_gets_its_answer_alone(grpc_tran
     await held_before(stepper, 3)
     assert scheduler.running == 1
     joining = asyncio.create_task(scheduler.submit([second], options))
-    await eventually(lambda: scheduler.running == 2, what="the second request to be sent")  # noqa: F405
+    await eventually(lambda: scheduler.running == 2, what="the second request to be sent")
     assert scheduler.depth == 1  # sent, not yet taken: it waits for the engine's next step boundary
     stepper.run_freely()
     got = await asyncio.gather(running, joining)
@@ -152,7 +154,7 @@ async def test_a_request_leaving_mid_decode_frees_its_rows(grpc_translator, how,
         jump_the_loop_clock(monkeypatch, HOUR)
         with pytest.raises(DeadlineExceeded):
             await leaving
-    await eventually(lambda: scheduler.running == 1, what="the drop to be sent")  # noqa: F405
+    await eventually(lambda: scheduler.running == 1, what="the drop to be sent")
     stepper.run_freely()
     got = await kept
     await scheduler.close()
@@ -164,7 +166,7 @@ async def test_a_request_leaving_mid_decode_frees_its_rows(grpc_translator, how,
 async def test_budgets_bound_the_running_batch(grpc_translator) -> None:
     stepper = Stepper(grpc_translator)
     scheduler = await started(stepper, max_batch_size=2)
-    sources = grpc_translator.tokenize(TEXTS)  # noqa: F405
+    sources = grpc_translator.tokenize(TEXTS)
     got = await asyncio.gather(*(scheduler.submit([s], GREEDY) for s in sources))
     assert [tokens_of(g) for g in got] == [tokens_of(grpc_translator.search([s], GREEDY).hypotheses) for s in sources]
     assert max(n for n, _ in stepper.steps) == 2
@@ -194,8 +196,9 @@ async def test_an_engine_failure_fails_its_batch_and_the_next_one_starts_empty(g
     for job in jobs:
         with pytest.raises(EngineError, match="failed on a running batch of 2 sentences: the decoder failed"):
             await job
-    assert tokens_of(await scheduler.submit([[5, 6]], BEAM)) == tokens_of(grpc_translator.search([[5, 6]],
-                                                                                                 BEAM).hypotheses)
+    assert tokens_of(await scheduler.submit([[5, 6]], BEAM)) == tokens_of(
+        grpc_translator.search([[5, 6]], BEAM).hypotheses
+    )
     await scheduler.close()
 
 
@@ -219,7 +222,7 @@ async def test_static_batching_is_still_there(grpc_translator) -> None:
     scheduler = create_scheduler(grpc_translator, SchedulerConfig(batching="static", max_wait_s=0.0))
     assert type(scheduler) is Scheduler
     await scheduler.start()
-    sources = grpc_translator.tokenize(TEXTS)  # noqa: F405
+    sources = grpc_translator.tokenize(TEXTS)
     got = await scheduler.submit(sources, BEAM)
     await scheduler.close()
     assert tokens_of(got) == tokens_of(grpc_translator.search(sources, BEAM).hypotheses)
@@ -227,21 +230,25 @@ async def test_static_batching_is_still_there(grpc_translator) -> None:
 
 async def test_a_format_2_bundle_asked_for_continuous_batching_is_served_static(format2_bundle, caplog) -> None:
     caplog.set_level(logging.WARNING)
-    translator = Translator.from_bundle(format2_bundle, ONE_THREAD)  # noqa: F405
-    cfg = server_config(format2_bundle, batching="continuous")  # noqa: F405
-    async with serve(cfg, translator) as server, channel(server) as ch:  # noqa: F405
+    translator = Translator.from_bundle(format2_bundle, ONE_THREAD)
+    cfg = server_config(format2_bundle, batching="continuous")
+    async with serve(cfg, translator) as server, channel(server) as ch:
         assert type(server.scheduler) is Scheduler and server.scheduler.cfg.batching == "static"
-        response = await stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:2]))  # noqa: F405
+        response = await stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:2]))
     assert len(response.translations) == 2
-    assert ("continuous batching is not possible (the bundle's decoder has no past_mask input (bundle format "
-            "before 3): re-export it for continuous batching): serving with static batching") in caplog.text
+    assert (
+        "continuous batching is not possible (the bundle's decoder has no past_mask input (bundle format "
+        "before 3): re-export it for continuous batching): serving with static batching"
+    ) in caplog.text
 
 
 async def test_the_batching_flag_and_its_environment_variable() -> None:
     assert from_args([], {"NMT_MODEL_DIR": "/b"}).scheduler().batching == "static"
     assert from_args([], {"NMT_MODEL_DIR": "/b", "NMT_BATCHING": "static"}).batching == "static"
-    assert from_args(["--batching", "continuous"], {"NMT_MODEL_DIR": "/b", "NMT_BATCHING": "static"}).batching == \
-        "continuous"
+    assert (
+        from_args(["--batching", "continuous"], {"NMT_MODEL_DIR": "/b", "NMT_BATCHING": "static"}).batching
+        == "continuous"
+    )
     with pytest.raises(SystemExit):
         from_args(["--batching", "dynamic"], {"NMT_MODEL_DIR": "/b"})
     with pytest.raises(ValueError, match="^batching must be one of continuous, static, got 'dynamic'$"):

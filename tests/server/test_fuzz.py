@@ -23,9 +23,10 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import TEXTS, channel, serve, server_config, stub
 
-from grpc_fixtures import *  # noqa: F403
 from nmt.bench.adversarial_text import SHAPES, SIZES, make
+from nmt.server.nmt_pb import translation_pb2 as pb
 
 pytestmark = pytest.mark.asyncio
 CODE = grpc.StatusCode
@@ -36,12 +37,25 @@ TOKEN = "fuzz-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
 TRANSLATE, STREAM = "/nmt.v1.TranslationService/Translate", "/nmt.v1.TranslationService/TranslateStream"
 MAX_MESSAGE = 64 * 1024  # gRPC core itself refuses past twice this
-GREEDY = pb.DecodeOptions(beam_size=1, max_len_extra=8)  # noqa: F405
+GREEDY = pb.DecodeOptions(beam_size=1, max_len_extra=8)
 WORDS = "a man woman dog cat rides runs red big small the in on park street snow beach bike ball".split()
 BLANKS = [" ", "\t", "\n", "\r", "\u3000", "\u00a0", "\u2028", "\u200b", "\ufeff", "\u2060", "\x00", "\u00ad"]
-ODD_RANGES = [(0xA0, 0x24F), (0x300, 0x36F), (0x400, 0x4FF), (0x590, 0x6FF), (0x900, 0x97F), (0x4E00, 0x4FFF),
-              (0xE000, 0xE0FF), (0xFDD0, 0xFDEF), (0xFE00, 0xFE0F), (0xFFF0, 0xFFFF), (0x1D400, 0x1D4FF),
-              (0x1F300, 0x1F6FF), (0xE0000, 0xE007F), (0x10FF00, 0x10FFFF)]
+ODD_RANGES = [
+    (0xA0, 0x24F),
+    (0x300, 0x36F),
+    (0x400, 0x4FF),
+    (0x590, 0x6FF),
+    (0x900, 0x97F),
+    (0x4E00, 0x4FFF),
+    (0xE000, 0xE0FF),
+    (0xFDD0, 0xFDEF),
+    (0xFE00, 0xFE0F),
+    (0xFFF0, 0xFFFF),
+    (0x1D400, 0x1D4FF),
+    (0x1F300, 0x1F6FF),
+    (0xE0000, 0xE007F),
+    (0x10FF00, 0x10FFFF),
+]
 CONTROLS = [chr(c) for c in (*range(0, 32), 127, *range(0x80, 0xA0))]
 
 Outcome = tuple[grpc.StatusCode, str]  # code, and the method the server counts it under ("": not counted)
@@ -65,8 +79,8 @@ def unparsable(rng: random.Random) -> bytes:
     while True:
         raw = rng.randbytes(rng.randint(1, 200))
         try:
-            pb.TranslateRequest.FromString(raw)  # noqa: F405
-            pb.TranslateStreamRequest.FromString(raw)  # noqa: F405
+            pb.TranslateRequest.FromString(raw)
+            pb.TranslateStreamRequest.FromString(raw)
         except Exception:  # noqa: BLE001 - DecodeError: what we want
             return raw
 
@@ -77,8 +91,8 @@ def bad_utf8(rng: random.Random) -> bytes:
 
 
 async def translate(ch: grpc.aio.Channel, texts: list[str], options: Any = GREEDY, **kw: Any) -> grpc.StatusCode:
-    request = pb.TranslateRequest(texts=texts, options=options)  # noqa: F405
-    return await code_of(stub(ch).Translate(request, metadata=AUTH, **kw))  # noqa: F405
+    request = pb.TranslateRequest(texts=texts, options=options)
+    return await code_of(stub(ch).Translate(request, metadata=AUTH, **kw))
 
 
 async def empty(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
@@ -86,9 +100,11 @@ async def empty(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
 
 
 async def blank(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
-    texts = ["".join(rng.choice(BLANKS) for _ in range(rng.randint(0, 40))) * rng.choice([1, 1, 20])
-             for _ in range(rng.randint(1, 5))]
-    reply = await stub(ch).Translate(pb.TranslateRequest(texts=texts), metadata=AUTH)  # noqa: F405
+    texts = [
+        "".join(rng.choice(BLANKS) for _ in range(rng.randint(0, 40))) * rng.choice([1, 1, 20])
+        for _ in range(rng.randint(1, 5))
+    ]
+    reply = await stub(ch).Translate(pb.TranslateRequest(texts=texts), metadata=AUTH)
     assert all(t.hypotheses[0].text == "" and t.hypotheses[0].tokens == 0 for t in reply.translations), texts
     return CODE.OK, "Translate"
 
@@ -102,8 +118,7 @@ async def too_many_bytes(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
 
 
 async def too_many_tokens(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
-    return await translate(ch, [" ".join(rng.choice("abcdefghij") for _ in range(rng.randint(300, 2000)))]), \
-        "Translate"
+    return await translate(ch, [" ".join(rng.choice("abcdefghij") for _ in range(rng.randint(300, 2000)))]), "Translate"
 
 
 async def hostile_texts(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
@@ -122,11 +137,23 @@ async def control_chars(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
     return await translate(ch, [text]), "Translate"
 
 
-BAD_OPTIONS = [dict(beam_size=0), dict(beam_size=-3), dict(beam_size=17), dict(beam_size=2**31 - 1),
-               dict(beam_size=2, n_best=3), dict(n_best=0), dict(n_best=-1), dict(length_penalty=-0.5),
-               dict(beam_size=2, length_penalty=1e4), dict(length_penalty=float("inf")),
-               dict(length_penalty=float("nan")), dict(beam_size=4, length_penalty=3.4e38), dict(max_len_extra=0),
-               dict(max_len_extra=-7), dict(max_len_extra=2**31 - 1)]
+BAD_OPTIONS = [
+    dict(beam_size=0),
+    dict(beam_size=-3),
+    dict(beam_size=17),
+    dict(beam_size=2**31 - 1),
+    dict(beam_size=2, n_best=3),
+    dict(n_best=0),
+    dict(n_best=-1),
+    dict(length_penalty=-0.5),
+    dict(beam_size=2, length_penalty=1e4),
+    dict(length_penalty=float("inf")),
+    dict(length_penalty=float("nan")),
+    dict(beam_size=4, length_penalty=3.4e38),
+    dict(max_len_extra=0),
+    dict(max_len_extra=-7),
+    dict(max_len_extra=2**31 - 1),
+]
 
 
 async def bad_options(rng: random.Random, ch: grpc.aio.Channel) -> Outcome:
@@ -180,17 +207,24 @@ async def stream(rng: random.Random, ch: grpc.aio.Channel) -> list[Outcome]:
     which ends the stream INVALID_ARGUMENT. Each answer and a failed stream count once."""
     kinds = [rng.choice(["ok", "empty", "beam"]) for _ in range(rng.randint(1, 6))]
     texts = {"ok": [sentence(rng)], "empty": [], "beam": ["A dog."]}
-    requests = [pb.TranslateStreamRequest(id=str(i), texts=texts[k], options=pb.DecodeOptions(  # noqa: F405
-        beam_size=99 if k == "beam" else 1, max_len_extra=8)).SerializeToString() for i, k in enumerate(kinds)]
+    requests = [
+        pb.TranslateStreamRequest(
+            id=str(i), texts=texts[k], options=pb.DecodeOptions(beam_size=99 if k == "beam" else 1, max_len_extra=8)
+        ).SerializeToString()
+        for i, k in enumerate(kinds)
+    ]
     broken = rng.random() < 0.3
     call = ch.stream_stream(STREAM)(iter(requests + ([unparsable(rng)] if broken else [])), metadata=AUTH)
     want = {str(i): CODE.OK if k == "ok" else CODE.INVALID_ARGUMENT for i, k in enumerate(kinds)}
     outcomes: list[Outcome] = []
     try:
         async for raw in call:
-            answer = pb.TranslateStreamResponse.FromString(raw)  # noqa: F405
-            code = CODE.OK if answer.WhichOneof("result") == "response" else next(
-                c for c in CODE if c.value[0] == answer.error.code)
+            answer = pb.TranslateStreamResponse.FromString(raw)
+            code = (
+                CODE.OK
+                if answer.WhichOneof("result") == "response"
+                else next(c for c in CODE if c.value[0] == answer.error.code)
+            )
             assert want.pop(answer.id) == code
             outcomes.append((code, "TranslateStream"))
     except grpc.aio.AioRpcError as e:
@@ -202,14 +236,22 @@ async def stream(rng: random.Random, ch: grpc.aio.Channel) -> list[Outcome]:
 
 INVALID, OK = {CODE.INVALID_ARGUMENT}, {CODE.OK}
 CATEGORIES: dict[str, tuple[int, Case, set[grpc.StatusCode]]] = {  # weight, request, codes it may get
-    "empty texts": (1, empty, INVALID), "blank texts": (2, blank, OK), "too many texts": (1, too_many_texts, INVALID),
-    "text over max_text_bytes": (1, too_many_bytes, INVALID), "text over max_tokens": (1, too_many_tokens, INVALID),
-    "odd Unicode": (2, odd_unicode, OK), "hostile texts": (2, hostile_texts, OK | INVALID), "control characters and NUL": (2, control_chars, OK),
-    "out-of-range options": (2, bad_options, INVALID), "random bytes": (2, random_bytes, INVALID),
-    "invalid UTF-8": (2, invalid_utf8, INVALID), "oversized message": (1, oversized, {CODE.RESOURCE_EXHAUSTED}),
+    "empty texts": (1, empty, INVALID),
+    "blank texts": (2, blank, OK),
+    "too many texts": (1, too_many_texts, INVALID),
+    "text over max_text_bytes": (1, too_many_bytes, INVALID),
+    "text over max_tokens": (1, too_many_tokens, INVALID),
+    "odd Unicode": (2, odd_unicode, OK),
+    "hostile texts": (2, hostile_texts, OK | INVALID),
+    "control characters and NUL": (2, control_chars, OK),
+    "out-of-range options": (2, bad_options, INVALID),
+    "random bytes": (2, random_bytes, INVALID),
+    "invalid UTF-8": (2, invalid_utf8, INVALID),
+    "oversized message": (1, oversized, {CODE.RESOURCE_EXHAUSTED}),
     "no or wrong token": (1, no_token, {CODE.UNAUTHENTICATED}),
     "short deadline": (1, deadline, {CODE.OK, CODE.DEADLINE_EXCEEDED}),
-    "cancelled": (1, cancelled, {CODE.OK, CODE.CANCELLED}), "valid": (2, valid, OK),
+    "cancelled": (1, cancelled, {CODE.OK, CODE.CANCELLED}),
+    "valid": (2, valid, OK),
     "stream": (2, stream, {CODE.OK, CODE.INVALID_ARGUMENT}),
 }
 BURST = "overload burst (after the others)"
@@ -236,8 +278,10 @@ async def run_fuzz(ch: grpc.aio.Channel, seed: int) -> dict[str, collections.Cou
 async def overload(ch: grpc.aio.Channel) -> collections.Counter[tuple[str, str]]:
     """Ten times the queue at once: the overflow gets RESOURCE_EXHAUSTED with a retry pushback."""
     texts = [f"{n} dogs run in the park." for n in range(64)]
-    calls = [stub(ch).Translate(pb.TranslateRequest(texts=texts, options=GREEDY), metadata=AUTH)  # noqa: F405
-             for _ in range(10 * QUEUE // len(texts))]
+    calls = [
+        stub(ch).Translate(pb.TranslateRequest(texts=texts, options=GREEDY), metadata=AUTH)
+        for _ in range(10 * QUEUE // len(texts))
+    ]
     seen: collections.Counter[tuple[str, str]] = collections.Counter()
     for call in calls:
         try:
@@ -251,7 +295,7 @@ async def overload(ch: grpc.aio.Channel) -> collections.Counter[tuple[str, str]]
 
 async def reference(ch: grpc.aio.Channel) -> list[list[str]]:
     out = []
-    for options in (GREEDY, pb.DecodeOptions(beam_size=4, n_best=2, max_len_extra=12)):  # noqa: F405
+    for options in (GREEDY, pb.DecodeOptions(beam_size=4, n_best=2, max_len_extra=12)):
         reply = await stub(ch).Translate(pb.TranslateRequest(texts=TEXTS, options=options), metadata=AUTH)  # noqa
         out.append([h.text for t in reply.translations for h in t.hypotheses])
     return out
@@ -281,14 +325,16 @@ async def fuzz_with_health_checks(ch: grpc.aio.Channel) -> tuple[dict[str, Any],
 
 async def test_fuzz(grpc_bundle, grpc_translator, caplog, capfd, pytestconfig) -> None:
     caplog.set_level(logging.INFO)
-    cfg = server_config(grpc_bundle, auth_token=TOKEN, max_message_bytes=MAX_MESSAGE,  # noqa: F405
-                        max_queue_size=QUEUE, max_texts=64)
+    cfg = server_config(
+        grpc_bundle, auth_token=TOKEN, max_message_bytes=MAX_MESSAGE, max_queue_size=QUEUE, max_texts=64
+    )
     started = time.perf_counter()
-    async with serve(cfg, grpc_translator) as server, channel(server) as ch:  # noqa: F405
+    async with serve(cfg, grpc_translator) as server, channel(server) as ch:
         before = await reference(ch)
         seen, latencies = await fuzz_with_health_checks(ch)
         serving = await health_pb2_grpc.HealthStub(ch).Check(
-            health_pb2.HealthCheckRequest(service="nmt.v1.TranslationService"))
+            health_pb2.HealthCheckRequest(service="nmt.v1.TranslationService")
+        )
         after = await reference(ch)
         counted: dict[tuple[str, str], float] = {}  # summed over the model and version labels
         for s in (s for f in server.registry.collect() if f.name == "nmt_requests" for s in f.samples):
@@ -300,9 +346,11 @@ async def test_fuzz(grpc_bundle, grpc_translator, caplog, capfd, pytestconfig) -
     stderr = capfd.readouterr().err
     with capfd.disabled() if pytestconfig.getoption("capture") == "no" else contextlib.nullcontext():
         # the figures for the README's Reliability section: shown with pytest -s
-        print(f"\n{REQUESTS} requests and the burst in {seconds:.1f} s; health checks {len(latencies)}, "
-              f"p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms (codes seen; a stream: each answer, "
-              "and its end if it failed)")
+        print(
+            f"\n{REQUESTS} requests and the burst in {seconds:.1f} s; health checks {len(latencies)}, "
+            f"p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms (codes seen; a stream: each answer, "
+            "and its end if it failed)"
+        )
         for name, codes in seen.items():
             print(f"  {name}: {dict(collections.Counter({c: n for (c, _), n in codes.items()}))}")
     for name, codes in seen.items():

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_helpers import serve, server_config
 
 from nmt.server.client import AsyncTranslationClient, Connection
-
-from grpc_fixtures import *  # noqa: F403
 
 pytestmark = pytest.mark.asyncio
 
@@ -23,10 +22,40 @@ def _openssl(*args: str, cwd: Path) -> None:
 def _signed(name: str, cwd: Path, usage: str) -> None:
     """name.key + name.pem (SAN 127.0.0.1 and localhost), signed by ca.pem."""
     (cwd / f"{name}.ext").write_text(f"subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage={usage}\n")
-    _openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=cwd)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-             "-days", "2", "-out", f"{name}.pem", "-extfile", f"{name}.ext", cwd=cwd)
+    _openssl(
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        f"{name}.key",
+        "-out",
+        f"{name}.csr",
+        "-subj",
+        f"/CN={name}",
+        cwd=cwd,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        f"{name}.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-out",
+        f"{name}.pem",
+        "-extfile",
+        f"{name}.ext",
+        cwd=cwd,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +63,24 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed (and neither is the cryptography package)")
     cwd = tmp_path_factory.mktemp("certs")
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=nmt-test-ca", cwd=cwd)
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=nmt-test-ca",
+        cwd=cwd,
+    )
     _signed("server", cwd, "serverAuth")
     _signed("client", cwd, "clientAuth")
     return cwd
@@ -43,7 +88,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def test_tls_round_trip(grpc_bundle, grpc_translator, certs: Path) -> None:
     cfg = server_config(grpc_bundle, tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))  # noqa
-    async with serve(cfg, grpc_translator) as server:  # noqa: F405
+    async with serve(cfg, grpc_translator) as server:
         target = f"127.0.0.1:{server.port}"
         async with AsyncTranslationClient(Connection(target, ca=str(certs / "ca.pem"))) as client:
             assert len(await client.translate(["A dog."], beam_size=1, timeout=10)) == 1
@@ -55,9 +100,13 @@ async def test_tls_round_trip(grpc_bundle, grpc_translator, certs: Path) -> None
 
 
 async def test_mutual_tls_needs_a_client_certificate(grpc_bundle, grpc_translator, certs: Path) -> None:
-    cfg = server_config(grpc_bundle, tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"),  # noqa
-                        tls_ca=str(certs / "ca.pem"))
-    async with serve(cfg, grpc_translator) as server:  # noqa: F405
+    cfg = server_config(
+        grpc_bundle,
+        tls_cert=str(certs / "server.pem"),
+        tls_key=str(certs / "server.key"),  # noqa
+        tls_ca=str(certs / "ca.pem"),
+    )
+    async with serve(cfg, grpc_translator) as server:
         target, ca = f"127.0.0.1:{server.port}", str(certs / "ca.pem")
         mutual = Connection(target, ca=ca, cert=str(certs / "client.pem"), key=str(certs / "client.key"))
         async with AsyncTranslationClient(mutual) as client:

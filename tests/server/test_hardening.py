@@ -14,9 +14,10 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_helpers import TEXTS, Gate, channel, eventually, serve, server_config, stub
 
-from grpc_fixtures import *  # noqa: F403
 from nmt.server.metrics import sample_sum
+from nmt.server.nmt_pb import translation_pb2 as pb
 
 pytestmark = pytest.mark.asyncio
 CODE = grpc.StatusCode
@@ -43,29 +44,29 @@ def problems(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def test_length_penalty_out_of_range_is_invalid_argument(default_server) -> None:
-    async with channel(default_server) as ch:  # noqa: F405
+    async with channel(default_server) as ch:
         for alpha in (1e4, float("inf"), -1.0, float("nan"), 3.4e38):
-            options = pb.DecodeOptions(beam_size=2, length_penalty=alpha)  # noqa: F405
-            request = pb.TranslateRequest(texts=["A dog."], options=options)  # noqa: F405
-            code, details = await status(stub(ch).Translate(request))  # noqa: F405
+            options = pb.DecodeOptions(beam_size=2, length_penalty=alpha)
+            request = pb.TranslateRequest(texts=["A dog."], options=options)
+            code, details = await status(stub(ch).Translate(request))
             assert code == CODE.INVALID_ARGUMENT, (alpha, details)
             assert "length_penalty must be a finite number between 0 and 10" in details
-        options = pb.DecodeOptions(beam_size=2, length_penalty=10.0, max_len_extra=20)  # noqa: F405
-        request = pb.TranslateRequest(texts=TEXTS, options=options)  # noqa: F405
-        assert (await status(stub(ch).Translate(request)))[0] == CODE.OK  # noqa: F405
+        options = pb.DecodeOptions(beam_size=2, length_penalty=10.0, max_len_extra=20)
+        request = pb.TranslateRequest(texts=TEXTS, options=options)
+        assert (await status(stub(ch).Translate(request)))[0] == CODE.OK
 
 
 async def test_a_failing_request_does_not_fail_its_batch_mates(grpc_bundle, gate) -> None:
     """The engine raises on a batch holding a poisoned source (a token outside the vocabulary)."""
     poison = gate.translator.tokenize(["poison"])[0]
     # One batch of both, however long the second takes to arrive: a batch goes only when full (an hour's wait).
-    cfg = server_config(grpc_bundle, max_wait_ms=3.6e6, max_batch_size=2, batching="static")  # noqa: F405
-    async with serve(cfg, gate) as server, channel(server) as ch:  # noqa: F405
+    cfg = server_config(grpc_bundle, max_wait_ms=3.6e6, max_batch_size=2, batching="static")
+    async with serve(cfg, gate) as server, channel(server) as ch:
         gate.tokenize = lambda texts: [s + [10**6] if s == poison else s for s in gate.translator.tokenize(texts)]
         gate.close()
-        good = stub(ch).Translate(pb.TranslateRequest(texts=["A dog runs."]))  # noqa: F405
-        bad = stub(ch).Translate(pb.TranslateRequest(texts=["poison"]))  # noqa: F405
-        await eventually(gate.entered.is_set)  # noqa: F405
+        good = stub(ch).Translate(pb.TranslateRequest(texts=["A dog runs."]))
+        bad = stub(ch).Translate(pb.TranslateRequest(texts=["poison"]))
+        await eventually(gate.entered.is_set)
         gate.open()
         (good_code, _), (bad_code, details) = await asyncio.gather(status(good), status(bad))
     assert [len(sources) for sources, _ in gate.calls] == [2, 1, 1]  # together, then each alone
@@ -74,16 +75,16 @@ async def test_a_failing_request_does_not_fail_its_batch_mates(grpc_bundle, gate
 
 async def test_malformed_messages_are_invalid_argument_logged_once_and_counted(default_server, caplog) -> None:
     caplog.set_level(logging.INFO)
-    async with channel(default_server) as ch:  # noqa: F405
+    async with channel(default_server) as ch:
         raw = ch.unary_unary(TRANSLATE)  # bytes in, bytes out: no serializer
         answers = [await status(raw(body)) for body in (CORRUPT, BAD_UTF8) * 10]
         stream = ch.stream_stream(STREAM)
-        good = pb.TranslateStreamRequest(id="1", texts=["A dog."]).SerializeToString()  # noqa: F405
+        good = pb.TranslateStreamRequest(id="1", texts=["A dog."]).SerializeToString()
         with pytest.raises(grpc.aio.AioRpcError) as e:
             _ = [r async for r in stream(iter([good, BAD_UTF8]))]
         health = ch.unary_unary("/grpc.health.v1.Health/Check")
         health_code, _ = await status(health(CORRUPT))
-        still = await stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]))  # noqa: F405
+        still = await stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]))
     assert {code for code, _ in answers} == {CODE.INVALID_ARGUMENT}
     assert all(details.startswith("malformed request message: Error parsing message") for _, details in answers)
     assert "bad UTF-8" in answers[1][1]
@@ -97,21 +98,20 @@ async def test_malformed_messages_are_invalid_argument_logged_once_and_counted(d
 
 
 async def test_oversized_messages_are_resource_exhausted_and_counted(grpc_bundle, grpc_translator) -> None:
-    cfg = server_config(grpc_bundle, max_message_bytes=4096)  # noqa: F405 - gRPC core refuses past 8192 itself
-    async with serve(cfg, grpc_translator) as server, channel(server) as ch:  # noqa: F405
-        over = await status(stub(ch).Translate(pb.TranslateRequest(texts=["word " * 1000])))  # noqa: F405
-        far_over = await status(stub(ch).Translate(pb.TranslateRequest(texts=["word " * 4000])))  # noqa: F405
+    cfg = server_config(grpc_bundle, max_message_bytes=4096)  # gRPC core refuses past 8192 itself
+    async with serve(cfg, grpc_translator) as server, channel(server) as ch:
+        over = await status(stub(ch).Translate(pb.TranslateRequest(texts=["word " * 1000])))
+        far_over = await status(stub(ch).Translate(pb.TranslateRequest(texts=["word " * 4000])))
         stream = stub(ch).TranslateStream(iter([pb.TranslateStreamRequest(id="1", texts=["x" * 5000])]))  # noqa
         with pytest.raises(grpc.aio.AioRpcError) as e:
             _ = [r async for r in stream]
-    assert over == (CODE.RESOURCE_EXHAUSTED, "the request message has 5003 bytes; the limit is "
-                    "max_message_bytes=4096")
+    assert over == (CODE.RESOURCE_EXHAUSTED, "the request message has 5003 bytes; the limit is max_message_bytes=4096")
     assert far_over[0] == CODE.RESOURCE_EXHAUSTED and e.value.code() == CODE.RESOURCE_EXHAUSTED
     assert count(server, "Translate", "RESOURCE_EXHAUSTED") == 1  # the core's own refusal is not seen
     assert count(server, "TranslateStream", "RESOURCE_EXHAUSTED") == 1
 
 
-class Recording(Gate):  # noqa: F405 - the real translator; records where tokenize runs, and can hold it
+class Recording(Gate):  # the real translator; records where tokenize runs, and can hold it
     def __init__(self, translator: Any):
         super().__init__(translator)
         self.tokenized = list[tuple[str, list[int]]]()
@@ -161,12 +161,12 @@ def p99(values: list[float]) -> float:
 async def test_texts_over_max_text_bytes_are_refused_before_tokenizing(grpc_bundle, grpc_translator) -> None:
     """The issue's flood, 12 requests of 3 x 1 MB texts, with the default limits: no tokenizing at all."""
     engine, text = Recording(grpc_translator), "A man in a red shirt rides a bike past the old church. " * 19000
-    cfg = server_config(grpc_bundle, max_message_bytes=2**23)  # noqa: F405 - room for 3 MB messages
-    async with serve(cfg, engine) as server, channel(server) as ch:  # noqa: F405
+    cfg = server_config(grpc_bundle, max_message_bytes=2**23)  # room for 3 MB messages
+    async with serve(cfg, engine) as server, channel(server) as ch:
         engine.tokenized.clear()  # the warm-up's
         calls = [stub(ch).Translate(pb.TranslateRequest(texts=["A dog.", text, text])) for _ in range(12)]  # noqa
         latencies, outcomes = await health_latencies(ch, calls)
-        await stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]))  # noqa: F405
+        await stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]))
     assert set(outcomes) == {(CODE.INVALID_ARGUMENT, "text 1 has 1045000 bytes; the limit is max_text_bytes=16384")}
     assert len(engine.tokenized) == 1 and engine.tokenized[0][0] != threading.current_thread().name
     print(f"health during the flood: {len(latencies)} checks, p99 {p99(latencies) * 1000:.1f} ms")
@@ -176,12 +176,14 @@ async def test_health_is_answered_while_texts_are_tokenized(grpc_bundle, grpc_tr
     """Tokenize is held until a health check has been answered: on the event loop it would hold the loop,
     and the check would be answered only after the tokenizer's 30 s timeout (the requests failing)."""
     engine = Recording(grpc_translator)
-    async with serve(server_config(grpc_bundle), engine) as server, channel(server) as ch:  # noqa: F405
+    async with serve(server_config(grpc_bundle), engine) as server, channel(server) as ch:
         engine.tokenized.clear()  # the warm-up's
         engine.release.clear()
-        calls = [asyncio.ensure_future(status(stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:3]))))  # noqa
-                 for _ in range(12)]
-        await eventually(lambda: engine.held, what="a tokenize to start")  # noqa: F405
+        calls = [
+            asyncio.ensure_future(status(stub(ch).Translate(pb.TranslateRequest(texts=TEXTS[:3]))))  # noqa
+            for _ in range(12)
+        ]
+        await eventually(lambda: engine.held, what="a tokenize to start")
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
         held = len(engine.held)  # tokenize calls still waiting when the answer came
         engine.release.set()
@@ -192,21 +194,23 @@ async def test_health_is_answered_while_texts_are_tokenized(grpc_bundle, grpc_tr
 
 
 async def test_request_counts_match_what_clients_saw(grpc_bundle, gate) -> None:
-    async with serve(server_config(grpc_bundle), gate) as server, channel(server) as ch:  # noqa: F405
+    async with serve(server_config(grpc_bundle), gate) as server, channel(server) as ch:
         gate.close()
-        blocker = stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]))  # noqa: F405
-        await eventually(gate.entered.is_set)  # noqa: F405
+        blocker = stub(ch).Translate(pb.TranslateRequest(texts=["A dog."]))
+        await eventually(gate.entered.is_set)
         cancelled = [stub(ch).Translate(pb.TranslateRequest(texts=[f"{n} birds."])) for n in range(5)]  # noqa
-        await eventually(lambda: server.scheduler.depth == 5, what="the requests to queue")  # noqa: F405
+        await eventually(lambda: server.scheduler.depth == 5, what="the requests to queue")
         for call in cancelled:
             call.cancel()
-        expiring = [stub(ch).Translate(pb.TranslateRequest(texts=[f"{n} cats."]), timeout=0.05 + n / 100)  # noqa
-                    for n in range(20)]
+        expiring = [
+            stub(ch).Translate(pb.TranslateRequest(texts=[f"{n} cats."]), timeout=0.05 + n / 100)  # noqa
+            for n in range(20)
+        ]
         seen = [code for code, _ in await asyncio.gather(*map(status, expiring))]
         gate.open()
         await blocker
         requests = [pb.TranslateStreamRequest(id=str(i), texts=["A cat."] if i % 3 else []) for i in range(6)]  # noqa
-        answers = [r async for r in stub(ch).TranslateStream(iter(requests))]  # noqa: F405
+        answers = [r async for r in stub(ch).TranslateStream(iter(requests))]
         await eventually(lambda: count(server, "Translate", "CANCELLED") == 5, what="the cancellations")  # noqa
     assert seen == [CODE.DEADLINE_EXCEEDED] * 20
     assert count(server, "Translate", "DEADLINE_EXCEEDED") == 20 and count(server, "Translate", "OK") == 1
@@ -216,12 +220,12 @@ async def test_request_counts_match_what_clients_saw(grpc_bundle, gate) -> None:
 
 async def test_blank_texts_get_an_empty_hypothesis_without_the_engine(grpc_bundle, gate) -> None:
     blank = [" " * 300, "\t\n \u3000", "\u200b", "\ufeff\u200b\u2060", "\x00", "\x00 \x00\t", ""]
-    cfg = server_config(grpc_bundle, max_text_bytes=100)  # noqa: F405 - 300 spaces are blank, not too long
-    async with serve(cfg, gate) as server, channel(server) as ch:  # noqa: F405
+    cfg = server_config(grpc_bundle, max_text_bytes=100)  # 300 spaces are blank, not too long
+    async with serve(cfg, gate) as server, channel(server) as ch:
         gate.calls.clear()
-        only_blank = await stub(ch).Translate(pb.TranslateRequest(texts=blank))  # noqa: F405
+        only_blank = await stub(ch).Translate(pb.TranslateRequest(texts=blank))
         assert gate.calls == []
-        mixed = await stub(ch).Translate(pb.TranslateRequest(texts=[*blank, "A dog."]))  # noqa: F405
+        mixed = await stub(ch).Translate(pb.TranslateRequest(texts=[*blank, "A dog."]))
     assert [[h.text for h in t.hypotheses] for t in only_blank.translations] == [[""]] * len(blank)
     assert all(t.hypotheses[0].tokens == 0 for t in mixed.translations[:-1])
     assert mixed.translations[-1].hypotheses[0].tokens > 0

@@ -10,14 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from grpc_helpers import ONE_THREAD, channel, serve, server_config, stub
 
+from nmt.engine.decoding import DecodeOptions
+from nmt.engine.translator import Translator
 from nmt.export.export import ExportOptions, export_checkpoint
 from nmt.server.config import ServerConfig
-from nmt.engine.decoding import DecodeOptions
+from nmt.server.nmt_pb import translation_pb2 as pb
 from nmt.server.translate import main as translate_main
-from nmt.engine.translator import Translator
 from nmt.training.checkpoint import InferenceSettings, update_inference
-from grpc_fixtures import ONE_THREAD, channel, pb, serve, server_config, stub  # noqa: E402
 
 TUNED = InferenceSettings(beam_size=3, length_penalty=1.2, max_len_extra=7)
 
@@ -27,8 +28,9 @@ def tuned_bundle(server_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("tuned")
     shutil.copytree(server_checkpoint, root / "ckpt")
     update_inference(root / "ckpt", TUNED)
-    export_checkpoint(root / "ckpt", root / "bundle",
-                      options=ExportOptions(variants=("fp32",), validate=False, shortlist=False))
+    export_checkpoint(
+        root / "ckpt", root / "bundle", options=ExportOptions(variants=("fp32",), validate=False, shortlist=False)
+    )
     return root / "bundle"
 
 

@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_helpers import TEXTS, channel, serve, server_config, stub
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.server.kserve_pb import grpc_predict_v2_pb2 as kpb
 from nmt.server.kserve_pb import grpc_predict_v2_pb2_grpc as kpb_grpc
 from nmt.server.main import NmtServer
-
-from grpc_fixtures import *  # noqa: F403
+from nmt.server.nmt_pb import translation_pb2 as pb
 
 triton_aio = pytest.importorskip("tritonclient.grpc.aio", reason="tritonclient[grpc] (the dev extra) is the client")
 from tritonclient.grpc import InferInput, InferRequestedOutput  # noqa: E402
@@ -55,9 +55,9 @@ def decoded(array: np.ndarray) -> list[Any]:
 
 
 async def translate(server: NmtServer, texts: list[str], **options: Any) -> list[list[str]]:
-    async with channel(server) as ch:  # noqa: F405
-        request = pb.TranslateRequest(texts=texts, options=pb.DecodeOptions(**options))  # noqa: F405
-        response = await stub(ch).Translate(request)  # noqa: F405
+    async with channel(server) as ch:
+        request = pb.TranslateRequest(texts=texts, options=pb.DecodeOptions(**options))
+        response = await stub(ch).Translate(request)
     return [[h.text for h in t.hypotheses] for t in response.translations]
 
 
@@ -84,12 +84,16 @@ async def test_live_ready_and_metadata(default_server) -> None:
 
 
 async def test_model_infer_equals_translate(default_server) -> None:
-    info, texts = default_server.translator.info, [*TEXTS, "  "]  # noqa: F405 - a blank text too
+    info, texts = default_server.translator.info, [*TEXTS, "  "]  # a blank text too
     expected = [hyps[0] for hyps in await translate(default_server, texts)]
     async with triton(default_server) as client:
         flat = await client.infer(info.name, [text_input(texts)], request_id="r-1")
-        column = await client.infer(info.name, [text_input(texts, [len(texts), 1])], model_version=info.version,
-                                    outputs=[InferRequestedOutput("TRANSLATION")])
+        column = await client.infer(
+            info.name,
+            [text_input(texts, [len(texts), 1])],
+            model_version=info.version,
+            outputs=[InferRequestedOutput("TRANSLATION")],
+        )
     assert decoded(flat.as_numpy("TRANSLATION")) == expected
     assert decoded(column.as_numpy("TRANSLATION")) == [[t] for t in expected]
     response = flat.get_response()
@@ -101,8 +105,8 @@ async def test_model_infer_equals_translate(default_server) -> None:
 
 async def test_decode_parameters_reach_the_engine(grpc_bundle, gate) -> None:
     """The parameters become the engine's DecodeOptions; n_best > 1 answers [N, n_best], blank rows padded."""
-    texts = TEXTS[:3]  # noqa: F405
-    async with serve(server_config(grpc_bundle), gate) as server, triton(server) as client:  # noqa: F405
+    texts = TEXTS[:3]
+    async with serve(server_config(grpc_bundle), gate) as server, triton(server) as client:
         name = server.translator.info.name
         parameters = {"beam_size": 3, "n_best": 2, "max_len_extra": 7, "length_penalty": "0.5"}
         result = await client.infer(name, [text_input([*texts, ""])], parameters=parameters)
@@ -110,7 +114,7 @@ async def test_decode_parameters_reach_the_engine(grpc_bundle, gate) -> None:
         assert gate.calls[-1][1] == DecodeOptions(beam_size=3, length_penalty=0.5, max_len_extra=7, n_best=3)
         greedy = await client.infer(name, [text_input(texts)], parameters={"beam_size": 1, "length_penalty": 0})
         assert (gate.calls[-1][1].beam_size, gate.calls[-1][1].length_penalty) == (1, 0.0)
-        async with channel(server) as ch:  # noqa: F405 - tritonclient 2.41 cannot send a double parameter
+        async with channel(server) as ch:  # tritonclient 2.41 cannot send a double parameter
             request = raw_request(name, [t.encode() for t in texts])
             request.parameters["length_penalty"].double_param = 1.25
             request.parameters["beam_size"].uint64_param = 2
@@ -124,16 +128,17 @@ async def test_decode_parameters_reach_the_engine(grpc_bundle, gate) -> None:
 
 
 async def test_bytes_contents_through_a_raw_stub(default_server) -> None:
-    name, texts = default_server.translator.info.name, TEXTS[:4]  # noqa: F405
+    name, texts = default_server.translator.info.name, TEXTS[:4]
     tensor = kpb.ModelInferRequest.InferInputTensor(name="TEXT", datatype="BYTES", shape=[len(texts)])
     tensor.contents.bytes_contents.extend(t.encode() for t in texts)
-    async with channel(default_server) as ch:  # noqa: F405
+    async with channel(default_server) as ch:
         response = await kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(
-            kpb.ModelInferRequest(model_name=name, inputs=[tensor]))
+            kpb.ModelInferRequest(model_name=name, inputs=[tensor])
+        )
     raw, out = response.raw_output_contents[0], []
     while raw:
         (size,) = struct.unpack_from("<I", raw)
-        out, raw = [*out, raw[4:4 + size].decode()], raw[4 + size:]
+        out, raw = [*out, raw[4 : 4 + size].decode()], raw[4 + size :]
     assert list(response.outputs[0].shape) == [len(texts)]
     assert out == [hyps[0] for hyps in await translate(default_server, texts)]
 
@@ -143,26 +148,53 @@ async def test_bad_inputs_get_the_protocols_errors(default_server) -> None:
     floats = InferInput("TEXT", [2], "FP32")
     floats.set_data_from_numpy(np.zeros(2, dtype=np.float32))
     cases = [  # (call kwargs, status, message fragment)
-        ({"inputs": [floats]}, INVALID, f"inference input 'TEXT' data-type is 'FP32', but model '{info.name}' "
-                                        "expects 'BYTES'"),
-        ({"inputs": [text_input(["a"] * 6, [2, 3])]}, INVALID,
-         f"unexpected shape for input 'TEXT' for model '{info.name}'. Expected [-1] or [-1,1], got [2,3]"),
+        (
+            {"inputs": [floats]},
+            INVALID,
+            f"inference input 'TEXT' data-type is 'FP32', but model '{info.name}' expects 'BYTES'",
+        ),
+        (
+            {"inputs": [text_input(["a"] * 6, [2, 3])]},
+            INVALID,
+            f"unexpected shape for input 'TEXT' for model '{info.name}'. Expected [-1] or [-1,1], got [2,3]",
+        ),
         ({"inputs": [text_input(["a"], [1, 1, 1])]}, INVALID, "got [1,1,1]"),
-        ({"inputs": [text_input(["a"], name="INPUT0")]}, INVALID,
-         f"unexpected inference input 'INPUT0' for model '{info.name}'"),
-        ({"inputs": [text_input(["a"])], "outputs": [InferRequestedOutput("SCORES")]}, INVALID,
-         f"unexpected inference output 'SCORES' for model '{info.name}'"),
+        (
+            {"inputs": [text_input(["a"], name="INPUT0")]},
+            INVALID,
+            f"unexpected inference input 'INPUT0' for model '{info.name}'",
+        ),
+        (
+            {"inputs": [text_input(["a"])], "outputs": [InferRequestedOutput("SCORES")]},
+            INVALID,
+            f"unexpected inference output 'SCORES' for model '{info.name}'",
+        ),
         ({"inputs": [text_input(["a"] * 65)]}, INVALID, "65 texts; the limit is max_texts_per_request=64"),
-        ({"inputs": [text_input(["a"])], "parameters": {"beam_size": 99}}, INVALID,
-         "beam_size must be between 1 and max_beam_size=16, got 99"),
-        ({"inputs": [text_input(["a"])], "parameters": {"beam_size": "2"}}, INVALID,
-         "parameter 'beam_size' must be an int64 parameter, got string_param"),
-        ({"inputs": [text_input(["a"])], "parameters": {"length_penalty": "much"}}, INVALID,
-         "parameter 'length_penalty' must be a number, got string 'much'"),
-        ({"inputs": [text_input(["a"])], "model_name": "no-such-model"}, NOT_FOUND,
-         "Request for unknown model: 'no-such-model' is not found"),
-        ({"inputs": [text_input(["a"])], "model_version": "7"}, NOT_FOUND,
-         f"Request for unknown model: '{info.name}' version 7 is not found"),
+        (
+            {"inputs": [text_input(["a"])], "parameters": {"beam_size": 99}},
+            INVALID,
+            "beam_size must be between 1 and max_beam_size=16, got 99",
+        ),
+        (
+            {"inputs": [text_input(["a"])], "parameters": {"beam_size": "2"}},
+            INVALID,
+            "parameter 'beam_size' must be an int64 parameter, got string_param",
+        ),
+        (
+            {"inputs": [text_input(["a"])], "parameters": {"length_penalty": "much"}},
+            INVALID,
+            "parameter 'length_penalty' must be a number, got string 'much'",
+        ),
+        (
+            {"inputs": [text_input(["a"])], "model_name": "no-such-model"},
+            NOT_FOUND,
+            "Request for unknown model: 'no-such-model' is not found",
+        ),
+        (
+            {"inputs": [text_input(["a"])], "model_version": "7"},
+            NOT_FOUND,
+            f"Request for unknown model: '{info.name}' version 7 is not found",
+        ),
     ]
     async with triton(default_server) as client:
         for kwargs, status, message in cases:
@@ -177,25 +209,42 @@ async def test_bad_inputs_get_the_protocols_errors(default_server) -> None:
     assert count("nmt_requests_total", {"method": "ModelInfer", "code": "NOT_FOUND"}) == 2
 
 
-@pytest.mark.parametrize("mangle, message", [
-    (lambda r: r.raw_input_contents.__setitem__(0, r.raw_input_contents[0][:-2]),
-     "element 1 of input 'TEXT' has a length prefix of 4 bytes, but only 2 follow"),
-    (lambda r: r.raw_input_contents.__setitem__(0, r.raw_input_contents[0] + b"x"),
-     "raw_input_contents of input 'TEXT' has 1 bytes after its 2 elements"),
-    (lambda r: r.inputs[0].shape.__setitem__(0, 3),
-     "raw_input_contents of input 'TEXT' holds 2 elements; its shape says 3"),
-    (lambda r: r.raw_input_contents.__setitem__(0, struct.pack("<I", 2) + b"\xff\xfe" + struct.pack("<I", 1) + b"a"),
-     "element 0 of input 'TEXT' is not valid UTF-8 (invalid start byte at byte 0)"),
-    (lambda r: r.inputs[0].contents.bytes_contents.append(b"a"),
-     "contents field must not be specified when using raw_input_contents for 'TEXT'"),
-    (lambda r: r.ClearField("raw_input_contents"),
-     "expected 2 string elements for inference input 'TEXT' (shape [2]), got 0 in contents.bytes_contents"),
-    (lambda r: r.ClearField("inputs"), "expected 1 inputs but got 0 inputs for model"),
-])
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (
+            lambda r: r.raw_input_contents.__setitem__(0, r.raw_input_contents[0][:-2]),
+            "element 1 of input 'TEXT' has a length prefix of 4 bytes, but only 2 follow",
+        ),
+        (
+            lambda r: r.raw_input_contents.__setitem__(0, r.raw_input_contents[0] + b"x"),
+            "raw_input_contents of input 'TEXT' has 1 bytes after its 2 elements",
+        ),
+        (
+            lambda r: r.inputs[0].shape.__setitem__(0, 3),
+            "raw_input_contents of input 'TEXT' holds 2 elements; its shape says 3",
+        ),
+        (
+            lambda r: r.raw_input_contents.__setitem__(
+                0, struct.pack("<I", 2) + b"\xff\xfe" + struct.pack("<I", 1) + b"a"
+            ),
+            "element 0 of input 'TEXT' is not valid UTF-8 (invalid start byte at byte 0)",
+        ),
+        (
+            lambda r: r.inputs[0].contents.bytes_contents.append(b"a"),
+            "contents field must not be specified when using raw_input_contents for 'TEXT'",
+        ),
+        (
+            lambda r: r.ClearField("raw_input_contents"),
+            "expected 2 string elements for inference input 'TEXT' (shape [2]), got 0 in contents.bytes_contents",
+        ),
+        (lambda r: r.ClearField("inputs"), "expected 1 inputs but got 0 inputs for model"),
+    ],
+)
 async def test_malformed_tensors_are_invalid_argument(default_server, mangle, message) -> None:
     request = raw_request(default_server.translator.info.name, [b"A man.", b"Dogs"])
     mangle(request)
-    async with channel(default_server) as ch:  # noqa: F405
+    async with channel(default_server) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await kpb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in caught.value.details()
@@ -211,13 +260,14 @@ async def test_draining_server_is_not_ready_and_refuses_inference(default_server
         with pytest.raises(InferenceServerException) as caught:
             await client.infer(name, [text_input(["A man."])])
     assert caught.value.status() == "StatusCode.UNAVAILABLE" and "shutting down" in caught.value.message()
-    assert sample_sum(default_server.registry, "nmt_requests_total",
-                                                    {"method": "ModelInfer", "code": "UNAVAILABLE"}) == 1
+    assert (
+        sample_sum(default_server.registry, "nmt_requests_total", {"method": "ModelInfer", "code": "UNAVAILABLE"}) == 1
+    )
 
 
 async def test_bearer_token_applies_to_kserve_too(grpc_bundle, grpc_translator) -> None:
-    cfg = server_config(grpc_bundle, auth_token="s3cret")  # noqa: F405
-    async with serve(cfg, grpc_translator) as server, triton(server) as client:  # noqa: F405
+    cfg = server_config(grpc_bundle, auth_token="s3cret")
+    async with serve(cfg, grpc_translator) as server, triton(server) as client:
         name = server.translator.info.name
         with pytest.raises(InferenceServerException) as caught:
             await client.infer(name, [text_input(["A man."])])

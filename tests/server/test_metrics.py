@@ -32,8 +32,12 @@ def test_two_instances_do_not_clash_and_follow_the_conventions() -> None:
     assert second.get_sample_value("nmt_requests_total", ok) == 1
     assert first.get_sample_value("nmt_requests_total", ok) is None
     assert second.get_sample_value("nmt_batch_sentences_sum", {"model": "tiny", "version": "1"}) == 3
-    assert second.get_sample_value("nmt_model_info", {"model": "tiny", "version": "1", "name": "tiny",
-                                                      "precision": "fp32-cpu"}) == 1
+    assert (
+        second.get_sample_value(
+            "nmt_model_info", {"model": "tiny", "version": "1", "name": "tiny", "precision": "fp32-cpu"}
+        )
+        == 1
+    )
     assert "process_resident_memory_bytes" in {s.name for f in first.collect() for s in f.samples}
     assert not any(n.startswith("process_") for n in names(second))
     for family in second.collect():

@@ -36,8 +36,10 @@ def test_descriptor_matches_the_proto(tmp_path: Path) -> None:
     args = ["protoc", f"-I{protogen.PROTO_ROOT}", f"--descriptor_set_out={out}", *protogen.proto_files()]
     assert grpc_tools.main(args) == 0
     compiled = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file
-    committed = [descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
-                 for module in (grpc_predict_v2_pb2, translation_pb2)]
+    committed = [
+        descriptor_pb2.FileDescriptorProto.FromString(module.DESCRIPTOR.serialized_pb)
+        for module in (grpc_predict_v2_pb2, translation_pb2)
+    ]
     assert [f.name for f in compiled] == ["kserve/v2/grpc_predict_v2.proto", "nmt/v1/translation.proto"]
     assert [without_json_names(f) for f in compiled] == committed, HINT
 
@@ -57,26 +59,41 @@ def test_generated_files_are_current() -> None:
     """Byte for byte, when this grpcio-tools is the version the committed code was made with."""
     tools = importlib.metadata.version("grpcio-tools")
     if tools != translation_pb2_grpc.GRPC_GENERATED_VERSION:
-        pytest.skip(f"grpcio-tools {tools} differs from {translation_pb2_grpc.GRPC_GENERATED_VERSION}, "
-                    "which generated the committed code (the descriptor test still checks it)")
+        pytest.skip(
+            f"grpcio-tools {tools} differs from {translation_pb2_grpc.GRPC_GENERATED_VERSION}, "
+            "which generated the committed code (the descriptor test still checks it)"
+        )
     assert protogen.stale_files() == [], HINT
 
 
 def test_check_mode_and_layout(tmp_path: Path) -> None:
     nmt, kserve = protogen.PROTO_SETS
     written = protogen.generate(nmt, tmp_path / "nmt_pb")
-    assert sorted(p.name for p in written) == ["__init__.py", "translation_pb2.py", "translation_pb2.pyi",
-                                               "translation_pb2_grpc.py"]
+    assert sorted(p.name for p in written) == [
+        "__init__.py",
+        "translation_pb2.py",
+        "translation_pb2.pyi",
+        "translation_pb2_grpc.py",
+    ]
     grpc_code = (tmp_path / "nmt_pb" / "translation_pb2_grpc.py").read_text()
     assert "from . import translation_pb2" in grpc_code and "from nmt.v1" not in grpc_code
     written = protogen.generate(kserve, tmp_path / "kserve_pb")
-    assert sorted(p.name for p in written) == ["__init__.py", "grpc_predict_v2_pb2.py", "grpc_predict_v2_pb2.pyi",
-                                               "grpc_predict_v2_pb2_grpc.py"]
+    assert sorted(p.name for p in written) == [
+        "__init__.py",
+        "grpc_predict_v2_pb2.py",
+        "grpc_predict_v2_pb2.pyi",
+        "grpc_predict_v2_pb2_grpc.py",
+    ]
     grpc_code = (tmp_path / "kserve_pb" / "grpc_predict_v2_pb2_grpc.py").read_text()
     assert "from . import grpc_predict_v2_pb2" in grpc_code and "from kserve.v2" not in grpc_code
     assert protogen.PRIVATE_POOL in (tmp_path / "kserve_pb" / "grpc_predict_v2_pb2.py").read_text()
-    result = subprocess.run([sys.executable, "-m", "nmt.server.protogen", "--check"], cwd=protogen.ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "nmt.server.protogen", "--check"],
+        cwd=protogen.ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     tools = importlib.metadata.version("grpcio-tools")
     if tools == translation_pb2_grpc.GRPC_GENERATED_VERSION:
         assert result.returncode == 0, result.stderr

@@ -12,8 +12,8 @@ import pytest
 
 from nmt.engine.decoding import DecodeOptions
 from nmt.engine.runtime import CPU, RuntimeConfig
-from nmt.server.translate import main
 from nmt.engine.translator import Translation, Translator
+from nmt.server.translate import main
 
 ROOT = Path(__file__).resolve().parents[2]
 TEXTS = ["A dog runs through the grass.", "", "Two men are playing football in a park near the river.", "Hi"]
@@ -51,8 +51,9 @@ def test_translate_returns_n_best_texts_in_order(translator):
     assert translator.detokenize(translator.tokenize(["A dog."])) == ["A dog."]
 
 
-def run_main(argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch,
-             capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+def run_main(
+    argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     code = main(argv)
     out, err = capsys.readouterr()
@@ -60,8 +61,19 @@ def run_main(argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_cli_translates_stdin_in_order(translator, server_bundle, monkeypatch, capsys):
-    args = ["--bundle", str(server_bundle), "--beam", "3", "--max-len-extra", "6", "--threads", "1",
-            "--batch-size", "3", "--quiet"]
+    args = [
+        "--bundle",
+        str(server_bundle),
+        "--beam",
+        "3",
+        "--max-len-extra",
+        "6",
+        "--threads",
+        "1",
+        "--batch-size",
+        "3",
+        "--quiet",
+    ]
     code, out, err = run_main(args, "\n".join(TEXTS) + "\n", monkeypatch, capsys)
     assert code == 0 and err == ""
     expected = [t[0].text for t in translator.translate(TEXTS, DecodeOptions(beam_size=3, max_len_extra=6))]
@@ -69,8 +81,21 @@ def test_cli_translates_stdin_in_order(translator, server_bundle, monkeypatch, c
 
 
 def test_cli_n_best_format(translator, server_bundle, monkeypatch, capsys):
-    args = ["--bundle", str(server_bundle), "--beam", "2", "--n-best", "2", "--length-penalty", "1.0",
-            "--max-len-extra", "4", "--threads", "1", "--quiet"]
+    args = [
+        "--bundle",
+        str(server_bundle),
+        "--beam",
+        "2",
+        "--n-best",
+        "2",
+        "--length-penalty",
+        "1.0",
+        "--max-len-extra",
+        "4",
+        "--threads",
+        "1",
+        "--quiet",
+    ]
     code, out, _ = run_main(args, "A dog.\nA cat.\n", monkeypatch, capsys)
     lines = out.splitlines()
     assert code == 0 and len(lines) == 4
@@ -95,9 +120,25 @@ def test_cli_bad_options_exit_2(server_bundle, monkeypatch, capsys):
 def test_console_script_end_to_end(server_bundle):
     """A real process: stdin lines in, the same number of lines out, log line on stderr."""
     result = subprocess.run(
-        [sys.executable, "-m", "nmt.server.translate", "--bundle", str(server_bundle), "--beam", "2",
-         "--max-len-extra", "4", "--threads", "1"],
-        input="A dog runs.\n\nTwo men.\n", capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "nmt.server.translate",
+            "--bundle",
+            str(server_bundle),
+            "--beam",
+            "2",
+            "--max-len-extra",
+            "4",
+            "--threads",
+            "1",
+        ],
+        input="A dog runs.\n\nTwo men.\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 3

@@ -23,7 +23,9 @@ def random_sequences(generator: torch.Generator, n: int) -> list[list[int]]:
 def test_tiny_model_learns_to_copy_within_a_minute():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, d_model=64, n_heads=4, d_ff=128, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0
+    )
     model = Transformer(cfg)
     optimizer = make_optimizer(model)
     for step in range(1, 701):

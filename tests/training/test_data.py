@@ -89,7 +89,9 @@ def test_known_files_are_verified_in_a_local_directory(data_dir, tmp_path):
 
 def test_download_refuses_unknown_splits(monkeypatch):
     monkeypatch.delenv("NMT_DATA_DIR", raising=False)
-    with pytest.raises(DataError, match="unknown Multi30k split 'test_2018_flickr': only train, val, .* can be downloaded"):
+    with pytest.raises(
+        DataError, match="unknown Multi30k split 'test_2018_flickr': only train, val, .* can be downloaded"
+    ):
         data.multi30k_path("test_2018_flickr", "en")
 
 

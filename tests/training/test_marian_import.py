@@ -10,16 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from marian_fixtures import MarianSpec, encode, make_marian, sentences
+
 from nmt.training.marian import load_imported, main, sha256
 from nmt.training.search import SpecialIds, greedy_search
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make test`
 
-SPECS = {"shared-swish": MarianSpec(), "separate-gelu": MarianSpec(activation="gelu", shared=False, decoder_layers=2),
-         "multilingual-relu": MarianSpec(activation="relu", multilingual=True),
-         "pickle-weights": MarianSpec(weights="bin")}
+SPECS = {
+    "shared-swish": MarianSpec(),
+    "separate-gelu": MarianSpec(activation="gelu", shared=False, decoder_layers=2),
+    "multilingual-relu": MarianSpec(activation="relu", multilingual=True),
+    "pickle-weights": MarianSpec(weights="bin"),
+}
 
 
 @pytest.fixture(scope="module", params=list(SPECS))
@@ -44,8 +47,12 @@ def test_the_checkpoint_names_every_difference_and_its_provenance(marian: tuple[
     assert model["position_layout"] == "halves" and model["output_bias"] and model["scale_embedding"]
     assert model["shared_embeddings"] == hf["share_encoder_decoder_embeddings"]
     assert (model["n_encoder_layers"], model["n_decoder_layers"]) == (hf["encoder_layers"], hf["decoder_layers"])
-    assert config["special_ids"] == {"eos": 0, "pad": hf["pad_token_id"], "unk": 1,
-                                     "decoder_start": hf["decoder_start_token_id"]}
+    assert config["special_ids"] == {
+        "eos": 0,
+        "pad": hf["pad_token_id"],
+        "unk": 1,
+        "decoder_start": hf["decoder_start_token_id"],
+    }
     assert config["generation"]["num_beams"] == 4 and config["generation"]["bad_words_ids"] == [[hf["pad_token_id"]]]
     assert config["target_languages"] == (["deu", "fra"] if name == "multilingual-relu" else [])
     hashes = config["info"]["input_sha256"]
@@ -80,8 +87,9 @@ def test_greedy_ids_match_generate(marian: tuple[str, Path, Path]) -> None:
     for src, hyp in zip(sources, found):
         row = torch.tensor([src + [ids["eos"]]])
         with torch.no_grad():
-            want = hf.generate(row, attention_mask=row != ids["pad"], num_beams=1, do_sample=False,
-                               max_length=1 + len(src) + 20)[0].tolist()  # the start token counts
+            want = hf.generate(
+                row, attention_mask=row != ids["pad"], num_beams=1, do_sample=False, max_length=1 + len(src) + 20
+            )[0].tolist()  # the start token counts
         assert want[0] == ids["decoder_start"] and want[-1] == ids["eos"], want
         assert hyp.tokens == want[1:-1]
     assert len({tuple(h.tokens) for h in found}) > len(found) // 2  # the outputs depend on the inputs
@@ -108,21 +116,30 @@ class CarriesCode:
         return (print, ("code ran",))
 
 
-@pytest.mark.parametrize("damage, named", [
-    (lambda d: (d / "source.spm").unlink(), "source.spm: missing"),
-    (lambda d: edit_config(d, activation_function="gelu_new"), "'activation_function' is 'gelu_new'"),
-    (lambda d: edit_config(d, vocab_size=7, decoder_vocab_size=7), "pad_id 81 is not an id"),
-    (lambda d: edit_config(d, decoder_vocab_size=7), "'decoder_vocab_size' (7) differs"),
-    (lambda d: edit_config(d, encoder_ffn_dim=128, decoder_ffn_dim=128), "config.json says (128, 32)"),
-    (lambda d: edit_config(d, model_type="bart"), "'model_type' is 'bart'"),
-    (lambda d: edit_config(d, decoder_ffn_dim=128), "'encoder_ffn_dim' (64) and 'decoder_ffn_dim' (128) differ"),
-    (lambda d: (d / "vocab.json").write_text(json.dumps({"</s>": 0, "<unk>": 1})), "vocab.json: 2 pieces"),
-    (lambda d: ((d / "model.safetensors").unlink(), (d / "pytorch_model.bin").write_bytes(pickle.dumps(CarriesCode()))),
-     "pytorch_model.bin: refused"),
-    (lambda d: (d / "model.safetensors").write_bytes(b"not weights"), "model.safetensors: not a safetensors file"),
-])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(good: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
-                                                          damage, named: str) -> None:
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        (lambda d: (d / "source.spm").unlink(), "source.spm: missing"),
+        (lambda d: edit_config(d, activation_function="gelu_new"), "'activation_function' is 'gelu_new'"),
+        (lambda d: edit_config(d, vocab_size=7, decoder_vocab_size=7), "pad_id 81 is not an id"),
+        (lambda d: edit_config(d, decoder_vocab_size=7), "'decoder_vocab_size' (7) differs"),
+        (lambda d: edit_config(d, encoder_ffn_dim=128, decoder_ffn_dim=128), "config.json says (128, 32)"),
+        (lambda d: edit_config(d, model_type="bart"), "'model_type' is 'bart'"),
+        (lambda d: edit_config(d, decoder_ffn_dim=128), "'encoder_ffn_dim' (64) and 'decoder_ffn_dim' (128) differ"),
+        (lambda d: (d / "vocab.json").write_text(json.dumps({"</s>": 0, "<unk>": 1})), "vocab.json: 2 pieces"),
+        (
+            lambda d: (
+                (d / "model.safetensors").unlink(),
+                (d / "pytorch_model.bin").write_bytes(pickle.dumps(CarriesCode())),
+            ),
+            "pytorch_model.bin: refused",
+        ),
+        (lambda d: (d / "model.safetensors").write_bytes(b"not weights"), "model.safetensors: not a safetensors file"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    good: Path, tmp_path: Path, capsys: pytest.CaptureFixture, damage, named: str
+) -> None:
     source = broken(good, tmp_path)
     damage(source)
     assert main([str(source), str(tmp_path / "out")]) == 2
@@ -132,7 +149,9 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(good: Path, tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no DST, no staging directory left
 
 
-def test_an_existing_destination_is_kept_without_force(good: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_existing_destination_is_kept_without_force(
+    good: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep")
     assert main([str(good), str(tmp_path / "out")]) == 2

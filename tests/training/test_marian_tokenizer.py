@@ -6,14 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-
 from marian_fixtures import MarianSpec, make_marian, sentences, translate_words
+
 from nmt.engine.marian_tokenizer import MarianTokenizer
 from nmt.training.marian import main
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make test`
-SPECS = {"shared": MarianSpec(steps=1), "separate": MarianSpec(steps=1, shared=False),
-         "multilingual": MarianSpec(steps=1, multilingual=True)}
+SPECS = {
+    "shared": MarianSpec(steps=1),
+    "separate": MarianSpec(steps=1, shared=False),
+    "multilingual": MarianSpec(steps=1, multilingual=True),
+}
 
 
 @pytest.fixture(scope="module", params=list(SPECS))
@@ -49,4 +52,3 @@ def test_decode_matches_transformers(pair: tuple[str, Path, Path]) -> None:
     rows = [reference(text_target=t)["input_ids"] for t in targets]
     rows.append([tokenizer.unk, *rows[0][:3], tokenizer.pad])  # special ids are left out
     assert tokenizer.decode(rows) == reference.batch_decode(rows, skip_special_tokens=True)
-

@@ -5,14 +5,22 @@ import math
 import pytest
 import torch
 
-from nmt.training.model import ModelConfig, PRESETS, Transformer, preset, sinusoidal_table
+from nmt.training.model import PRESETS, ModelConfig, Transformer, preset, sinusoidal_table
 from nmt.training.search import pad_batch
 
 
 def small_model(pre_norm: bool = False, seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    cfg = ModelConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2,
-                      dropout=0.0, pre_norm=pre_norm)
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=32,
+        n_heads=4,
+        d_ff=64,
+        n_encoder_layers=2,
+        n_decoder_layers=2,
+        dropout=0.0,
+        pre_norm=pre_norm,
+    )
     return Transformer(cfg).eval()
 
 
@@ -47,7 +55,7 @@ def test_padded_source_positions_never_change_the_output():
         alone = model(src, mask, tgt)
         src, mask = pad_batch([short, long])
         batched = model(src, mask, tgt.expand(2, -1))
-        src[0, len(short):] = 33  # garbage under the padding mask changes nothing either
+        src[0, len(short) :] = 33  # garbage under the padding mask changes nothing either
         garbage = model(src, mask, tgt.expand(2, -1))
     torch.testing.assert_close(batched[:1], alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(garbage[:1], alone, rtol=1e-5, atol=1e-5)

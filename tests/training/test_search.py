@@ -12,7 +12,9 @@ SOURCES = [[5, 6, 7, 8], [9, 10], [11, 12, 13, 14, 15, 16], [17]]
 @pytest.fixture(scope="module")
 def model() -> Transformer:
     torch.manual_seed(1)
-    cfg = ModelConfig(vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0)
+    cfg = ModelConfig(
+        vocab_size=40, d_model=32, n_heads=4, d_ff=64, n_encoder_layers=2, n_decoder_layers=2, dropout=0.0
+    )
     return Transformer(cfg).eval()
 
 

@@ -18,8 +18,25 @@ from nmt.training.data import multi30k
 from nmt.training.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--d-model", "32", "--n-heads", "2", "--d-ff", "64", "--n-encoder-layers", "1", "--n-decoder-layers", "1",
-         "--dropout", "0.1", "--max-tokens", "512", "--warmup", "20", "--no-progress"]
+SMALL = [
+    "--d-model",
+    "32",
+    "--n-heads",
+    "2",
+    "--d-ff",
+    "64",
+    "--n-encoder-layers",
+    "1",
+    "--n-decoder-layers",
+    "1",
+    "--dropout",
+    "0.1",
+    "--max-tokens",
+    "512",
+    "--warmup",
+    "20",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +57,24 @@ def corpus(data_dir, tmp_path_factory) -> dict[str, str]:
 
 
 def run_args(corpus: dict[str, str], out: Path, *extra: str) -> list[str]:
-    return ["--out", str(out), "--train-src", corpus["train.en"], "--train-tgt", corpus["train.de"],
-            "--valid-src", corpus["val.en"], "--valid-tgt", corpus["val.de"], "--tokenizer", corpus["spm"],
-            "--vocab-size", "600", *SMALL, *extra]
+    return [
+        "--out",
+        str(out),
+        "--train-src",
+        corpus["train.en"],
+        "--train-tgt",
+        corpus["train.de"],
+        "--valid-src",
+        corpus["val.en"],
+        "--valid-tgt",
+        corpus["val.de"],
+        "--tokenizer",
+        corpus["spm"],
+        "--vocab-size",
+        "600",
+        *SMALL,
+        *extra,
+    ]
 
 
 def epochs(out: Path) -> list[dict]:
@@ -104,8 +136,23 @@ def test_eval_prints_sacrebleu_scores_and_signatures(corpus, tmp_path, capsys):
     assert train.main(run_args(corpus, out, "--max-epochs", "1")) == 0
     capsys.readouterr()
     hyps = tmp_path / "hyps.txt"
-    code = evaluate.main(["--checkpoint", str(out / "final"), "--src", corpus["val.en"], "--ref", corpus["val.de"],
-                          "--beam", "2", "--json", "--output", str(hyps), "--device", "cpu"])
+    code = evaluate.main(
+        [
+            "--checkpoint",
+            str(out / "final"),
+            "--src",
+            corpus["val.en"],
+            "--ref",
+            corpus["val.de"],
+            "--beam",
+            "2",
+            "--json",
+            "--output",
+            str(hyps),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert {"bleu", "bleu_lowercase", "chrf"} <= result.keys()
@@ -130,8 +177,17 @@ def test_fp16_copy_of_a_checkpoint_loads_close_to_fp32(corpus, tmp_path):
 
 def test_torchrun_two_process_gloo_smoke(corpus, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "nmt.training.train", *run_args(corpus, out, "--max-epochs", "1", "--device", "cpu")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "nmt.training.train",
+        *run_args(corpus, out, "--max-epochs", "1", "--device", "cpu"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -157,8 +213,18 @@ def test_tune_inference_stores_the_best_setting_of_the_sweep(corpus, tmp_path, c
     out = tmp_path / "run"
     assert train.main(run_args(corpus, out, "--max-epochs", "1")) == 0
     data = Path(corpus["val.en"]).parent  # holds val.en / val.de: any split name in a directory works
-    args = ["--checkpoint", str(out / "final"), "--data-dir", str(data), "--beams", "1,2", "--alphas", "0.6,1.0",
-            "--json", str(tmp_path / "sweep.json")]
+    args = [
+        "--checkpoint",
+        str(out / "final"),
+        "--data-dir",
+        str(data),
+        "--beams",
+        "1,2",
+        "--alphas",
+        "0.6,1.0",
+        "--json",
+        str(tmp_path / "sweep.json"),
+    ]
     assert tune_inference.main([*args, "--write"]) == 0
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert [(r["beam"], r["alpha"]) for r in sweep["rows"]] == [(1, 0.6), (2, 0.6), (2, 1.0)]

@@ -1,8 +1,8 @@
-"""Fixtures and helpers for the gRPC server tests: a real bundle, a real Translator, a real server on
-127.0.0.1 with an ephemeral port, and an engine gate to hold batches while a test lines up requests
-(static batching: each search call; continuous batching: each admission into the running batch).
+"""Helpers for the gRPC server tests: a real server on 127.0.0.1 with an ephemeral port, a channel, and
+an engine gate to hold batches while a test lines up requests (static batching: each search call;
+continuous batching: each admission into the running batch). The fixtures are in conftest.py.
 
-Import into a test module with `from grpc_fixtures import *` (pytest puts tests/server on sys.path).
+Import by name: `from grpc_helpers import serve, server_config` (pytest puts tests/server on sys.path).
 """
 
 from __future__ import annotations
@@ -21,37 +21,27 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import pytest
-import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from nmt.server.config import ServerConfig
 from nmt.engine.continuous import RunningBatch
 from nmt.engine.decoding import DecodeOptions, SearchResult
-from nmt.server.main import NmtServer, create_server
-from nmt.server.nmt_pb import translation_pb2 as pb
-from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 from nmt.engine.runtime import RuntimeConfig
 from nmt.engine.translator import Translator
+from nmt.server.config import ServerConfig
+from nmt.server.main import NmtServer, create_server
+from nmt.server.nmt_pb import translation_pb2_grpc as pb_grpc
 
 ONE_THREAD = RuntimeConfig(device="cpu", intra_op_threads=1, inter_op_threads=1)
-TEXTS = ["A man rides a bike.", "Two dogs play in the snow.", "A girl in a red dress is running on the beach.",
-         "People.", "An old man with a hat sits on a bench next to a small brown dog and reads a newspaper.",
-         "A woman sings.", "Children are playing football in a park.", "A cat."]
-
-__all__ = ["ONE_THREAD", "TEXTS", "Gate", "GatedBatch", "Translator", "grpc_bundle", "grpc_translator", "gate",
-           "server_config", "serve", "stub", "alone", "channel"]
-
-
-@pytest.fixture(scope="session")
-def grpc_bundle(request: pytest.FixtureRequest) -> Path:
-    """The engine tests' tiny bundle (tests/model_fixtures.py: server_bundle); never modified."""
-    return request.getfixturevalue("server_bundle")
-
-
-@pytest.fixture(scope="session")
-def grpc_translator(grpc_bundle: Path) -> Translator:
-    return Translator.from_bundle(grpc_bundle, ONE_THREAD)
+TEXTS = [
+    "A man rides a bike.",
+    "Two dogs play in the snow.",
+    "A girl in a red dress is running on the beach.",
+    "People.",
+    "An old man with a hat sits on a bench next to a small brown dog and reads a newspaper.",
+    "A woman sings.",
+    "Children are playing football in a park.",
+    "A cat.",
+]
 
 
 class Gate:
@@ -115,17 +105,18 @@ class GatedBatch:
         self.batch.admit(entries)
 
 
-@pytest.fixture
-def gate(grpc_translator: Translator) -> Any:
-    g = Gate(grpc_translator)
-    yield g
-    g.open()  # never leave an engine thread waiting
-
-
 def server_config(bundle: Path, **overrides: Any) -> ServerConfig:
     """Loopback, ephemeral ports, no metrics HTTP server unless asked for, one ORT thread."""
-    cfg = ServerConfig(model_dir=str(bundle), host="127.0.0.1", port=0, metrics_port=-1, threads=1, device="cpu",
-                       max_wait_ms=2.0, grace_seconds=5.0)
+    cfg = ServerConfig(
+        model_dir=str(bundle),
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        threads=1,
+        device="cpu",
+        max_wait_ms=2.0,
+        grace_seconds=5.0,
+    )
     return replace(cfg, **overrides)
 
 
@@ -155,15 +146,6 @@ def alone(translator: Translator, texts: list[str], options: DecodeOptions) -> l
     return [[t.text for t in translator.translate([text], options)[0]] for text in texts]
 
 
-@pytest_asyncio.fixture
-async def default_server(grpc_bundle: Path, grpc_translator: Translator) -> AsyncIterator[NmtServer]:
-    async with serve(server_config(grpc_bundle), grpc_translator) as server:
-        yield server
-
-
-__all__ += ["default_server", "pb"]
-
-
 async def eventually(predicate: Any, timeout: float = 30.0, what: str = "condition") -> None:
     """Poll `predicate()` until it is true (the event loop keeps running meanwhile). A wait on a state,
     not on time: `timeout` only bounds how long a failing test takes to fail."""
@@ -176,24 +158,31 @@ async def eventually(predicate: Any, timeout: float = 30.0, what: str = "conditi
         await asyncio.sleep(0.005)
 
 
-__all__ += ["eventually"]
-
-
 SERVE_START_S = 120.0  # a failure, not a race: a loaded machine may take this long to load and warm up
 
 
-def start_nmt_serve(bundle: Path, port_file: Path,
-                    **env: str) -> tuple[subprocess.Popen[str], int, int | None, list[str]]:
+def start_nmt_serve(
+    bundle: Path, port_file: Path, **env: str
+) -> tuple[subprocess.Popen[str], int, int | None, list[str]]:
     """nmt-serve in a subprocess on 127.0.0.1 (one CPU thread; `env` adds or overrides NMT_* variables);
     returns it once it serves, with its gRPC port, metrics port (None when off) and its log lines (still
     growing). It binds port 0 itself (and metrics port 0 when NMT_METRICS_PORT=0) and names the ports it
     bound in `port_file` once SERVING: no port is picked before the server binds it."""
-    env = {**os.environ, "NMT_MODEL_DIR": str(bundle), "NMT_HOST": "127.0.0.1", "NMT_PORT": "0",
-           "NMT_PORT_FILE": str(port_file), "NMT_THREADS": "1", "NMT_DEVICE": "cpu", **env}
+    env = {
+        **os.environ,
+        "NMT_MODEL_DIR": str(bundle),
+        "NMT_HOST": "127.0.0.1",
+        "NMT_PORT": "0",
+        "NMT_PORT_FILE": str(port_file),
+        "NMT_THREADS": "1",
+        "NMT_DEVICE": "cpu",
+        **env,
+    }
     port_file.unlink(missing_ok=True)
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "nmt.server.main"], cwd=root, env=env, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nmt.server.main"], cwd=root, env=env, stderr=subprocess.PIPE, text=True
+    )
     lines: list[str] = []
 
     def read() -> None:
@@ -213,10 +202,8 @@ def start_nmt_serve(bundle: Path, port_file: Path,
     return proc, ports["port"], ports["metrics_port"], lines
 
 
-__all__ += ["start_nmt_serve"]
-
-
 # ---- model repositories (tmp_path/repo/NAME/VERSION copies of a bundle) ----
+
 
 def repository(tmp_path: Path, bundle: Path, *models: tuple[str, int]) -> Path:
     root = tmp_path / "repo"
@@ -230,8 +217,9 @@ def add_version(root: Path, bundle: Path, name: str, version: int) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def serve_repo(root: Path, gated: bool = False, **overrides: Any
-                     ) -> AsyncIterator[tuple[NmtServer, dict[str, list[Gate]]]]:
+async def serve_repo(
+    root: Path, gated: bool = False, **overrides: Any
+) -> AsyncIterator[tuple[NmtServer, dict[str, list[Gate]]]]:
     """A started server on `root`. gated: every loaded translator is a Gate (by model name, in load order;
     no start-up self-check then); else the real path (verify, sessions, self-check)."""
     gates: dict[str, list[Gate]] = {}
@@ -255,6 +243,3 @@ async def serve_repo(root: Path, gated: bool = False, **overrides: Any
 def loads(server: NmtServer, outcome: str) -> float:
     """nmt_model_loads_total of `outcome` (loaded, failed)."""
     return server.registry.get_sample_value("nmt_model_loads_total", {"outcome": outcome}) or 0.0
-
-
-__all__ += ["add_version", "loads", "repository", "serve_repo"]
