@@ -233,11 +233,14 @@ def write_report(result: dict[str, Any], out: Path) -> None:
 
 
 def hostile_texts(bundle: Path) -> dict[str, Any]:
+    from nmt.engine.prepared import prepare_texts
     from nmt.engine.text import TextOptions
-    from nmt.engine.translator import Translator, prepare_texts
+    from nmt.engine.translator import Translator
 
     translator = Translator.from_bundle(bundle)
-    return adversarial_text.measure(lambda text: prepare_texts(translator, [text], TextOptions()))
+    return adversarial_text.measure(
+        lambda text: prepare_texts(translator.tokenize, translator.info.src_lang, [text], TextOptions())
+    )
 
 
 def run(cfg: TextCostConfig) -> dict[str, Any]:

@@ -52,6 +52,7 @@ class ServerConfig:
     threads: int = 0  # ONNX Runtime intra-op threads per session (0 = its default)
     shortlist: str = "off"  # on: score the bundle's vocabulary shortlist per batch (engine/shortlist.py); off: every id
     step_decoder: str = "on"  # on: the bundle's step decoders (docs/engine-speed.md); off: the traced decoder
+    text_pipeline: str = "process"  # process: sentences, spans and tokenizer in a child process; thread: in one thread
     max_texts: int = 64  # texts per request
     max_sentences: int = 256  # sentences per request, all texts together, after sentence splitting
     max_tokens_per_text: int = 256
@@ -115,6 +116,8 @@ class ServerConfig:
         for name in ("shortlist", "step_decoder"):
             if getattr(self, name) not in ("on", "off"):
                 raise ValueError(f"{name} must be on or off, got {getattr(self, name)!r}")
+        if self.text_pipeline not in ("process", "thread"):
+            raise ValueError(f"text_pipeline must be process or thread, got {self.text_pipeline!r}")
         if self.engine_turns not in ENGINE_TURNS:
             raise ValueError(f"engine_turns must be one of {', '.join(ENGINE_TURNS)}, got {self.engine_turns!r}")
         if self.log_level.upper() not in LOG_LEVELS:
@@ -229,6 +232,13 @@ FLAGS: list[tuple[str, str, Callable[[str], Any], str]] = [
         str,
         "on (default): the bundle's in-place-cache step decoders on the CPU "
         "(faster, outputs as the torch reference); off: the traced decoder, as bundles without them",
+    ),
+    (
+        "--text-pipeline",
+        "text_pipeline",
+        str,
+        "process (default): the text pipeline (sentences, case, spans, tokenizer) in a child process, so it never "
+        "holds the GIL that health checks wait for; thread: in one thread of the server",
     ),
     ("--max-texts", "max_texts", int, "most texts in one request"),
     (

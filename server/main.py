@@ -49,6 +49,7 @@ from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .reflection import enable_reflection
 from .repository import ModelEntry, Models, ModelVersions, discover
 from .service import Limits, TranslationService
+from .text_worker import text_pipeline
 from .transport import SERVICE, TranslationServicer
 
 log = logging.getLogger("nmt-serve")
@@ -107,6 +108,7 @@ class NmtServer:
         await self.grpc_server.start()
         for entry in self.models:
             await asyncio.to_thread(self._warm_up, entry)
+            await entry.service.start()
         self.models.ready = True
         if self.cfg.repository_poll_seconds and self.control is not None:
             self._poller = asyncio.get_running_loop().create_task(
@@ -236,7 +238,9 @@ def _entry(
         ),
     )
     scheduler = create_scheduler(translator, cfg.scheduler(), series)
-    service = TranslationService(translator, scheduler, limits_of(cfg, translator))
+    service = TranslationService(
+        translator, scheduler, limits_of(cfg, translator), text_pipeline(translator, cfg.text_pipeline)
+    )
     return ModelEntry(info, service, versions, number, path, series)
 
 
@@ -295,6 +299,7 @@ def live_builder(
         entry, _ = await repository_entry(cfg, metrics, model, load, turns)
         try:
             await asyncio.to_thread(NmtServer._warm_up, entry)
+            await entry.service.start()
             await entry.scheduler.start()
         except BaseException:
             await entry.scheduler.close(timeout=0)

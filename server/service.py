@@ -17,14 +17,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from nmt.engine.decoding import DecodeOptions
+from nmt.engine.prepared import Prepared, Translation, whole_beam
 from nmt.engine.text import TextOptions
-from nmt.engine.translator import Prepared, Translation, Translator, prepare_texts, whole_beam
+from nmt.engine.translator import Translator
 
 from .scheduler import Scheduler, SchedulerClosed
+from .text_worker import TextPipeline, text_pipeline
 
 
 @dataclass(frozen=True)
@@ -69,10 +70,10 @@ def check_prepared(prepared: Prepared, options: DecodeOptions, limits: Limits, s
 
 
 class TranslationService:
-    def __init__(self, translator: Translator, scheduler: Scheduler, limits: Limits):
+    def __init__(self, translator: Translator, scheduler: Scheduler, limits: Limits, text: TextPipeline | None = None):
         self.translator, self.scheduler, self.limits = translator, scheduler, limits
+        self.text = text or text_pipeline(translator, "thread")
         self.draining = False  # set on shutdown: new translations get UNAVAILABLE
-        self._text_thread = ThreadPoolExecutor(1, thread_name_prefix="nmt-text")
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -83,23 +84,22 @@ class TranslationService:
         """n_best translations per text. Raises ValueError for bad input, scheduler errors otherwise."""
         if self.draining:
             raise SchedulerClosed("the server is shutting down: retry on another replica")
-        loop = asyncio.get_running_loop()
         with self._working():
             check_texts(texts, self.limits)
-            prepared = await loop.run_in_executor(
-                self._text_thread, prepare_texts, self.translator, texts, text_options
-            )
+            prepared = await self.text.prepare(texts, text_options)
             check_prepared(prepared, options, self.limits, text_options.split_sentences)
             found = (
                 await self.scheduler.submit(prepared.sources, whole_beam(options), deadline) if prepared.sources else []
             )
-            return await loop.run_in_executor(
-                self._text_thread, prepared.finish, self.translator.detokenize, found, options.n_best
-            )
+            return await self.text.finish(prepared, found, options.n_best)
+
+    async def start(self) -> None:
+        """Ready the text pipeline (its process and tokenizer) before the first request."""
+        await self.text.start()
 
     def close(self) -> None:
-        """Free the text thread (once no translation is being worked on: see wait_idle)."""
-        self._text_thread.shutdown(wait=False, cancel_futures=True)
+        """Free the text pipeline (once no translation is being worked on: see wait_idle)."""
+        self.text.close()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no translation is being worked on (at most `timeout` s); whether that happened."""

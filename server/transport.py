@@ -36,6 +36,7 @@ from .nmt_pb import translation_pb2_grpc as pb_grpc
 from .repository import ModelEntry, ModelNotFound, Models
 from .scheduler import DeadlineExceeded, EngineError, QueueFull, SchedulerClosed
 from .service import Limits
+from .text_worker import TextWorkerError
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TranslationService"].full_name  # "nmt.v1.TranslationService"
 DEADLINE_SLACK_S = 0.1
@@ -61,7 +62,7 @@ def status_of(error: BaseException) -> Status:
         return Status(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), ((RETRY_PUSHBACK, pushback),))
     if isinstance(error, DeadlineExceeded):
         return Status(grpc.StatusCode.DEADLINE_EXCEEDED, str(error))
-    if isinstance(error, SchedulerClosed):
+    if isinstance(error, (SchedulerClosed, TextWorkerError)):
         return Status(grpc.StatusCode.UNAVAILABLE, str(error))
     if isinstance(error, EngineError):
         return Status(grpc.StatusCode.INTERNAL, str(error))

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from nmt.bench.adversarial_text import SHAPES, cost_per_byte, make
+from nmt.engine.prepared import prepare_texts
 from nmt.engine.text import TextOptions, find_spans, prepare
-from nmt.engine.translator import Translator, prepare_texts
+from nmt.engine.translator import Translator
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,9 @@ def translator(tiny_bundle: Path) -> Translator:
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cost_per_byte_does_not_grow_with_the_text(translator: Translator, shape: str) -> None:
-    small, large = cost_per_byte(lambda text: prepare_texts(translator, [text], TextOptions()), shape, (1024, 16384))
+    small, large = cost_per_byte(
+        lambda text: prepare_texts(translator.tokenize, "en", [text], TextOptions()), shape, (1024, 16384)
+    )
     assert large.per_byte_ns < 2.0 * small.per_byte_ns, (small, large)
 
 
