@@ -105,11 +105,11 @@ def write_checkpoint(
         tensors, state = train_state
         save_file({k: v.contiguous() for k, v in tensors.items()}, staging / STATE_TENSORS)
         (staging / STATE_JSON).write_text(json.dumps(state, indent=2) + "\n")
-    _swap_in(staging, directory)
+    swap_in(staging, directory)
     return directory
 
 
-def _swap_in(staging: Path, directory: Path) -> None:
+def swap_in(staging: Path, directory: Path) -> None:
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():

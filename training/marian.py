@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, _swap_in
+from .checkpoint import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, swap_in
 from .model import ModelConfig, Transformer
 
 TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json")
@@ -326,7 +326,7 @@ def write_imported(src: Path, dst: Path, imported: Imported) -> Path:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _swap_in(staging, dst)
+    swap_in(staging, dst)
     return dst
 
 
