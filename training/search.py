@@ -42,6 +42,15 @@ class SpecialIds:
 OURS = SpecialIds()
 
 
+RANKINGS = ("gnmt", "transformers")
+
+
+def _cannot_improve(finished: list[Hypothesis], best_running: float, length: int, alpha: float, K: int) -> bool:
+    """transformers' early-stop heuristic: K finished, and the best running beam's score at its length so far
+    is no better than the worst of them."""
+    return len(finished) >= K and best_running / length**alpha <= finished[-1].normalized_score
+
+
 def pad_batch(
     seqs: list[list[int]], device: torch.device | str = "cpu", pad: int = PAD_ID
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,10 +149,18 @@ def beam_search(
     device: str | torch.device = "cpu",
     repetition_guard: bool = True,
     special: SpecialIds = OURS,
+    ranking: str = "gnmt",
 ) -> list[list[Hypothesis]]:
-    """The `n_best` best hypotheses per source, best first."""
+    """The `n_best` best hypotheses per source, best first.
+
+    ranking "gnmt" (ours, the rules above); "transformers" (what MarianMTModel.generate() does with
+    early_stopping off, an imported model's default): a finished hypothesis scores log-probability /
+    length ** alpha (length counting EOS), the beam_size best finished are kept, and a sentence is done
+    once its best running beam, scored at its length so far, cannot beat the worst of them."""
     if not 1 <= n_best <= beam_size:
         raise ValueError(f"n_best must be between 1 and beam_size ({beam_size}), got {n_best}")
+    if ranking not in RANKINGS:
+        raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, got {ranking!r}")
     if not sources:
         return []
     model.eval()
@@ -185,11 +202,15 @@ def beam_search(
                 if tok == eos:
                     if rank < K and score > float("-inf"):
                         length = len(prefixes[sentence][beam]) + 1
-                        norm = score / length_penalty(length, alpha)
+                        norm = score / (length**alpha if ranking == "transformers" else length_penalty(length, alpha))
                         finished[sentence].append(Hypothesis(prefixes[sentence][beam], score, norm))
                 elif len(alive) < K:
                     alive.append((beam, tok, score))
-            if len(finished[sentence]) >= K:
+            if ranking == "transformers":
+                finished[sentence] = sorted(finished[sentence], key=lambda h: -h.normalized_score)[:K]
+                if not alive or _cannot_improve(finished[sentence], alive[0][2], step + 1, alpha, K):
+                    continue
+            elif len(finished[sentence]) >= K:
                 continue
             still_active.append(sentence)
             prefixes[sentence] = [prefixes[sentence][beam] + [tok] for beam, tok, _ in alive]

@@ -168,3 +168,43 @@ def test_export_refuses_an_imported_checkpoint_by_name(good: Path, tmp_path: Pat
     assert main([str(good), str(tmp_path / "ours")]) == 0
     with pytest.raises(CheckpointError, match="imported .*Marian.* not exported yet"):
         load_checkpoint(tmp_path / "ours")
+
+
+def test_beam_ids_match_generate(marian: tuple[str, Path, Path]) -> None:
+    """Beam 4 with the generation config's length penalty, ranked as transformers ranks (part 4: at least
+    98% of sentences identical)."""
+    from nmt.training.search import beam_search
+
+    name, source, ours = marian
+    hf, (model, config) = reference(source), load_imported(ours)
+    ids, generation = config["special_ids"], config["generation"]
+    source_sp = __import__("sentencepiece").SentencePieceProcessor(model_file=str(source / "source.spm"))
+    vocab = json.loads((source / "vocab.json").read_text())
+    texts = sentences(50, seed=98)
+    if name == "multilingual-relu":
+        texts = [f">>{'deu' if i % 2 else 'fra'}<< {t}" for i, t in enumerate(texts)]
+    sources = [encode(source_sp, vocab, t)[:-1] for t in texts]
+    special = SpecialIds(start=ids["decoder_start"], eos=ids["eos"], pad=ids["pad"], never=(ids["pad"],))
+    found = beam_search(
+        model,
+        sources,
+        beam_size=generation["num_beams"],
+        alpha=generation["length_penalty"],
+        max_len_extra=40,
+        repetition_guard=False,
+        special=special,
+        ranking="transformers",
+    )
+    same = 0
+    for src, hyps in zip(sources, found):
+        row = torch.tensor([src + [ids["eos"]]])
+        with torch.no_grad():
+            want = hf.generate(
+                row,
+                attention_mask=row != ids["pad"],
+                num_beams=generation["num_beams"],
+                do_sample=False,
+                max_length=1 + len(src) + 40,
+            )[0].tolist()
+        same += hyps[0].tokens == [t for t in want[1:] if t != ids["eos"] and t != ids["pad"]]
+    assert same >= 0.98 * len(sources), f"{same} of {len(sources)} identical"
