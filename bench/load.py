@@ -59,10 +59,13 @@ SETTINGS = {
     "static": ["--batching", "static"],
     "unbatched": ["--batching", "static", "--max-batch-size", "1"],
 }
-# Settings run only when asked for (--also): the same servers on the traced decoder, for before/after.
+# Settings run only when asked for (--also), for before/after: the same servers on the traced decoder,
+# or with the text pipeline in a thread instead of its own process.
 EXTRA_SETTINGS = {
     "continuous-traced": ["--batching", "continuous", "--step-decoder", "off"],
     "static-traced": ["--batching", "static", "--step-decoder", "off"],
+    "continuous-text-thread": ["--batching", "continuous", "--text-pipeline", "thread"],
+    "static-text-thread": ["--batching", "static", "--text-pipeline", "thread"],
 }
 
 
@@ -390,7 +393,8 @@ def parse_args(argv: list[str] | None) -> LoadBenchConfig:
     p.add_argument(
         "--also",
         default="",
-        help=f"extra settings, comma-separated: {', '.join(EXTRA_SETTINGS)} (the servers on the traced decoder)",
+        help=f"extra settings, comma-separated: {', '.join(EXTRA_SETTINGS)} (the servers on the traced decoder, "
+        "or with the text pipeline in a thread)",
     )
     a = p.parse_args(argv)
     try:

@@ -10,6 +10,8 @@ closed loop of one-sentence Translate calls with the pipeline on (the default) a
 load from other processes hits both alike: p50 latency and sentences/s, pooled over the rounds.
 Then --repeats times, alternating: one request whose one text holds --paragraph test sentences,
 and the same sentences as that many concurrent one-sentence requests; the median wall time of each.
+Last, health checks from a prober process of their own while clients send test sentences, then
+hostile texts, to a server with the text pipeline in its own process and to one with it in a thread.
 First, in this process, what a hostile client's texts cost every stage before the model (the
 translator's prepare: sentences, case, spans, tokenizer) per byte at 1, 4 and 16 KB
 (bench/adversarial_text.py); --adversarial-only stops there. Writes text_cost.json and text_cost.md
@@ -129,7 +131,6 @@ async def measure(cfg: TextCostConfig, target: str, sentences: list[str]) -> dic
                     old = pooled.get((clients, pipeline), ([], 0))
                     pooled[(clients, pipeline)] = (old[0] + lat, old[1] + err)
         paragraph = await paragraph_against_requests(stub, sentences, cfg)
-    health = await health_while_loaded(cfg, target, sentences)
     seconds = cfg.rounds * cfg.load.duration
     levels = []
     for clients in cfg.load.clients:
@@ -143,7 +144,7 @@ async def measure(cfg: TextCostConfig, target: str, sentences: list[str]) -> dic
                 "throughput_ratio": on["sentences_per_s"] / off["sentences_per_s"],
             }
         )
-    return {"levels": levels, "paragraph": paragraph, "health": health}
+    return {"levels": levels, "paragraph": paragraph}
 
 
 def hostile(i: int) -> list[str]:
@@ -151,7 +152,9 @@ def hostile(i: int) -> list[str]:
     return [adversarial_text.make(shapes[i % len(shapes)], adversarial_text.SIZES[i % len(adversarial_text.SIZES)])]
 
 
-async def health_while_loaded(cfg: TextCostConfig, target: str, sentences: list[str]) -> list[dict[str, Any]]:
+async def health_while_loaded(
+    cfg: TextCostConfig, target: str, sentences: list[str], pipeline: str
+) -> list[dict[str, Any]]:
     """A separate process's health checks while clients send test sentences, then hostile texts."""
     rows = []
     for kind, texts in (("test sentences", lambda i: [sentences[i % len(sentences)]]), ("hostile texts", hostile)):
@@ -161,6 +164,7 @@ async def health_while_loaded(cfg: TextCostConfig, target: str, sentences: list[
         ms = np.array(latencies) * 1e3
         rows.append(
             {
+                "text_pipeline": pipeline,
                 "clients_send": kind,
                 "checks": len(ms),
                 "p50_ms": float(np.percentile(ms, 50)),
@@ -169,6 +173,20 @@ async def health_while_loaded(cfg: TextCostConfig, target: str, sentences: list[
                 "codes": codes,
             }
         )
+    return rows
+
+
+def health_phases(cfg: TextCostConfig, sentences: list[str]) -> list[dict[str, Any]]:
+    """The health phases against a server with the text pipeline in its process (the default), then one
+    with it in a thread: before and after in one run."""
+    rows = []
+    for pipeline in ("process", "thread"):
+        server = ServerProcess(cfg.load, ["--batching", "static", "--text-pipeline", pipeline])
+        try:
+            server.wait_serving()
+            rows += asyncio.run(health_while_loaded(cfg, server.target, sentences, pipeline))
+        finally:
+            server.close()
     return rows
 
 
@@ -220,12 +238,12 @@ def write_report(result: dict[str, Any], out: Path) -> None:
             f"{cfg['health_clients']} clients for {cfg['health_seconds']:g} s "
             "each; a health check every 10 ms from a process of its own (as a liveness probe).",
             "",
-            "| clients send | checks | p50 (ms) | p99 (ms) | max (ms) | answers |",
-            "|---|---:|---:|---:|---:|---|",
+            "| text pipeline | clients send | checks | p50 (ms) | p99 (ms) | max (ms) | answers |",
+            "|---|---|---:|---:|---:|---:|---|",
         ]
         for h in result["health"]:
             lines.append(
-                f"| {h['clients_send']} | {h['checks']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | "
+                f"| {h['text_pipeline']} | {h['clients_send']} | {h['checks']} | {h['p50_ms']:.1f} | {h['p99_ms']:.1f} | "
                 f"{h['max_ms']:.1f} | {', '.join(f'{k} {v}' for k, v in sorted(h['codes'].items()))} |"
             )
         lines.append("")
@@ -264,7 +282,7 @@ def run(cfg: TextCostConfig) -> dict[str, Any]:
         measured = asyncio.run(measure(cfg, server.target, sentences))
     finally:
         server.close()
-    return {**result, **measured}
+    return {**result, **measured, "health": health_phases(cfg, sentences)}
 
 
 def parse_args(argv: list[str] | None) -> TextCostConfig:

@@ -5,7 +5,8 @@ A regular-expression scan or a tokenizer call holds the GIL for its whole length
 text of "@" or "a1" takes 10-14 ms), and the event loop that answers health checks waits for the GIL
 each time: with the pipeline in a thread, health checks had a p99 of 35 ms while clients sent hostile
 texts (nmt-bench text-cost), 8 ms while they sent test sentences. In a child process the pipeline
-never holds this process's GIL; the loop only pickles the texts and the token ids.
+never holds this process's GIL; the loop only pickles the texts and the token ids. Short requests
+(SMALL_REQUEST_CHARS) stay in the thread: their pipeline is shorter than the hop.
 
 The process is forked from a forkserver (started clean, so no gRPC thread is ever forked) and loads
 the bundle's tokenizer once. If it dies, the requests it held fail (TextWorkerError) and the next
@@ -29,6 +30,7 @@ from nmt.engine.tokenizer import SentencePiece
 
 log = logging.getLogger("nmt-serve")
 WHERE = ("process", "thread")
+SMALL_REQUEST_CHARS = 1024  # a request's texts together; up to this, the pipeline runs in the thread
 
 
 class TextWorkerError(RuntimeError):
@@ -64,16 +66,31 @@ class TextPipeline:
 
 
 class ProcessTextPipeline(TextPipeline):
-    """The pipeline in a child process holding its own copy of the tokenizer."""
+    """The pipeline in a child process holding its own copy of the tokenizer; a request of at most
+    SMALL_REQUEST_CHARS characters stays in a thread here (the hop to the process and back costs it
+    about a millisecond: 1 client's p50 17.9 against 16.9 ms, nmt-bench load), since its pipeline holds
+    the GIL about as briefly (1 KB of the costliest hostile shape: 1.2 ms of CPU, bench/results/text_cost.md)."""
 
-    def __init__(self, tokenizer_path: Path, src_lang: str):
-        self.tokenizer_path = tokenizer_path
+    def __init__(self, nearby: TextSide, tokenizer_path: Path, src_lang: str):
+        self.tokenizer_path, self.in_thread_only = tokenizer_path, False
+        self.nearby = TextPipeline(nearby, src_lang, ThreadPoolExecutor(1, thread_name_prefix="nmt-text"))
         super().__init__(_ChildSide(), src_lang, self._new_pool())
 
     def _new_pool(self) -> ProcessPoolExecutor:
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload([__name__])  # each process forked with this module imported
         return ProcessPoolExecutor(1, mp_context=context, initializer=_load, initargs=(str(self.tokenizer_path),))
+
+    async def prepare(self, texts: list[str], options: TextOptions) -> Prepared:
+        if self.in_thread_only or sum(map(len, texts)) <= SMALL_REQUEST_CHARS:
+            return await self.nearby.prepare(texts, options)
+        return await super().prepare(texts, options)
+
+    async def finish(self, prepared: Prepared, found: list[list[Hypothesis]], n_best: int) -> list[list[Translation]]:
+        size = sum(len(text.text) for text in prepared.texts if text is not None)
+        if self.in_thread_only or size <= SMALL_REQUEST_CHARS:
+            return await self.nearby.finish(prepared, found, n_best)
+        return await super().finish(prepared, found, n_best)
 
     async def _run(self, function: Any, *args: Any) -> Any:
         try:
@@ -85,8 +102,17 @@ class ProcessTextPipeline(TextPipeline):
             raise TextWorkerError("the text process died while it held this request: retry it") from e
 
     async def start(self) -> None:
-        """Start the process and load the tokenizer (the first request would wait for it otherwise)."""
-        await self.prepare(["A warm-up sentence."], TextOptions())
+        """Start the process and load the tokenizer (the first long request would wait for it otherwise).
+        Where no process can start (no /dev/shm for its queue's semaphores, say), the thread does it all."""
+        try:
+            await super().prepare(["A warm-up sentence."], TextOptions())
+        except (OSError, TextWorkerError) as e:
+            log.warning("the text pipeline runs in a thread: the text process did not start (%s)", e)
+            self.in_thread_only = True
+
+    def close(self) -> None:
+        self.nearby.close()
+        super().close()
 
 
 def text_pipeline(translator: Any, where: str = "process") -> TextPipeline:
@@ -96,7 +122,10 @@ def text_pipeline(translator: Any, where: str = "process") -> TextPipeline:
     tokenizer = getattr(translator, "tokenizer", None)
     path = getattr(tokenizer, "path", None)
     if where == "process" and type(tokenizer) is SentencePiece and path is not None and _own_text_side(translator):
-        return ProcessTextPipeline(Path(path), translator.info.src_lang)
+        try:
+            return ProcessTextPipeline(translator, Path(path), translator.info.src_lang)
+        except OSError as e:  # the pool's queue needs semaphores (/dev/shm)
+            log.warning("the text pipeline runs in a thread: no text process here (%s)", e)
     return TextPipeline(translator, translator.info.src_lang, ThreadPoolExecutor(1, thread_name_prefix="nmt-text"))
 
 

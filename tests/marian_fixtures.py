@@ -138,6 +138,15 @@ def make_marian(root: Path, spec: MarianSpec, seed: int = 0) -> Path:
     return root
 
 
+def make_and_import(root: Path, spec: MarianSpec) -> tuple[Path, Path]:
+    """A Marian directory made here (root/hf) and its import by nmt-import (root/ours)."""
+    from nmt.training.marian import main
+
+    source = make_marian(root / "hf", spec)
+    assert main([str(source), str(root / "ours")]) == 0
+    return source, root / "ours"
+
+
 def train(model: torch.nn.Module, pairs: list[tuple[list[int], list[int]]], pad: int, steps: int) -> None:
     rng = random.Random(1)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)

@@ -21,7 +21,6 @@ pytorch_model.bin is read with torch.load(weights_only=True): a pickle that need
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from nmt.engine.bundle import sha256_file
 
 from .checkpoint import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, swap_in
 from .model import ModelConfig, Transformer
@@ -282,14 +283,6 @@ def read_marian(src: Path) -> Imported:
     return Imported(cfg, weights, ids, languages, generation_settings(src, config))
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_imported(src: Path, dst: Path, imported: Imported) -> Path:
     staging = dst.with_name(dst.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -319,7 +312,7 @@ def write_imported(src: Path, dst: Path, imported: Imported) -> Path:
             "info": {
                 "imported_from": str(src.resolve()),
                 "importer": f"nmt-import {_version()}",
-                "input_sha256": {name: sha256(src / name) for name in inputs},
+                "input_sha256": {name: sha256_file(src / name) for name in inputs},
             },
         }
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")

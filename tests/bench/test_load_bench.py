@@ -138,5 +138,8 @@ def test_extra_settings_are_opt_in_and_checked() -> None:
     assert parse_args(["--clients", "16"]).also == ()
     assert parse_args(["--also", "continuous-traced,static-traced"]).also == ("continuous-traced", "static-traced")
     assert EXTRA_SETTINGS["continuous-traced"][-2:] == ["--step-decoder", "off"]
-    with pytest.raises(ValueError, match="^unknown setting 'nope'; choose from continuous-traced, static-traced$"):
+    with pytest.raises(
+        ValueError,
+        match="^unknown setting 'nope'; choose from continuous-traced, static-traced, continuous-text-thread, static-text-thread$",
+    ):
         LoadBenchConfig(also=("nope",))

@@ -54,9 +54,11 @@ def test_text_cost_runs_on_and_off_and_writes_its_report(tiny_bundle: Path, data
     hostile = result["adversarial"]
     assert [row["shape"] for row in hostile["shapes"]] == list(SHAPES) and hostile["sizes"] == [1024, 4096, 16384]
     assert all(len(row["ms"]) == 3 and row["growth"] > 0 for row in hostile["shapes"])
-    assert [h["clients_send"] for h in result["health"]] == ["test sentences", "hostile texts"]
+    assert [(h["text_pipeline"], h["clients_send"]) for h in result["health"]] == [
+        (pipeline, kind) for pipeline in ("process", "thread") for kind in ("test sentences", "hostile texts")
+    ]
     assert all(h["checks"] > 0 and sum(h["codes"].values()) > 0 for h in result["health"])
-    assert set(result["health"][1]["codes"]) <= {"OK", "INVALID_ARGUMENT"}, result["health"][1]
+    assert all(set(h["codes"]) <= {"OK", "INVALID_ARGUMENT"} for h in result["health"][1::2]), result["health"]
     assert "## Hostile texts" in (out / "text_cost.md").read_text()
     with pytest.raises(SystemExit, match="exists"):
         cli.main(argv)  # results are not overwritten without --force

@@ -16,7 +16,13 @@ from nmt.engine.prepared import whole_beam
 from nmt.engine.text import TextOptions
 from nmt.engine.translator import Translator
 from nmt.server.nmt_pb import translation_pb2 as pb
-from nmt.server.text_worker import ProcessTextPipeline, TextPipeline, TextWorkerError, text_pipeline
+from nmt.server.text_worker import (
+    SMALL_REQUEST_CHARS,
+    ProcessTextPipeline,
+    TextPipeline,
+    TextWorkerError,
+    text_pipeline,
+)
 
 pytestmark = pytest.mark.asyncio
 GREEDY = DecodeOptions(beam_size=1, max_len_extra=8)
@@ -46,6 +52,27 @@ async def test_the_process_gives_what_the_thread_gives(grpc_translator: Translat
         thread.close()
 
 
+async def test_a_short_request_stays_in_the_thread(grpc_translator: Translator) -> None:
+    pipeline = text_pipeline(grpc_translator, "process")
+    try:
+        assert isinstance(pipeline, ProcessTextPipeline)
+        short, long = ["A dog runs."], ["A dog runs. " * (SMALL_REQUEST_CHARS // 12 + 1)]
+        assert await translate(pipeline, grpc_translator, short) and await translate(pipeline, grpc_translator, long)
+        calls = {"nearby": 0}
+        original = pipeline.nearby.prepare
+
+        async def counted(*args: object) -> object:
+            calls["nearby"] += 1
+            return await original(*args)
+
+        pipeline.nearby.prepare = counted  # type: ignore[method-assign]
+        await pipeline.prepare(short, TextOptions())
+        await pipeline.prepare(long, TextOptions())
+        assert calls["nearby"] == 1
+    finally:
+        pipeline.close()
+
+
 async def test_a_test_double_runs_in_the_thread(grpc_translator: Translator) -> None:
     class Double:  # wraps the translator, as tests/server's Gate does
         def __getattr__(self, name: str) -> object:
@@ -66,10 +93,11 @@ async def test_a_dead_text_process_fails_its_request_unavailable_and_the_next_on
         pipeline = entry.service.text
         assert isinstance(pipeline, ProcessTextPipeline)
         os.kill(await pipeline._run(os.getpid), signal.SIGKILL)
+        long = ["A dog runs in the park. " * 20] * 3  # over SMALL_REQUEST_CHARS: the process prepares it
         with pytest.raises(grpc.aio.AioRpcError) as failed:
-            await stub(ch).Translate(pb.TranslateRequest(texts=["A dog runs."]))
+            await stub(ch).Translate(pb.TranslateRequest(texts=long))
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE and "text process died" in failed.value.details()
-        reply = await stub(ch).Translate(pb.TranslateRequest(texts=["A dog runs."]))
+        reply = await stub(ch).Translate(pb.TranslateRequest(texts=long))
         assert reply.translations[0].hypotheses[0].text
 
 
@@ -77,3 +105,16 @@ async def test_text_worker_error_is_retryable() -> None:
     from nmt.server.transport import status_of
 
     assert status_of(TextWorkerError("x")).code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_where_no_text_process_starts_the_thread_does_it_all(grpc_translator: Translator, tmp_path) -> None:
+    pipeline = ProcessTextPipeline(grpc_translator, tmp_path / "missing.model", "en")  # its child cannot load
+    try:
+        await pipeline.start()
+        assert pipeline.in_thread_only
+        long = ["A dog runs in the park. " * 60]
+        assert await translate(pipeline, grpc_translator, long) == [
+            [grpc_translator.translate(long, GREEDY)[0][0].text]
+        ]
+    finally:
+        pipeline.close()

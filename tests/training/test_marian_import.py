@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from marian_fixtures import MarianSpec, encode, make_marian, sentences
+from marian_fixtures import MarianSpec, encode, make_and_import, make_marian, sentences
 
-from nmt.training.marian import load_imported, main, sha256
+from nmt.engine.bundle import sha256_file
+from nmt.training.marian import load_imported, main
 from nmt.training.search import SpecialIds, greedy_search
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make test`
@@ -28,10 +29,7 @@ SPECS = {
 @pytest.fixture(scope="module", params=list(SPECS))
 def marian(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
     """(name, Hugging Face directory, our imported checkpoint)."""
-    root = tmp_path_factory.mktemp(request.param)
-    source = make_marian(root / "hf", SPECS[request.param])
-    assert main([str(source), str(root / "ours")]) == 0
-    return request.param, source, root / "ours"
+    return request.param, *make_and_import(tmp_path_factory.mktemp(request.param), SPECS[request.param])
 
 
 def reference(source: Path) -> torch.nn.Module:
@@ -56,7 +54,7 @@ def test_the_checkpoint_names_every_difference_and_its_provenance(marian: tuple[
     assert config["generation"]["num_beams"] == 4 and config["generation"]["bad_words_ids"] == [[hf["pad_token_id"]]]
     assert config["target_languages"] == (["deu", "fra"] if name == "multilingual-relu" else [])
     hashes = config["info"]["input_sha256"]
-    assert hashes == {p.name: sha256(p) for p in source.iterdir() if p.is_file()}
+    assert hashes == {p.name: sha256_file(p) for p in source.iterdir() if p.is_file()}
     assert ("pytorch_model.bin" in hashes) == (name == "pickle-weights")
 
 

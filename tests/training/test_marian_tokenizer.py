@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from marian_fixtures import MarianSpec, make_marian, sentences, translate_words
+from marian_fixtures import MarianSpec, make_and_import, sentences, translate_words
 
 from nmt.engine.marian_tokenizer import MarianTokenizer
-from nmt.training.marian import main
 
 transformers = pytest.importorskip("transformers")  # a dev dependency: installed by `make test`
 SPECS = {
@@ -21,10 +20,7 @@ SPECS = {
 
 @pytest.fixture(scope="module", params=list(SPECS))
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path]:
-    root = tmp_path_factory.mktemp(request.param)
-    source = make_marian(root / "hf", SPECS[request.param])
-    assert main([str(source), str(root / "ours")]) == 0
-    return request.param, source, root / "ours"
+    return request.param, *make_and_import(tmp_path_factory.mktemp(request.param), SPECS[request.param])
 
 
 def ours(directory: Path) -> MarianTokenizer:
