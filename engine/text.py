@@ -17,7 +17,10 @@ normalise their case, protect spans that must come out verbatim; then restore an
   and replaced by a placeholder word the model tends to copy (a name it saw in training). A
   placeholder the model dropped or changed is put back at the span's relative position, so every
   span comes out verbatim exactly once.
-- degenerate(): the rule engine/translator.py uses to drop a looping or absurdly long hypothesis.
+- degenerate(): the rule engine/prepared.py uses to drop a looping or absurdly long hypothesis.
+
+Every stage runs in time linear in the text, whatever the text: nmt-bench text-cost times hostile
+shapes at 1-16 KB and tests/engine/test_text_cost.py checks that the cost per byte does not grow.
 """
 
 from __future__ import annotations

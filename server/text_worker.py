@@ -3,9 +3,10 @@ the translations joined back): in a process of its own, or in one thread of the 
 
 A regular-expression scan or a tokenizer call holds the GIL for its whole length (one scan of a 16 KB
 text of "@" or "a1" takes 10-14 ms), and the event loop that answers health checks waits for the GIL
-each time: with the pipeline in a thread, health checks had a p99 of 35 ms while clients sent hostile
-texts (nmt-bench text-cost), 8 ms while they sent test sentences. In a child process the pipeline
-never holds this process's GIL; the loop only pickles the texts and the token ids. Short requests
+each time: with the pipeline in a thread, a prober's health checks had a p99 of 45 ms while 32 clients
+sent hostile texts, 10 ms while they sent test sentences; in the process, 13 ms (nmt-bench text-cost,
+docs/text-pipeline.md). In a child process the pipeline never holds this process's GIL; the loop
+only pickles the texts and the token ids. Short requests
 (SMALL_REQUEST_CHARS) stay in the thread: their pipeline is shorter than the hop.
 
 The process is forked from a forkserver (started clean, so no gRPC thread is ever forked) and loads
@@ -67,9 +68,9 @@ class TextPipeline:
 
 class ProcessTextPipeline(TextPipeline):
     """The pipeline in a child process holding its own copy of the tokenizer; a request of at most
-    SMALL_REQUEST_CHARS characters stays in a thread here (the hop to the process and back costs it
-    about a millisecond: 1 client's p50 17.9 against 16.9 ms, nmt-bench load), since its pipeline holds
-    the GIL about as briefly (1 KB of the costliest hostile shape: 1.2 ms of CPU, bench/results/text_cost.md)."""
+    SMALL_REQUEST_CHARS characters stays in a thread here: the hop to the process and back cost such a
+    request about a millisecond (1 client's p50 17.9 against 16.9 ms in a first nmt-bench load run),
+    more than its pipeline holds the GIL (1 KB of the costliest hostile shape: about 1 ms of CPU)."""
 
     def __init__(self, nearby: TextSide, tokenizer_path: Path, src_lang: str):
         self.tokenizer_path, self.in_thread_only = tokenizer_path, False
@@ -137,8 +138,8 @@ def _own_text_side(translator: Any) -> bool:
 
 
 class _ChildSide:
-    """Stands for the child's tokenizer in the parent: what is pickled is these bound methods' owner,
-    resolved to the loaded tokenizer in the child (_call)."""
+    """Stands for the child's tokenizer in the parent: these bound methods pickle without state and
+    run on the tokenizer the child loaded (_load)."""
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         assert _TOKENIZER is not None, "runs in the text process only"
