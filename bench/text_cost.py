@@ -4,7 +4,11 @@ in one run, and how a long text's sentences batch.
     nmt-bench text-cost [--bundle bundles/default] [--clients 1,64] [--rounds 3] [--duration 8]
                         [--paragraph 64] [--repeats 5] [--adversarial-only] [--out bench/results] [--force]
 
-One `nmt-serve` (the default static batching) on loopback. Each round runs, per client count, a
+First, in this process, what a hostile client's texts cost every stage before the model (the
+translator's prepare: sentences, case, spans, tokenizer) per byte at 1, 4 and 16 KB
+(bench/adversarial_text.py); --adversarial-only stops there.
+
+Then one `nmt-serve` (the default static batching) on loopback. Each round runs, per client count, a
 closed loop of one-sentence Translate calls with the pipeline on (the default) and then off
 (split_sentences, normalize_case and protect_spans false), in alternating order per round, so
 load from other processes hits both alike: p50 latency and sentences/s, pooled over the rounds.
@@ -12,10 +16,7 @@ Then --repeats times, alternating: one request whose one text holds --paragraph 
 and the same sentences as that many concurrent one-sentence requests; the median wall time of each.
 Last, health checks from a prober process of their own while clients send test sentences, then
 hostile texts, to a server with the text pipeline in its own process and to one with it in a thread.
-First, in this process, what a hostile client's texts cost every stage before the model (the
-translator's prepare: sentences, case, spans, tokenizer) per byte at 1, 4 and 16 KB
-(bench/adversarial_text.py); --adversarial-only stops there. Writes text_cost.json and text_cost.md
-into --out, with the CPU model and flags.
+Writes text_cost.json and text_cost.md into --out, with the CPU model and flags.
 """
 
 from __future__ import annotations

@@ -18,6 +18,11 @@ import sentencepiece as spm
 LANGUAGE_CODE = re.compile(r">>.+<<")  # MarianTokenizer's: a greedy match, removed wherever it is
 
 
+def target_languages(vocab: dict[str, int]) -> list[str]:
+    """The languages a multilingual model's >>xxx<< tokens name (none for a model of one pair)."""
+    return sorted(piece[2:-2] for piece in vocab if LANGUAGE_CODE.fullmatch(piece))
+
+
 class MarianTokenizer:
     def __init__(self, directory: Path, files: dict[str, str], special_ids: dict[str, int]):
         def processor(name: str) -> spm.SentencePieceProcessor:
@@ -36,8 +41,7 @@ class MarianTokenizer:
         self.pieces_of = {i: piece for piece, i in target_vocab.items()}
         self.unk, self.eos, self.pad = special_ids["unk"], special_ids["eos"], special_ids["pad"]
         self.skipped = {self.unk, self.eos, self.pad}
-        self.target_vocab_size = len(target_vocab)
-        self.languages = sorted(p[2:-2] for p in self.vocab if LANGUAGE_CODE.fullmatch(p))
+        self.languages = target_languages(self.vocab)
 
     @staticmethod
     def _read_vocab(path: Path) -> dict[str, int]:

@@ -5,9 +5,8 @@ calls and the results back into protos. Checks run cheapest first, and only chea
 loop: the number of texts, then per text whether it is blank (whitespace only: an empty translation
 whatever its length) and its UTF-8 size (max_text_bytes), all before any text processing. The text
 pipeline (sentence splitting, case, protected spans: engine/text.py) with the tokenizer, and putting
-the translations back together, run in the service's one text thread: health checks share this loop,
-and every other thread that holds the GIL adds a switch interval (5 ms) to their wait (the default
-executor's six text threads made a health check's p99 26-34 ms under the fuzz, one makes it ~20 ms). Then the sentence
+the translations back together, run off this loop in the service's TextPipeline (server/text_worker.py:
+a child process, short requests in one thread), since health checks share this loop. Then the sentence
 count, each sentence's tokens and the model's positions, before any model work. A request's sentences
 go to the scheduler together, so they batch with each other and with other requests' sentences.
 """

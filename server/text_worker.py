@@ -69,8 +69,8 @@ class TextPipeline:
 class ProcessTextPipeline(TextPipeline):
     """The pipeline in a child process holding its own copy of the tokenizer; a request of at most
     SMALL_REQUEST_CHARS characters stays in a thread here: the hop to the process and back cost such a
-    request about a millisecond (1 client's p50 17.9 against 16.9 ms in a first nmt-bench load run),
-    more than its pipeline holds the GIL (1 KB of the costliest hostile shape: about 1 ms of CPU)."""
+    request about a millisecond (1 client's p50 17.9 against 16.9 ms in a first nmt-bench load run, within
+    its noise), about as long as its pipeline holds the GIL (1 KB of the costliest hostile shape: ~1 ms)."""
 
     def __init__(self, nearby: TextSide, tokenizer_path: Path, src_lang: str):
         self.tokenizer_path, self.in_thread_only = tokenizer_path, False

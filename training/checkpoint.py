@@ -172,18 +172,23 @@ def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -
     for name in (WEIGHTS, config["tokenizer"]):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} is missing {name}")
-    model = Transformer(ModelConfig.from_dict(config["model"]))
-    weights = load_file(directory / WEIGHTS)
-    try:
-        model.load_state_dict(weights)  # copies fp16 weights into the fp32 parameters
-    except RuntimeError as e:
-        raise CheckpointError(f"{directory / WEIGHTS} does not match its config.json: {e}") from e
+    model = load_model(directory, config)
     tokenizer = Tokenizer.load(directory / config["tokenizer"])
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} pieces but the model expects {model.cfg.vocab_size}"
         )
     return LoadedCheckpoint(model.to(device).eval(), tokenizer, config, directory)
+
+
+def load_model(directory: Path, config: dict) -> Transformer:
+    """The Transformer of a checkpoint directory from its config.json (as read) and its weights."""
+    model = Transformer(ModelConfig.from_dict(config["model"]))
+    try:
+        model.load_state_dict(load_file(directory / WEIGHTS))  # copies fp16 weights into the fp32 parameters
+    except RuntimeError as e:
+        raise CheckpointError(f"{directory / WEIGHTS} does not match its config.json: {e}") from e
+    return model
 
 
 def read_train_state(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:

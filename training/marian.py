@@ -32,14 +32,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nmt.engine.bundle import sha256_file
+from nmt.engine.marian_tokenizer import target_languages
 
-from .checkpoint import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, swap_in
-from .model import ModelConfig, Transformer
+from .checkpoint import CONFIG, FORMAT, FORMAT_VERSION, WEIGHTS, load_model, read_config, swap_in
+from .model import ModelConfig, Transformer, sinusoidal_table
 
 TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json")
 TARGET_VOCAB = "target_vocab.json"
 ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "swish", "silu": "swish"}  # Marian name -> ours
-LANGUAGE_TOKEN = (">>", "<<")  # a multilingual model's target language: ">>fra<<" leads the source
 
 
 class MarianImportError(ValueError):
@@ -191,7 +191,8 @@ def map_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -
             _check_positions(table, cfg, path, name)
     if theirs:
         raise MarianImportError(f"{path}: tensors the engine cannot run: {', '.join(sorted(theirs)[:5])}")
-    expected = Transformer(cfg).state_dict()
+    with torch.device("meta"):  # the shapes, without the memory
+        expected = Transformer(cfg).state_dict()
     for name, tensor in ours.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise MarianImportError(
@@ -202,8 +203,6 @@ def map_weights(theirs: dict[str, torch.Tensor], cfg: ModelConfig, path: Path) -
 
 
 def _check_positions(table: torch.Tensor, cfg: ModelConfig, path: Path, name: str) -> None:
-    from .model import sinusoidal_table
-
     want = sinusoidal_table(table.shape[0], cfg.d_model, cfg.position_layout)
     if table.shape != want.shape or not torch.allclose(table.float(), want, atol=1e-4):
         raise MarianImportError(
@@ -279,8 +278,7 @@ def read_marian(src: Path) -> Imported:
     if cfg.decoder_vocab_size:
         read_vocab(src / TARGET_VOCAB, cfg.decoder_vocab_size)
     ids = special_ids(config, vocab, config_path, src / "vocab.json")
-    languages = sorted(p[2:-2] for p in vocab if p.startswith(LANGUAGE_TOKEN[0]) and p.endswith(LANGUAGE_TOKEN[1]))
-    return Imported(cfg, weights, ids, languages, generation_settings(src, config))
+    return Imported(cfg, weights, ids, target_languages(vocab), generation_settings(src, config))
 
 
 def write_imported(src: Path, dst: Path, imported: Imported) -> Path:
@@ -326,10 +324,8 @@ def write_imported(src: Path, dst: Path, imported: Imported) -> Path:
 def load_imported(directory: str | Path) -> tuple[Transformer, dict]:
     """The torch model of an imported checkpoint (eval mode) and its config.json."""
     directory = Path(directory)
-    config = json.loads((directory / CONFIG).read_text())
-    model = Transformer(ModelConfig.from_dict(config["model"]))
-    model.load_state_dict(load_file(directory / WEIGHTS))
-    return model.eval(), config
+    config = read_config(directory)
+    return load_model(directory, config).eval(), config
 
 
 def _version() -> str:
